@@ -1,0 +1,58 @@
+/* common.h — status codes, error reporting and small helpers shared by every C file of the vlmfo1 core.
+ *
+ * The core never exits or aborts: every fallible function returns a vlm_status and writes a
+ * human-readable message into a caller-provided vlm_err buffer; csrc/module.c turns both into a
+ * Python exception. Nothing here knows about Python. */
+#ifndef VLM_COMMON_H
+#define VLM_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdarg.h>
+
+typedef enum {
+    VLM_OK = 0,
+    VLM_ERR_NOMEM,   /* allocation failed                      -> MemoryError */
+    VLM_ERR_IO,      /* open/read/mmap failed                  -> OSError     */
+    VLM_ERR_FORMAT,  /* malformed file, wrong dtype, bad json  -> ValueError  */
+    VLM_ERR_SHAPE,   /* tensor shape does not match the config -> ValueError  */
+    VLM_ERR_ARG,     /* bad argument (token id, length, ...)   -> ValueError  */
+    VLM_ERR_KEY,     /* missing tensor name                    -> KeyError    */
+    VLM_ERR_STATE,   /* context full / misuse                  -> RuntimeError*/
+} vlm_status;
+
+#define VLM_ERR_LEN 512
+typedef struct { char msg[VLM_ERR_LEN]; } vlm_err;
+
+/* Record a formatted message in err (if non-NULL) and return st. */
+static inline vlm_status vlm_fail(vlm_err *err, vlm_status st, const char *fmt, ...) {
+    if (err) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err->msg, sizeof err->msg, fmt, ap);
+        va_end(ap);
+    }
+    return st;
+}
+
+#define VLM_TRY(expr) do { vlm_status _st = (expr); if (_st != VLM_OK) return _st; } while (0)
+
+#define VLM_ALIGN 64
+static inline size_t vlm_align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+
+/* bf16 <-> fp32. bf16 is stored as uint16_t (the top half of an IEEE float). */
+static inline float vlm_bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v; v.u = (uint32_t)h << 16; return v.f;
+}
+/* Round-to-nearest-even, NaN kept quiet: the rounding torch uses for .to(bfloat16). */
+static inline uint16_t vlm_f32_to_bf16(float f) {
+    union { uint32_t u; float f; } v; v.f = f;
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);
+    uint32_t lsb = (v.u >> 16) & 1u;
+    v.u += 0x7fffu + lsb;
+    return (uint16_t)(v.u >> 16);
+}
+static inline float vlm_round_bf16(float f) { return vlm_bf16_to_f32(vlm_f32_to_bf16(f)); }
+
+#endif

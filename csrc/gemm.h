@@ -1,0 +1,46 @@
+/* gemm.h — the one matrix-multiply entry point of the vlmfo1 core.
+ *
+ * Every linear layer of every network goes through vlm_matmul with a vlm_weight: a weight matrix in
+ * the PyTorch Linear layout W[n][k] (row-major, k contiguous), stored as fp32 or bf16 exactly as it
+ * lies in the (memory-mapped) checkpoint, plus an optional fp32 bias. New storage formats (int8, AMX
+ * tile layouts) plug in here as new vlm_dtype values without touching the models. */
+#ifndef VLM_GEMM_H
+#define VLM_GEMM_H
+
+#include "common.h"
+#include "pool.h"
+
+typedef enum { VLM_F32 = 0, VLM_BF16 = 1 } vlm_dtype;
+
+/* How activations meet bf16 weights: F32 keeps activations in fp32 (weights widened exactly);
+ * BF16 rounds activations to bf16 (round-to-nearest-even) and accumulates in fp32, like a bf16
+ * torch run. fp32 weights always compute in fp32. */
+typedef enum { VLM_COMPUTE_F32 = 0, VLM_COMPUTE_BF16 = 1 } vlm_compute;
+
+typedef struct {
+    vlm_dtype dtype;
+    int64_t n, k;        /* output features, input features */
+    const void *data;    /* [n][k] elements of `dtype`, row stride k */
+    const float *bias;   /* [n] or NULL */
+} vlm_weight;
+
+/* out[i][j] (row stride ldo) = sum_k x[i][k] * W[j][k] + bias[j], for i < m, j < n;
+ * with accumulate != 0 the result is added to what out holds (a fused residual add).
+ * x has row stride ldx (>= k). scratch must hold vlm_matmul_scratch_size(m, w, cmode, nth) bytes,
+ * 64-byte aligned; the call never allocates. Pool workers run the non-BLAS kernels; OpenBLAS (fp32
+ * weights) is called from the calling thread only. */
+vlm_status vlm_matmul(vlm_pool *pool, float *out, int64_t ldo, const float *x, int64_t ldx, int64_t m,
+                      const vlm_weight *w, vlm_compute cmode, int accumulate,
+                      void *scratch, size_t scratch_size, vlm_err *err);
+size_t vlm_matmul_scratch_size(int64_t m, const vlm_weight *w, vlm_compute cmode, int n_threads);
+
+/* CPU features found at run time, and a name of the kernel family in use ("avx512bf16", "avx512",
+ * "avx2", "generic"), for logs and benchmarks. */
+const char *vlm_gemm_kernel_name(void);
+/* Set the thread count of the BLAS library (called once per model load). */
+void vlm_blas_set_threads(int n);
+const char *vlm_blas_info(void);
+/* Measured peak fp32 FMA rate of this CPU in GFLOP/s with n_threads threads (takes ~0.5 s). */
+double vlm_measure_fma_peak(int n_threads);
+
+#endif

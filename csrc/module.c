@@ -1,0 +1,467 @@
+/* module.c — the CPython/NumPy face of the vlmfo1 core; the only C file that knows about Python.
+ *
+ * Types: Qwen2Model (read-only weights borrowed from NumPy arrays, typically views of memory-mapped
+ * safetensors files; the object keeps them alive) and Qwen2State (one request: KV cache + scratch +
+ * threads). Functions: matmul, fma_peak, gemm_info (for tests and benchmarks).
+ * Arguments are checked and outputs allocated with the GIL held; the compute runs with the GIL
+ * released; a vlm_status becomes a Python exception on the way out. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <numpy/arrayobject.h>
+
+#include <stdatomic.h>
+#include <string.h>
+
+#include "common.h"
+#include "gemm.h"
+#include "qwen2.h"
+
+/* ---------------------------------------------------------------- errors */
+
+static PyObject *raise_status(vlm_status st, const vlm_err *err) {
+    PyObject *type = PyExc_RuntimeError;
+    switch (st) {
+    case VLM_ERR_NOMEM: type = PyExc_MemoryError; break;
+    case VLM_ERR_IO: type = PyExc_OSError; break;
+    case VLM_ERR_FORMAT: case VLM_ERR_SHAPE: case VLM_ERR_ARG: type = PyExc_ValueError; break;
+    case VLM_ERR_KEY: type = PyExc_KeyError; break;
+    default: break;
+    }
+    PyErr_SetString(type, err && err->msg[0] ? err->msg : "vlmfo1 core error");
+    return NULL;
+}
+
+/* A weight array: 2-D, C-contiguous, float32 or uint16 (bf16 bits). */
+static int to_weight(PyObject *obj, const char *name, vlm_weight *w) {
+    if (!PyArray_Check(obj)) { PyErr_Format(PyExc_TypeError, "%s: expected a numpy array", name); return -1; }
+    PyArrayObject *a = (PyArrayObject *)obj;
+    if (PyArray_NDIM(a) != 2) { PyErr_Format(PyExc_ValueError, "%s: expected a 2-D array, got %d-D", name, PyArray_NDIM(a)); return -1; }
+    if (!PyArray_IS_C_CONTIGUOUS(a)) { PyErr_Format(PyExc_ValueError, "%s: array must be C-contiguous", name); return -1; }
+    int t = PyArray_TYPE(a);
+    if (t == NPY_FLOAT32) w->dtype = VLM_F32;
+    else if (t == NPY_UINT16) w->dtype = VLM_BF16;
+    else { PyErr_Format(PyExc_TypeError, "%s: dtype must be float32 or uint16 (bf16 bits)", name); return -1; }
+    w->n = PyArray_DIM(a, 0);
+    w->k = PyArray_DIM(a, 1);
+    w->data = PyArray_DATA(a);
+    w->bias = NULL;
+    return 0;
+}
+
+static const float *to_f32_vec(PyObject *obj, const char *name, npy_intp n) {
+    if (!PyArray_Check(obj) || PyArray_TYPE((PyArrayObject *)obj) != NPY_FLOAT32 ||
+        PyArray_NDIM((PyArrayObject *)obj) != 1 || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a contiguous 1-D float32 array", name);
+        return NULL;
+    }
+    if (PyArray_DIM((PyArrayObject *)obj, 0) != n) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %zd values, got %zd", name, (Py_ssize_t)n,
+                     (Py_ssize_t)PyArray_DIM((PyArrayObject *)obj, 0));
+        return NULL;
+    }
+    return PyArray_DATA((PyArrayObject *)obj);
+}
+
+static PyObject *get_item(PyObject *dict, const char *key) {
+    PyObject *v = PyDict_GetItemString(dict, key);  /* borrowed */
+    if (!v) PyErr_Format(PyExc_KeyError, "missing tensor '%s'", key);
+    return v;
+}
+
+static int get_int(PyObject *dict, const char *key, int *out) {
+    PyObject *v = get_item(dict, key);
+    if (!v) return -1;
+    long x = PyLong_AsLong(v);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    *out = (int)x;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- Qwen2Model */
+
+typedef struct {
+    PyObject_HEAD
+    vlm_qwen2 m;
+    PyObject *tensors;  /* dict keeping every borrowed array alive */
+} Qwen2Model;
+
+static void Qwen2Model_dealloc(Qwen2Model *self) {
+    PyMem_Free(self->m.layers);
+    Py_XDECREF(self->tensors);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int load_weight(PyObject *t, const char *key, const char *bias_key, npy_intp n, vlm_weight *w) {
+    PyObject *a = get_item(t, key);
+    if (!a || to_weight(a, key, w)) return -1;
+    if (bias_key) {
+        PyObject *b = get_item(t, bias_key);
+        if (!b || !(w->bias = to_f32_vec(b, bias_key, n))) return -1;
+    }
+    return 0;
+}
+
+static int Qwen2Model_init(Qwen2Model *self, PyObject *args, PyObject *kw) {
+    PyObject *cfg, *t;
+    static char *kwlist[] = {"config", "tensors", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!", kwlist, &PyDict_Type, &cfg, &PyDict_Type, &t)) return -1;
+    vlm_qwen2_config *c = &self->m.cfg;
+    int compute = 0;
+    if (get_int(cfg, "hidden", &c->hidden) || get_int(cfg, "n_layers", &c->n_layers) ||
+        get_int(cfg, "n_heads", &c->n_heads) || get_int(cfg, "n_kv_heads", &c->n_kv_heads) ||
+        get_int(cfg, "head_dim", &c->head_dim) || get_int(cfg, "inter", &c->inter) ||
+        get_int(cfg, "vocab", &c->vocab) || get_int(cfg, "compute", &compute) ||
+        get_int(cfg, "mrope_t", &c->mrope[0]) || get_int(cfg, "mrope_h", &c->mrope[1]) ||
+        get_int(cfg, "mrope_w", &c->mrope[2]))
+        return -1;
+    c->compute = compute ? VLM_COMPUTE_BF16 : VLM_COMPUTE_F32;
+    PyObject *eps = get_item(cfg, "eps");
+    if (!eps) return -1;
+    c->eps = (float)PyFloat_AsDouble(eps);
+    if (PyErr_Occurred()) return -1;
+    if (c->n_layers <= 0 || c->n_layers > 4096 || c->hidden <= 0 || c->n_heads <= 0 || c->n_kv_heads <= 0 ||
+        c->head_dim <= 0) {
+        PyErr_SetString(PyExc_ValueError, "invalid decoder configuration");
+        return -1;
+    }
+    Py_XSETREF(self->tensors, Py_NewRef(t));
+    PyMem_Free(self->m.layers);
+    self->m.layers = PyMem_Calloc((size_t)c->n_layers, sizeof(vlm_qwen2_layer));
+    if (!self->m.layers) { PyErr_NoMemory(); return -1; }
+
+    vlm_weight emb;
+    if (load_weight(t, "embed", NULL, 0, &emb)) return -1;
+    if (emb.n != c->vocab || emb.k != c->hidden) {
+        PyErr_Format(PyExc_ValueError, "embed_tokens has shape [%lld, %lld], expected [%d, %d]", (long long)emb.n,
+                     (long long)emb.k, c->vocab, c->hidden);
+        return -1;
+    }
+    self->m.embed = emb.data;
+    self->m.embed_dtype = emb.dtype;
+    if (PyDict_GetItemString(t, "lm_head")) {
+        if (load_weight(t, "lm_head", NULL, 0, &self->m.lm_head)) return -1;
+    } else {
+        self->m.lm_head = emb;
+    }
+    if (!(self->m.norm = to_f32_vec(get_item(t, "norm"), "norm", c->hidden))) return -1;
+    PyObject *inv = get_item(t, "inv_freq");
+    if (!inv || !(self->m.inv_freq = to_f32_vec(inv, "inv_freq", c->head_dim / 2))) return -1;
+    int Q = c->n_heads * c->head_dim, K = c->n_kv_heads * c->head_dim;
+    char k1[96], k2[96];
+    for (int l = 0; l < c->n_layers; l++) {
+        vlm_qwen2_layer *L = &self->m.layers[l];
+        struct { const char *name; vlm_weight *w; int bias; npy_intp n; } spec[] = {
+            {"q", &L->wq, 1, Q}, {"k", &L->wk, 1, K}, {"v", &L->wv, 1, K}, {"o", &L->wo, 0, 0},
+            {"gate", &L->wg, 0, 0}, {"up", &L->wu, 0, 0}, {"down", &L->wd, 0, 0}};
+        for (int i = 0; i < 7; i++) {
+            snprintf(k1, sizeof k1, "layers.%d.%s", l, spec[i].name);
+            snprintf(k2, sizeof k2, "layers.%d.%s_bias", l, spec[i].name);
+            if (load_weight(t, k1, spec[i].bias ? k2 : NULL, spec[i].n, spec[i].w)) return -1;
+        }
+        snprintf(k1, sizeof k1, "layers.%d.ln1", l);
+        if (!(L->ln1 = to_f32_vec(get_item(t, k1), k1, c->hidden))) return -1;
+        snprintf(k1, sizeof k1, "layers.%d.ln2", l);
+        if (!(L->ln2 = to_f32_vec(get_item(t, k1), k1, c->hidden))) return -1;
+    }
+    vlm_err err = {{0}};
+    vlm_status st = vlm_qwen2_validate(&self->m, &err);
+    if (st != VLM_OK) { raise_status(st, &err); return -1; }
+    return 0;
+}
+
+static PyObject *Qwen2Model_embed(Qwen2Model *self, PyObject *arg) {
+    PyArrayObject *ids = (PyArrayObject *)PyArray_FROM_OTF(arg, NPY_INT32, NPY_ARRAY_IN_ARRAY);
+    if (!ids) return NULL;
+    if (PyArray_NDIM(ids) != 1) { Py_DECREF(ids); PyErr_SetString(PyExc_ValueError, "ids must be 1-D"); return NULL; }
+    npy_intp T = PyArray_DIM(ids, 0);
+    npy_intp dims[2] = {T, self->m.cfg.hidden};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    if (!out) { Py_DECREF(ids); return NULL; }
+    vlm_err err = {{0}};
+    vlm_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = vlm_qwen2_embed(&self->m, PyArray_DATA(ids), (int)T, PyArray_DATA(out), &err);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(ids);
+    if (st != VLM_OK) { Py_DECREF(out); return raise_status(st, &err); }
+    return (PyObject *)out;
+}
+
+static PyMethodDef Qwen2Model_methods[] = {
+    {"embed", (PyCFunction)Qwen2Model_embed, METH_O, "embed(ids) -> float32 [T, hidden] embedding rows"},
+    {NULL}};
+
+static PyTypeObject Qwen2ModelType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "vlmfo1._core.Qwen2Model",
+    .tp_basicsize = sizeof(Qwen2Model),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Qwen2Model(config: dict, tensors: dict) - read-only decoder weights",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Qwen2Model_init,
+    .tp_dealloc = (destructor)Qwen2Model_dealloc,
+    .tp_methods = Qwen2Model_methods,
+};
+
+/* ---------------------------------------------------------------- Qwen2State */
+
+typedef struct {
+    PyObject_HEAD
+    Qwen2Model *model;
+    vlm_qwen2_state *s;
+    atomic_int busy;
+} Qwen2State;
+
+static void Qwen2State_dealloc(Qwen2State *self) {
+    vlm_qwen2_state_free(self->s);
+    Py_XDECREF(self->model);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int Qwen2State_init(Qwen2State *self, PyObject *args, PyObject *kw) {
+    PyObject *model;
+    int max_ctx, chunk = 512, n_threads = 1;
+    static char *kwlist[] = {"model", "max_context", "chunk", "n_threads", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!i|ii", kwlist, &Qwen2ModelType, &model, &max_ctx, &chunk, &n_threads))
+        return -1;
+    if (self->s) { PyErr_SetString(PyExc_RuntimeError, "state already initialised"); return -1; }
+    vlm_err err = {{0}};
+    vlm_status st;
+    vlm_qwen2_state *s = NULL;
+    const vlm_qwen2 *m = &((Qwen2Model *)model)->m;
+    if (!m->layers) { PyErr_SetString(PyExc_ValueError, "model is not initialised"); return -1; }
+    Py_BEGIN_ALLOW_THREADS
+    st = vlm_qwen2_state_create(m, max_ctx, chunk, n_threads, &s, &err);
+    Py_END_ALLOW_THREADS
+    if (st != VLM_OK) { raise_status(st, &err); return -1; }
+    self->s = s;
+    Py_INCREF(model);
+    self->model = (Qwen2Model *)model;
+    return 0;
+}
+
+static int acquire(Qwen2State *self) {
+    if (!self->s) { PyErr_SetString(PyExc_RuntimeError, "state is not initialised"); return -1; }
+    int expected = 0;
+    if (!atomic_compare_exchange_strong(&self->busy, &expected, 1)) {
+        PyErr_SetString(PyExc_RuntimeError, "this session is in use by another thread; create one session per thread");
+        return -1;
+    }
+    return 0;
+}
+
+/* forward(ids, embeds, positions, logits) ; logits: 0 none, 1 last row, 2 all rows */
+static PyObject *Qwen2State_forward(Qwen2State *self, PyObject *args, PyObject *kw) {
+    PyObject *ids_o = Py_None, *emb_o = Py_None, *pos_o;
+    int mode = 1;
+    static char *kwlist[] = {"ids", "embeds", "positions", "logits", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|i", kwlist, &ids_o, &emb_o, &pos_o, &mode)) return NULL;
+    const vlm_qwen2 *m = &self->model->m;
+    PyArrayObject *ids = NULL, *emb = NULL, *pos = NULL, *out = NULL;
+    npy_intp T;
+    if ((ids_o == Py_None) == (emb_o == Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "give exactly one of ids / embeds");
+        return NULL;
+    }
+    if (ids_o != Py_None) {
+        ids = (PyArrayObject *)PyArray_FROM_OTF(ids_o, NPY_INT32, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST);
+        if (!ids) return NULL;
+        if (PyArray_NDIM(ids) != 1) { PyErr_SetString(PyExc_ValueError, "ids must be 1-D"); goto fail; }
+        T = PyArray_DIM(ids, 0);
+    } else {
+        emb = (PyArrayObject *)PyArray_FROM_OTF(emb_o, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
+        if (!emb) return NULL;
+        if (PyArray_NDIM(emb) != 2 || PyArray_DIM(emb, 1) != m->cfg.hidden) {
+            PyErr_Format(PyExc_ValueError, "embeds must have shape [T, %d]", m->cfg.hidden);
+            goto fail;
+        }
+        T = PyArray_DIM(emb, 0);
+    }
+    pos = (PyArrayObject *)PyArray_FROM_OTF(pos_o, NPY_INT32, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST);
+    if (!pos) goto fail;
+    if (PyArray_NDIM(pos) != 2 || PyArray_DIM(pos, 0) != 3 || PyArray_DIM(pos, 1) != T) {
+        PyErr_SetString(PyExc_ValueError, "positions must have shape [3, T]");
+        goto fail;
+    }
+    if (T > INT32_MAX) { PyErr_SetString(PyExc_ValueError, "too many tokens"); goto fail; }
+    if (mode == 1) {
+        npy_intp d[1] = {m->cfg.vocab};
+        out = (PyArrayObject *)PyArray_SimpleNew(1, d, NPY_FLOAT32);
+    } else if (mode == 2) {
+        npy_intp d[2] = {T, m->cfg.vocab};
+        out = (PyArrayObject *)PyArray_SimpleNew(2, d, NPY_FLOAT32);
+    } else if (mode != 0) {
+        PyErr_SetString(PyExc_ValueError, "logits must be 0, 1 or 2");
+        goto fail;
+    }
+    if (mode && !out) goto fail;
+    if (acquire(self)) goto fail;
+    vlm_err err = {{0}};
+    vlm_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = vlm_qwen2_forward(m, self->s, ids ? PyArray_DATA(ids) : NULL, emb ? PyArray_DATA(emb) : NULL,
+                           PyArray_DATA(pos), (int)T, out ? PyArray_DATA(out) : NULL, mode == 2, &err);
+    Py_END_ALLOW_THREADS
+    atomic_store(&self->busy, 0);
+    Py_XDECREF(ids); Py_XDECREF(emb); Py_XDECREF(pos);
+    if (st != VLM_OK) { Py_XDECREF(out); return raise_status(st, &err); }
+    if (!out) Py_RETURN_NONE;
+    return (PyObject *)out;
+fail:
+    Py_XDECREF(ids); Py_XDECREF(emb); Py_XDECREF(pos); Py_XDECREF(out);
+    return NULL;
+}
+
+static PyObject *Qwen2State_truncate(Qwen2State *self, PyObject *arg) {
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (acquire(self)) return NULL;
+    vlm_err err = {{0}};
+    vlm_status st = vlm_qwen2_state_truncate(self->s, (int)n, &err);
+    atomic_store(&self->busy, 0);
+    if (st != VLM_OK) return raise_status(st, &err);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Qwen2State_get_len(Qwen2State *self, void *c) { return PyLong_FromLong(self->s ? vlm_qwen2_state_len(self->s) : 0); }
+static PyObject *Qwen2State_get_max(Qwen2State *self, void *c) { return PyLong_FromLong(self->s ? vlm_qwen2_state_max(self->s) : 0); }
+static PyObject *Qwen2State_get_nbytes(Qwen2State *self, void *c) {
+    return PyLong_FromSize_t(self->s ? vlm_qwen2_state_bytes(self->s) : 0);
+}
+
+static PyMethodDef Qwen2State_methods[] = {
+    {"forward", (PyCFunction)(void (*)(void))Qwen2State_forward, METH_VARARGS | METH_KEYWORDS,
+     "forward(ids, embeds, positions, logits=1) -> logits of the last token (1), all new tokens (2) or None (0)"},
+    {"truncate", (PyCFunction)Qwen2State_truncate, METH_O, "truncate(n): keep the first n cached tokens"},
+    {NULL}};
+
+static PyGetSetDef Qwen2State_getset[] = {
+    {"n_past", (getter)Qwen2State_get_len, NULL, "tokens in the KV cache", NULL},
+    {"max_context", (getter)Qwen2State_get_max, NULL, "capacity of the KV cache", NULL},
+    {"nbytes", (getter)Qwen2State_get_nbytes, NULL, "bytes held by the state (KV cache + scratch)", NULL},
+    {NULL}};
+
+static PyTypeObject Qwen2StateType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "vlmfo1._core.Qwen2State",
+    .tp_basicsize = sizeof(Qwen2State),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Qwen2State(model, max_context, chunk=512, n_threads=1) - one request: KV cache, scratch, threads",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Qwen2State_init,
+    .tp_dealloc = (destructor)Qwen2State_dealloc,
+    .tp_methods = Qwen2State_methods,
+    .tp_getset = Qwen2State_getset,
+};
+
+/* ---------------------------------------------------------------- functions */
+
+static PyObject *py_matmul(PyObject *mod, PyObject *args, PyObject *kw) {
+    PyObject *x_o, *w_o, *b_o = Py_None, *out_o = Py_None;
+    const char *compute = "f32";
+    int n_threads = 1, accumulate = 0;
+    static char *kwlist[] = {"x", "w", "bias", "compute", "n_threads", "out", "accumulate", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OsiOp", kwlist, &x_o, &w_o, &b_o, &compute, &n_threads, &out_o,
+                                     &accumulate))
+        return NULL;
+    vlm_compute cm;
+    if (!strcmp(compute, "f32")) cm = VLM_COMPUTE_F32;
+    else if (!strcmp(compute, "bf16")) cm = VLM_COMPUTE_BF16;
+    else { PyErr_SetString(PyExc_ValueError, "compute must be 'f32' or 'bf16'"); return NULL; }
+    if (n_threads < 1 || n_threads > 256) { PyErr_SetString(PyExc_ValueError, "n_threads must be in [1, 256]"); return NULL; }
+    vlm_weight w;
+    PyArrayObject *x = NULL, *out = NULL;
+    PyObject *res = NULL;
+    void *scratch = NULL;
+    vlm_pool *pool = NULL;
+    if (!PyArray_Check(w_o)) { PyErr_SetString(PyExc_TypeError, "w must be a numpy array"); return NULL; }
+    if (to_weight(w_o, "w", &w)) return NULL;
+    x = (PyArrayObject *)PyArray_FROM_OTF(x_o, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
+    if (!x) return NULL;
+    if (PyArray_NDIM(x) != 2 || PyArray_DIM(x, 1) != w.k) {
+        PyErr_Format(PyExc_ValueError, "x must have shape [m, %lld]", (long long)w.k);
+        goto done;
+    }
+    if (b_o != Py_None && !(w.bias = to_f32_vec(b_o, "bias", w.n))) goto done;
+    npy_intp m = PyArray_DIM(x, 0);
+    if (out_o != Py_None) {
+        if (!PyArray_Check(out_o) || PyArray_TYPE((PyArrayObject *)out_o) != NPY_FLOAT32 ||
+            PyArray_NDIM((PyArrayObject *)out_o) != 2 || PyArray_DIM((PyArrayObject *)out_o, 0) != m ||
+            PyArray_DIM((PyArrayObject *)out_o, 1) != w.n || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)out_o) ||
+            !PyArray_ISWRITEABLE((PyArrayObject *)out_o)) {
+            PyErr_SetString(PyExc_ValueError, "out must be a writable C-contiguous float32 array of shape [m, n]");
+            goto done;
+        }
+        out = (PyArrayObject *)Py_NewRef(out_o);
+    } else {
+        npy_intp d[2] = {m, (npy_intp)w.n};
+        out = (PyArrayObject *)(accumulate ? PyArray_ZEROS(2, d, NPY_FLOAT32, 0) : PyArray_SimpleNew(2, d, NPY_FLOAT32));
+        if (!out) goto done;
+    }
+    size_t ss = vlm_matmul_scratch_size(m, &w, cm, n_threads);
+    scratch = ss ? aligned_alloc(VLM_ALIGN, vlm_align_up(ss, VLM_ALIGN)) : NULL;
+    if (ss && !scratch) { PyErr_NoMemory(); goto done; }
+    vlm_err err = {{0}};
+    vlm_status st;
+    Py_BEGIN_ALLOW_THREADS
+    pool = vlm_pool_create(n_threads);
+    st = pool ? vlm_matmul(pool, PyArray_DATA(out), w.n, PyArray_DATA(x), w.k, m, &w, cm, accumulate, scratch, ss, &err)
+              : vlm_fail(&err, VLM_ERR_NOMEM, "cannot start threads");
+    vlm_pool_free(pool);
+    Py_END_ALLOW_THREADS
+    if (st != VLM_OK) { raise_status(st, &err); goto done; }
+    res = (PyObject *)out;
+    out = NULL;
+done:
+    free(scratch);
+    Py_XDECREF(x);
+    Py_XDECREF(out);
+    return res;
+}
+
+static PyObject *py_fma_peak(PyObject *mod, PyObject *arg) {
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 1 || n > 256) { PyErr_SetString(PyExc_ValueError, "n_threads must be in [1, 256]"); return NULL; }
+    double r;
+    Py_BEGIN_ALLOW_THREADS
+    r = vlm_measure_fma_peak((int)n);
+    Py_END_ALLOW_THREADS
+    return PyFloat_FromDouble(r);
+}
+
+static PyObject *py_gemm_info(PyObject *mod, PyObject *unused) {
+    return Py_BuildValue("{ssss}", "kernel", vlm_gemm_kernel_name(), "blas", vlm_blas_info());
+}
+
+static PyObject *py_set_blas_threads(PyObject *mod, PyObject *arg) {
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 1 || n > 256) { PyErr_SetString(PyExc_ValueError, "n_threads must be in [1, 256]"); return NULL; }
+    vlm_blas_set_threads((int)n);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_VARARGS | METH_KEYWORDS,
+     "matmul(x, w, bias=None, compute='f32', n_threads=1, out=None, accumulate=False) -> x @ w.T + bias"},
+    {"fma_peak", py_fma_peak, METH_O, "fma_peak(n_threads) -> measured fp32 FMA peak in GFLOP/s"},
+    {"gemm_info", py_gemm_info, METH_NOARGS, "gemm_info() -> dict(kernel=..., blas=...)"},
+    {"set_blas_threads", py_set_blas_threads, METH_O, "set_blas_threads(n)"},
+    {NULL}};
+
+static int module_exec(PyObject *mod) {
+    if (PyArray_ImportNumPyAPI() < 0) return -1;
+    if (PyType_Ready(&Qwen2ModelType) < 0 || PyType_Ready(&Qwen2StateType) < 0) return -1;
+    if (PyModule_AddObjectRef(mod, "Qwen2Model", (PyObject *)&Qwen2ModelType) < 0) return -1;
+    if (PyModule_AddObjectRef(mod, "Qwen2State", (PyObject *)&Qwen2StateType) < 0) return -1;
+    return 0;
+}
+
+static PyModuleDef_Slot module_slots[] = {{Py_mod_exec, module_exec}, {0, NULL}};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "vlmfo1._core", "vlmfo1 C core", 0, module_methods, module_slots, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__core(void) { return PyModuleDef_Init(&moduledef); }

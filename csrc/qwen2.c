@@ -1,0 +1,228 @@
+/* qwen2.c — forward pass of the Qwen2 / Qwen2.5 decoder (see qwen2.h).
+ *
+ * One call appends T tokens to the KV cache, in chunks of at most `chunk` tokens. Per chunk and
+ * layer it is the flat list of ops of the reference module: RMSNorm, q/k/v projections, M-RoPE,
+ * causal GQA attention over the cache, o projection added to the residual, RMSNorm, SwiGLU MLP added
+ * to the residual. The lm_head runs only for the rows whose logits were asked for. */
+#include "qwen2.h"
+#include "ops.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct vlm_qwen2_state {
+    int max_ctx, chunk, n_past;
+    vlm_pool *pool;
+    float *kcache, *vcache;          /* [n_layers][KV][max_ctx][D] each */
+    /* scratch, carved from one allocation, sized for `chunk` tokens */
+    float *x, *xn, *q, *k, *v, *att, *g, *u, *cs, *sn, *attn_scratch;
+    int32_t *pos;                    /* [3][chunk] */
+    void *mm_scratch; size_t mm_scratch_size;
+    void *block; size_t block_size;
+};
+
+static int kv_dim(const vlm_qwen2_config *c) { return c->n_kv_heads * c->head_dim; }
+static int q_dim(const vlm_qwen2_config *c) { return c->n_heads * c->head_dim; }
+
+static vlm_status check_weight(const vlm_weight *w, int64_t n, int64_t k, int bias, const char *name, int layer,
+                               vlm_err *err) {
+    if (!w->data) return vlm_fail(err, VLM_ERR_KEY, "layer %d: missing weight %s", layer, name);
+    if (w->n != n || w->k != k)
+        return vlm_fail(err, VLM_ERR_SHAPE, "layer %d: %s has shape [%lld, %lld], expected [%lld, %lld]", layer, name,
+                        (long long)w->n, (long long)w->k, (long long)n, (long long)k);
+    if (bias && !w->bias) return vlm_fail(err, VLM_ERR_KEY, "layer %d: missing bias of %s", layer, name);
+    return VLM_OK;
+}
+
+vlm_status vlm_qwen2_validate(const vlm_qwen2 *m, vlm_err *err) {
+    const vlm_qwen2_config *c = &m->cfg;
+    if (c->hidden <= 0 || c->n_layers <= 0 || c->n_heads <= 0 || c->n_kv_heads <= 0 || c->head_dim <= 0 ||
+        c->inter <= 0 || c->vocab <= 0)
+        return vlm_fail(err, VLM_ERR_ARG, "config sizes must be positive");
+    if (c->n_heads % c->n_kv_heads) return vlm_fail(err, VLM_ERR_ARG, "num_attention_heads %% num_key_value_heads != 0");
+    if (c->head_dim % 2) return vlm_fail(err, VLM_ERR_ARG, "head_dim must be even");
+    if (c->mrope[0] < 0 || c->mrope[1] < 0 || c->mrope[2] < 0 ||
+        c->mrope[0] + c->mrope[1] + c->mrope[2] != c->head_dim / 2)
+        return vlm_fail(err, VLM_ERR_ARG, "mrope_section must sum to head_dim/2 = %d", c->head_dim / 2);
+    if (!m->embed || !m->norm || !m->inv_freq || !m->layers) return vlm_fail(err, VLM_ERR_KEY, "missing global weights");
+    VLM_TRY(check_weight(&m->lm_head, c->vocab, c->hidden, 0, "lm_head", -1, err));
+    for (int l = 0; l < c->n_layers; l++) {
+        const vlm_qwen2_layer *L = &m->layers[l];
+        VLM_TRY(check_weight(&L->wq, q_dim(c), c->hidden, 1, "q_proj", l, err));
+        VLM_TRY(check_weight(&L->wk, kv_dim(c), c->hidden, 1, "k_proj", l, err));
+        VLM_TRY(check_weight(&L->wv, kv_dim(c), c->hidden, 1, "v_proj", l, err));
+        VLM_TRY(check_weight(&L->wo, c->hidden, q_dim(c), 0, "o_proj", l, err));
+        VLM_TRY(check_weight(&L->wg, c->inter, c->hidden, 0, "gate_proj", l, err));
+        VLM_TRY(check_weight(&L->wu, c->inter, c->hidden, 0, "up_proj", l, err));
+        VLM_TRY(check_weight(&L->wd, c->hidden, c->inter, 0, "down_proj", l, err));
+        if (!L->ln1 || !L->ln2) return vlm_fail(err, VLM_ERR_KEY, "layer %d: missing layernorm weight", l);
+    }
+    return VLM_OK;
+}
+
+static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
+
+vlm_status vlm_qwen2_state_create(const vlm_qwen2 *m, int max_ctx, int chunk, int n_threads,
+                                  vlm_qwen2_state **out, vlm_err *err) {
+    *out = NULL;
+    VLM_TRY(vlm_qwen2_validate(m, err));
+    const vlm_qwen2_config *c = &m->cfg;
+    if (max_ctx <= 0) return vlm_fail(err, VLM_ERR_ARG, "max_context must be positive");
+    if (chunk <= 0) chunk = 512;
+    if (chunk > max_ctx) chunk = max_ctx;
+    if (n_threads < 1) n_threads = 1;
+    vlm_qwen2_state *s = calloc(1, sizeof *s);
+    if (!s) return vlm_fail(err, VLM_ERR_NOMEM, "out of memory");
+    s->max_ctx = max_ctx; s->chunk = chunk;
+
+    size_t kv = (size_t)c->n_layers * kv_dim(c) * (size_t)max_ctx;
+    /* matmul scratch: the largest of all projections at m = chunk */
+    size_t mm = 0;
+    const vlm_qwen2_layer *L = &m->layers[0];
+    const vlm_weight *ws[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->wg, &L->wu, &L->wd, &m->lm_head};
+    for (int i = 0; i < 8; i++) mm = max_sz(mm, vlm_matmul_scratch_size(chunk, ws[i], c->compute, n_threads));
+    mm = vlm_align_up(mm, VLM_ALIGN);
+
+    size_t H = (size_t)c->hidden, Q = q_dim(c), K = kv_dim(c), I = c->inter, Tc = chunk, half = c->head_dim / 2;
+    size_t sizes[] = {Tc * H, Tc * H, Tc * Q, Tc * K, Tc * K, Tc * Q, Tc * I, Tc * I, Tc * half, Tc * half,
+                      (size_t)n_threads * vlm_attention_scratch_floats(c->n_heads, c->n_kv_heads, max_ctx)};
+    float **ptrs[] = {&s->x, &s->xn, &s->q, &s->k, &s->v, &s->att, &s->g, &s->u, &s->cs, &s->sn, &s->attn_scratch};
+    size_t total = 2 * vlm_align_up(kv * sizeof(float), VLM_ALIGN) + mm + vlm_align_up(3 * Tc * sizeof(int32_t), VLM_ALIGN);
+    for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) total += vlm_align_up(sizes[i] * sizeof(float), VLM_ALIGN);
+    s->block = aligned_alloc(VLM_ALIGN, vlm_align_up(total, VLM_ALIGN));
+    if (!s->block) { free(s); return vlm_fail(err, VLM_ERR_NOMEM, "cannot allocate %.1f MB of state", total / 1e6); }
+    s->block_size = total;
+    char *p = s->block;
+    s->kcache = (float *)p; p += vlm_align_up(kv * sizeof(float), VLM_ALIGN);
+    s->vcache = (float *)p; p += vlm_align_up(kv * sizeof(float), VLM_ALIGN);
+    for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) {
+        *ptrs[i] = (float *)p; p += vlm_align_up(sizes[i] * sizeof(float), VLM_ALIGN);
+    }
+    s->pos = (int32_t *)p; p += vlm_align_up(3 * Tc * sizeof(int32_t), VLM_ALIGN);
+    s->mm_scratch = p; s->mm_scratch_size = mm;
+    s->pool = vlm_pool_create(n_threads);
+    if (!s->pool) { free(s->block); free(s); return vlm_fail(err, VLM_ERR_NOMEM, "cannot start %d threads", n_threads); }
+    *out = s;
+    return VLM_OK;
+}
+
+void vlm_qwen2_state_free(vlm_qwen2_state *s) {
+    if (!s) return;
+    vlm_pool_free(s->pool);
+    free(s->block);
+    free(s);
+}
+
+int vlm_qwen2_state_len(const vlm_qwen2_state *s) { return s->n_past; }
+int vlm_qwen2_state_max(const vlm_qwen2_state *s) { return s->max_ctx; }
+size_t vlm_qwen2_state_bytes(const vlm_qwen2_state *s) { return s->block_size; }
+
+vlm_status vlm_qwen2_state_truncate(vlm_qwen2_state *s, int n, vlm_err *err) {
+    if (n < 0 || n > s->n_past) return vlm_fail(err, VLM_ERR_ARG, "cannot truncate a context of %d tokens to %d", s->n_past, n);
+    s->n_past = n;
+    return VLM_OK;
+}
+
+static void embed_rows(const vlm_qwen2 *m, const int32_t *ids, int T, float *out) {
+    size_t H = m->cfg.hidden;
+    for (int t = 0; t < T; t++) {
+        if (m->embed_dtype == VLM_BF16) {
+            const uint16_t *row = (const uint16_t *)m->embed + (size_t)ids[t] * H;
+            for (size_t i = 0; i < H; i++) out[t * H + i] = vlm_bf16_to_f32(row[i]);
+        } else {
+            memcpy(out + t * H, (const float *)m->embed + (size_t)ids[t] * H, H * sizeof(float));
+        }
+    }
+}
+
+static vlm_status check_ids(const vlm_qwen2 *m, const int32_t *ids, int T, vlm_err *err) {
+    for (int t = 0; t < T; t++)
+        if (ids[t] < 0 || ids[t] >= m->cfg.vocab)
+            return vlm_fail(err, VLM_ERR_ARG, "token id %d at position %d is outside the vocabulary [0, %d)", ids[t], t,
+                            m->cfg.vocab);
+    return VLM_OK;
+}
+
+vlm_status vlm_qwen2_embed(const vlm_qwen2 *m, const int32_t *ids, int T, float *out, vlm_err *err) {
+    VLM_TRY(check_ids(m, ids, T, err));
+    embed_rows(m, ids, T, out);
+    return VLM_OK;
+}
+
+#define MM(out, ldo, x, ldx, rows, w, acc) \
+    VLM_TRY(vlm_matmul(s->pool, out, ldo, x, ldx, rows, w, c->compute, acc, s->mm_scratch, s->mm_scratch_size, err))
+
+/* One chunk of T <= s->chunk tokens whose residual stream is already in s->x. */
+static vlm_status forward_chunk(const vlm_qwen2 *m, vlm_qwen2_state *s, int T, float *logits, int logits_all,
+                                vlm_err *err) {
+    const vlm_qwen2_config *c = &m->cfg;
+    const int H = c->hidden, Q = q_dim(c), KVd = kv_dim(c), D = c->head_dim, I = c->inter;
+    const float scale = 1.0f / sqrtf((float)D);
+    vlm_rope_table(s->cs, s->sn, s->pos, m->inv_freq, c->mrope, T, D);
+
+    for (int l = 0; l < c->n_layers; l++) {
+        const vlm_qwen2_layer *L = &m->layers[l];
+        float *kc = s->kcache + (size_t)l * KVd * s->max_ctx;   /* [KV][max_ctx][D] */
+        float *vc = s->vcache + (size_t)l * KVd * s->max_ctx;
+
+        vlm_rmsnorm(s->pool, s->xn, s->x, L->ln1, c->eps, T, H);
+        MM(s->q, Q, s->xn, H, T, &L->wq, 0);
+        MM(s->k, KVd, s->xn, H, T, &L->wk, 0);
+        MM(s->v, KVd, s->xn, H, T, &L->wv, 0);
+        vlm_rope_apply(s->pool, s->q, Q, s->cs, s->sn, T, c->n_heads, D);
+        vlm_rope_apply(s->pool, s->k, KVd, s->cs, s->sn, T, c->n_kv_heads, D);
+        for (int t = 0; t < T; t++)               /* append to the cache: [t][g][D] -> [g][pos][D] */
+            for (int g = 0; g < c->n_kv_heads; g++) {
+                size_t dst = ((size_t)g * s->max_ctx + s->n_past + t) * D, src = (size_t)t * KVd + (size_t)g * D;
+                memcpy(kc + dst, s->k + src, D * sizeof(float));
+                memcpy(vc + dst, s->v + src, D * sizeof(float));
+            }
+        vlm_attention(s->pool, s->att, Q, s->q, Q, kc, vc, s->max_ctx, s->n_past, T, c->n_heads, c->n_kv_heads, D,
+                      scale, s->attn_scratch);
+        MM(s->x, H, s->att, Q, T, &L->wo, 1);      /* x += att · Woᵀ */
+
+        vlm_rmsnorm(s->pool, s->xn, s->x, L->ln2, c->eps, T, H);
+        MM(s->g, I, s->xn, H, T, &L->wg, 0);
+        MM(s->u, I, s->xn, H, T, &L->wu, 0);
+        vlm_silu_mul(s->pool, s->g, s->u, T, I);
+        MM(s->x, H, s->g, I, T, &L->wd, 1);        /* x += mlp */
+    }
+    s->n_past += T;
+    if (!logits) return VLM_OK;
+    if (logits_all) {
+        vlm_rmsnorm(s->pool, s->xn, s->x, m->norm, c->eps, T, H);
+        MM(logits, c->vocab, s->xn, H, T, &m->lm_head, 0);
+    } else {
+        vlm_rmsnorm(s->pool, s->xn, s->x + (size_t)(T - 1) * H, m->norm, c->eps, 1, H);
+        MM(logits, c->vocab, s->xn, H, 1, &m->lm_head, 0);
+    }
+    return VLM_OK;
+}
+
+vlm_status vlm_qwen2_forward(const vlm_qwen2 *m, vlm_qwen2_state *s, const int32_t *ids, const float *embeds,
+                             const int32_t *pos, int T, float *logits, int logits_all, vlm_err *err) {
+    const vlm_qwen2_config *c = &m->cfg;
+    if (T <= 0) return vlm_fail(err, VLM_ERR_ARG, "empty input: at least one token is needed");
+    if ((ids == NULL) == (embeds == NULL)) return vlm_fail(err, VLM_ERR_ARG, "give either token ids or embeddings");
+    if (!pos) return vlm_fail(err, VLM_ERR_ARG, "positions are required");
+    if ((long)s->n_past + T > s->max_ctx)
+        return vlm_fail(err, VLM_ERR_STATE, "context overflow: %d cached + %d new tokens > max_context %d", s->n_past, T,
+                        s->max_ctx);
+    if (ids) VLM_TRY(check_ids(m, ids, T, err));
+    const size_t H = c->hidden;
+    int start = s->n_past;
+    for (int t0 = 0; t0 < T; t0 += s->chunk) {
+        int n = T - t0 < s->chunk ? T - t0 : s->chunk;
+        if (ids) embed_rows(m, ids + t0, n, s->x);
+        else memcpy(s->x, embeds + (size_t)t0 * H, (size_t)n * H * sizeof(float));
+        for (int a = 0; a < 3; a++) memcpy(s->pos + (size_t)a * n, pos + (size_t)a * T + t0, n * sizeof(int32_t));
+        int last = t0 + n == T;
+        float *lg = NULL;
+        if (logits_all) lg = logits + (size_t)t0 * c->vocab;
+        else if (last) lg = logits;
+        vlm_status st = forward_chunk(m, s, n, lg, logits_all, err);
+        if (st != VLM_OK) { s->n_past = start; return st; }
+    }
+    return VLM_OK;
+}

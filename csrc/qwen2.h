@@ -1,0 +1,62 @@
+/* qwen2.h — the Qwen2 / Qwen2.5 language decoder (the LLM of Qwen2.5-VL and VLM-FO1).
+ *
+ * vlm_qwen2 holds read-only weights (pointers into memory-mapped checkpoint tensors owned by the
+ * caller) and may be shared by any number of threads. vlm_qwen2_state is one request: KV cache,
+ * scratch arena, thread pool; one thread at a time. Prefill and decode are the same call: T new
+ * tokens (ids or ready-made embeddings) are appended at the end of the cache, processed in chunks so
+ * that scratch memory is bounded by the chunk size and attention never forms a T x T matrix. */
+#ifndef VLM_QWEN2_H
+#define VLM_QWEN2_H
+
+#include "common.h"
+#include "gemm.h"
+#include "pool.h"
+
+typedef struct {
+    int hidden, n_layers, n_heads, n_kv_heads, head_dim, inter, vocab;
+    float eps;
+    int mrope[3];          /* M-RoPE sections in rotary pairs (t, h, w); sum = head_dim/2 */
+    vlm_compute compute;   /* how activations meet bf16 weights */
+} vlm_qwen2_config;
+
+typedef struct {
+    vlm_weight wq, wk, wv, wo;      /* q,k,v with bias; o without */
+    vlm_weight wg, wu, wd;          /* SwiGLU MLP */
+    const float *ln1, *ln2;         /* [hidden] RMSNorm weights (input, post-attention) */
+} vlm_qwen2_layer;
+
+typedef struct {
+    vlm_qwen2_config cfg;
+    const void *embed;              /* [vocab][hidden] of embed_dtype */
+    vlm_dtype embed_dtype;
+    vlm_weight lm_head;             /* [vocab][hidden]; may alias embed (tied) */
+    const float *norm;              /* [hidden] final RMSNorm */
+    const float *inv_freq;          /* [head_dim/2] rotary frequencies (already bf16-rounded in reference mode) */
+    vlm_qwen2_layer *layers;        /* [n_layers], owned by the caller */
+} vlm_qwen2;
+
+typedef struct vlm_qwen2_state vlm_qwen2_state;
+
+/* Checks that every pointer and size of m is consistent. */
+vlm_status vlm_qwen2_validate(const vlm_qwen2 *m, vlm_err *err);
+
+/* A request state for contexts of up to max_ctx tokens, processing at most chunk tokens per pass. */
+vlm_status vlm_qwen2_state_create(const vlm_qwen2 *m, int max_ctx, int chunk, int n_threads,
+                                  vlm_qwen2_state **out, vlm_err *err);
+void vlm_qwen2_state_free(vlm_qwen2_state *s);  /* NULL-safe */
+int vlm_qwen2_state_len(const vlm_qwen2_state *s);
+int vlm_qwen2_state_max(const vlm_qwen2_state *s);
+vlm_status vlm_qwen2_state_truncate(vlm_qwen2_state *s, int n, vlm_err *err);
+size_t vlm_qwen2_state_bytes(const vlm_qwen2_state *s);
+
+/* Append T tokens. Exactly one of ids ([T]) / embeds ([T][hidden]) is non-NULL. pos is [3][T]
+ * (M-RoPE t, h, w positions; text tokens have all three equal). logits: NULL, or [vocab] for the last
+ * token (logits_all == 0), or [T][vocab] (logits_all != 0). Returns VLM_ERR_ARG for bad ids and
+ * VLM_ERR_STATE when the context would overflow (the state is unchanged then). */
+vlm_status vlm_qwen2_forward(const vlm_qwen2 *m, vlm_qwen2_state *s, const int32_t *ids, const float *embeds,
+                             const int32_t *pos, int T, float *logits, int logits_all, vlm_err *err);
+
+/* out[T][hidden] = embedding rows of ids (for splicing image/region embeddings in Python). */
+vlm_status vlm_qwen2_embed(const vlm_qwen2 *m, const int32_t *ids, int T, float *out, vlm_err *err);
+
+#endif

@@ -1,0 +1,31 @@
+"""Build of vlmfo1: one C extension, vlmfo1._core, from every .c file in csrc/.
+
+It links against the OpenBLAS that pip installs (the `scipy-openblas32` wheel, the build NumPy and
+SciPy ship), so no system BLAS is needed; vlmfo1/__init__.py loads that library before _core.
+Set VLM_DEBUG=1 for an -O0 -g build with AddressSanitizer.
+"""
+import glob
+import os
+
+import numpy
+import scipy_openblas32
+from setuptools import Extension, setup
+
+debug = os.environ.get("VLM_DEBUG") == "1"
+cflags = ["-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibility=hidden", "-pthread",
+          "-fno-math-errno", "-DNPY_NO_DEPRECATED_API=NPY_1_21_API_VERSION"]
+cflags += ["-O0", "-g", "-fsanitize=address"] if debug else ["-O3"]
+ldflags = ["-pthread"] + (["-fsanitize=address"] if debug else [])
+
+ext = Extension(
+    "vlmfo1._core",
+    sources=sorted(glob.glob("csrc/*.c")),
+    include_dirs=["csrc", numpy.get_include(), scipy_openblas32.get_include_dir()],
+    library_dirs=[scipy_openblas32.get_lib_dir()],
+    libraries=[scipy_openblas32.get_library(), "m"],
+    extra_compile_args=cflags,
+    extra_link_args=ldflags,
+    depends=sorted(glob.glob("csrc/*.h")),
+)
+
+setup(ext_modules=[ext])

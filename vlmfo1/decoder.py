@@ -1,0 +1,354 @@
+"""The Qwen2 / Qwen2.5 language model: checkpoint loading, sessions (KV cache), sampling, generation.
+
+    lm = LanguageModel.load("path/to/checkpoint")            # config.json + safetensors
+    s = lm.session()                                         # one request; one thread at a time
+    logits = s.prefill(ids); logits = s.step(tok)            # low level
+    new_ids = lm.generate(ids, max_new_tokens=32)            # greedy, or temperature/top_p/top_k + seed
+    for tok in lm.stream(ids): ...                           # the same, one id at a time
+
+Numeric modes (ERRATA "Decisions"): "exact" does fp32 maths as the formulas say (what transformers
+does); "reference" reproduces the official VLM-FO1 run's rounding of the rotary frequencies to bf16
+(E1) and takes greedy argmax on bf16-rounded logits with ties to the lowest id (E2).
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+
+import numpy as np
+
+from ._native import core
+from .safetensors import Checkpoint, as_float32, f32_to_bf16_bits, round_bf16
+
+MODES = ("exact", "reference")
+
+# where the decoder's tensors live in the checkpoint layouts we know
+_PREFIXES = ("model.language_model.", "model.", "language_model.model.", "model.llm.", "")
+_LM_HEAD = ("lm_head.weight", "language_model.lm_head.weight", "model.lm_head.weight")
+
+
+@dataclass
+class DecoderConfig:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    mrope_section: Sequence[int] = ()
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    eos_token_id: List[int] = field(default_factory=list)
+    hidden_act: str = "silu"
+
+    @classmethod
+    def from_dict(cls, cfg: Dict) -> "DecoderConfig":
+        top = cfg
+        if isinstance(cfg.get("text_config"), dict):  # Qwen2.5-VL as saved by recent transformers
+            cfg = {**cfg, **cfg["text_config"]}
+        need = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"]
+        missing = [k for k in need if k not in cfg]
+        if missing:
+            raise ValueError(f"config.json lacks {', '.join(missing)}")
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        head_dim = int(cfg.get("head_dim") or hidden // heads)
+        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+        theta = cfg.get("rope_theta", rope.get("rope_theta", 1_000_000.0) if isinstance(rope, dict) else 1e6)
+        mrope = tuple(rope.get("mrope_section", ())) if isinstance(rope, dict) else ()
+        eos = top.get("eos_token_id", cfg.get("eos_token_id"))
+        eos = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"unsupported hidden_act {act!r} (Qwen2 uses silu)")
+        return cls(
+            hidden_size=hidden, num_hidden_layers=int(cfg["num_hidden_layers"]), num_attention_heads=heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads", heads)),
+            intermediate_size=int(cfg["intermediate_size"]), vocab_size=int(cfg["vocab_size"]), head_dim=head_dim,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), mrope_section=mrope,
+            tie_word_embeddings=bool(top.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)), eos_token_id=eos, hidden_act=act,
+        )
+
+
+def rope_inv_freq(head_dim: int, theta: float, mode: str) -> np.ndarray:
+    """ω_j = 1 / θ^(2j/d) in float32 as torch computes it; bf16-rounded in reference mode (ERRATA E1)."""
+    exps = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv = (np.float32(1.0) / np.power(np.float32(theta), exps, dtype=np.float32)).astype(np.float32)
+    return round_bf16(inv) if mode == "reference" else inv
+
+
+def _sample(logits: np.ndarray, temperature: float, top_p: float, top_k: int, rng: np.random.Generator,
+            greedy_bf16: bool) -> int:
+    if temperature <= 0.0 or top_k == 1:
+        lg = round_bf16(logits) if greedy_bf16 else logits
+        return int(np.argmax(lg))  # first maximum: ties go to the lowest id
+    x = logits.astype(np.float64) / temperature
+    if top_k and top_k > 0 and top_k < x.size:
+        kth = np.partition(x, -top_k)[-top_k]
+        x = np.where(x < kth, -np.inf, x)
+    if top_p < 1.0:
+        order = np.argsort(-x, kind="stable")
+        p = np.exp(x[order] - x[order[0]])
+        p /= p.sum()
+        cum = np.cumsum(p)
+        keep = cum - p < top_p  # keep the smallest prefix whose mass reaches top_p (at least one token)
+        keep[0] = True
+        x[order[~keep]] = -np.inf
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    return int(rng.choice(p.size, p=p))
+
+
+class Session:
+    """One request against a LanguageModel: the KV cache, scratch memory and worker threads.
+
+    Use one session per thread; several sessions can share one model and run concurrently."""
+
+    def __init__(self, model: "LanguageModel", max_context: int, n_threads: int, chunk: int = 512):
+        self.model = model
+        self._state = core.Qwen2State(model._core, int(max_context), int(chunk), int(n_threads))
+        self.rope_delta = 0  # added to cache indices to get rotary positions (M-RoPE after an image)
+
+    @property
+    def n_past(self) -> int:
+        return self._state.n_past
+
+    @property
+    def max_context(self) -> int:
+        return self._state.max_context
+
+    @property
+    def nbytes(self) -> int:
+        return self._state.nbytes
+
+    def reset(self):
+        self._state.truncate(0)
+        self.rope_delta = 0
+
+    def truncate(self, n: int):
+        self._state.truncate(int(n))
+
+    def _check(self, T: int):
+        if T == 0:
+            raise ValueError("empty prompt: at least one token is needed")
+        if self.n_past + T > self.max_context:
+            raise ValueError(f"{T} new tokens do not fit: {self.n_past} cached, max_context {self.max_context}")
+
+    def _text_positions(self, T: int) -> np.ndarray:
+        p = np.arange(self.n_past, self.n_past + T, dtype=np.int32) + np.int32(self.rope_delta)
+        return np.broadcast_to(p, (3, T))
+
+    def prefill(self, ids, all_logits: bool = False, positions: Optional[np.ndarray] = None) -> np.ndarray:
+        """Append token ids; return the logits of the last one ([vocab]) or of all ([T, vocab])."""
+        ids = np.asarray(ids)
+        if ids.ndim != 1:
+            raise ValueError("ids must be a 1-D sequence of token ids")
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
+        self._check(ids.size)
+        vocab = self.model.config.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        pos = self._text_positions(ids.size) if positions is None else positions
+        return self._state.forward(ids.astype(np.int32), None, pos, 2 if all_logits else 1)
+
+    def prefill_embeds(self, embeds: np.ndarray, positions: np.ndarray, all_logits: bool = False) -> np.ndarray:
+        """Append ready-made input embeddings [T, hidden] with explicit [3, T] M-RoPE positions."""
+        embeds = np.ascontiguousarray(embeds, dtype=np.float32)
+        self._check(embeds.shape[0] if embeds.ndim == 2 else 0)
+        return self._state.forward(None, embeds, positions, 2 if all_logits else 1)
+
+    def step(self, token_id: int) -> np.ndarray:
+        """Append one token and return the next-token logits."""
+        return self.prefill(np.array([int(token_id)], dtype=np.int64))
+
+
+class LanguageModel:
+    """A Qwen2/Qwen2.5 decoder loaded from a Hugging Face checkpoint folder."""
+
+    def __init__(self, config: DecoderConfig, tensors: Dict[str, np.ndarray], mode: str, compute: str,
+                 n_threads: int, max_context: int, checkpoint: Optional[Checkpoint] = None,
+                 generation_eos: Sequence[int] = ()):
+        self.config = config
+        self.mode = mode
+        self.compute = compute
+        self.n_threads = n_threads
+        self.max_context = max_context
+        self._ckpt = checkpoint  # keeps the memory maps alive
+        self._tensors = tensors
+        self.stop_ids = sorted(set(config.eos_token_id) | set(generation_eos))
+        c = config
+        mr = list(c.mrope_section) if c.mrope_section else [c.head_dim // 2, 0, 0]
+        core_cfg = dict(hidden=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
+                        n_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, inter=c.intermediate_size,
+                        vocab=c.vocab_size, eps=c.rms_norm_eps, compute=1 if compute == "bf16" else 0,
+                        mrope_t=mr[0], mrope_h=mr[1], mrope_w=mr[2])
+        core.set_blas_threads(n_threads)
+        self._core = core.Qwen2Model(core_cfg, tensors)
+        self._lock = threading.Lock()
+        self._default_session: Optional[Session] = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path: str, mode: str = "exact", compute: Optional[str] = None, dtype: Optional[str] = None,
+             n_threads: Optional[int] = None, max_context: int = 4096) -> "LanguageModel":
+        """Load a checkpoint folder (config.json + model.safetensors or sharded safetensors).
+
+        mode: "exact" or "reference" (see module doc). dtype: None keeps the stored dtype (F16 is
+        widened to F32), or "float32" / "bfloat16" to convert. compute: "f32" or "bf16" (how activations
+        meet bf16 weights; default "bf16" when weights are bf16)."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if dtype not in (None, "float32", "bfloat16"):
+            raise ValueError(f"dtype must be None, 'float32' or 'bfloat16', got {dtype!r}")
+        path = os.fspath(path)
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.exists(cfg_path):
+            raise FileNotFoundError(f"{cfg_path} not found")
+        try:
+            with open(cfg_path) as f:
+                raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
+        config = DecoderConfig.from_dict(raw)
+        gen_eos: List[int] = []
+        gpath = os.path.join(path, "generation_config.json")
+        if os.path.exists(gpath):
+            try:
+                with open(gpath) as f:
+                    g = json.load(f).get("eos_token_id")
+                gen_eos = [] if g is None else ([int(g)] if isinstance(g, int) else [int(x) for x in g])
+            except (json.JSONDecodeError, TypeError, ValueError):
+                warnings.warn(f"{gpath}: unreadable, ignored", RuntimeWarning, stacklevel=2)
+        ckpt = Checkpoint(path)
+        tensors, stored = _collect_tensors(ckpt, config, dtype)
+        if compute is None:
+            compute = "bf16" if stored == "bf16" else "f32"
+        if compute not in ("f32", "bf16"):
+            raise ValueError(f"compute must be 'f32' or 'bf16', got {compute!r}")
+        tensors["inv_freq"] = rope_inv_freq(config.head_dim, config.rope_theta, mode)
+        n_threads = n_threads or _default_threads()
+        return cls(config, tensors, mode, compute, int(n_threads), int(max_context), ckpt, gen_eos)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of all weights as the engine holds them (mapped or converted)."""
+        seen, total = set(), 0
+        for a in self._tensors.values():
+            if id(a) not in seen:
+                seen.add(id(a))
+                total += a.nbytes
+        return total
+
+    def session(self, max_context: Optional[int] = None, chunk: int = 512) -> Session:
+        return Session(self, max_context or self.max_context, self.n_threads, chunk)
+
+    def embed(self, ids) -> np.ndarray:
+        return self._core.embed(np.asarray(ids, dtype=np.int32))
+
+    # ------------------------------------------------------------------ generation
+    def stream(self, ids, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+               seed: Optional[int] = None, stop_ids: Optional[Iterable[int]] = None,
+               session: Optional[Session] = None) -> Iterator[int]:
+        """Yield new token ids one at a time (the stop token, when reached, is yielded last)."""
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        if temperature < 0 or not (0.0 < top_p <= 1.0) or top_k < 0:
+            raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        stops = set(self.stop_ids if stop_ids is None else stop_ids)
+        rng = np.random.default_rng(seed)
+        s = session or self.session(max_context=max(self.max_context, len(ids) + max_new_tokens))
+        if session is None and len(ids) + max_new_tokens > s.max_context:
+            raise ValueError("prompt + max_new_tokens exceed max_context")
+        logits = s.prefill(ids)
+        greedy_bf16 = self.mode == "reference"
+        for i in range(max_new_tokens):
+            tok = _sample(logits, temperature, top_p, top_k, rng, greedy_bf16)
+            yield tok
+            if tok in stops or i == max_new_tokens - 1:
+                return
+            logits = s.step(tok)
+
+    def generate(self, ids, max_new_tokens: int = 256, **kw) -> List[int]:
+        """New token ids after the prompt `ids` (greedy unless temperature > 0)."""
+        return list(self.stream(ids, max_new_tokens=max_new_tokens, **kw))
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def _collect_tensors(ckpt: Checkpoint, c: DecoderConfig, dtype: Optional[str]):
+    """Map checkpoint names to the core's names, check presence and shapes, convert dtypes."""
+    prefix = next((p for p in _PREFIXES if p + "embed_tokens.weight" in ckpt), None)
+    if prefix is None:
+        raise KeyError("no decoder in this checkpoint: no '*embed_tokens.weight' tensor found (looked for "
+                       + ", ".join(p + "embed_tokens.weight" for p in _PREFIXES) + ")")
+    H, Q, KV = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    I, V = c.intermediate_size, c.vocab_size
+    want = {"embed": (prefix + "embed_tokens.weight", (V, H)), "norm": (prefix + "norm.weight", (H,))}
+    per = {"q": ("self_attn.q_proj.weight", (Q, H)), "q_bias": ("self_attn.q_proj.bias", (Q,)),
+           "k": ("self_attn.k_proj.weight", (KV, H)), "k_bias": ("self_attn.k_proj.bias", (KV,)),
+           "v": ("self_attn.v_proj.weight", (KV, H)), "v_bias": ("self_attn.v_proj.bias", (KV,)),
+           "o": ("self_attn.o_proj.weight", (H, Q)), "gate": ("mlp.gate_proj.weight", (I, H)),
+           "up": ("mlp.up_proj.weight", (I, H)), "down": ("mlp.down_proj.weight", (H, I)),
+           "ln1": ("input_layernorm.weight", (H,)), "ln2": ("post_attention_layernorm.weight", (H,))}
+    for l in range(c.num_hidden_layers):
+        for k, (n, shp) in per.items():
+            want[f"layers.{l}.{k}"] = (f"{prefix}layers.{l}.{n}", shp)
+    head = next((n for n in _LM_HEAD if n in ckpt), None)
+    if head is not None:
+        want["lm_head"] = (head, (V, H))
+    elif not c.tie_word_embeddings:
+        warnings.warn("checkpoint has no lm_head.weight: using the input embedding as output layer (tied)",
+                      RuntimeWarning, stacklevel=3)
+
+    missing = [n for n, _ in want.values() if n not in ckpt]
+    if missing:
+        more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
+        raise KeyError("checkpoint is missing decoder tensors: " + ", ".join(missing[:10]) + more)
+    names = {n for n, _ in want.values()}
+    scoped = prefix in ("model.language_model.", "language_model.model.")  # only the decoder lives there
+    unexpected = [k for k in ckpt.keys() if k.startswith(prefix) and k not in names and not k.endswith("inv_freq")
+                  and (scoped or k.startswith(prefix + "layers."))]
+    if unexpected:
+        raise ValueError("checkpoint has unexpected decoder tensors (another architecture?): "
+                         + ", ".join(sorted(unexpected)[:10]))
+    bad = [f"{n}: shape {ckpt.info(n).shape}, expected {shp}" for n, shp in want.values() if ckpt.info(n).shape != shp]
+    if bad:
+        raise ValueError("checkpoint tensor shapes do not match config.json: " + "; ".join(bad[:10]))
+
+    kinds = {ckpt.info(n).dtype for n, _ in want.values()}
+    unsupported = kinds - {"F32", "BF16", "F16"}
+    if unsupported:
+        raise ValueError(f"unsupported weight dtype(s) {sorted(unsupported)}: expected F32, BF16 or F16")
+    out: Dict[str, np.ndarray] = {}
+    for key, (name, shp) in want.items():
+        a, sd = ckpt.get(name), ckpt.info(name).dtype
+        if len(shp) == 1:                       # norms and biases: small, always float32
+            out[key] = np.ascontiguousarray(as_float32(a, sd))
+            continue
+        if dtype == "float32" or sd == "F16" and dtype is None:
+            out[key] = as_float32(a, sd) if sd != "F32" else a
+        elif dtype == "bfloat16":
+            out[key] = a if sd == "BF16" else f32_to_bf16_bits(as_float32(a, sd))
+        else:
+            out[key] = a
+    stored = "bf16" if any(a.dtype == np.uint16 for a in out.values()) else "f32"
+    return out, stored
