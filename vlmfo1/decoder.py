@@ -85,26 +85,42 @@ def rope_inv_freq(head_dim: int, theta: float, mode: str) -> np.ndarray:
     return round_bf16(inv) if mode == "reference" else inv
 
 
+def _top(x: np.ndarray, m: int) -> np.ndarray:
+    """Indices of the m largest entries of x, sorted descending (stable)."""
+    idx = np.argpartition(-x, m - 1)[:m] if m < x.size else np.arange(x.size)
+    return idx[np.argsort(-x[idx], kind="stable")]
+
+
 def _sample(logits: np.ndarray, temperature: float, top_p: float, top_k: int, rng: np.random.Generator,
             greedy_bf16: bool) -> int:
+    """Next token from logits: greedy (temperature 0 or top_k 1; ties to the lowest id), else softmax
+    sampling at `temperature`, restricted to the top_k most likely tokens and then to the smallest
+    set whose probability reaches top_p (the order and semantics of the transformers warpers)."""
     if temperature <= 0.0 or top_k == 1:
         lg = round_bf16(logits) if greedy_bf16 else logits
-        return int(np.argmax(lg))  # first maximum: ties go to the lowest id
+        return int(np.argmax(lg))
     x = logits.astype(np.float64) / temperature
-    if top_k and top_k > 0 and top_k < x.size:
-        kth = np.partition(x, -top_k)[-top_k]
-        x = np.where(x < kth, -np.inf, x)
-    if top_p < 1.0:
-        order = np.argsort(-x, kind="stable")
-        p = np.exp(x[order] - x[order[0]])
-        p /= p.sum()
-        cum = np.cumsum(p)
-        keep = cum - p < top_p  # keep the smallest prefix whose mass reaches top_p (at least one token)
+    V = x.size
+    k = top_k if 0 < top_k < V else V
+    if top_p >= 1.0:
+        cand = _top(x, k) if k < V else np.arange(V)
+        p = np.exp(x[cand] - x[cand].max())
+    else:
+        xmax = x.max()
+        z = np.exp(x - xmax)
+        Z = z.sum() if k == V else z[_top(x, k)].sum()  # normalizer of the top-k distribution
+        m = min(k, 1024)  # the nucleus is usually small: sort only a head that holds top_p
+        while True:
+            cand = _top(x, m)
+            p = z[cand] / Z
+            if p.sum() >= top_p or m == k:
+                break
+            m = min(k, m * 8)
+        keep = (np.cumsum(p) - p) < top_p  # the smallest prefix whose mass reaches top_p
         keep[0] = True
-        x[order[~keep]] = -np.inf
-    p = np.exp(x - x.max())
-    p /= p.sum()
-    return int(rng.choice(p.size, p=p))
+        cand, p = cand[keep], p[keep]
+    p = p / p.sum()
+    return int(cand[rng.choice(p.size, p=p)])
 
 
 class Session:
