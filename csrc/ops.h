@@ -25,9 +25,16 @@ void vlm_rope_apply(vlm_pool *pool, float *x, int ld, const float *cs, const flo
 /* Causal grouped-query attention of T new queries against a KV cache.
  * q: [T][H][D] (row stride ldq); kc, vc: [KV][max_ctx][D] caches already holding positions
  * 0 .. n_past+T-1; query t sees keys 0 .. n_past+t. out: [T][H][D] (row stride ldo).
- * scratch: n_threads * vlm_attention_scratch_floats(...) floats. */
+ * scratch: n_threads * vlm_attention_scratch_floats(...) floats. D <= 256. */
 size_t vlm_attention_scratch_floats(int H, int KV, int n_ctx);
 void vlm_attention(vlm_pool *pool, float *out, int ldo, const float *q, int ldq, const float *kc, const float *vc,
                    int max_ctx, int n_past, int T, int H, int KV, int D, float scale, float *scratch);
+
+/* Non-causal attention inside segments [cu[s], cu[s+1]) of qkv: [N][3][H][D] (q, k, v blocks of each
+ * token); out: [N][H][D]. D <= 256. scratch: n_threads * vlm_segment_attention_scratch_floats(max_seg, D)
+ * floats, max_seg = the longest segment. */
+size_t vlm_segment_attention_scratch_floats(int max_seg, int D);
+void vlm_segment_attention(vlm_pool *pool, float *out, const float *qkv, const int *cu, int n_seg, int H, int D,
+                           float scale, float *scratch, int max_seg);
 
 #endif
