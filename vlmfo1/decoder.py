@@ -222,38 +222,24 @@ class LanguageModel:
         mode: "exact" or "reference" (see module doc). dtype: None keeps the stored dtype (F16 is
         widened to F32), or "float32" / "bfloat16" to convert. compute: "f32" or "bf16" (how activations
         meet bf16 weights; default "bf16" when weights are bf16)."""
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if dtype not in (None, "float32", "bfloat16"):
-            raise ValueError(f"dtype must be None, 'float32' or 'bfloat16', got {dtype!r}")
         path = os.fspath(path)
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.exists(cfg_path):
-            raise FileNotFoundError(f"{cfg_path} not found")
-        try:
-            with open(cfg_path) as f:
-                raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
-        config = DecoderConfig.from_dict(raw)
-        gen_eos: List[int] = []
-        gpath = os.path.join(path, "generation_config.json")
-        if os.path.exists(gpath):
-            try:
-                with open(gpath) as f:
-                    g = json.load(f).get("eos_token_id")
-                gen_eos = [] if g is None else ([int(g)] if isinstance(g, int) else [int(x) for x in g])
-            except (json.JSONDecodeError, TypeError, ValueError):
-                warnings.warn(f"{gpath}: unreadable, ignored", RuntimeWarning, stacklevel=2)
-        ckpt = Checkpoint(path)
+        raw = read_config(path)
+        return cls.from_checkpoint(Checkpoint(path), raw, mode=mode, compute=compute, dtype=dtype,
+                                   n_threads=n_threads, max_context=max_context,
+                                   generation_eos=read_generation_eos(path))
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, raw_config: Dict, mode: str = "exact", compute: Optional[str] = None,
+                        dtype: Optional[str] = None, n_threads: Optional[int] = None, max_context: int = 4096,
+                        generation_eos: Sequence[int] = ()) -> "LanguageModel":
+        check_options(mode, dtype, compute)
+        config = DecoderConfig.from_dict(raw_config)
         tensors, stored = _collect_tensors(ckpt, config, dtype)
         if compute is None:
             compute = "bf16" if stored == "bf16" else "f32"
-        if compute not in ("f32", "bf16"):
-            raise ValueError(f"compute must be 'f32' or 'bf16', got {compute!r}")
         tensors["inv_freq"] = rope_inv_freq(config.head_dim, config.rope_theta, mode)
-        n_threads = n_threads or _default_threads()
-        return cls(config, tensors, mode, compute, int(n_threads), int(max_context), ckpt, gen_eos)
+        n_threads = n_threads or default_threads()
+        return cls(config, tensors, mode, compute, int(n_threads), int(max_context), ckpt, generation_eos)
 
     @property
     def vocab_size(self) -> int:
@@ -303,7 +289,43 @@ class LanguageModel:
         return list(self.stream(ids, max_new_tokens=max_new_tokens, **kw))
 
 
-def _default_threads() -> int:
+def check_options(mode: str, dtype: Optional[str], compute: Optional[str]) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if dtype not in (None, "float32", "bfloat16"):
+        raise ValueError(f"dtype must be None, 'float32' or 'bfloat16', got {dtype!r}")
+    if compute not in (None, "f32", "bf16"):
+        raise ValueError(f"compute must be 'f32' or 'bf16', got {compute!r}")
+
+
+def read_config(path: str) -> Dict:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found")
+    try:
+        with open(cfg_path) as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_path}: not a JSON object")
+    return raw
+
+
+def read_generation_eos(path: str) -> List[int]:
+    gpath = os.path.join(path, "generation_config.json")
+    if not os.path.exists(gpath):
+        return []
+    try:
+        with open(gpath) as f:
+            g = json.load(f).get("eos_token_id")
+        return [] if g is None else ([int(g)] if isinstance(g, int) else [int(x) for x in g])
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
+        warnings.warn(f"{gpath}: unreadable, ignored", RuntimeWarning, stacklevel=2)
+        return []
+
+
+def default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:

@@ -1,0 +1,151 @@
+"""Plain Qwen2.5-VL: image + text in, text out (a checkpoint in the stock `visual.*` layout).
+
+    vl = QwenVL.load("/path/to/Qwen2.5-VL-3B-Instruct")
+    print(vl.generate("photo.jpg", "Describe the image.", max_new_tokens=64))
+    for piece in vl.stream(image, "What is in the box?"): print(piece, end="")
+
+The image goes through the Qwen2.5-VL image processor and the vision tower; its merged tokens
+replace the `<|image_pad|>` placeholder in the ChatML prompt, and the decoder runs with M-RoPE 3-D
+positions (get_rope_index rules) and the rope delta during decode.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .decoder import LanguageModel, Session, _sample, check_options, default_threads, read_config, read_generation_eos
+from .image import QwenImageProcessor, load_image
+from .safetensors import Checkpoint
+from .vision import VisionTower
+
+IMAGE_PAD = "<|image_pad|>"
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+def rope_positions(ids: Sequence[int], image_spans: Sequence[Tuple[int, int, int, int]]) -> Tuple[np.ndarray, int]:
+    """M-RoPE positions [3, L] for a sequence with image blocks, and the rope delta for decoding.
+
+    image_spans: (start, length, lh, lw) of each block of image tokens (length = lh*lw), in order.
+    Text (and anything that is not an image token) gets one shared counter on all three axes; an image
+    block starting after text position s gets (s, s + row, s + col); the text after it continues at
+    s + max(lh, lw) (transformers' get_rope_index for images)."""
+    L = len(ids)
+    pos = np.zeros((3, L), dtype=np.int64)
+    nxt, i = 0, 0
+    for start, length, lh, lw in sorted(image_spans):
+        n = start - i
+        pos[:, i:start] = np.arange(nxt, nxt + n)
+        nxt += n
+        r, c = np.divmod(np.arange(lh * lw), lw)
+        pos[0, start:start + length] = nxt
+        pos[1, start:start + length] = nxt + r
+        pos[2, start:start + length] = nxt + c
+        nxt += max(lh, lw)
+        i = start + length
+    pos[:, i:] = np.arange(nxt, nxt + L - i)
+    delta = int(pos.max()) + 1 - L if L else 0
+    return pos.astype(np.int32), delta
+
+
+class QwenVL:
+    """Qwen2.5-VL for image-conditioned generation with the vlmfo1 C core."""
+
+    def __init__(self, decoder: LanguageModel, vision: VisionTower, tokenizer, processor: QwenImageProcessor,
+                 image_token_id: int):
+        self.decoder, self.vision, self.tokenizer, self.processor = decoder, vision, tokenizer, processor
+        self.image_token_id = image_token_id
+        if vision.config.out_hidden_size != decoder.config.hidden_size:
+            raise ValueError(f"vision out_hidden_size {vision.config.out_hidden_size} != decoder hidden_size "
+                             f"{decoder.config.hidden_size}")
+
+    @classmethod
+    def load(cls, path: str, mode: str = "exact", compute: Optional[str] = None, dtype: Optional[str] = None,
+             n_threads: Optional[int] = None, max_context: int = 8192) -> "QwenVL":
+        from .tokenizer import Tokenizer
+
+        check_options(mode, dtype, compute)
+        path = os.fspath(path)
+        raw = read_config(path)
+        ckpt = Checkpoint(path)
+        n_threads = n_threads or default_threads()
+        dec = LanguageModel.from_checkpoint(ckpt, raw, mode=mode, compute=compute, dtype=dtype, n_threads=n_threads,
+                                            max_context=max_context, generation_eos=read_generation_eos(path))
+        vis = VisionTower.from_checkpoint(ckpt, raw, mode=mode, compute=compute, dtype=dtype, n_threads=n_threads)
+        tok = Tokenizer.from_pretrained(path)
+        proc = QwenImageProcessor.from_pretrained(path) if os.path.exists(
+            os.path.join(path, "preprocessor_config.json")) else QwenImageProcessor()
+        image_token_id = int(raw.get("image_token_id", tok.token_to_id(IMAGE_PAD) or 151655))
+        return cls(dec, vis, tok, proc, image_token_id)
+
+    # ------------------------------------------------------------------ prompt and embeddings
+    def build_prompt(self, text: str, system: Optional[str] = DEFAULT_SYSTEM) -> str:
+        """The stock Qwen2.5-VL chat prompt with one image placeholder before the text."""
+        sys_turn = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+        return (f"{sys_turn}<|im_start|>user\n{VISION_START}{IMAGE_PAD}{VISION_END}{text}<|im_end|>\n"
+                "<|im_start|>assistant\n")
+
+    def encode_image(self, image) -> Tuple[np.ndarray, Tuple[int, int, int]]:
+        """Image (path, PIL image or uint8 array) -> merged image tokens [M, hidden] and grid_thw."""
+        arr = load_image(image)
+        pixel_values, grid_thw, _ = self.processor(arr)
+        return self.vision(pixel_values, grid_thw), tuple(int(v) for v in grid_thw)
+
+    def prepare(self, image, text: str, system: Optional[str] = DEFAULT_SYSTEM, prompt: Optional[str] = None):
+        """Token ids, input embeddings [L, hidden], M-RoPE positions [3, L] and the rope delta."""
+        tokens, (_, gh, gw) = self.encode_image(image)
+        ids = self.tokenizer.encode(prompt if prompt is not None else self.build_prompt(text, system))
+        pads = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        if len(pads) != 1:
+            raise ValueError(f"the prompt must hold exactly one {IMAGE_PAD} placeholder, found {len(pads)}")
+        p, M = pads[0], tokens.shape[0]
+        ids = ids[:p] + [self.image_token_id] * M + ids[p + 1:]
+        emb = self.decoder.embed(np.asarray(ids, dtype=np.int32))
+        emb[p:p + M] = tokens
+        pos, delta = rope_positions(ids, [(p, M, gh // 2, gw // 2)])
+        return ids, emb, pos, delta
+
+    # ------------------------------------------------------------------ generation
+    def stream_ids(self, image, text: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                   top_k: int = 0, seed: Optional[int] = None, stop_ids=None, system: Optional[str] = DEFAULT_SYSTEM,
+                   prompt: Optional[str] = None, session: Optional[Session] = None) -> Iterator[int]:
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        if temperature < 0 or not (0.0 < top_p <= 1.0) or top_k < 0:
+            raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        ids, emb, pos, delta = self.prepare(image, text, system, prompt)
+        dec = self.decoder
+        s = session or dec.session(max_context=max(dec.max_context, len(ids) + max_new_tokens))
+        if s.n_past + len(ids) + max_new_tokens > s.max_context:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens exceed max_context {s.max_context}")
+        if s.n_past:
+            raise ValueError("the session must be empty (call reset())")
+        logits = s.prefill_embeds(emb, pos)
+        s.rope_delta = delta
+        stops = set(dec.stop_ids if stop_ids is None else stop_ids)
+        rng = np.random.default_rng(seed)
+        for i in range(max_new_tokens):
+            tok = _sample(logits, temperature, top_p, top_k, rng, dec.mode == "reference")
+            yield tok
+            if tok in stops or i == max_new_tokens - 1:
+                return
+            logits = s.step(tok)
+
+    def stream(self, image, text: str, **kw) -> Iterator[str]:
+        """Yield decoded text pieces as they are generated (special tokens skipped)."""
+        dec = self.tokenizer.incremental_decoder(skip_special_tokens=True)
+        for t in self.stream_ids(image, text, **kw):
+            piece = dec.feed(t)
+            if piece:
+                yield piece
+        tail = dec.flush()
+        if tail:
+            yield tail
+
+    def generate_ids(self, image, text: str, **kw) -> List[int]:
+        return list(self.stream_ids(image, text, **kw))
+
+    def generate(self, image, text: str, skip_special_tokens: bool = True, **kw) -> str:
+        return self.tokenizer.decode(self.generate_ids(image, text, **kw), skip_special_tokens=skip_special_tokens)

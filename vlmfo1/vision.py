@@ -1,0 +1,176 @@
+"""The Qwen2.5-VL vision transformer: checkpoint loading and the call into the C core.
+
+    vt = VisionTower.from_checkpoint(ckpt, raw_config, mode="exact")
+    tokens = vt(pixel_values, grid_thw)                     # [gh*gw/4, out_hidden], raster merged order
+    tokens, maps = vt(pixel_values, grid_thw, features=True) # + the hidden states after the full-attention
+                                                            #   blocks as (C, gh, gw) maps (FO1's region features)
+Checkpoint layouts: stock Qwen2.5-VL (`visual.*`), transformers 5 (`model.visual.*`) and VLM-FO1
+(`model.vision_tower.image_tower.*`); the prefix is found from the tensor names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ._native import core
+from .decoder import check_options, default_threads
+from .safetensors import Checkpoint, as_float32, f32_to_bf16_bits, round_bf16
+
+_PREFIXES = ("model.vision_tower.image_tower.", "model.visual.", "visual.", "vision_tower.")
+
+
+@dataclass
+class VisionConfig:
+    depth: int = 32
+    hidden_size: int = 1280
+    num_heads: int = 16
+    intermediate_size: int = 3420
+    out_hidden_size: int = 2048
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    fullatt_block_indexes: Sequence[int] = (7, 15, 23, 31)
+    rope_theta: float = 10000.0
+    hidden_act: str = "silu"
+
+    @classmethod
+    def from_dict(cls, raw: Dict) -> "VisionConfig":
+        v = raw.get("vision_config", raw)
+        if not isinstance(v, dict):
+            raise ValueError("config.json: vision_config must be an object")
+        rope = v.get("rope_parameters") or {}
+        c = cls(depth=int(v.get("depth", 32)), hidden_size=int(v.get("hidden_size", 1280)),
+                num_heads=int(v.get("num_heads", 16)), intermediate_size=int(v.get("intermediate_size", 3420)),
+                out_hidden_size=int(v.get("out_hidden_size", 2048)),
+                in_channels=int(v.get("in_channels", v.get("in_chans", 3))),
+                patch_size=int(v.get("patch_size", v.get("spatial_patch_size", 14))),
+                temporal_patch_size=int(v.get("temporal_patch_size", 2)),
+                spatial_merge_size=int(v.get("spatial_merge_size", 2)), window_size=int(v.get("window_size", 112)),
+                fullatt_block_indexes=tuple(int(i) for i in v.get("fullatt_block_indexes", (7, 15, 23, 31))),
+                rope_theta=float(rope.get("rope_theta", 10000.0)) if isinstance(rope, dict) else 10000.0,
+                hidden_act=v.get("hidden_act", "silu"))
+        if c.hidden_act != "silu":
+            raise ValueError(f"unsupported vision hidden_act {c.hidden_act!r} (Qwen2.5-VL uses silu)")
+        if c.spatial_merge_size != 2:
+            raise ValueError("only spatial_merge_size 2 is supported")
+        return c
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def in_dim(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+
+def vision_inv_freq(head_dim: int, theta: float, mode: str) -> np.ndarray:
+    """The axial 2-D rotary frequencies, tiled for the (row, column) halves: [head_dim/2] float32."""
+    spatial = head_dim // 2
+    inv = (np.float32(1.0) / np.power(np.float32(theta), np.arange(0, spatial, 2, dtype=np.int64).astype(np.float32)
+                                      / np.float32(spatial), dtype=np.float32)).astype(np.float32)
+    if mode == "reference":
+        inv = round_bf16(inv)
+    return np.concatenate([inv, inv]).astype(np.float32)
+
+
+class VisionTower:
+    def __init__(self, config: VisionConfig, tensors: Dict[str, np.ndarray], mode: str, compute: str, n_threads: int,
+                 checkpoint: Optional[Checkpoint] = None):
+        self.config, self.mode, self.compute, self.n_threads = config, mode, compute, n_threads
+        self._ckpt, self._tensors = checkpoint, tensors
+        c = config
+        core_cfg = dict(depth=c.depth, hidden=c.hidden_size, n_heads=c.num_heads, inter=c.intermediate_size,
+                        out_hidden=c.out_hidden_size, in_dim=c.in_dim, patch=c.patch_size,
+                        merge=c.spatial_merge_size, window=c.window_size, fullatt=list(c.fullatt_block_indexes),
+                        eps=1e-6, compute=1 if compute == "bf16" else 0)
+        self._core = core.VisionModel(core_cfg, tensors)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, raw_config: Dict, mode: str = "exact", compute: Optional[str] = None,
+                        dtype: Optional[str] = None, n_threads: Optional[int] = None,
+                        prefix: Optional[str] = None) -> "VisionTower":
+        check_options(mode, dtype, compute)
+        config = VisionConfig.from_dict(raw_config)
+        if prefix is None:
+            prefix = next((p for p in _PREFIXES if p + "patch_embed.proj.weight" in ckpt), None)
+            if prefix is None:
+                raise KeyError("no Qwen2.5-VL vision tower in this checkpoint: no '*patch_embed.proj.weight' under "
+                               + ", ".join(_PREFIXES))
+        tensors, stored = _collect(ckpt, config, prefix, dtype)
+        if compute is None:
+            compute = "bf16" if stored == "bf16" else "f32"
+        tensors["inv_freq"] = vision_inv_freq(config.head_dim, config.rope_theta, mode)
+        return cls(config, tensors, mode, compute, int(n_threads or default_threads()), ckpt)
+
+    @property
+    def n_full(self) -> int:
+        return self._core.n_full
+
+    def __call__(self, pixel_values: np.ndarray, grid_thw, features: bool = False):
+        t, gh, gw = (int(v) for v in np.asarray(grid_thw).reshape(-1)[:3])
+        if t != 1:
+            raise ValueError(f"one image (grid_t = 1) at a time, got grid_thw {tuple(np.asarray(grid_thw).ravel())}")
+        px = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        if px.ndim != 2 or px.shape != (gh * gw, self.config.in_dim):
+            raise ValueError(f"pixel_values must have shape ({gh * gw}, {self.config.in_dim}), got {px.shape}")
+        if not np.isfinite(px).all():
+            raise ValueError("pixel_values contain NaN or inf")
+        out = self._core.forward(px, gh, gw, n_threads=self.n_threads, features=features)
+        if not features:
+            return out
+        tokens, feats = out
+        # [n_full, gh, gw, C] -> channel-first (C, gh, gw) views
+        return tokens, [f.transpose(2, 0, 1) for f in feats]
+
+
+def _collect(ckpt: Checkpoint, c: VisionConfig, p: str, dtype: Optional[str]):
+    D, I, D4 = c.hidden_size, c.intermediate_size, 4 * c.hidden_size
+    want = {"patch_embed": (p + "patch_embed.proj.weight",
+                            (D, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size)),
+            "merger_ln": (p + "merger.ln_q.weight", (D,)),
+            "merger1": (p + "merger.mlp.0.weight", (D4, D4)), "merger1_bias": (p + "merger.mlp.0.bias", (D4,)),
+            "merger2": (p + "merger.mlp.2.weight", (c.out_hidden_size, D4)),
+            "merger2_bias": (p + "merger.mlp.2.bias", (c.out_hidden_size,))}
+    per = {"ln1": ("norm1.weight", (D,)), "ln2": ("norm2.weight", (D,)),
+           "qkv": ("attn.qkv.weight", (3 * D, D)), "qkv_bias": ("attn.qkv.bias", (3 * D,)),
+           "proj": ("attn.proj.weight", (D, D)), "proj_bias": ("attn.proj.bias", (D,)),
+           "gate": ("mlp.gate_proj.weight", (I, D)), "gate_bias": ("mlp.gate_proj.bias", (I,)),
+           "up": ("mlp.up_proj.weight", (I, D)), "up_bias": ("mlp.up_proj.bias", (I,)),
+           "down": ("mlp.down_proj.weight", (D, I)), "down_bias": ("mlp.down_proj.bias", (D,))}
+    for l in range(c.depth):
+        for k, (n, shp) in per.items():
+            want[f"blocks.{l}.{k}"] = (f"{p}blocks.{l}.{n}", shp)
+    missing = [n for n, _ in want.values() if n not in ckpt]
+    if missing:
+        raise KeyError("checkpoint is missing vision tensors: " + ", ".join(missing[:10])
+                       + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""))
+    names = {n for n, _ in want.values()}
+    unexpected = [k for k in ckpt.keys() if k.startswith(p + "blocks.") and k not in names]
+    if unexpected:
+        raise ValueError("checkpoint has unexpected vision tensors: " + ", ".join(sorted(unexpected)[:10]))
+    bad = [f"{n}: shape {ckpt.info(n).shape}, expected {shp}" for n, shp in want.values() if ckpt.info(n).shape != shp]
+    if bad:
+        raise ValueError("vision tensor shapes do not match config.json: " + "; ".join(bad[:10]))
+    kinds = {ckpt.info(n).dtype for n, _ in want.values()} - {"F32", "BF16", "F16"}
+    if kinds:
+        raise ValueError(f"unsupported vision weight dtype(s) {sorted(kinds)}")
+    out: Dict[str, np.ndarray] = {}
+    for key, (name, shp) in want.items():
+        a, sd = ckpt.get(name), ckpt.info(name).dtype
+        if key == "patch_embed":
+            a = a.reshape(D, -1)  # Conv3d weight -> [D, C*T*P*P], the pixel_values column order
+        if len(shp) == 1:
+            out[key] = np.ascontiguousarray(as_float32(a, sd))
+        elif dtype == "float32" or (sd == "F16" and dtype is None):
+            out[key] = np.ascontiguousarray(as_float32(a, sd))
+        elif dtype == "bfloat16":
+            out[key] = a if sd == "BF16" else f32_to_bf16_bits(as_float32(a, sd))
+        else:
+            out[key] = a
+    stored = "bf16" if any(a.dtype == np.uint16 for a in out.values()) else "f32"
+    return out, stored
