@@ -1,0 +1,743 @@
+/* gemm.c — matrix-multiply kernels of the vlmfo1 core (see gemm.h).
+ *
+ * Paths of vlm_matmul (out[m][n] = x[m][k] . W[n][k]^T + bias):
+ *   fp32 W, m >  VLM_SMALL_M_F32 : OpenBLAS sgemm (RowMajor, NoTrans, Trans) from the calling thread.
+ *   fp32 W, m <= VLM_SMALL_M_F32 : own FMA dot-product kernel on the pool (decode, bandwidth bound).
+ *   bf16 W, compute BF16         : x rounded to bf16 (RNE) into scratch, then a vdpbf16ps kernel
+ *                                  (AVX512-BF16); without it x is rounded to bf16 values kept in fp32
+ *                                  and the widened-weight FMA kernel below is used.
+ *   bf16 W, compute F32          : weights widened exactly (bits << 16) in registers and FMA'd with
+ *                                  fp32 activations.
+ * The own kernels are "dot product along k" kernels: a register tile of MR rows of x times NR rows
+ * of W keeps MR*NR vector accumulators, reduced horizontally at the end of a k block. Threads split
+ * the n range (each streams a disjoint part of W); every output element is computed by one thread
+ * with a reduction order that depends only on (m, k), never on the thread count or on the position
+ * of the element inside a tile, so results are bitwise identical for any pool size.
+ * Cache blocking (m > 16): k blocks sized so a 4-row x tile fills half of L1, n blocks of ~L2-sized W
+ * panels, then 4-row tiles of x (in L1) against 6-row tiles of W (from L2). Decode (m <= 4): W is
+ * streamed once, unblocked; 4 < m <= 16: whole W rows, small W panels reused from L2.
+ * The environment variable VLM_GEMM_ISA=generic|avx2|avx512 caps the kernel family (tests).
+ */
+#include "gemm.h"
+
+#include <limits.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <cblas.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define VLM_X86 1
+#include <immintrin.h>
+#else
+#define VLM_X86 0
+#endif
+
+enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512BF16 = 3 };
+static const char *const isa_names[] = {"generic", "avx2", "avx512", "avx512bf16"};
+
+/* fp32 weights: up to this many rows of x use the own kernel instead of sgemm (measured, see
+ * benchmarks/bench_gemm.py). */
+#define VLM_SMALL_M_F32 16
+/* Cache blocking for m > 4 (measured on Zen 4, 32 KB L1d, 1 MB L2): bytes of one 4-row x tile
+ * (sets the k block) and of the W panel kept in L2. */
+#define XTILE_BYTES (16 * 1024)
+/* Up to this m the k range is not blocked (long W row streams from DRAM) and small W panels are
+ * reused from L2 by the m/4 x tiles. */
+#define SMALL_M_UNBLOCKED 16
+#define PANEL_BYTES (256 * 1024)
+/* Convert x on the pool when it has at least this many elements. */
+#define PAR_CONVERT_MIN (1L << 16)
+
+/* ------------------------------------------------------------------------------------------------ */
+/* CPU dispatch                                                                                     */
+
+static int g_isa = -1;
+
+static int detect_isa(void) {
+    int level = ISA_GENERIC;
+#if VLM_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) level = ISA_AVX2;
+    if (level == ISA_AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        level = ISA_AVX512;
+    if (level == ISA_AVX512 && __builtin_cpu_supports("avx512bf16")) level = ISA_AVX512BF16;
+#endif
+    /* VLM_GEMM_ISA=generic|avx2|avx512 caps the level (testing the fallbacks on a big machine). */
+    const char *cap = getenv("VLM_GEMM_ISA");
+    if (cap) {
+        for (int i = 0; i < 4; i++)
+            if (strcmp(cap, isa_names[i]) == 0 && i < level) level = i;
+    }
+    return level;
+}
+
+static int isa(void) {
+    int v = __atomic_load_n(&g_isa, __ATOMIC_RELAXED);
+    if (v < 0) {
+        v = detect_isa();
+        __atomic_store_n(&g_isa, v, __ATOMIC_RELAXED);
+    }
+    return v;
+}
+
+const char *vlm_gemm_kernel_name(void) { return isa_names[isa()]; }
+
+void vlm_blas_set_threads(int n) {
+    if (n < 1) n = 1;
+    scipy_openblas_set_num_threads(n);
+}
+
+const char *vlm_blas_info(void) {
+    static char buf[512];
+    const char *core = scipy_openblas_get_corename();
+    const char *conf = scipy_openblas_get_config();
+    snprintf(buf, sizeof buf, "OpenBLAS core=%s threads=%d config=%s", core ? core : "?",
+             scipy_openblas_get_num_threads(), conf ? conf : "?");
+    return buf;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Task description                                                                                 */
+
+enum { KIND_DP = 0,   /* x bf16 (scratch), W bf16: vdpbf16ps */
+       KIND_XW16 = 1, /* x fp32, W bf16 widened */
+       KIND_XW32 = 2  /* x fp32, W fp32 */ };
+
+typedef struct {
+    int kind, isa;
+    const void *x;
+    long ldx; /* elements of x's type */
+    const void *w;
+    long m, n, k;
+    float *out;
+    long ldo;
+    const float *bias;
+    int accumulate;
+    long kc, nb; /* k block, n block */
+    const struct cv_ctx *cv; /* x conversion to run on the pool first, or NULL */
+    int conv_done;           /* workers done converting (atomic) */
+} mm_ctx;
+
+/* Write the MR x NR sums s of one tile (k block starting at k0 == 0 iff first). */
+static inline __attribute__((always_inline)) void store_tile(const mm_ctx *c, long i0, int mr, long j0, int nr,
+                                                             float s[4][8], int first) {
+    for (int i = 0; i < mr; i++) {
+        float *o = c->out + (i0 + i) * c->ldo + j0;
+        for (int j = 0; j < nr; j++) {
+            float v = s[i][j];
+            if (first) {
+                if (c->bias) v += c->bias[j0 + j];
+                if (c->accumulate) v = o[j] + v;
+            } else {
+                v = o[j] + v;
+            }
+            o[j] = v;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Generic C kernels                                                                                */
+
+static void panel_generic(const mm_ctx *c, long i0, int mr, long j0, long jl, long k0, long kl, int first) {
+    float s[4][8];
+    for (long j = 0; j < jl; j++) {
+        for (int i = 0; i < mr; i++) {
+            const float *x = (const float *)c->x + (i0 + i) * c->ldx + k0;
+            float acc = 0.0f;
+            if (c->kind == KIND_XW32) {
+                const float *w = (const float *)c->w + (j0 + j) * c->k + k0;
+                for (long t = 0; t < kl; t++) acc += x[t] * w[t];
+            } else {
+                const uint16_t *w = (const uint16_t *)c->w + (j0 + j) * c->k + k0;
+                for (long t = 0; t < kl; t++) acc += x[t] * vlm_bf16_to_f32(w[t]);
+            }
+            s[i][0] = acc;
+        }
+        store_tile(c, i0, mr, j0 + j, 1, s, first);
+    }
+}
+
+#if VLM_X86
+/* ------------------------------------------------------------------------------------------------ */
+/* AVX2 kernels: MR=4 x NR=3 ymm accumulators                                                       */
+
+#define TGT_AVX2 __attribute__((target("avx2,fma")))
+#define AI __attribute__((always_inline))
+
+/* [sum(a), sum(b), sum(c), sum(d)] with a fixed per-lane tree. */
+static inline AI TGT_AVX2 __m128 hsum4_256(__m256 a, __m256 b, __m256 c, __m256 d) {
+    __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);
+    __m256 abcd = _mm256_hadd_ps(ab, cd);
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+static inline AI TGT_AVX2 __m256 ld_w16_256(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* KIND: KIND_XW16 or KIND_XW32 (compile-time constant after inlining). */
+static inline AI TGT_AVX2 void tile_avx2(const int KIND, const int MR, const int NR, const float *x, long ldx,
+                                        const void *wv, long ldw, long kl, float s[4][8]) {
+    __m256 acc[4][3];
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 3
+        for (int j = 0; j < NR; j++) acc[i][j] = _mm256_setzero_ps();
+    const uint16_t *w16 = (const uint16_t *)wv;
+    const float *w32 = (const float *)wv;
+    long t = 0;
+    for (; t + 8 <= kl; t += 8) {
+        __m256 w[3];
+#pragma GCC unroll 3
+        for (int j = 0; j < NR; j++)
+            w[j] = KIND == KIND_XW16 ? ld_w16_256(w16 + j * ldw + t) : _mm256_loadu_ps(w32 + j * ldw + t);
+#pragma GCC unroll 4
+        for (int i = 0; i < MR; i++) {
+            __m256 xv = _mm256_loadu_ps(x + i * ldx + t);
+#pragma GCC unroll 3
+            for (int j = 0; j < NR; j++) acc[i][j] = _mm256_fmadd_ps(xv, w[j], acc[i][j]);
+        }
+    }
+    if (t < kl) { /* k tail: zero-padded copies */
+        int r = (int)(kl - t);
+        float xb[4][8] __attribute__((aligned(32)));
+        __m256 w[3];
+#pragma GCC unroll 3
+        for (int j = 0; j < NR; j++) {
+            if (KIND == KIND_XW16) {
+                uint16_t b[8] = {0};
+                memcpy(b, w16 + j * ldw + t, (size_t)r * 2);
+                w[j] = ld_w16_256(b);
+            } else {
+                float b[8] = {0};
+                memcpy(b, w32 + j * ldw + t, (size_t)r * 4);
+                w[j] = _mm256_loadu_ps(b);
+            }
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < MR; i++) {
+            memset(xb[i], 0, sizeof xb[i]);
+            memcpy(xb[i], x + i * ldx + t, (size_t)r * 4);
+            __m256 xv = _mm256_load_ps(xb[i]);
+#pragma GCC unroll 3
+            for (int j = 0; j < NR; j++) acc[i][j] = _mm256_fmadd_ps(xv, w[j], acc[i][j]);
+        }
+    }
+    const __m256 z = _mm256_setzero_ps();
+#pragma GCC unroll 3
+    for (int j = 0; j < NR; j++) {
+        float r4[4];
+        _mm_storeu_ps(r4, hsum4_256(acc[0][j], MR > 1 ? acc[1 % MR][j] : z, MR > 2 ? acc[2 % MR][j] : z,
+                                    MR > 3 ? acc[3 % MR][j] : z));
+        for (int i = 0; i < MR; i++) s[i][j] = r4[i];
+    }
+}
+
+#define PANEL_BODY(TILE, KINDC, NRMAIN, XT, WT)                                                              \
+    const XT *x = (const XT *)c->x + i0 * c->ldx + k0;                                                       \
+    const WT *w = (const WT *)c->w + j0 * c->k + k0;                                                         \
+    const long ldx = c->ldx, ldw = c->k;                                                                     \
+    float s[4][8];                                                                                           \
+    long j = 0;                                                                                              \
+    switch (mr) {                                                                                            \
+    case 4: for (; j + NRMAIN <= jl; j += NRMAIN) { TILE(KINDC, 4, NRMAIN, x, ldx, w + j * ldw, ldw, kl, s); \
+                store_tile(c, i0, 4, j0 + j, NRMAIN, s, first); } break;                                     \
+    case 3: for (; j + NRMAIN <= jl; j += NRMAIN) { TILE(KINDC, 3, NRMAIN, x, ldx, w + j * ldw, ldw, kl, s); \
+                store_tile(c, i0, 3, j0 + j, NRMAIN, s, first); } break;                                     \
+    case 2: for (; j + NRMAIN <= jl; j += NRMAIN) { TILE(KINDC, 2, NRMAIN, x, ldx, w + j * ldw, ldw, kl, s); \
+                store_tile(c, i0, 2, j0 + j, NRMAIN, s, first); } break;                                     \
+    default: for (; j + NRMAIN <= jl; j += NRMAIN) { TILE(KINDC, 1, NRMAIN, x, ldx, w + j * ldw, ldw, kl, s); \
+                store_tile(c, i0, 1, j0 + j, NRMAIN, s, first); } break;                                     \
+    }                                                                                                        \
+    for (; j < jl; j++) {                                                                                    \
+        switch (mr) {                                                                                        \
+        case 4: TILE(KINDC, 4, 1, x, ldx, w + j * ldw, ldw, kl, s); break;                                   \
+        case 3: TILE(KINDC, 3, 1, x, ldx, w + j * ldw, ldw, kl, s); break;                                   \
+        case 2: TILE(KINDC, 2, 1, x, ldx, w + j * ldw, ldw, kl, s); break;                                   \
+        default: TILE(KINDC, 1, 1, x, ldx, w + j * ldw, ldw, kl, s); break;                                  \
+        }                                                                                                    \
+        store_tile(c, i0, mr, j0 + j, 1, s, first);                                                          \
+    }
+
+static TGT_AVX2 void panel_avx2_w16(const mm_ctx *c, long i0, int mr, long j0, long jl, long k0, long kl, int first) {
+    PANEL_BODY(tile_avx2, KIND_XW16, 3, float, uint16_t)
+}
+static TGT_AVX2 void panel_avx2_w32(const mm_ctx *c, long i0, int mr, long j0, long jl, long k0, long kl, int first) {
+    PANEL_BODY(tile_avx2, KIND_XW32, 3, float, float)
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* AVX-512 kernels: MR=4 x NR=6 zmm accumulators                                                    */
+
+#define TGT_512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+#define TGT_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
+
+static inline AI TGT_512 __m128 hsum4_512(__m512 a, __m512 b, __m512 c, __m512 d) {
+#define LO8(v) _mm512_castps512_ps256(v)
+#define HI8(v) _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))
+    return hsum4_256(_mm256_add_ps(LO8(a), HI8(a)), _mm256_add_ps(LO8(b), HI8(b)), _mm256_add_ps(LO8(c), HI8(c)),
+                     _mm256_add_ps(LO8(d), HI8(d)));
+#undef LO8
+#undef HI8
+}
+
+static inline AI TGT_512 __m512 widen16(__m256i v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+static inline AI TGT_512 void reduce_tile_512(const int MR, const int NR, __m512 acc[4][6], float s[4][8]) {
+    const __m512 z = _mm512_setzero_ps();
+#pragma GCC unroll 6
+    for (int j = 0; j < NR; j++) {
+        float r4[4];
+        _mm_storeu_ps(r4, hsum4_512(acc[0][j], MR > 1 ? acc[1 % MR][j] : z, MR > 2 ? acc[2 % MR][j] : z,
+                                    MR > 3 ? acc[3 % MR][j] : z));
+        for (int i = 0; i < MR; i++) s[i][j] = r4[i];
+    }
+}
+
+/* x fp32 with W bf16 (widened) or W fp32; 16 k per step. */
+static inline AI TGT_512 void tile_512(const int KIND, const int MR, const int NR, const float *x, long ldx,
+                                      const void *wv, long ldw, long kl, float s[4][8]) {
+    __m512 acc[4][6];
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 6
+        for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
+    const uint16_t *w16 = (const uint16_t *)wv;
+    const float *w32 = (const float *)wv;
+    long t = 0;
+    for (; t + 16 <= kl; t += 16) {
+        __m512 xv[4];
+#pragma GCC unroll 4
+        for (int i = 0; i < MR; i++) xv[i] = _mm512_loadu_ps(x + i * ldx + t);
+#pragma GCC unroll 6
+        for (int j = 0; j < NR; j++) {
+            __m512 w = KIND == KIND_XW16 ? widen16(_mm256_loadu_si256((const __m256i *)(w16 + j * ldw + t)))
+                                         : _mm512_loadu_ps(w32 + j * ldw + t);
+#pragma GCC unroll 4
+            for (int i = 0; i < MR; i++) acc[i][j] = _mm512_fmadd_ps(xv[i], w, acc[i][j]);
+        }
+    }
+    if (t < kl) {
+        __mmask16 mk = (__mmask16)((1u << (kl - t)) - 1);
+        __m512 xv[4];
+#pragma GCC unroll 4
+        for (int i = 0; i < MR; i++) xv[i] = _mm512_maskz_loadu_ps(mk, x + i * ldx + t);
+#pragma GCC unroll 6
+        for (int j = 0; j < NR; j++) {
+            __m512 w = KIND == KIND_XW16 ? widen16(_mm256_maskz_loadu_epi16(mk, w16 + j * ldw + t))
+                                         : _mm512_maskz_loadu_ps(mk, w32 + j * ldw + t);
+#pragma GCC unroll 4
+            for (int i = 0; i < MR; i++) acc[i][j] = _mm512_fmadd_ps(xv[i], w, acc[i][j]);
+        }
+    }
+    reduce_tile_512(MR, NR, acc, s);
+}
+
+/* x bf16 with W bf16: vdpbf16ps, 32 k per step. */
+static inline AI TGT_BF16 void tile_dp(const int KIND, const int MR, const int NR, const uint16_t *x, long ldx,
+                                      const uint16_t *w, long ldw, long kl, float s[4][8]) {
+    (void)KIND;
+    __m512 acc[4][6];
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 6
+        for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
+    long t = 0;
+    for (; t + 32 <= kl; t += 32) {
+        __m512i xv[4];
+#pragma GCC unroll 4
+        for (int i = 0; i < MR; i++) xv[i] = _mm512_loadu_si512((const void *)(x + i * ldx + t));
+#pragma GCC unroll 6
+        for (int j = 0; j < NR; j++) {
+            __m512i wv = _mm512_loadu_si512((const void *)(w + j * ldw + t));
+#pragma GCC unroll 4
+            for (int i = 0; i < MR; i++)
+                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)xv[i], (__m512bh)wv);
+        }
+    }
+    if (t < kl) {
+        __mmask32 mk = (__mmask32)((1u << (kl - t)) - 1);
+        __m512i xv[4];
+#pragma GCC unroll 4
+        for (int i = 0; i < MR; i++) xv[i] = _mm512_maskz_loadu_epi16(mk, x + i * ldx + t);
+#pragma GCC unroll 6
+        for (int j = 0; j < NR; j++) {
+            __m512i wv = _mm512_maskz_loadu_epi16(mk, w + j * ldw + t);
+#pragma GCC unroll 4
+            for (int i = 0; i < MR; i++)
+                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)xv[i], (__m512bh)wv);
+        }
+    }
+    reduce_tile_512(MR, NR, acc, s);
+}
+
+static TGT_512 void panel_512_w16(const mm_ctx *c, long i0, int mr, long j0, long jl, long k0, long kl, int first) {
+    PANEL_BODY(tile_512, KIND_XW16, 6, float, uint16_t)
+}
+static TGT_512 void panel_512_w32(const mm_ctx *c, long i0, int mr, long j0, long jl, long k0, long kl, int first) {
+    PANEL_BODY(tile_512, KIND_XW32, 6, float, float)
+}
+static TGT_BF16 void panel_dp(const mm_ctx *c, long i0, int mr, long j0, long jl, long k0, long kl, int first) {
+    PANEL_BODY(tile_dp, KIND_DP, 6, uint16_t, uint16_t)
+}
+
+/* x fp32 rows -> bf16 (RNE), row stride ldd, zero padded to a multiple of 32. */
+static TGT_BF16 void convert_rows_bf16_512(const float *x, long ldx, uint16_t *d, long ldd, long r0, long r1, long k) {
+    for (long r = r0; r < r1; r++) {
+        const float *s = x + r * ldx;
+        uint16_t *o = d + r * ldd;
+        long t = 0;
+        for (; t + 32 <= k; t += 32) {
+            __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + t + 16), _mm512_loadu_ps(s + t));
+            _mm512_storeu_si512((void *)(o + t), (__m512i)v);
+        }
+        if (t < ldd) {
+            long rem = k - t;
+            __mmask16 m0 = (__mmask16)(rem >= 16 ? 0xffff : (1u << rem) - 1);
+            __mmask16 m1 = (__mmask16)(rem >= 32 ? 0xffff : rem > 16 ? (1u << (rem - 16)) - 1 : 0);
+            __m512bh v = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(m1, s + t + 16), _mm512_maskz_loadu_ps(m0, s + t));
+            _mm512_storeu_si512((void *)(o + t), (__m512i)v);
+        }
+    }
+}
+#endif /* VLM_X86 */
+
+static void convert_rows_round(const float *x, long ldx, float *d, long ldd, long r0, long r1, long k) {
+    for (long r = r0; r < r1; r++)
+        for (long t = 0; t < k; t++) d[r * ldd + t] = vlm_round_bf16(x[r * ldx + t]);
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Pool tasks                                                                                       */
+
+typedef struct cv_ctx {
+    int isa;
+    const float *x;
+    long ldx, m, k, ldd;
+    void *dst;
+} cv_ctx;
+
+static void convert_task(void *p, int ith, int nth) {
+    const cv_ctx *c = (const cv_ctx *)p;
+    long r0, r1;
+    vlm_split(c->m, 1, ith, nth, &r0, &r1);
+    if (r0 >= r1) return;
+#if VLM_X86
+    if (c->isa == ISA_AVX512BF16) {
+        convert_rows_bf16_512(c->x, c->ldx, (uint16_t *)c->dst, c->ldd, r0, r1, c->k);
+        return;
+    }
+#endif
+    convert_rows_round(c->x, c->ldx, (float *)c->dst, c->ldd, r0, r1, c->k);
+}
+
+static void mm_task(void *p, int ith, int nth) {
+    mm_ctx *c = (mm_ctx *)p;
+    if (c->cv) { /* convert a share of the x rows, then wait for the other workers (one pool run per call) */
+        convert_task((void *)c->cv, ith, nth);
+        if (nth > 1) {
+            __atomic_add_fetch(&c->conv_done, 1, __ATOMIC_ACQ_REL);
+            for (long spins = 0; __atomic_load_n(&c->conv_done, __ATOMIC_ACQUIRE) < nth; spins++) {
+#if VLM_X86
+                _mm_pause();
+#endif
+                if (spins > 2000) sched_yield();
+            }
+        }
+    }
+    long n0, n1;
+    vlm_split(c->n, 16, ith, nth, &n0, &n1);
+    if (n0 >= n1) return;
+    for (long k0 = 0; k0 < c->k; k0 += c->kc) {
+        long kl = c->k - k0 < c->kc ? c->k - k0 : c->kc;
+        int first = k0 == 0;
+        for (long j0 = n0; j0 < n1; j0 += c->nb) {
+            long jl = n1 - j0 < c->nb ? n1 - j0 : c->nb;
+            for (long i0 = 0; i0 < c->m; i0 += 4) {
+                int mr = c->m - i0 < 4 ? (int)(c->m - i0) : 4;
+                switch (c->isa) {
+#if VLM_X86
+                case ISA_AVX512BF16:
+                case ISA_AVX512:
+                    if (c->kind == KIND_DP) panel_dp(c, i0, mr, j0, jl, k0, kl, first);
+                    else if (c->kind == KIND_XW16) panel_512_w16(c, i0, mr, j0, jl, k0, kl, first);
+                    else panel_512_w32(c, i0, mr, j0, jl, k0, kl, first);
+                    break;
+                case ISA_AVX2:
+                    if (c->kind == KIND_XW16) panel_avx2_w16(c, i0, mr, j0, jl, k0, kl, first);
+                    else panel_avx2_w32(c, i0, mr, j0, jl, k0, kl, first);
+                    break;
+#endif
+                default: panel_generic(c, i0, mr, j0, jl, k0, kl, first); break;
+                }
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Entry points                                                                                     */
+
+static int use_blas(int64_t m, const vlm_weight *w) { return w->dtype == VLM_F32 && m > VLM_SMALL_M_F32; }
+
+/* Bytes of the converted-x buffer (without alignment slack). */
+static size_t xconv_bytes(int64_t m, const vlm_weight *w, vlm_compute cmode, int level, long *ldd) {
+    *ldd = 0;
+    if (w->dtype != VLM_BF16 || cmode != VLM_COMPUTE_BF16 || m <= 0 || w->k <= 0) return 0;
+    if (level == ISA_AVX512BF16) {
+        *ldd = (long)vlm_align_up((size_t)w->k, 32);
+        return (size_t)m * (size_t)*ldd * 2;
+    }
+    *ldd = (long)vlm_align_up((size_t)w->k, 16);
+    return (size_t)m * (size_t)*ldd * 4;
+}
+
+size_t vlm_matmul_scratch_size(int64_t m, const vlm_weight *w, vlm_compute cmode, int n_threads) {
+    (void)n_threads;
+    if (!w) return 0;
+    long ldd;
+    size_t b = xconv_bytes(m, w, cmode, isa(), &ldd);
+    return b ? b + VLM_ALIGN : 0;
+}
+
+vlm_status vlm_matmul(vlm_pool *pool, float *out, int64_t ldo, const float *x, int64_t ldx, int64_t m,
+                      const vlm_weight *w, vlm_compute cmode, int accumulate, void *scratch, size_t scratch_size,
+                      vlm_err *err) {
+    if (!w) return vlm_fail(err, VLM_ERR_ARG, "matmul: weight is NULL");
+    if (w->dtype != VLM_F32 && w->dtype != VLM_BF16)
+        return vlm_fail(err, VLM_ERR_ARG, "matmul: unsupported weight dtype %d", (int)w->dtype);
+    if (cmode != VLM_COMPUTE_F32 && cmode != VLM_COMPUTE_BF16)
+        return vlm_fail(err, VLM_ERR_ARG, "matmul: unsupported compute mode %d", (int)cmode);
+    if (m < 0 || w->n <= 0 || w->k <= 0)
+        return vlm_fail(err, VLM_ERR_ARG, "matmul: bad sizes m=%lld n=%lld k=%lld", (long long)m, (long long)w->n,
+                        (long long)w->k);
+    if (m == 0) return VLM_OK;
+    if (!w->data || !x || !out) return vlm_fail(err, VLM_ERR_ARG, "matmul: NULL data, x or out pointer");
+    if (ldx < w->k || ldo < w->n)
+        return vlm_fail(err, VLM_ERR_ARG, "matmul: row strides ldx=%lld (k=%lld) ldo=%lld (n=%lld) too small",
+                        (long long)ldx, (long long)w->k, (long long)ldo, (long long)w->n);
+    const int level = isa();
+    long ldd;
+    size_t need = xconv_bytes(m, w, cmode, level, &ldd);
+    if (need) need += VLM_ALIGN;
+    if (need && (!scratch || scratch_size < need))
+        return vlm_fail(err, VLM_ERR_ARG, "matmul: scratch of %zu bytes too small (need %zu)",
+                        scratch ? scratch_size : (size_t)0, need);
+
+    if (use_blas(m, w)) {
+        if (m > INT_MAX || w->n > INT_MAX || w->k > INT_MAX || ldx > INT_MAX || ldo > INT_MAX)
+            return vlm_fail(err, VLM_ERR_ARG, "matmul: sizes exceed the 32-bit BLAS interface");
+        float beta = 0.0f;
+        if (w->bias) {
+            for (int64_t i = 0; i < m; i++) {
+                float *o = out + i * ldo;
+                if (accumulate)
+                    for (int64_t j = 0; j < w->n; j++) o[j] += w->bias[j];
+                else
+                    memcpy(o, w->bias, (size_t)w->n * sizeof(float));
+            }
+            beta = 1.0f;
+        } else if (accumulate) {
+            beta = 1.0f;
+        }
+        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)m, (int)w->n, (int)w->k, 1.0f, x, (int)ldx,
+                          (const float *)w->data, (int)w->k, beta, out, (int)ldo);
+        return VLM_OK;
+    }
+
+    mm_ctx c;
+    memset(&c, 0, sizeof c);
+    c.isa = level;
+    c.m = m;
+    c.n = w->n;
+    c.k = w->k;
+    c.w = w->data;
+    c.out = out;
+    c.ldo = ldo;
+    c.bias = w->bias;
+    c.accumulate = accumulate;
+    c.x = x;
+    c.ldx = ldx;
+    c.kind = w->dtype == VLM_F32 ? KIND_XW32 : KIND_XW16;
+    size_t wbytes = w->dtype == VLM_F32 ? 4 : 2;
+
+    cv_ctx cv; /* outlives the pool run below */
+    if (need) { /* bf16 compute: round x into scratch */
+        void *dst = (void *)vlm_align_up((size_t)(uintptr_t)scratch, VLM_ALIGN);
+        cv = (cv_ctx){level, x, ldx, m, w->k, ldd, dst};
+        if (m * w->k >= PAR_CONVERT_MIN && vlm_pool_size(pool) > 1) c.cv = &cv;
+        else convert_task(&cv, 0, 1);
+        c.x = dst;
+        c.ldx = ldd;
+        if (level == ISA_AVX512BF16) c.kind = KIND_DP;
+    }
+
+    if (m <= 4) { /* one x tile: stream W once, no blocking */
+        c.kc = c.k;
+        c.nb = c.n;
+    } else if (m <= SMALL_M_UNBLOCKED) { /* few x tiles: whole W rows (long DRAM streams), W panel reused from L2 */
+        c.kc = c.k;
+        long nb = (long)(2 * PANEL_BYTES / ((size_t)c.k * wbytes));
+        c.nb = nb < 6 ? 6 : nb / 6 * 6;
+    } else {
+        /* an x tile (4 rows x kc) fills half of L1; the W panel (nb rows x kc) stays in L2 */
+        long kcb = c.kind == KIND_DP ? XTILE_BYTES / (4 * 2) : XTILE_BYTES / (4 * 4);
+        c.kc = c.k < kcb ? c.k : kcb;
+        long nb = (long)(PANEL_BYTES / ((size_t)c.kc * wbytes));
+        nb = nb < 12 ? 12 : nb / 6 * 6;
+        c.nb = nb;
+    }
+    vlm_pool_run(pool, mm_task, &c);
+    return VLM_OK;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* FMA peak                                                                                         */
+
+#if VLM_X86
+static TGT_512 float fma_loop_512(long iters, float seed) {
+    const __m512 mul = _mm512_set1_ps(0.999999f), add = _mm512_set1_ps(1e-6f);
+    __m512 a0 = _mm512_set1_ps(seed), a1 = _mm512_set1_ps(seed + 1), a2 = _mm512_set1_ps(seed + 2),
+           a3 = _mm512_set1_ps(seed + 3), a4 = _mm512_set1_ps(seed + 4), a5 = _mm512_set1_ps(seed + 5),
+           a6 = _mm512_set1_ps(seed + 6), a7 = _mm512_set1_ps(seed + 7), a8 = _mm512_set1_ps(seed + 8),
+           a9 = _mm512_set1_ps(seed + 9), a10 = _mm512_set1_ps(seed + 10), a11 = _mm512_set1_ps(seed + 11);
+    for (long i = 0; i < iters; i++) {
+        a0 = _mm512_fmadd_ps(a0, mul, add); a1 = _mm512_fmadd_ps(a1, mul, add);
+        a2 = _mm512_fmadd_ps(a2, mul, add); a3 = _mm512_fmadd_ps(a3, mul, add);
+        a4 = _mm512_fmadd_ps(a4, mul, add); a5 = _mm512_fmadd_ps(a5, mul, add);
+        a6 = _mm512_fmadd_ps(a6, mul, add); a7 = _mm512_fmadd_ps(a7, mul, add);
+        a8 = _mm512_fmadd_ps(a8, mul, add); a9 = _mm512_fmadd_ps(a9, mul, add);
+        a10 = _mm512_fmadd_ps(a10, mul, add); a11 = _mm512_fmadd_ps(a11, mul, add);
+    }
+    __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)),
+                             _mm512_add_ps(_mm512_add_ps(a4, a5), _mm512_add_ps(a6, a7)));
+    s = _mm512_add_ps(s, _mm512_add_ps(_mm512_add_ps(a8, a9), _mm512_add_ps(a10, a11)));
+    return _mm512_reduce_add_ps(s);
+}
+
+static TGT_AVX2 float fma_loop_avx2(long iters, float seed) {
+    const __m256 mul = _mm256_set1_ps(0.999999f), add = _mm256_set1_ps(1e-6f);
+    __m256 a0 = _mm256_set1_ps(seed), a1 = _mm256_set1_ps(seed + 1), a2 = _mm256_set1_ps(seed + 2),
+           a3 = _mm256_set1_ps(seed + 3), a4 = _mm256_set1_ps(seed + 4), a5 = _mm256_set1_ps(seed + 5),
+           a6 = _mm256_set1_ps(seed + 6), a7 = _mm256_set1_ps(seed + 7), a8 = _mm256_set1_ps(seed + 8),
+           a9 = _mm256_set1_ps(seed + 9), a10 = _mm256_set1_ps(seed + 10), a11 = _mm256_set1_ps(seed + 11);
+    for (long i = 0; i < iters; i++) {
+        a0 = _mm256_fmadd_ps(a0, mul, add); a1 = _mm256_fmadd_ps(a1, mul, add);
+        a2 = _mm256_fmadd_ps(a2, mul, add); a3 = _mm256_fmadd_ps(a3, mul, add);
+        a4 = _mm256_fmadd_ps(a4, mul, add); a5 = _mm256_fmadd_ps(a5, mul, add);
+        a6 = _mm256_fmadd_ps(a6, mul, add); a7 = _mm256_fmadd_ps(a7, mul, add);
+        a8 = _mm256_fmadd_ps(a8, mul, add); a9 = _mm256_fmadd_ps(a9, mul, add);
+        a10 = _mm256_fmadd_ps(a10, mul, add); a11 = _mm256_fmadd_ps(a11, mul, add);
+    }
+    __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
+                             _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)));
+    s = _mm256_add_ps(s, _mm256_add_ps(_mm256_add_ps(a8, a9), _mm256_add_ps(a10, a11)));
+    float b[8];
+    _mm256_storeu_ps(b, s);
+    return b[0] + b[1] + b[2] + b[3] + b[4] + b[5] + b[6] + b[7];
+}
+#endif
+
+static float fma_loop_generic(long iters, float seed) {
+    float a[8];
+    for (int j = 0; j < 8; j++) a[j] = seed + (float)j;
+    for (long i = 0; i < iters; i++)
+        for (int j = 0; j < 8; j++) a[j] = a[j] * 0.999999f + 1e-6f;
+    float s = 0;
+    for (int j = 0; j < 8; j++) s += a[j];
+    return s;
+}
+
+/* flops per loop iteration for the level used */
+static double fma_flops_per_iter(int level) {
+    return level >= ISA_AVX512 ? 12.0 * 16 * 2 : level == ISA_AVX2 ? 12.0 * 8 * 2 : 8.0 * 2;
+}
+
+static float fma_run(int level, long iters, float seed) {
+#if VLM_X86
+    if (level >= ISA_AVX512) return fma_loop_512(iters, seed);
+    if (level == ISA_AVX2) return fma_loop_avx2(iters, seed);
+#endif
+    return fma_loop_generic(iters, seed);
+}
+
+static double now_sec(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+typedef struct {
+    int *go;
+    int level;
+    long iters;
+    double t0, t1;
+    volatile float sink;
+} peak_arg;
+
+static void *peak_thread(void *p) {
+    peak_arg *a = (peak_arg *)p;
+    while (!__atomic_load_n(a->go, __ATOMIC_ACQUIRE)) sched_yield();
+    a->t0 = now_sec();
+    a->sink = fma_run(a->level, a->iters, 1.0f);
+    a->t1 = now_sec();
+    return NULL;
+}
+
+double vlm_measure_fma_peak(int n_threads) {
+    if (n_threads < 1) n_threads = 1;
+    if (n_threads > 256) n_threads = 256;
+    const int level = isa();
+    const double fpi = fma_flops_per_iter(level);
+    /* calibrate on this thread: aim at ~0.3 s for the real run */
+    long iters = 1 << 16;
+    volatile float sink;
+    double dt;
+    for (;;) {
+        double t0 = now_sec();
+        sink = fma_run(level, iters, 2.0f);
+        dt = now_sec() - t0;
+        if (dt > 0.03 || iters > (1L << 40)) break;
+        iters *= 4;
+    }
+    (void)sink;
+    iters = (long)((double)iters * 0.3 / dt) + 1;
+
+    peak_arg *args = calloc((size_t)n_threads, sizeof *args);
+    pthread_t *th = calloc((size_t)n_threads, sizeof *th);
+    if (!args || !th) {
+        free(args);
+        free(th);
+        return 0.0;
+    }
+    int go = 0, started = 1;
+    for (int i = 0; i < n_threads; i++) {
+        args[i].go = &go;
+        args[i].level = level;
+        args[i].iters = iters;
+    }
+    for (int i = 1; i < n_threads; i++) {
+        if (pthread_create(&th[i], NULL, peak_thread, &args[i]) != 0) break;
+        started++;
+    }
+    __atomic_store_n(&go, 1, __ATOMIC_RELEASE);
+    peak_thread(&args[0]);
+    for (int i = 1; i < started; i++) pthread_join(th[i], NULL);
+    n_threads = started;
+    double t0 = args[0].t0, t1 = args[0].t1;
+    for (int i = 1; i < n_threads; i++) {
+        if (args[i].t0 < t0) t0 = args[i].t0;
+        if (args[i].t1 > t1) t1 = args[i].t1;
+    }
+    free(args);
+    free(th);
+    return t1 > t0 ? fpi * (double)iters * n_threads / (t1 - t0) * 1e-9 : 0.0;
+}

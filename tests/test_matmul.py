@@ -1,0 +1,135 @@
+"""Tests of the matrix-multiply kernels (csrc/gemm.c) through vlmfo1._core.matmul.
+
+References are float64 NumPy products: fp32 weights as given, bf16 weights widened exactly, and for
+compute="bf16" the activations rounded to bf16 (round-to-nearest-even) as well. Errors are measured
+relative to sum_k |x||w| (the natural scale of a dot product's rounding error).
+"""
+import numpy as np
+import pytest
+
+core = pytest.importorskip("vlmfo1._core")
+
+TOL = 1e-5  # max |out - ref| / sum|x||w|
+
+
+def to_bf16(a):
+    """fp32 -> bf16 bits (uint16), round to nearest even."""
+    u = np.ascontiguousarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return u.astype(np.uint16)
+
+
+def from_bf16(h):
+    return (h.astype(np.uint32) << 16).view(np.float32)
+
+
+def rand(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def check(name, out, ref, scale):
+    err = float(np.max(np.abs(out.astype(np.float64) - ref) / scale))
+    print(f"{name}: max scaled err {err:.3g}")
+    assert np.all(np.isfinite(out)), name
+    assert err < TOL, f"{name}: max scaled error {err:.3g}"
+
+
+SHAPES = [(m, k, n) for m in (1, 3, 17, 64) for k, n in ((37, 5), (100, 67), (2048, 129))]
+SHAPES += [(5, 2085, 301), (8, 1030, 200), (2, 4096, 33)]
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_fp32_weights(m, k, n):
+    rng = np.random.default_rng(1000 * m + k + n)
+    x, w, b = rand(rng, m, k), rand(rng, n, k), rand(rng, n)
+    w.setflags(write=False)
+    w0 = w.copy()
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    scale = np.abs(x64) @ np.abs(w64).T + 1e-30
+    check(f"f32 {m}x{k}x{n}", core.matmul(x, w), x64 @ w64.T, scale)
+    check(f"f32+bias {m}x{k}x{n}", core.matmul(x, w, bias=b), x64 @ w64.T + b, scale + np.abs(b))
+    assert np.array_equal(w, w0)
+
+
+@pytest.mark.parametrize("compute", ["f32", "bf16"])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_bf16_weights(m, k, n, compute):
+    rng = np.random.default_rng(7 + 1000 * m + k + n)
+    x, b = rand(rng, m, k), rand(rng, n)
+    wh = to_bf16(rand(rng, n, k))
+    wh.setflags(write=False)
+    w0 = wh.copy()
+    w64 = from_bf16(wh).astype(np.float64)
+    x64 = (from_bf16(to_bf16(x)) if compute == "bf16" else x).astype(np.float64)
+    scale = np.abs(x64) @ np.abs(w64).T + 1e-30
+    out = core.matmul(x, wh, bias=b, compute=compute)
+    check(f"bf16/{compute} {m}x{k}x{n}", out, x64 @ w64.T + b, scale + np.abs(b))
+    assert np.array_equal(wh, w0)
+    # each output element is computed by one thread in a fixed order: bitwise equal for any pool size
+    for nt in (2, 3):
+        o2 = core.matmul(x, wh, bias=b, compute=compute, n_threads=nt)
+        assert np.array_equal(out, o2), f"n_threads={nt} differs from n_threads=1"
+
+
+@pytest.mark.parametrize("wtype,compute", [("f32", "f32"), ("bf16", "f32"), ("bf16", "bf16")])
+@pytest.mark.parametrize("m", [1, 17, 64])
+def test_accumulate_and_out(wtype, compute, m):
+    rng = np.random.default_rng(m)
+    k, n = 300, 77
+    x, b = rand(rng, m, k), rand(rng, n)
+    w = rand(rng, n, k)
+    if wtype == "bf16":
+        w = to_bf16(w)
+        w64 = from_bf16(w).astype(np.float64)
+    else:
+        w64 = w.astype(np.float64)
+    x64 = (from_bf16(to_bf16(x)) if compute == "bf16" else x).astype(np.float64)
+    scale = np.abs(x64) @ np.abs(w64).T + np.abs(b) + 1.0
+    res = rand(rng, m, n)
+    out = res.copy()
+    r = core.matmul(x, w, bias=b, compute=compute, out=out, accumulate=True, n_threads=2)
+    assert r is out or np.shares_memory(r, out)
+    check(f"accumulate {wtype}/{compute} m={m}", out, res + x64 @ w64.T + b, scale)
+    out2 = res.copy()
+    core.matmul(x, w, compute=compute, out=out2, accumulate=False)
+    check(f"out= {wtype}/{compute} m={m}", out2, x64 @ w64.T, scale)
+
+
+def test_bad_arguments():
+    rng = np.random.default_rng(3)
+    x, w = rand(rng, 4, 32), rand(rng, 8, 32)
+    wh = to_bf16(w)
+    with pytest.raises(ValueError):
+        core.matmul(x, rand(rng, 8, 31))  # k mismatch
+    with pytest.raises(ValueError):
+        core.matmul(x, wh[:, :31].copy())
+    with pytest.raises(ValueError):
+        core.matmul(x, w, bias=rand(rng, 7))  # bias length
+    with pytest.raises(ValueError):
+        core.matmul(x, wh, compute="int8")  # compute mode
+    with pytest.raises(ValueError):
+        core.matmul(x, w, out=np.zeros((4, 7), np.float32))  # out shape
+    with pytest.raises((ValueError, TypeError)):
+        core.matmul(x, w.astype(np.float64))  # weight dtype
+    with pytest.raises((ValueError, TypeError)):
+        core.matmul(x[0], w)  # x not 2-D
+
+
+def test_special_values_propagate():
+    x = np.ones((2, 40), np.float32)
+    w = np.ones((3, 40), np.float32)
+    w[1, 39] = np.inf
+    w[2, 0] = np.nan
+    for ww, c in ((w, "f32"), (to_bf16(w), "f32"), (to_bf16(w), "bf16")):
+        o = core.matmul(x, ww, compute=c)
+        assert np.all(o[:, 0] == 40) and np.all(np.isposinf(o[:, 1])) and np.all(np.isnan(o[:, 2])), (ww.dtype, c)
+
+
+def test_info_and_peak():
+    info = core.gemm_info()
+    print(info)
+    assert info["kernel"] in ("avx512bf16", "avx512", "avx2", "generic")
+    assert isinstance(info["blas"], str)
+    p = core.fma_peak(1)
+    print(f"fma peak 1 thread: {p:.1f} GFLOP/s")
+    assert p > 1.0
