@@ -11,6 +11,11 @@ import warnings
 
 import scipy_openblas32 as _ob
 
+# OpenBLAS worker threads busy-wait for 2^28 cycles (~0.1 s) after each call by default, competing
+# with our own pool for the same cores; let them sleep after ~2^20 cycles instead. Read once, when
+# the library initialises, so it must be set before the load below.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
+
 _lib_path = os.path.join(_ob.get_lib_dir(), "lib" + _ob.get_library() + ".so")
 if os.path.exists(_lib_path):
     ctypes.CDLL(_lib_path, mode=ctypes.RTLD_GLOBAL)
