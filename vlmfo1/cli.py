@@ -68,6 +68,7 @@ def main(argv=None) -> int:
     g = sub.add_parser("generate", help="generate text with a Qwen2/Qwen2.5 checkpoint")
     g.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors)")
     g.add_argument("prompt")
+    g.add_argument("--image", help="an image file: run Qwen2.5-VL (the checkpoint must hold the vision tower)")
     _add_gen_args(g)
 
     r = sub.add_parser("random-checkpoint", help="write a random-weight Qwen2.5 checkpoint (for tests/benchmarks)")
@@ -84,6 +85,23 @@ def main(argv=None) -> int:
     d.set_defaults(max_new_tokens=32)
 
     args = ap.parse_args(argv)
+    if args.cmd == "generate" and args.image:
+        from .qwen_vl import DEFAULT_SYSTEM, QwenVL
+
+        vl = QwenVL.load(args.model, mode=args.mode, compute=args.compute, dtype=args.dtype, n_threads=args.threads,
+                         max_context=args.max_context)
+        t0 = time.perf_counter()
+        n = 0
+        for piece in vl.stream(args.image, args.prompt, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                               system=args.system or DEFAULT_SYSTEM):
+            n += 1
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        if args.verbose:
+            print(f"[{time.perf_counter() - t0:.2f} s]", file=sys.stderr)
+        return 0
     if args.cmd == "generate":
         lm, tok = _load(args)
         _stream(lm, tok, args.prompt, args.chat, args.system, args)
