@@ -277,3 +277,21 @@ def test_max_context(LanguageModel, tiny_fp32):
         assert_close(s.step(ck.ref.tokens[i]), ck.ref.steps[i], FP32_RTOL, name=f"step {i} near cap")
     with pytest.raises(ValueError):
         s.step(ck.ref.tokens[3])
+
+
+def test_odd_head_dim_and_long_prompt(LanguageModel, tmp_path):
+    """head_dim 24 (not a multiple of 16: the portable attention tiles) and a prompt longer than the
+    prefill chunk and the 64-key attention blocks, fed in two calls (cache reuse across chunks)."""
+    model = reference.make_tiny_qwen2(tmp_path / "odd", hidden_size=96, num_attention_heads=4,
+                                      num_key_value_heads=2, num_hidden_layers=2, qk_gain=1.0)
+    ids = np.random.default_rng(3).integers(0, model.config.vocab_size, 150).tolist()
+    ref = reference.ref_prefill_and_steps(model, ids, 4)
+    lm = LanguageModel.load(str(tmp_path / "odd"), n_threads=2)
+    s = lm.session(max_context=256, chunk=48)
+    first = s.prefill(ids[:70], all_logits=True)
+    second = s.prefill(ids[70:], all_logits=True)
+    got = np.concatenate([first, second])
+    assert_close(got, ref.prefill, 1e-4, name="prefill (odd head_dim, chunked)")
+    for i in range(4):
+        lg = s.step(ref.tokens[i])
+        assert_close(lg, ref.steps[i], 1e-4, name=f"step {i}")
