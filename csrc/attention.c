@@ -41,13 +41,13 @@ static inline float fa_expf(float x) {
 /* ---------------------------------------------------------------- generic tiles */
 
 /* s[r][j] = Σ_d qs[r][d] · kt[d][j] for r < R, j < kb; kt row stride FA_KB */
-static void s_tile_generic(float *s, const float *qs, int R, const float *kt, int kb, int D) {
+static void s_tile_generic(float *s, const float *qs, int R, const float *kt, int ldkt, int kb, int D) {
     for (int r = 0; r < R; r++) {
         float *sr = s + (size_t)r * FA_KB;
         for (int j = 0; j < kb; j++) sr[j] = 0.f;
         for (int d = 0; d < D; d++) {
             float a = qs[(size_t)r * D + d];
-            const float *k = kt + (size_t)d * FA_KB;
+            const float *k = kt + (size_t)d * ldkt;
             for (int j = 0; j < kb; j++) sr[j] += a * k[j];
         }
     }
@@ -70,12 +70,12 @@ static void pv_tile_generic(float *o, const float *p, int R, const float *v, int
 #if FA_X86
 /* 4 rows x 64 keys per step: 16 accumulators, one kt row (4 vectors) loaded per d. */
 static inline __attribute__((always_inline)) TGT512 void s_tile4_512(float *s, const float *qs, int nr, const float *kt,
-                                                                       int D) {
+                                                                       int ldkt, int D) {
     __m512 acc[4][4];
     for (int r = 0; r < 4; r++)
         for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
     for (int d = 0; d < D; d++) {
-        const float *k = kt + (size_t)d * FA_KB;
+        const float *k = kt + (size_t)d * ldkt;
         __m512 k0 = _mm512_loadu_ps(k), k1 = _mm512_loadu_ps(k + 16), k2 = _mm512_loadu_ps(k + 32),
                k3 = _mm512_loadu_ps(k + 48);
         for (int r = 0; r < nr; r++) {
@@ -90,14 +90,14 @@ static inline __attribute__((always_inline)) TGT512 void s_tile4_512(float *s, c
         for (int c = 0; c < 4; c++) _mm512_storeu_ps(s + (size_t)r * FA_KB + 16 * c, acc[r][c]);
 }
 
-static TGT512 void s_tile_512(float *s, const float *qs, int R, const float *kt, int kb, int D) {
-    (void)kb;  /* kt is zero-padded to FA_KB columns */
+static TGT512 void s_tile_512(float *s, const float *qs, int R, const float *kt, int ldkt, int kb, int D) {
+    (void)kb;  /* kt is padded to a multiple of FA_KB columns */
     int r = 0;
-    for (; r + 4 <= R; r += 4) s_tile4_512(s + (size_t)r * FA_KB, qs + (size_t)r * D, 4, kt, D);
+    for (; r + 4 <= R; r += 4) s_tile4_512(s + (size_t)r * FA_KB, qs + (size_t)r * D, 4, kt, ldkt, D);
     switch (R - r) {
-    case 3: s_tile4_512(s + (size_t)r * FA_KB, qs + (size_t)r * D, 3, kt, D); break;
-    case 2: s_tile4_512(s + (size_t)r * FA_KB, qs + (size_t)r * D, 2, kt, D); break;
-    case 1: s_tile4_512(s + (size_t)r * FA_KB, qs + (size_t)r * D, 1, kt, D); break;
+    case 3: s_tile4_512(s + (size_t)r * FA_KB, qs + (size_t)r * D, 3, kt, ldkt, D); break;
+    case 2: s_tile4_512(s + (size_t)r * FA_KB, qs + (size_t)r * D, 2, kt, ldkt, D); break;
+    case 1: s_tile4_512(s + (size_t)r * FA_KB, qs + (size_t)r * D, 1, kt, ldkt, D); break;
     default: break;
     }
 }
@@ -139,11 +139,57 @@ static TGT512 void pv_tile_512(float *o, const float *p, int R, const float *v, 
             pv_tile4_512(o + (size_t)r * D, p + (size_t)r * FA_KB, 1, v, ldv, kb, D, c0, nc);
     }
 }
+
+static inline __attribute__((always_inline)) TGT512 __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* One row of a score block: new running max, exp(s - max) in place (0 past `valid`), their sum. */
+static TGT512 void soft_row_512(float *sr, int valid, int kb, float *m, float *sum_out) {
+    __m512 vmx = _mm512_set1_ps(*m);
+    for (int j = 0; j < valid; j += 16) {
+        __mmask16 k = valid - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (valid - j)) - 1);
+        vmx = _mm512_mask_max_ps(vmx, k, vmx, _mm512_maskz_loadu_ps(k, sr + j));
+    }
+    float mx = _mm512_reduce_max_ps(vmx);
+    __m512 vm = _mm512_set1_ps(mx), acc = _mm512_setzero_ps();
+    for (int j = 0; j < kb; j += 16) {
+        int left = valid - j;
+        __mmask16 k = left >= 16 ? (__mmask16)0xffff : (left > 0 ? (__mmask16)((1u << left) - 1) : 0);
+        __m512 e = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + j), vm)));
+        _mm512_storeu_ps(sr + j, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    *m = mx;
+    *sum_out = _mm512_reduce_add_ps(acc);
+}
 #endif
+
+static void soft_row_generic(float *sr, int valid, int kb, float *m, float *sum_out) {
+    float mx = *m;
+    for (int j = 0; j < valid; j++) mx = sr[j] > mx ? sr[j] : mx;
+    float sum = 0.f;
+    for (int j = 0; j < valid; j++) { float e = fa_expf(sr[j] - mx); sr[j] = e; sum += e; }
+    for (int j = valid; j < kb; j++) sr[j] = 0.f;
+    *m = mx;
+    *sum_out = sum;
+}
 
 /* ---------------------------------------------------------------- driver */
 
-typedef void (*s_tile_fn)(float *, const float *, int, const float *, int, int);
+typedef void (*s_tile_fn)(float *, const float *, int, const float *, int, int, int);
 typedef void (*pv_tile_fn)(float *, const float *, int, const float *, int, int, int);
 
 static int use_512(int D) {
@@ -162,19 +208,41 @@ static int use_512(int D) {
 }
 
 size_t vlm_flash_workspace_floats(int R, int D) {
-    /* kt [D][KB] + s [R][KB] + qs [R][D] + o [R][D] + m [R] + l [R] */
-    return vlm_align_up((size_t)D * FA_KB + (size_t)R * FA_KB + 2 * (size_t)R * D + 2 * (size_t)R + 64, 16);
+    /* s [R][KB] + qs [R][D] + o [R][D] + m [R] + l [R] */
+    return vlm_align_up((size_t)R * FA_KB + 2 * (size_t)R * D + 2 * (size_t)R + 64, 16);
 }
 
-void vlm_flash_rows(float *out, int ldo, const float *q, int ldq, int R, const float *K, int ldk, const float *V,
+int vlm_flash_kt_stride(int n) { return (n + FA_KB - 1) / FA_KB * FA_KB; }
+
+void vlm_flash_transpose(float *kt, int ldkt, const float *K, int ldk, int n, int D) {
+    for (int j0 = 0; j0 < n; j0 += 16) {  /* 16 keys at a time: row-contiguous reads, 16-wide writes */
+        int nb = n - j0 < 16 ? n - j0 : 16;
+        for (int d = 0; d < D; d++) {
+            float *dst = kt + (size_t)d * ldkt + j0;
+            for (int j = 0; j < nb; j++) dst[j] = K[(size_t)(j0 + j) * ldk + d];
+        }
+    }
+    for (int d = 0; d < D; d++)
+        for (int j = n; j < vlm_flash_kt_stride(n) && j < ldkt; j++) kt[(size_t)d * ldkt + j] = 0.f;
+}
+
+static void scale_rows(float *o, int R, int D, const float *corr) {
+    for (int r = 0; r < R; r++)
+        if (corr[r] != 1.0f)
+            for (int d = 0; d < D; d++) o[(size_t)r * D + d] *= corr[r];
+}
+
+void vlm_flash_rows(float *out, int ldo, const float *q, int ldq, int R, const float *kt, int ldkt, const float *V,
                     int ldv, const int *lim, int D, float scale, float *ws) {
     s_tile_fn s_tile = s_tile_generic;
     pv_tile_fn pv_tile = pv_tile_generic;
+    void (*soft_row)(float *, int, int, float *, float *) = soft_row_generic;
 #if FA_X86
-    if (use_512(D)) { s_tile = s_tile_512; pv_tile = pv_tile_512; }
+    if (use_512(D)) { s_tile = s_tile_512; pv_tile = pv_tile_512; soft_row = soft_row_512; }
 #endif
-    float *kt = ws, *s = kt + (size_t)D * FA_KB, *qs = s + (size_t)R * FA_KB, *o = qs + (size_t)R * D;
+    float *s = ws, *qs = s + (size_t)R * FA_KB, *o = qs + (size_t)R * D;
     float *m = o + (size_t)R * D, *l = m + R;
+    float corr[FA_QB > 256 ? FA_QB : 256];
     int n = 0;
     for (int r = 0; r < R; r++) {
         n = lim[r] > n ? lim[r] : n;
@@ -187,31 +255,20 @@ void vlm_flash_rows(float *out, int ldo, const float *q, int ldq, int R, const f
     }
     for (int j0 = 0; j0 < n; j0 += FA_KB) {
         int kb = n - j0 < FA_KB ? n - j0 : FA_KB;
-        /* transpose the key block (zero-padded to FA_KB columns) */
-        for (int d = 0; d < D; d++) {
-            float *kr = kt + (size_t)d * FA_KB;
-            for (int j = 0; j < kb; j++) kr[j] = K[(size_t)(j0 + j) * ldk + d];
-            for (int j = kb; j < FA_KB; j++) kr[j] = 0.f;
-        }
         int r0 = 0;  /* rows that see none of this block (causal) are skipped */
         while (r0 < R && lim[r0] <= j0) r0++;
         if (r0 == R) continue;
-        s_tile(s + (size_t)r0 * FA_KB, qs + (size_t)r0 * D, R - r0, kt, kb, D);
+        s_tile(s + (size_t)r0 * FA_KB, qs + (size_t)r0 * D, R - r0, kt + j0, ldkt, kb, D);
         for (int r = r0; r < R; r++) {
             float *sr = s + (size_t)r * FA_KB;
             int valid = lim[r] - j0 < kb ? lim[r] - j0 : kb;
-            float mx = m[r];
-            for (int j = 0; j < valid; j++) mx = sr[j] > mx ? sr[j] : mx;
-            float corr = fa_expf(m[r] - mx);  /* m[r] = -inf on the first block: corr = 0 (o and l are 0) */
-            if (m[r] == -INFINITY) corr = 0.f;
-            float sum = 0.f;
-            for (int j = 0; j < valid; j++) { float e = fa_expf(sr[j] - mx); sr[j] = e; sum += e; }
-            for (int j = valid; j < kb; j++) sr[j] = 0.f;
-            l[r] = l[r] * corr + sum;
-            m[r] = mx;
-            if (corr != 1.0f)
-                for (int d = 0; d < D; d++) o[(size_t)r * D + d] *= corr;
+            float m_old = m[r], sum;
+            soft_row(sr, valid, kb, &m[r], &sum);
+            /* m_old = -inf on the first block: corr = 0 (o and l are still 0) */
+            corr[r] = m_old == -INFINITY ? 0.f : fa_expf(m_old - m[r]);
+            l[r] = l[r] * corr[r] + sum;
         }
+        scale_rows(o + (size_t)r0 * D, R - r0, D, corr + r0);
         pv_tile(o + (size_t)r0 * D, s + (size_t)r0 * FA_KB, R - r0, V + (size_t)j0 * ldv, ldv, kb, D);
     }
     for (int r = 0; r < R; r++) {

@@ -119,9 +119,9 @@ void vlm_rope_apply(vlm_pool *pool, float *x, int ld, const float *cs, const flo
  * Prefill: work item = (query head, block of FA_QB tokens), interleaved over threads (later blocks
  * see more keys). Decode (T == 1): work item = kv head, its G query heads being the rows. */
 
-size_t vlm_attention_scratch_floats(int H, int KV, int D) {
+size_t vlm_attention_scratch_floats(int H, int KV, int D, int n_ctx) {
     int G = H / KV;
-    return vlm_flash_workspace_floats(G > FA_QB ? G : FA_QB, D);
+    return vlm_flash_workspace_floats(G > FA_QB ? G : FA_QB, D) + (size_t)D * vlm_flash_kt_stride(n_ctx);
 }
 
 typedef struct {
@@ -129,76 +129,87 @@ typedef struct {
     int max_ctx, n_past, T, H, KV, D; float scale; float *scratch; size_t scratch_per;
 } attn_ctx;
 
+/* Work items are kv-group major, so a thread transposes the keys of each group it meets once. */
 static void attn_task(void *p, int ith, int nth) {
     const attn_ctx *c = p;
-    float *ws = c->scratch + (size_t)ith * c->scratch_per;
-    const int G = c->H / c->KV, D = c->D;
+    const int G = c->H / c->KV, D = c->D, n_all = c->n_past + c->T, ldkt = vlm_flash_kt_stride(n_all);
+    float *kt = c->scratch + (size_t)ith * c->scratch_per;
+    float *ws = kt + (size_t)D * vlm_flash_kt_stride(c->max_ctx);
     int lim[FA_QB > 256 ? FA_QB : 256];
-    if (c->T == 1 && G <= 256) {
+    int cur_g = -1;
+    if (c->T == 1 && G <= 256) {  /* decode: the G query heads of a kv group are the rows */
         for (int g = ith; g < c->KV; g += nth) {
-            for (int r = 0; r < G; r++) lim[r] = c->n_past + 1;
-            vlm_flash_rows(c->out + (size_t)g * G * D, D, c->q + (size_t)g * G * D, D, G,
-                           c->kc + (size_t)g * c->max_ctx * D, D, c->vc + (size_t)g * c->max_ctx * D, D, lim, D,
-                           c->scale, ws);
+            for (int r = 0; r < G; r++) lim[r] = n_all;
+            vlm_flash_transpose(kt, ldkt, c->kc + (size_t)g * c->max_ctx * D, D, n_all, D);
+            vlm_flash_rows(c->out + (size_t)g * G * D, D, c->q + (size_t)g * G * D, D, G, kt, ldkt,
+                           c->vc + (size_t)g * c->max_ctx * D, D, lim, D, c->scale, ws);
         }
         return;
     }
     const int nblk = (c->T + FA_QB - 1) / FA_QB;
     const long items = (long)c->H * nblk;
     for (long it = ith; it < items; it += nth) {
-        int b = (int)(it / c->H), h = (int)(it % c->H), g = h / G;
+        int g = (int)(it / ((long)G * nblk)), rem = (int)(it % ((long)G * nblk));
+        int b = rem / G, h = g * G + rem % G;
         int t0 = b * FA_QB, R = c->T - t0 < FA_QB ? c->T - t0 : FA_QB;
+        if (g != cur_g) {
+            vlm_flash_transpose(kt, ldkt, c->kc + (size_t)g * c->max_ctx * D, D, n_all, D);
+            cur_g = g;
+        }
         for (int r = 0; r < R; r++) lim[r] = c->n_past + t0 + r + 1;
         vlm_flash_rows(c->out + (size_t)t0 * c->ldo + (size_t)h * D, c->ldo, c->q + (size_t)t0 * c->ldq + (size_t)h * D,
-                       c->ldq, R, c->kc + (size_t)g * c->max_ctx * D, D, c->vc + (size_t)g * c->max_ctx * D, D, lim,
-                       D, c->scale, ws);
+                       c->ldq, R, kt, ldkt, c->vc + (size_t)g * c->max_ctx * D, D, lim, D, c->scale, ws);
     }
 }
 
 void vlm_attention(vlm_pool *pool, float *out, int ldo, const float *q, int ldq, const float *kc, const float *vc,
                    int max_ctx, int n_past, int T, int H, int KV, int D, float scale, float *scratch) {
     attn_ctx c = {out, ldo, q, ldq, kc, vc, max_ctx, n_past, T, H, KV, D, scale, scratch,
-                  vlm_attention_scratch_floats(H, KV, D)};
+                  vlm_attention_scratch_floats(H, KV, D, max_ctx)};
     vlm_pool_run(pool, attn_task, &c);
 }
 
 /* ---------------------------------------------------------------- segment (window) attention
  * Non-causal attention inside segments [cu[s], cu[s+1]) of a packed qkv matrix [N][3][H][D]: the
  * vision transformer's window and full attention, without any N x N mask.
- * Work item = (segment, head, block of FA_QB queries), enumerated in a fixed order. */
+ * Work item = (segment, head, block of FA_QB queries), enumerated in a fixed order; a thread
+ * transposes the keys of each (segment, head) it meets once. */
 
 typedef struct {
-    float *out; const float *qkv; const int *cu; int n_seg, H, D; float scale; float *scratch; size_t per;
+    float *out; const float *qkv; const int *cu; int n_seg, H, D, max_seg; float scale; float *scratch; size_t per;
 } seg_ctx;
 
 static void seg_task(void *p, int ith, int nth) {
     const seg_ctx *c = p;
     const int H = c->H, D = c->D, ld = 3 * H * D;
-    float *ws = c->scratch + (size_t)ith * c->per;
+    float *kt = c->scratch + (size_t)ith * c->per;
+    float *ws = kt + (size_t)D * vlm_flash_kt_stride(c->max_seg);
     int lim[FA_QB];
     long it = 0;
     for (int sgi = 0; sgi < c->n_seg; sgi++) {
-        int s0 = c->cu[sgi], n = c->cu[sgi + 1] - s0, nb = (n + FA_QB - 1) / FA_QB;
+        int s0 = c->cu[sgi], n = c->cu[sgi + 1] - s0, nb = (n + FA_QB - 1) / FA_QB, ldkt = vlm_flash_kt_stride(n);
         const float *base = c->qkv + (size_t)s0 * ld;
-        for (int h = 0; h < H; h++)
+        for (int h = 0; h < H; h++) {
+            int have = 0;
             for (int b = 0; b < nb; b++, it++) {
                 if (it % nth != ith) continue;
+                if (!have) { vlm_flash_transpose(kt, ldkt, base + (size_t)(H + h) * D, ld, n, D); have = 1; }
                 int t0 = b * FA_QB, R = n - t0 < FA_QB ? n - t0 : FA_QB;
                 for (int r = 0; r < R; r++) lim[r] = n;
                 vlm_flash_rows(c->out + (size_t)(s0 + t0) * H * D + (size_t)h * D, H * D,
-                               base + (size_t)t0 * ld + (size_t)h * D, ld, R, base + (size_t)(H + h) * D, ld,
+                               base + (size_t)t0 * ld + (size_t)h * D, ld, R, kt, ldkt,
                                base + (size_t)(2 * H + h) * D, ld, lim, D, c->scale, ws);
             }
+        }
     }
 }
 
 size_t vlm_segment_attention_scratch_floats(int max_seg, int D) {
-    (void)max_seg;
-    return vlm_flash_workspace_floats(FA_QB, D);
+    return vlm_flash_workspace_floats(FA_QB, D) + (size_t)D * vlm_flash_kt_stride(max_seg);
 }
 
 void vlm_segment_attention(vlm_pool *pool, float *out, const float *qkv, const int *cu, int n_seg, int H, int D,
                            float scale, float *scratch, int max_seg) {
-    seg_ctx c = {out, qkv, cu, n_seg, H, D, scale, scratch, vlm_segment_attention_scratch_floats(max_seg, D)};
+    seg_ctx c = {out, qkv, cu, n_seg, H, D, max_seg, scale, scratch, vlm_segment_attention_scratch_floats(max_seg, D)};
     vlm_pool_run(pool, seg_task, &c);
 }

@@ -26,7 +26,7 @@ void vlm_rope_apply(vlm_pool *pool, float *x, int ld, const float *cs, const flo
  * q: [T][H][D] (row stride ldq); kc, vc: [KV][max_ctx][D] caches already holding positions
  * 0 .. n_past+T-1; query t sees keys 0 .. n_past+t. out: [T][H][D] (row stride ldo).
  * scratch: n_threads * vlm_attention_scratch_floats(...) floats. D <= 256. */
-size_t vlm_attention_scratch_floats(int H, int KV, int D);
+size_t vlm_attention_scratch_floats(int H, int KV, int D, int n_ctx);
 void vlm_attention(vlm_pool *pool, float *out, int ldo, const float *q, int ldq, const float *kc, const float *vc,
                    int max_ctx, int n_past, int T, int H, int KV, int D, float scale, float *scratch);
 

@@ -86,7 +86,7 @@ vlm_status vlm_qwen2_state_create(const vlm_qwen2 *m, int max_ctx, int chunk, in
 
     size_t H = (size_t)c->hidden, Q = q_dim(c), K = kv_dim(c), I = c->inter, Tc = chunk, half = c->head_dim / 2;
     size_t sizes[] = {Tc * H, Tc * H, Tc * Q, Tc * K, Tc * K, Tc * Q, Tc * I, Tc * I, Tc * half, Tc * half,
-                      (size_t)n_threads * vlm_attention_scratch_floats(c->n_heads, c->n_kv_heads, c->head_dim)};
+                      (size_t)n_threads * vlm_attention_scratch_floats(c->n_heads, c->n_kv_heads, c->head_dim, max_ctx)};
     float **ptrs[] = {&s->x, &s->xn, &s->q, &s->k, &s->v, &s->att, &s->g, &s->u, &s->cs, &s->sn, &s->attn_scratch};
     size_t total = 2 * vlm_align_up(kv * sizeof(float), VLM_ALIGN) + mm + vlm_align_up(3 * Tc * sizeof(int32_t), VLM_ALIGN);
     for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) total += vlm_align_up(sizes[i] * sizeof(float), VLM_ALIGN);
