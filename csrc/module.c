@@ -506,6 +506,11 @@ static PyTypeObject VisionModelType = {
     .tp_getset = VisionModel_getset,
 };
 
+/* ---------------------------------------------------------------- DaViT and HFRE bindings */
+
+#include "py_davit.h"
+#include "py_hfre.h"
+
 /* ---------------------------------------------------------------- functions */
 
 static PyObject *py_matmul(PyObject *mod, PyObject *args, PyObject *kw) {
@@ -607,6 +612,7 @@ static int module_exec(PyObject *mod) {
     if (PyType_Ready(&Qwen2ModelType) < 0 || PyType_Ready(&Qwen2StateType) < 0 || PyType_Ready(&VisionModelType) < 0)
         return -1;
     if (PyModule_AddObjectRef(mod, "VisionModel", (PyObject *)&VisionModelType) < 0) return -1;
+    if (py_davit_register(mod) < 0 || py_hfre_register(mod) < 0) return -1;
     if (PyModule_AddObjectRef(mod, "Qwen2Model", (PyObject *)&Qwen2ModelType) < 0) return -1;
     if (PyModule_AddObjectRef(mod, "Qwen2State", (PyObject *)&Qwen2StateType) < 0) return -1;
     return 0;
