@@ -123,6 +123,24 @@ def _sample(logits: np.ndarray, temperature: float, top_p: float, top_k: int, rn
     return int(cand[rng.choice(p.size, p=p)])
 
 
+def decode_stream(lm: "LanguageModel", session: "Session", logits: np.ndarray, max_new_tokens: int,
+                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
+                  stop_ids: Optional[Iterable[int]] = None) -> Iterator[int]:
+    """The generation loop after a prefill: sample, yield, feed back; the stop token is yielded last."""
+    if max_new_tokens < 0:
+        raise ValueError("max_new_tokens must be >= 0")
+    if temperature < 0 or not (0.0 < top_p <= 1.0) or top_k < 0:
+        raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+    stops = set(lm.stop_ids if stop_ids is None else stop_ids)
+    rng = np.random.default_rng(seed)
+    for i in range(max_new_tokens):
+        tok = _sample(logits, temperature, top_p, top_k, rng, lm.mode == "reference")
+        yield tok
+        if tok in stops or i == max_new_tokens - 1:
+            return
+        logits = session.step(tok)
+
+
 class Session:
     """One request against a LanguageModel: the KV cache, scratch memory and worker threads.
 
@@ -270,19 +288,11 @@ class LanguageModel:
             raise ValueError("max_new_tokens must be >= 0")
         if temperature < 0 or not (0.0 < top_p <= 1.0) or top_k < 0:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
-        stops = set(self.stop_ids if stop_ids is None else stop_ids)
-        rng = np.random.default_rng(seed)
         s = session or self.session(max_context=max(self.max_context, len(ids) + max_new_tokens))
         if session is None and len(ids) + max_new_tokens > s.max_context:
             raise ValueError("prompt + max_new_tokens exceed max_context")
         logits = s.prefill(ids)
-        greedy_bf16 = self.mode == "reference"
-        for i in range(max_new_tokens):
-            tok = _sample(logits, temperature, top_p, top_k, rng, greedy_bf16)
-            yield tok
-            if tok in stops or i == max_new_tokens - 1:
-                return
-            logits = s.step(tok)
+        yield from decode_stream(self, s, logits, max_new_tokens, temperature, top_p, top_k, seed, stop_ids)
 
     def generate(self, ids, max_new_tokens: int = 256, **kw) -> List[int]:
         """New token ids after the prompt `ids` (greedy unless temperature > 0)."""

@@ -123,9 +123,10 @@ class FO1Result:
 
     @property
     def count(self) -> Optional[int]:
-        """The number the model answered (counting prompts), else None. Digits inside region tags don't count."""
-        m = re.findall(r"(?<!region)\d+", _GROUND.sub("", self.text))
-        return int(m[-1]) if m else None
+        """The number the model answered (counting prompts): the official CountBench rule, i.e. the first
+        number left after removing <regionK> tags; None when there is none (the official scorer uses 0)."""
+        m = re.findall(r"(?<!region)\d+", re.sub(r"<region\d+>", "", self.text))
+        return int(m[0]) if m else None
 
 
 def parse_answer(text: str, boxes: Sequence[Sequence[float]], token_ids: Sequence[int] = ()) -> FO1Result:

@@ -15,7 +15,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .decoder import LanguageModel, Session, _sample, check_options, default_threads, read_config, read_generation_eos
+from .decoder import LanguageModel, Session, check_options, decode_stream, default_threads, read_config, read_generation_eos
 from .image import QwenImageProcessor, load_image
 from .safetensors import Checkpoint
 from .vision import VisionTower
@@ -124,14 +124,7 @@ class QwenVL:
             raise ValueError("the session must be empty (call reset())")
         logits = s.prefill_embeds(emb, pos)
         s.rope_delta = delta
-        stops = set(dec.stop_ids if stop_ids is None else stop_ids)
-        rng = np.random.default_rng(seed)
-        for i in range(max_new_tokens):
-            tok = _sample(logits, temperature, top_p, top_k, rng, dec.mode == "reference")
-            yield tok
-            if tok in stops or i == max_new_tokens - 1:
-                return
-            logits = s.step(tok)
+        yield from decode_stream(dec, s, logits, max_new_tokens, temperature, top_p, top_k, seed, stop_ids)
 
     def stream(self, image, text: str, **kw) -> Iterator[str]:
         """Yield decoded text pieces as they are generated (special tokens skipped)."""
