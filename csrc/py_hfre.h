@@ -1,6 +1,269 @@
 /* py_hfre.h — Python bindings of the hfre core (included by module.c, after its shared helpers:
- * raise_status, to_weight, to_f32_vec, get_item, get_int, load_weight). Only module.c includes it. */
-static int py_hfre_register(PyObject *mod) {
-    (void)mod;
+ * raise_status, to_weight, to_f32_vec, get_item, get_int, load_weight). Only module.c includes it.
+ *
+ * HFREModel(config: dict, tensors: dict): read-only HFRE + projector weights (borrowed arrays; the
+ * object keeps the dict alive). vlmfo1/hfre.py builds both dicts (names below) from a checkpoint.
+ *   regions(aux, vt, boxes_a, boxes_q, n_threads=1) -> float32 [N, R]
+ *   project(which, x, n_threads=1) -> float32 [m, n_out]   (which: 0 = mm_projector, 1 = mm_projector_aux) */
+#include "hfre.h"
+
+typedef struct {
+    PyObject_HEAD
+    vlm_hfre m;
+    vlm_mlp proj[2];
+    int has_proj[2];
+    PyObject *tensors;
+} HFREModel;
+
+static void HFREModel_dealloc(HFREModel *self) {
+    Py_XDECREF(self->tensors);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Optional LayerNorm pair "<key>_w", "<key>_b" of n floats. */
+static int hfre_ln(PyObject *t, const char *key, npy_intp n, vlm_hfre_ln *ln, int required) {
+    char kw[64], kb[64];
+    snprintf(kw, sizeof kw, "%s_w", key);
+    snprintf(kb, sizeof kb, "%s_b", key);
+    ln->w = ln->b = NULL;
+    if (!required && !PyDict_GetItemString(t, kw)) return 0;
+    if (!(ln->w = to_f32_vec(get_item(t, kw), kw, n))) return -1;
+    if (!(ln->b = to_f32_vec(get_item(t, kb), kb, n))) return -1;
     return 0;
+}
+
+static int HFREModel_init(HFREModel *self, PyObject *args, PyObject *kw) {
+    PyObject *cfg, *t;
+    static char *kwlist[] = {"config", "tensors", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!", kwlist, &PyDict_Type, &cfg, &PyDict_Type, &t)) return -1;
+    memset(&self->m, 0, sizeof self->m);
+    memset(self->proj, 0, sizeof self->proj);
+    vlm_hfre_config *c = &self->m.cfg;
+    int compute = 0, n_proj[2] = {0, 0};
+    if (get_int(cfg, "S", &c->S) || get_int(cfg, "R", &c->R) || get_int(cfg, "use_aux", &c->use_aux) ||
+        get_int(cfg, "use_vt", &c->use_vt) || get_int(cfg, "simple_fpn", &c->simple_fpn) || get_int(cfg, "pe", &c->pe) ||
+        get_int(cfg, "vt_c", &c->vt_c) || get_int(cfg, "n_vt", &c->n_vt) || get_int(cfg, "fpn_c", &c->fpn_c) ||
+        get_int(cfg, "patch", &c->patch) || get_int(cfg, "compute", &compute) ||
+        get_int(cfg, "n_proj_image", &n_proj[0]) || get_int(cfg, "n_proj_aux", &n_proj[1]))
+        return -1;
+    c->compute = compute ? VLM_COMPUTE_BF16 : VLM_COMPUTE_F32;
+    for (int l = 0; l < VLM_HFRE_AUX_LEVELS; l++) {
+        char k[32];
+        snprintf(k, sizeof k, "aux_c%d", l);
+        if (get_int(cfg, k, &c->aux_c[l])) return -1;
+    }
+    Py_XSETREF(self->tensors, Py_NewRef(t));
+    char k1[64], k2[64];
+    if (c->use_vt && c->simple_fpn) {
+        int D = c->vt_c, F = c->fpn_c;
+        vlm_fpn_stage *s = self->m.fpn;
+        if (load_weight(t, "fpn0.ct1", "fpn0.ct1_bias", 2 * D, &s[0].ct1) ||
+            load_weight(t, "fpn0.ct2", "fpn0.ct2_bias", D, &s[0].ct2) || hfre_ln(t, "fpn0.ln0", D / 2, &s[0].ln0, 1) ||
+            load_weight(t, "fpn1.ct1", "fpn1.ct1_bias", 2 * D, &s[1].ct1))
+            return -1;
+        for (int l = 0; l < 4; l++) {
+            snprintf(k1, sizeof k1, "fpn%d.c1", l);
+            if (load_weight(t, k1, NULL, 0, &s[l].c1)) return -1;
+            snprintf(k1, sizeof k1, "fpn%d.c3", l);
+            if (load_weight(t, k1, NULL, 0, &s[l].c3)) return -1;
+            snprintf(k1, sizeof k1, "fpn%d.ln1", l);
+            if (hfre_ln(t, k1, F, &s[l].ln1, 1)) return -1;
+            snprintf(k1, sizeof k1, "fpn%d.ln3", l);
+            if (hfre_ln(t, k1, F, &s[l].ln3, 1)) return -1;
+        }
+    }
+    if (hfre_ln(t, "aux_ln", vlm_hfre_aux_dim(&self->m), &self->m.aux_ln, 0) ||
+        hfre_ln(t, "vt_ln", vlm_hfre_vt_dim(&self->m), &self->m.vt_ln, 0))
+        return -1;
+    vlm_err err = {{0}};
+    vlm_status st = vlm_hfre_validate(&self->m, &err);
+    if (st != VLM_OK) { raise_status(st, &err); return -1; }
+    static const char *pname[2] = {"proj_image", "proj_aux"};
+    for (int p = 0; p < 2; p++) {
+        self->has_proj[p] = n_proj[p] > 0;
+        if (!n_proj[p]) continue;
+        vlm_mlp *P = &self->proj[p];
+        P->n_layers = n_proj[p];
+        P->compute = c->compute;
+        if (n_proj[p] > VLM_MLP_MAX_LAYERS) {
+            PyErr_Format(PyExc_ValueError, "%s: at most %d layers", pname[p], VLM_MLP_MAX_LAYERS);
+            return -1;
+        }
+        for (int i = 0; i < n_proj[p]; i++) {
+            snprintf(k1, sizeof k1, "%s.%d", pname[p], i);
+            snprintf(k2, sizeof k2, "%s.%d_bias", pname[p], i);
+            PyObject *a = get_item(t, k1);
+            if (!a || to_weight(a, k1, &P->layers[i])) return -1;
+            if (!(P->layers[i].bias = to_f32_vec(get_item(t, k2), k2, P->layers[i].n))) return -1;
+        }
+        st = vlm_mlp_validate(P, &err);
+        if (st != VLM_OK) { raise_status(st, &err); return -1; }
+    }
+    return 0;
+}
+
+/* A 3-D float32 map [H][W][C] with C == want_c (converted to a C-contiguous array; new reference). */
+static PyArrayObject *hfre_map(PyObject *o, int want_c, const char *what, int idx) {
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROM_OTF(o, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
+    if (!a) return NULL;
+    if (PyArray_NDIM(a) != 3 || PyArray_DIM(a, 2) != want_c || PyArray_DIM(a, 0) <= 0 || PyArray_DIM(a, 1) <= 0 ||
+        PyArray_DIM(a, 0) > (1 << 20) || PyArray_DIM(a, 1) > (1 << 20)) {
+        PyErr_Format(PyExc_ValueError, "%s map %d must have shape [H, W, %d] (channels last), got %d-D", what, idx,
+                     want_c, PyArray_NDIM(a));
+        Py_DECREF(a);
+        return NULL;
+    }
+    return a;
+}
+
+static PyArrayObject *hfre_boxes(PyObject *o, npy_intp *N) {
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROM_OTF(o, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
+    if (!a) return NULL;
+    if (PyArray_NDIM(a) != 2 || PyArray_DIM(a, 1) != 4 || (*N >= 0 && PyArray_DIM(a, 0) != *N)) {
+        PyErr_SetString(PyExc_ValueError, "boxes must have shape [N, 4] (the same N for aux and Qwen boxes)");
+        Py_DECREF(a);
+        return NULL;
+    }
+    *N = PyArray_DIM(a, 0);
+    return a;
+}
+
+static PyObject *HFREModel_regions(HFREModel *self, PyObject *args, PyObject *kw) {
+    PyObject *aux_o, *vt_o, *ba_o, *bq_o;
+    int n_threads = 1;
+    static char *kwlist[] = {"aux", "vt", "boxes_a", "boxes_q", "n_threads", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|i", kwlist, &aux_o, &vt_o, &ba_o, &bq_o, &n_threads)) return NULL;
+    const vlm_hfre_config *c = &self->m.cfg;
+    if (!c->S) { PyErr_SetString(PyExc_ValueError, "model is not initialised"); return NULL; }
+    if (n_threads < 1 || n_threads > 256) { PyErr_SetString(PyExc_ValueError, "n_threads must be in [1, 256]"); return NULL; }
+    PyArrayObject *aux[VLM_HFRE_AUX_LEVELS] = {0}, *vt[VLM_HFRE_MAX_VT] = {0}, *ba = NULL, *bq = NULL, *out = NULL;
+    PyObject *res = NULL, *seq = NULL;
+    void *scratch = NULL;
+    int aux_hw[VLM_HFRE_AUX_LEVELS][2] = {{0}};
+    const float *auxp[VLM_HFRE_AUX_LEVELS] = {0}, *vtp[VLM_HFRE_MAX_VT] = {0};
+    int gh = 0, gw = 0;
+    npy_intp N = -1;
+    if (c->use_aux) {
+        if (!(seq = PySequence_Fast(aux_o, "aux must be a sequence of 4 maps"))) goto done;
+        if (PySequence_Fast_GET_SIZE(seq) != VLM_HFRE_AUX_LEVELS) {
+            PyErr_Format(PyExc_ValueError, "aux must hold %d maps, got %zd", VLM_HFRE_AUX_LEVELS, PySequence_Fast_GET_SIZE(seq));
+            goto done;
+        }
+        for (int l = 0; l < VLM_HFRE_AUX_LEVELS; l++) {
+            if (!(aux[l] = hfre_map(PySequence_Fast_GET_ITEM(seq, l), c->aux_c[l], "aux", l))) goto done;
+            aux_hw[l][0] = (int)PyArray_DIM(aux[l], 0);
+            aux_hw[l][1] = (int)PyArray_DIM(aux[l], 1);
+            auxp[l] = PyArray_DATA(aux[l]);
+        }
+        Py_CLEAR(seq);
+        if (!(ba = hfre_boxes(ba_o, &N))) goto done;
+    }
+    if (c->use_vt) {
+        if (!(seq = PySequence_Fast(vt_o, "vt must be a sequence of maps"))) goto done;
+        if (PySequence_Fast_GET_SIZE(seq) != c->n_vt) {
+            PyErr_Format(PyExc_ValueError, "vt must hold %d maps, got %zd", c->n_vt, PySequence_Fast_GET_SIZE(seq));
+            goto done;
+        }
+        for (int k = 0; k < c->n_vt; k++) {
+            if (c->simple_fpn && k < c->n_vt - 1) continue;   /* SimpleFP reads the last map only */
+            if (!(vt[k] = hfre_map(PySequence_Fast_GET_ITEM(seq, k), c->vt_c, "vt", k))) goto done;
+            int h = (int)PyArray_DIM(vt[k], 0), w = (int)PyArray_DIM(vt[k], 1);
+            if (gh && (h != gh || w != gw)) {
+                PyErr_SetString(PyExc_ValueError, "vt maps must all have the same [gh, gw]");
+                goto done;
+            }
+            gh = h; gw = w;
+            vtp[k] = PyArray_DATA(vt[k]);
+        }
+        Py_CLEAR(seq);
+        if (!(bq = hfre_boxes(bq_o, &N))) goto done;
+    }
+    if (N > (1 << 24)) { PyErr_SetString(PyExc_ValueError, "too many boxes"); goto done; }
+    npy_intp od[2] = {N, c->R};
+    if (!(out = (PyArrayObject *)PyArray_SimpleNew(2, od, NPY_FLOAT32))) goto done;
+    size_t ss = vlm_hfre_scratch_size(&self->m, (const int(*)[2])aux_hw, gh, gw, (int)N, n_threads);
+    vlm_err err = {{0}};
+    vlm_status st;
+    Py_BEGIN_ALLOW_THREADS
+    scratch = aligned_alloc(VLM_ALIGN, vlm_align_up(ss, VLM_ALIGN));
+    vlm_pool *pool = scratch ? vlm_pool_create(n_threads) : NULL;
+    if (!scratch || !pool) st = vlm_fail(&err, VLM_ERR_NOMEM, "cannot allocate %.1f MB of region-encoder scratch", ss / 1e6);
+    else st = vlm_hfre_forward(&self->m, pool, auxp, (const int(*)[2])aux_hw, vtp, gh, gw, ba ? PyArray_DATA(ba) : NULL,
+                               bq ? PyArray_DATA(bq) : NULL, (int)N, PyArray_DATA(out), scratch, ss, &err);
+    vlm_pool_free(pool);
+    Py_END_ALLOW_THREADS
+    if (st != VLM_OK) { raise_status(st, &err); goto done; }
+    res = Py_NewRef(out);
+done:
+    free(scratch);
+    Py_XDECREF(seq);
+    for (int l = 0; l < VLM_HFRE_AUX_LEVELS; l++) Py_XDECREF(aux[l]);
+    for (int k = 0; k < VLM_HFRE_MAX_VT; k++) Py_XDECREF(vt[k]);
+    Py_XDECREF(ba); Py_XDECREF(bq); Py_XDECREF(out);
+    return res;
+}
+
+static PyObject *HFREModel_project(HFREModel *self, PyObject *args, PyObject *kw) {
+    int which, n_threads = 1;
+    PyObject *x_o;
+    static char *kwlist[] = {"which", "x", "n_threads", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO|i", kwlist, &which, &x_o, &n_threads)) return NULL;
+    if (which < 0 || which > 1 || !self->has_proj[which]) {
+        PyErr_SetString(PyExc_ValueError, "no such projector (which must be 0 = image or 1 = aux, and have layers)");
+        return NULL;
+    }
+    if (n_threads < 1 || n_threads > 256) { PyErr_SetString(PyExc_ValueError, "n_threads must be in [1, 256]"); return NULL; }
+    const vlm_mlp *P = &self->proj[which];
+    PyArrayObject *x = (PyArrayObject *)PyArray_FROM_OTF(x_o, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
+    if (!x) return NULL;
+    PyArrayObject *out = NULL;
+    PyObject *res = NULL;
+    void *scratch = NULL;
+    if (PyArray_NDIM(x) != 2 || PyArray_DIM(x, 1) != P->layers[0].k) {
+        PyErr_Format(PyExc_ValueError, "projector input must have shape [m, %lld]", (long long)P->layers[0].k);
+        goto done;
+    }
+    npy_intp m = PyArray_DIM(x, 0);
+    npy_intp od[2] = {m, (npy_intp)P->layers[P->n_layers - 1].n};
+    if (!(out = (PyArrayObject *)PyArray_SimpleNew(2, od, NPY_FLOAT32))) goto done;
+    size_t ss = vlm_mlp_scratch_size(P, m, n_threads);
+    vlm_err err = {{0}};
+    vlm_status st;
+    Py_BEGIN_ALLOW_THREADS
+    scratch = ss ? aligned_alloc(VLM_ALIGN, vlm_align_up(ss, VLM_ALIGN)) : NULL;
+    vlm_pool *pool = (scratch || !ss) ? vlm_pool_create(n_threads) : NULL;
+    if ((ss && !scratch) || !pool) st = vlm_fail(&err, VLM_ERR_NOMEM, "cannot allocate %.1f MB of projector scratch", ss / 1e6);
+    else st = vlm_mlp_forward(P, pool, PyArray_DATA(out), PyArray_DATA(x), m, scratch, ss, &err);
+    vlm_pool_free(pool);
+    Py_END_ALLOW_THREADS
+    if (st != VLM_OK) { raise_status(st, &err); goto done; }
+    res = Py_NewRef(out);
+done:
+    free(scratch);
+    Py_XDECREF(x); Py_XDECREF(out);
+    return res;
+}
+
+static PyMethodDef HFREModel_methods[] = {
+    {"regions", (PyCFunction)(void (*)(void))HFREModel_regions, METH_VARARGS | METH_KEYWORDS,
+     "regions(aux, vt, boxes_a, boxes_q, n_threads=1) -> float32 [N, R] region vectors (before mm_projector_aux)"},
+    {"project", (PyCFunction)(void (*)(void))HFREModel_project, METH_VARARGS | METH_KEYWORDS,
+     "project(which, x, n_threads=1) -> x through mm_projector (0) or mm_projector_aux (1)"},
+    {NULL}};
+
+static PyTypeObject HFREModelType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "vlmfo1._core.HFREModel",
+    .tp_basicsize = sizeof(HFREModel),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "HFREModel(config: dict, tensors: dict) - VLM-FO1 region encoder and projector weights",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)HFREModel_init,
+    .tp_dealloc = (destructor)HFREModel_dealloc,
+    .tp_methods = HFREModel_methods,
+};
+
+static int py_hfre_register(PyObject *mod) {
+    if (PyType_Ready(&HFREModelType) < 0) return -1;
+    return PyModule_AddObjectRef(mod, "HFREModel", (PyObject *)&HFREModelType);
 }
