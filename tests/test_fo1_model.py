@@ -1,0 +1,109 @@
+"""VLM-FO1 end to end on a tiny random checkpoint in the official layout (written by vlmfo1 itself):
+real COCO images with their ground-truth boxes as proposals, and the bad inputs a user can give."""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TIKTOKEN = SHARED / "tokenizer" / "qwen.tiktoken"
+COCO = SHARED / "coco_tiny"
+
+pytestmark = pytest.mark.skipif(not TIKTOKEN.exists() or not COCO.exists(), reason="shared data not found")
+
+
+def coco_case(i):
+    ann = json.load(open(COCO / "annotations" / "instances_val2017.json"))
+    img = sorted(ann["images"], key=lambda x: x["id"])[i]
+    boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+             for a in ann["annotations"] if a["image_id"] == img["id"]]
+    return str(COCO / "val2017" / img["file_name"]), boxes
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from vlmfo1.fo1_checkpoint import write_random_fo1
+    p = tmp_path_factory.mktemp("fo1") / "VLM-FO1_Qwen2.5-VL-3B-tiny"
+    write_random_fo1(str(p), size="tiny", tiktoken_path=str(TIKTOKEN))
+    return str(p)
+
+
+@pytest.fixture(scope="module")
+def fo1(ckpt):
+    from vlmfo1.fo1 import FO1
+    return FO1.load(ckpt, n_threads=2)
+
+
+def test_detect_on_coco(fo1):
+    img, boxes = coco_case(0)
+    res = fo1.detect(img, boxes, ["person", "dog"], max_new_tokens=6)
+    assert len(res.token_ids) == 6 or res.token_ids[-1] in fo1.decoder.stop_ids
+    assert isinstance(res.text, str)
+    ids, emb, pos, delta, used, prompt = fo1.prepare(img, boxes, "Please detect dog in this image.")
+    assert ids.count(-300) == len(boxes) and emb.shape == (len(ids), fo1.decoder.config.hidden_size)
+    assert np.isfinite(emb).all() and pos.shape == (3, len(ids))
+    # region slots count as text positions: each one is one step after its <regionI> tag
+    r = [i for i, t in enumerate(ids) if t == -300]
+    assert all(pos[0, i] == pos[0, i - 1] + 1 for i in r)
+    assert prompt.count("<regionfeat>") == len(boxes)
+
+
+def test_region_tokens_depend_on_their_box(fo1):
+    img, boxes = coco_case(1)
+    _, _, regions, _ = fo1.encode(img, boxes)
+    _, _, regions2, _ = fo1.encode(img, boxes[::-1])
+    assert regions.shape == (len(boxes), fo1.decoder.config.hidden_size)
+    np.testing.assert_allclose(regions2[::-1], regions, rtol=1e-5, atol=1e-5)
+
+
+def test_zero_boxes_and_odd_boxes(fo1):
+    img, _ = coco_case(2)
+    res = fo1.generate(img, [], "Describe the image.", max_new_tokens=3)
+    assert len(res.token_ids) >= 1 and res.detections == []
+    odd = [[50, 50, 10, 10],            # inverted
+           [30, 30, 30, 30],            # degenerate
+           [-500, -500, 5000, 5000],    # larger than the image
+           [3000, 3000, 4000, 4000]]    # outside the image
+    ids, emb, _, _, used, _ = fo1.prepare(img, odd, "Please detect cat in this image.")
+    assert np.isfinite(emb).all() and ids.count(-300) == 4
+
+
+def test_bad_boxes(fo1):
+    img, boxes = coco_case(0)
+    with pytest.raises(ValueError, match="NaN"):
+        fo1.generate(img, [[0, 0, np.nan, 10]], "x", max_new_tokens=1)
+    with pytest.raises(ValueError, match="infinite"):
+        fo1.generate(img, [[0, 0, np.inf, 10]], "x", max_new_tokens=1)
+    with pytest.raises(ValueError, match="at most 100"):
+        fo1.generate(img, [[0, 0, 10, 10]] * 101, "x", max_new_tokens=1)
+    with pytest.warns(RuntimeWarning, match="first 100"):
+        ids, *_ = fo1.prepare(img, [[0, 0, 10, 10]] * 101, "x", truncate_boxes=True)
+    assert ids.count(-300) == 100
+
+
+def test_bad_image(fo1, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(OSError):
+        fo1.generate(str(bad), [[0, 0, 10, 10]], "x", max_new_tokens=1)
+    with pytest.raises(ValueError):
+        fo1.generate(np.zeros((0, 0, 3), np.uint8), [[0, 0, 10, 10]], "x", max_new_tokens=1)
+
+
+def test_checkpoint_missing_fo1_module(ckpt, tmp_path):
+    from vlmfo1.fo1 import FO1
+    from vlmfo1.safetensors import Checkpoint, save_file
+    src = Checkpoint(ckpt)
+    dst = tmp_path / "VLM-FO1_Qwen2.5-VL-3B-broken"
+    dst.mkdir()
+    for f in os.listdir(ckpt):
+        if not f.endswith(".safetensors") and f != "model.safetensors.index.json":
+            shutil.copy(os.path.join(ckpt, f), dst / f)
+    tensors = {n: (src.info(n).dtype, np.asarray(src.get(n))) for n in src.keys()
+               if not n.startswith("model.vision_tower_aux.")}
+    save_file(tensors, str(dst / "model.safetensors"))
+    with pytest.raises(KeyError, match="vision_tower_aux|DaViT|davit"):
+        FO1.load(str(dst))
