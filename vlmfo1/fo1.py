@@ -86,8 +86,12 @@ class FO1:
         return cls(decoder, vision, davit, hfre, tok, proc, aux, raw)
 
     # ------------------------------------------------------------------ one request
-    def encode(self, image, boxes, truncate_boxes: bool = False):
-        """Image + boxes -> (image tokens [M, hidden], (gh, gw), region tokens [N, hidden], boxes used)."""
+    def encode(self, image, boxes, truncate_boxes: bool = False, trace: Optional[dict] = None):
+        """Image + boxes -> (image tokens [M, hidden], (gh, gw), region tokens [N, hidden], boxes used).
+
+        trace: a dict that receives the named intermediates (pixel values, boxes in aux and Qwen space,
+        DaViT and ViT maps, region features), for debugging and the golden tests."""
+        t = trace if trace is not None else {}
         img = load_image(image)
         b = check_boxes(boxes, truncate=truncate_boxes)
         img, rx, ry = fo1_global_resize(img)
@@ -98,6 +102,7 @@ class FO1:
         _, gh, gw = (int(v) for v in grid_thw)
         tokens, vt_maps = self.vision(pixel_values, grid_thw, features=True)
         image_tokens = self.hfre.project_image(tokens)
+        t.update(pixel_values=pixel_values, image_grid_thw=(1, gh, gw), vt_maps=vt_maps, image_tokens=image_tokens)
 
         if len(b) == 0:
             return image_tokens, (gh, gw), np.zeros((0, self.decoder.config.hidden_size), np.float32), b
@@ -107,13 +112,18 @@ class FO1:
         feats = self.hfre.region_features([m.transpose(1, 2, 0) for m in vt_maps],
                                           [m.transpose(1, 2, 0) for m in aux_maps], boxes_a, boxes_q,
                                           qwen_hw=(14 * gh, 14 * gw))
-        return image_tokens, (gh, gw), self.hfre.project_regions(feats), b
+        regions = self.hfre.project_regions(feats)
+        t.update(aux_pixel_values=aux_px, davit_maps=aux_maps, boxes_aux=boxes_a, boxes_vt=boxes_q,
+                 region_features=feats, region_tokens=regions)
+        return image_tokens, (gh, gw), regions, b
 
-    def prepare(self, image, boxes, text: str, truncate_boxes: bool = False):
+    def prepare(self, image, boxes, text: str, truncate_boxes: bool = False, trace: Optional[dict] = None):
         """-> (ids with placeholders expanded, input embeddings [L, hidden], positions [3, L], rope delta,
         boxes used, prompt text)."""
-        image_tokens, (gh, gw), regions, b = self.encode(image, boxes, truncate_boxes)
+        image_tokens, (gh, gw), regions, b = self.encode(image, boxes, truncate_boxes, trace)
         ids, prompt = prompt_ids(self.tokenizer, text, len(b))
+        if trace is not None:
+            trace["input_ids"] = list(ids)
         if ids.count(IMAGE_INDEX) != 1:
             raise ValueError("the prompt must hold exactly one image")
         M, H = image_tokens.shape[0], self.decoder.config.hidden_size
