@@ -107,3 +107,13 @@ def test_checkpoint_missing_fo1_module(ckpt, tmp_path):
     save_file(tensors, str(dst / "model.safetensors"))
     with pytest.raises(KeyError, match="vision_tower_aux|DaViT|davit"):
         FO1.load(str(dst))
+
+
+def test_cli_detect(ckpt, tmp_path, capsys):
+    from vlmfo1.cli import main
+    img, boxes = coco_case(0)
+    bfile = tmp_path / "boxes.json"
+    bfile.write_text(json.dumps({"boxes": boxes}))
+    assert main(["detect", "--model", ckpt, "--image", img, "--boxes", str(bfile), "person", "dog",
+                 "--max-new-tokens", "4", "--threads", "2"]) == 0
+    assert "answer:" in capsys.readouterr().out

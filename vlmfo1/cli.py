@@ -71,6 +71,17 @@ def main(argv=None) -> int:
     g.add_argument("--image", help="an image file: run Qwen2.5-VL (the checkpoint must hold the vision tower)")
     _add_gen_args(g)
 
+    dt = sub.add_parser("detect", help="VLM-FO1: detect categories among proposal boxes")
+    dt.add_argument("--model", required=True, help="VLM-FO1 checkpoint folder (official layout)")
+    dt.add_argument("--image", required=True)
+    dt.add_argument("--boxes", required=True,
+                    help='JSON file: a list of [x1, y1, x2, y2] boxes in image pixels, or {"boxes": [...]}')
+    dt.add_argument("categories", nargs="+", help="what to detect, e.g. orange apple")
+    dt.add_argument("--prompt", help="a free prompt instead of the detection template (may use <regionK>)")
+    dt.add_argument("--truncate-boxes", action="store_true", help="keep the first 100 boxes instead of failing")
+    _add_gen_args(dt)
+    dt.set_defaults(mode="reference")
+
     r = sub.add_parser("random-checkpoint", help="write a random-weight Qwen2.5 checkpoint (for tests/benchmarks)")
     r.add_argument("path")
     r.add_argument("--size", choices=["tiny", "3b"], default="tiny")
@@ -78,8 +89,10 @@ def main(argv=None) -> int:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--tiktoken", help="qwen.tiktoken to build the tokenizer files from")
 
-    d = sub.add_parser("demo", help="write a small random checkpoint and stream a chat answer from it")
+    d = sub.add_parser("demo", help="write a small random VLM-FO1 checkpoint and run the official example on it")
     d.add_argument("--tiktoken", required=True, help="path of qwen.tiktoken (the Qwen BPE ranks)")
+    d.add_argument("--demo-dir", help="folder with demo_image.jpg and demo_boxes.json (default: next to --tiktoken)")
+    d.add_argument("--text", action="store_true", help="instead: a text-only Qwen2.5 chat on a random checkpoint")
     d.add_argument("--prompt", default="Describe the picture in one sentence.")
     d.add_argument("--size", choices=["tiny", "3b"], default="tiny")
     d.set_defaults(max_new_tokens=32)
@@ -110,6 +123,10 @@ def main(argv=None) -> int:
         _write_random(args.path, args.size, args.dtype, args.seed, args.tiktoken)
         print(f"wrote {args.path}")
         return 0
+    if args.cmd == "detect":
+        return _detect(args)
+    if args.cmd == "demo" and not args.text:
+        return _fo1_demo(args)
     if args.cmd == "demo":
         from .decoder import LanguageModel
         from .tokenizer import Tokenizer
@@ -125,6 +142,59 @@ def main(argv=None) -> int:
             _stream(lm, tok, args.prompt, True, None, ns)
         return 0
     return 1
+
+
+def _read_boxes(path):
+    import json
+
+    with open(path) as f:
+        data = json.load(f)
+    return data["boxes"] if isinstance(data, dict) else data
+
+
+def _print_result(res, t0):
+    print(f"answer: {res.text}")
+    for d in res.detections:
+        print(f"  {d.label}: region {d.index} box {[round(v, 1) for v in d.box]}")
+    if not res.detections:
+        print("  (no detections)")
+    print(f"[{len(res.token_ids)} tokens, {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+
+
+def _detect(args) -> int:
+    from .fo1 import FO1
+
+    fo1 = FO1.load(args.model, mode=args.mode, compute=args.compute, dtype=args.dtype, n_threads=args.threads,
+                   max_context=args.max_context)
+    boxes = _read_boxes(args.boxes)
+    t0 = time.perf_counter()
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+              seed=args.seed, truncate_boxes=args.truncate_boxes)
+    if args.prompt:
+        res = fo1.generate(args.image, boxes, args.prompt, **kw)
+    else:
+        res = fo1.detect(args.image, boxes, args.categories, **kw)
+    _print_result(res, t0)
+    return 0
+
+
+def _fo1_demo(args) -> int:
+    from .fo1 import FO1
+    from .fo1_checkpoint import write_random_fo1
+
+    demo = args.demo_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.tiktoken))), "demo")
+    boxes = _read_boxes(os.path.join(demo, "demo_boxes.json"))
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        path = os.path.join(tmp, "VLM-FO1_Qwen2.5-VL-3B-random-tiny")
+        write_random_fo1(path, size="tiny", tiktoken_path=args.tiktoken)
+        fo1 = FO1.load(path)
+        print(f"random tiny VLM-FO1 checkpoint (official layout) written and loaded in {time.perf_counter() - t0:.1f} s;"
+              " the weights are random, so the answer is too")
+        t0 = time.perf_counter()
+        res = fo1.detect(os.path.join(demo, "demo_image.jpg"), boxes, "orange", max_new_tokens=16)
+        _print_result(res, t0)
+    return 0
 
 
 def _write_random(path, size, dtype, seed, tiktoken):
