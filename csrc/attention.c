@@ -19,25 +19,6 @@
 #define FA_X86 0
 #endif
 
-/* exp for the softmax: x = n·ln2 + r, |r| <= ln2/2, degree-6 polynomial, 2^n from the exponent bits.
- * ~2 ulp; inputs are <= 0 here (max subtracted). */
-static inline float fa_expf(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    float n = floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    union { int32_t i; float f; } u;
-    u.i = ((int32_t)n + 127) << 23;
-    return p * u.f;
-}
-
 /* ---------------------------------------------------------------- generic tiles */
 
 /* s[r][j] = Σ_d qs[r][d] · kt[d][j] for r < R, j < kb; kt row stride FA_KB */
@@ -181,7 +162,7 @@ static void soft_row_generic(float *sr, int valid, int kb, float *m, float *sum_
     float mx = *m;
     for (int j = 0; j < valid; j++) mx = sr[j] > mx ? sr[j] : mx;
     float sum = 0.f;
-    for (int j = 0; j < valid; j++) { float e = fa_expf(sr[j] - mx); sr[j] = e; sum += e; }
+    for (int j = 0; j < valid; j++) { float e = vlm_expf(sr[j] - mx); sr[j] = e; sum += e; }
     for (int j = valid; j < kb; j++) sr[j] = 0.f;
     *m = mx;
     *sum_out = sum;
@@ -265,7 +246,7 @@ void vlm_flash_rows(float *out, int ldo, const float *q, int ldq, int R, const f
             float m_old = m[r], sum;
             soft_row(sr, valid, kb, &m[r], &sum);
             /* m_old = -inf on the first block: corr = 0 (o and l are still 0) */
-            corr[r] = m_old == -INFINITY ? 0.f : fa_expf(m_old - m[r]);
+            corr[r] = m_old == -INFINITY ? 0.f : vlm_expf(m_old - m[r]);
             l[r] = l[r] * corr[r] + sum;
         }
         scale_rows(o + (size_t)r0 * D, R - r0, D, corr + r0);

@@ -55,4 +55,24 @@ static inline uint16_t vlm_f32_to_bf16(float f) {
 }
 static inline float vlm_round_bf16(float f) { return vlm_bf16_to_f32(vlm_f32_to_bf16(f)); }
 
+/* exp for softmax-style arguments (x <= 0 after max subtraction; clamped to [-87, 88]):
+ * x = n·ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial, 2^n from the exponent bits.
+ * ~2 ulp; plain C so that loops calling it vectorize. */
+static inline float vlm_expf(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } u;
+    u.i = ((int32_t)n + 127) << 23;
+    return p * u.f;
+}
+
 #endif

@@ -266,24 +266,6 @@ static void dwconv(vlm_pool *pool, float *y, const float *x, const float *w, con
 
 /* ---------------------------------------------------------------- GELU (erf) */
 
-/* exp for x <= 0: x = n ln2 + r, degree-6 polynomial, 2^n from the exponent bits (~2 ulp). */
-static inline float dv_expf(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    float n = floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    union { int32_t i; float f; } u;
-    u.i = ((int32_t)n + 127) << 23;
-    return p * u.f;
-}
-
 typedef struct { float *x; size_t n; } gelu_ctx;
 
 /* x * 0.5 * (1 + erf(x / sqrt 2)) with erf from Abramowitz-Stegun 7.1.26 (|error| <= 1.5e-7), the formula of
@@ -293,7 +275,7 @@ static inline float gelu1(float v) {
     float z = v * 0.70710678118654752f, a = fabsf(z);
     float t = 1.0f / (0.3275911f * a + 1.0f);
     float r = (((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f;
-    float e = 1.0f - r * t * dv_expf(-(a * a));
+    float e = 1.0f - r * t * vlm_expf(-(a * a));
     return v * 0.5f * (1.0f + copysignf(e, z));
 }
 
