@@ -1,0 +1,432 @@
+#!/usr/bin/env python
+"""End-to-end VLM-FO1 benchmark: one full COCO detection request, vlmfo1 vs the OFFICIAL pipeline.
+
+    python benchmarks/bench_fo1.py --official /tmp/fo1co --official-python /tmp/fo1ref/bin/python
+    python benchmarks/bench_fo1.py --official /tmp/fo1co --official-python /tmp/fo1ref/bin/python --quick
+    python benchmarks/bench_fo1.py ... --engines vlmfo1-bf16,vlmfo1-f32 --threads 4 --json out.json
+
+The request (issue text): a random full-size checkpoint (`vlmfo1.fo1_checkpoint.write_random_fo1(size="full",
+seed=0)`, ~4.15B parameters, bf16, ~8.3 GB, written once into --workdir and reused), a COCO image resized to
+1000 x 750 with Pillow and saved as PNG, 100 boxes (the image's ground-truth boxes scaled to the new size, then
+random boxes from a fixed seed), the 80-category COCO prompt (`vlmfo1.fo1.coco_detection_prompt()`), 20 new tokens,
+greedy. --quick: size="tiny" checkpoint, 10 boxes, 640 x 480 (smoke run only).
+
+Engines, one subprocess each, one after another (so the peak RSS = VmHWM is that engine's own):
+  official-fp32   official code, bf16 checkpoint loaded by its loader, then model.float(); greedy over
+                  bf16-rounded logits (= the "reference" mode of tests/golden, ERRATA E1/E2) -- the reference
+                  the generated tokens of every engine are compared with
+  official-bf16   official code as shipped (bf16 modules)
+  vlmfo1-bf16     vlmfo1.fo1.FO1, mode="reference", compute="bf16" (the default for bf16 weights)
+  vlmfo1-f32      vlmfo1.fo1.FO1, mode="reference", compute="f32"
+
+The official engines run under --official-python (torch + transformers) from the checkout given by --official; they
+reuse the CPU shims of tests/golden/make_fo1_golden.py (imported, not copied: torchvision stub + pure-torch RoIAlign,
+eager attention, DaViT config restore, device cpu). Nothing of the official code is copied here. Note: the
+pure-torch RoIAlign shim is slower than torchvision's compiled op, which inflates the official "hfre" column.
+
+Stages (seconds; best total of --reps timed requests after --warmup untimed ones):
+  prep    vlmfo1: everything in FO1.prepare except the three model stages (image load, resize, both image
+          processors, tokenization, splicing, M-RoPE positions); official: mm_utils.prepare_inputs
+  vit     Qwen2.5-VL ViT (official: forward of the vision tower module)
+  davit   DaViT (official: forward of the aux vision tower module)
+  hfre    HFRE region features + mm_projector + mm_projector_aux (official: HFREModule.__call__ + projectors)
+  RoIAlign (official only) the part of hfre spent in roi_align; "(shim)" = make_fo1_golden's pure-torch RoIAlign,
+          used when torchvision's compiled ops do not load -- much slower than torchvision, so subtract it
+          from the official total for a fair comparison
+  prefill LLM prefill (official: start of generate -> first logits, minus vit/davit/hfre)
+  decode  the rest (official: first logits -> end of generate; vlmfo1: sampling, decode steps, answer parsing)
+Speed ratio = (best total among the official engines run) / (engine total); a second ratio subtracts the RoIAlign
+shim time from the official totals. Peak RSS includes the load.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(1, REPO)
+import _common as C  # noqa: E402
+
+DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "coco_tiny")
+DEFAULT_IMAGE = "000000404484.jpg"     # 320 x 240, 4:3 like 1000 x 750
+ENGINES = ["official-fp32", "official-bf16", "vlmfo1-bf16", "vlmfo1-f32"]
+DEFAULT_ENGINES = "official-fp32,official-bf16,vlmfo1-bf16"
+STAGES = ["prep", "vit", "davit", "hfre", "prefill", "decode"]
+_STAMP = ".vlmfo1_bench_complete"
+
+
+def _log(msg):
+    print(f"[bench_fo1] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# setup (main process: numpy, Pillow, vlmfo1)
+
+def checkpoint_path(a) -> str:
+    # the official loader needs "vlm-fo1" and "qwen2.5-vl" in the folder name (builder.py)
+    return os.path.join(a.workdir, f"VLM-FO1_Qwen2.5-VL-3B-random-{a.size}-seed{a.seed}")
+
+
+def prepare(a) -> dict:
+    import numpy as np
+    from PIL import Image
+    from vlmfo1.fo1 import coco_detection_prompt
+    from vlmfo1.fo1_checkpoint import write_random_fo1
+
+    os.makedirs(a.workdir, exist_ok=True)
+    ckpt = checkpoint_path(a)
+    if not os.path.isfile(os.path.join(ckpt, _STAMP)):
+        shutil.rmtree(ckpt, ignore_errors=True)
+        _log(f"writing random {a.size} checkpoint to {ckpt} (once)")
+        t0 = time.perf_counter()
+        write_random_fo1(ckpt, size=a.size, seed=a.seed)
+        with open(os.path.join(ckpt, _STAMP), "w") as f:
+            json.dump({"size": a.size, "seed": a.seed}, f)
+        _log(f"  done in {time.perf_counter() - t0:.0f} s")
+    n_bytes = sum(os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt) if f.endswith(".safetensors"))
+
+    ann = json.load(open(os.path.join(DATA, "annotations", "instances_val2017.json")))
+    info = next(i for i in ann["images"] if i["file_name"] == a.image)
+    sx, sy = a.width / info["width"], a.height / info["height"]
+    boxes = [[x * sx, y * sy, (x + w) * sx, (y + h) * sy] for x, y, w, h in
+             (an["bbox"] for an in ann["annotations"] if an["image_id"] == info["id"])][:a.boxes]
+    rng = np.random.default_rng(a.seed)
+    while len(boxes) < a.boxes:
+        w = rng.uniform(16, 0.5 * a.width)
+        h = rng.uniform(16, 0.5 * a.height)
+        x = rng.uniform(0, a.width - w)
+        y = rng.uniform(0, a.height - h)
+        boxes.append([x, y, x + w, y + h])
+    boxes = [[round(float(v), 2) for v in b] for b in boxes]
+    img_path = os.path.join(a.workdir, f"{os.path.splitext(a.image)[0]}_{a.width}x{a.height}.png")
+    Image.open(os.path.join(DATA, "val2017", a.image)).convert("RGB").resize(
+        (a.width, a.height), Image.BICUBIC).save(img_path)
+    req = {"checkpoint": ckpt, "checkpoint_bytes": n_bytes, "size": a.size, "image": img_path,
+           "image_size": [a.width, a.height], "source_image": a.image, "boxes": boxes, "n_gt_boxes":
+           sum(1 for an in ann["annotations"] if an["image_id"] == info["id"]),
+           "prompt": coco_detection_prompt(), "max_new_tokens": a.max_new_tokens, "threads": a.threads,
+           "reps": a.reps, "warmup": a.warmup}
+    with open(os.path.join(a.workdir, f"request_{a.size}.json"), "w") as f:
+        json.dump(req, f, indent=1)
+    return req
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# workers
+
+class _Timed:
+    """Proxy timing calls of the wrapped object (and of the named methods) into acc[key]."""
+
+    def __init__(self, obj, acc, key, methods=()):
+        self._obj, self._acc, self._key, self._methods = obj, acc, key, set(methods)
+
+    def __call__(self, *a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return self._obj(*a, **kw)
+        finally:
+            self._acc[self._key] = self._acc.get(self._key, 0.0) + time.perf_counter() - t0
+
+    def __setattr__(self, name, value):     # e.g. session.rope_delta = ...: set it on the real object
+        if name in ("_obj", "_acc", "_key", "_methods"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._obj, name, value)
+
+    def __getattr__(self, name):
+        v = getattr(self._obj, name)
+        if name in self._methods:
+            return _Timed(v, self._acc, self._key)
+        return v
+
+
+def worker_vlmfo1(req, engine, a) -> dict:
+    from vlmfo1.fo1 import FO1
+
+    compute = {"vlmfo1-bf16": "bf16", "vlmfo1-f32": "f32"}[engine]
+    t0 = time.perf_counter()
+    fo1 = FO1.load(req["checkpoint"], mode="reference", compute=compute, n_threads=a.threads)
+    load_s = time.perf_counter() - t0
+    rss_load = C.proc_status_kib("VmRSS") * 1024
+    acc: dict = {}
+    fo1.vision = _Timed(fo1.vision, acc, "vit")
+    fo1.davit = _Timed(fo1.davit, acc, "davit")
+    fo1.hfre = _Timed(fo1.hfre, acc, "hfre", methods=("project_image", "region_features", "project_regions"))
+    prepare_, session_ = fo1.prepare, fo1.decoder.session
+
+    def prepare(*x, **kw):
+        t = time.perf_counter()
+        try:
+            return prepare_(*x, **kw)
+        finally:
+            acc["_prepare"] = acc.get("_prepare", 0.0) + time.perf_counter() - t
+
+    def session(*x, **kw):
+        t = time.perf_counter()
+        s = session_(*x, **kw)
+        acc["prefill"] = acc.get("prefill", 0.0) + time.perf_counter() - t
+        return _Timed(s, acc, "prefill", methods=("prefill_embeds",))
+
+    fo1.prepare, fo1.decoder.session = prepare, session
+    runs = []
+    for i in range(a.warmup + a.reps):
+        acc.clear()
+        t = time.perf_counter()
+        res = fo1.generate(req["image"], req["boxes"], req["prompt"], max_new_tokens=req["max_new_tokens"])
+        total = time.perf_counter() - t
+        st = {k: acc.get(k, 0.0) for k in ("vit", "davit", "hfre", "prefill")}
+        st["prep"] = acc["_prepare"] - st["vit"] - st["davit"] - st["hfre"]
+        st["decode"] = total - acc["_prepare"] - st["prefill"]
+        _log(f"{engine} run {i}{' (warm-up)' if i < a.warmup else ''}: {total:.2f} s")
+        if i >= a.warmup:
+            runs.append({"total_s": total, "stages_s": st, "tokens": [int(x) for x in res.token_ids],
+                         "text": res.text})
+    best = min(runs, key=lambda r: r["total_s"])
+    return {"engine": engine, "load_s": load_s, "rss_after_load": rss_load, **best,
+            "all_totals_s": [r["total_s"] for r in runs]}
+
+
+def worker_official(req, engine, a) -> dict:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    sys.path.insert(0, os.path.join(REPO, "tests", "golden"))
+    import make_fo1_golden as G          # CPU shims for the official code (installed by G.Official)
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    off = G.Official(a.official)
+    t0 = time.perf_counter()
+    tokenizer, model, procs = off.load(req["checkpoint"])
+    if engine == "official-fp32":
+        model.float()
+    model.eval()
+    load_s = time.perf_counter() - t0
+    rss_load = C.proc_status_kib("VmRSS") * 1024
+    m = model.get_model()
+    acc: dict = {}
+    marks: list = []
+
+    def timed(mod, key):
+        def pre(*_):
+            acc["_t0_" + key] = time.perf_counter()
+
+        def post(*_):
+            acc[key] = acc.get(key, 0.0) + time.perf_counter() - acc.pop("_t0_" + key)
+        mod.register_forward_pre_hook(pre)
+        mod.register_forward_hook(post)
+
+    timed(m.get_vision_tower(), "vit")
+    timed(m.get_vision_tower_aux(), "davit")
+    for mod in (m.mm_projector, m.mm_projector_aux):
+        timed(mod, "hfre")
+    # HFREModule overrides __call__ (module hooks do not fire): wrap it on the class, as make_fo1_golden does;
+    # also time the RoIAlign shim separately (it is bound at import time in the HFRE module's namespace)
+    hfre_call = off.HFRE.__call__
+
+    def hfre(self, *x, **kw):
+        t = time.perf_counter()
+        try:
+            return hfre_call(self, *x, **kw)
+        finally:
+            acc["hfre"] = acc.get("hfre", 0.0) + time.perf_counter() - t
+    off.HFRE.__call__ = hfre
+    hmod = sys.modules[off.HFRE.__module__]
+    ra = hmod.roi_align
+
+    def roi_align(*x, **kw):
+        t = time.perf_counter()
+        try:
+            return ra(*x, **kw)
+        finally:
+            acc["roi_align"] = acc.get("roi_align", 0.0) + time.perf_counter() - t
+    hmod.roi_align = roi_align
+    shim = ra is G.roi_align
+    fp32_ref = engine == "official-fp32"
+
+    class Mark(LogitsProcessor):
+        """Timestamps every decoding step; for the fp32 reference, greedy over bf16-rounded logits (E2)."""
+        def __call__(self, input_ids, scores):
+            marks.append(time.perf_counter())
+            return scores.to(torch.bfloat16).float() if fp32_ref else scores
+
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": req["image"]}},
+                                             {"type": "text", "text": req["prompt"]}], "bbox_list": req["boxes"]}]
+    runs = []
+    for i in range(a.warmup + a.reps):
+        acc.clear()
+        marks.clear()
+        t = time.perf_counter()
+        kw = off.mm_utils.prepare_inputs(req["checkpoint"], model, procs, tokenizer, messages, device="cpu",
+                                         max_tokens=req["max_new_tokens"], top_p=0.05, temperature=0.0,
+                                         do_sample=False)
+        kw.pop("streamer", None)
+        kw["logits_processor"] = LogitsProcessorList([Mark()])
+        t_gen = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**kw)
+        t_end = time.perf_counter()
+        seq = out.sequences if hasattr(out, "sequences") else out
+        gen = seq[0, kw["inputs"].shape[1]:]      # sequences hold the prompt ids, then the new tokens
+        st = {k: acc.get(k, 0.0) for k in ("vit", "davit", "hfre", "roi_align")}
+        st["prep"] = t_gen - t
+        st["prefill"] = marks[0] - t_gen - st["vit"] - st["davit"] - st["hfre"]
+        st["decode"] = t_end - marks[0]
+        total = t_end - t
+        _log(f"{engine} run {i}{' (warm-up)' if i < a.warmup else ''}: {total:.2f} s")
+        if i >= a.warmup:
+            toks = [int(x) for x in gen]
+            runs.append({"total_s": total, "stages_s": st, "tokens": toks,
+                         "text": tokenizer.decode(toks).strip(), "n_steps": len(marks)})
+    best = min(runs, key=lambda r: r["total_s"])
+    import transformers
+    return {"engine": engine, "load_s": load_s, "rss_after_load": rss_load, **best,
+            "all_totals_s": [r["total_s"] for r in runs], "official_commit": off.commit, "roi_align_shim": shim,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+
+
+def run_worker_main(a):
+    with open(a.request) as f:
+        req = json.load(f)
+    if a.worker.startswith("official"):
+        res = worker_official(req, a.worker, a)
+    else:
+        res = worker_vlmfo1(req, a.worker, a)
+    res["peak_rss"] = C.peak_rss_bytes()
+    with open(a.out, "w") as f:
+        json.dump(res, f)
+    return 0
+
+
+def spawn(python, argv, threads, timeout) -> dict:
+    fd, out = tempfile.mkstemp(suffix=".json", prefix="vlmfo1_bench_fo1_")
+    os.close(fd)
+    env = dict(os.environ)
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[k] = str(threads)
+    try:
+        t0 = time.perf_counter()
+        try:
+            p = subprocess.run([python, os.path.abspath(__file__)] + argv + ["--out", out], env=env,
+                               timeout=timeout, stdout=sys.stderr)     # keep our stdout for the table
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout:.0f} s"}
+        if p.returncode != 0:
+            return {"error": f"worker exited with status {p.returncode}"}
+        with open(out) as f:
+            res = json.load(f)
+        res["wall_s"] = time.perf_counter() - t0
+        return res
+    finally:
+        os.unlink(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# report
+
+def _agree(tokens, ref):
+    if ref is None:
+        return "n/a"
+    if tokens == ref:
+        return f"yes ({len(ref)})"
+    n = next((i for i, (x, y) in enumerate(zip(tokens, ref)) if x != y), min(len(tokens), len(ref)))
+    return f"no: first {n} of {len(ref)}"
+
+
+def report(results, req) -> str:
+    ok = {e: r for e, r in results.items() if "error" not in r}
+    off = [r["total_s"] for e, r in ok.items() if e.startswith("official")]
+    best = min(off) if off else None
+    off_ex = [r["total_s"] - (r["stages_s"].get("roi_align", 0.0) if r.get("roi_align_shim") else 0.0)
+              for e, r in ok.items() if e.startswith("official")]
+    best_ex = min(off_ex) if off_ex else None
+    ref = ok.get("official-fp32", {}).get("tokens")
+    gib = 1024 ** 3
+    rows = []
+    for e, r in results.items():
+        if "error" in r:
+            rows.append([e] + ["-"] * (len(STAGES) + 7) + [r["error"]])
+            continue
+        st = r["stages_s"]
+        ra = f"{st['roi_align']:.2f}" + (" (shim)" if r.get("roi_align_shim") else "") if "roi_align" in st else "-"
+        rows.append([e] + [f"{st[s]:.2f}" for s in STAGES] +
+                    [ra, f"{r['total_s']:.2f}", f"{best / r['total_s']:.2f}x" if best else "n/a",
+                     f"{best_ex / r['total_s']:.2f}x" if best_ex else "n/a",
+                     f"{r['peak_rss'] / gib:.2f}", f"{r['load_s']:.1f}", _agree(r["tokens"], ref)])
+    head = ["engine"] + [f"{s} s" for s in STAGES] + ["RoIAlign s (in hfre)", "total s", "vs official best", "vs official best w/o shim", "peak RSS GiB", "load s",
+                                                      "tokens = official-fp32"]
+    w, h = req["image_size"]
+    lines = [f"VLM-FO1 detection request: random {req['size']} checkpoint "
+             f"({req['checkpoint_bytes'] / 1e9:.2f} GB bf16), {w}x{h} PNG, {len(req['boxes'])} boxes "
+             f"({min(req['n_gt_boxes'], len(req['boxes']))} GT), COCO 80-category prompt, "
+             f"{req['max_new_tokens']} new tokens greedy, {req['threads']} threads, best of {req['reps']}"
+             f" (warm-up {req['warmup']})", "", C.markdown_table(head, rows)]
+    for e, r in ok.items():
+        lines.append(f"- {e}: {r['text'][:100]!r}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--official", default="/tmp/fo1co", help="om-ai-lab/VLM-FO1 checkout (holds vlm_fo1/)")
+    p.add_argument("--official-python", default="/tmp/fo1ref/bin/python",
+                   help="interpreter with torch + transformers for the official engines")
+    p.add_argument("--engines", default=DEFAULT_ENGINES, help="comma list of: " + ", ".join(ENGINES))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny checkpoint, 10 boxes, 640 x 480")
+    p.add_argument("--boxes", type=int, default=None, help="default 100 (quick 10)")
+    p.add_argument("--width", type=int, default=None, help="default 1000 (quick 640)")
+    p.add_argument("--height", type=int, default=None, help="default 750 (quick 480)")
+    p.add_argument("--image", default=DEFAULT_IMAGE, help="coco_tiny val2017 file name")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--reps", type=int, default=1, help="timed requests per engine (the best is reported)")
+    p.add_argument("--warmup", type=int, default=0, help="untimed requests per engine before the timed ones")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default="/tmp/vlmfo1_bench_fo1")
+    p.add_argument("--timeout", type=float, default=4 * 3600, help="per engine, seconds")
+    p.add_argument("--json", help="write all results here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--request", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        return run_worker_main(a)
+    a.size = "tiny" if a.quick else "full"
+    a.boxes = a.boxes or (10 if a.quick else 100)
+    a.width = a.width or (640 if a.quick else 1000)
+    a.height = a.height or (480 if a.quick else 750)
+    engines = [e.strip() for e in a.engines.split(",") if e.strip()]
+    bad = [e for e in engines if e not in ENGINES]
+    if bad:
+        p.error(f"unknown engines {bad}; choose from {ENGINES}")
+    if not 1 <= a.boxes <= 100:
+        p.error("--boxes must be in 1..100")
+    # official fp32 first: it is the token reference
+    engines.sort(key=ENGINES.index)
+    req = prepare(a)
+    req_path = os.path.join(a.workdir, f"request_{a.size}.json")
+    results = {}
+    for e in engines:
+        _log(f"engine {e}")
+        py = a.official_python if e.startswith("official") else sys.executable
+        results[e] = spawn(py, ["--worker", e, "--request", req_path, "--threads", str(a.threads),
+                                "--reps", str(a.reps), "--warmup", str(a.warmup), "--official", a.official],
+                           a.threads, a.timeout)
+    text = report(results, req)
+    print(text)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"request": {k: v for k, v in req.items() if k != "boxes"}, "boxes": req["boxes"],
+                       "engines": engines, "results": results}, f, indent=1)
+    return 0 if all("error" not in r for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
