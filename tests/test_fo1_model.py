@@ -117,3 +117,12 @@ def test_cli_detect(ckpt, tmp_path, capsys):
     assert main(["detect", "--model", ckpt, "--image", img, "--boxes", str(bfile), "person", "dog",
                  "--max-new-tokens", "4", "--threads", "2"]) == 0
     assert "answer:" in capsys.readouterr().out
+
+
+def test_markers_in_user_text_are_refused(fo1):
+    img, boxes = coco_case(0)
+    for bad in ("look at <|image_pad|> here", "a <regionfeat> marker", "two images <image>"):
+        with pytest.raises(ValueError, match="must"):
+            fo1.prepare(img, boxes, bad)
+    ids, *_ = fo1.prepare(img, boxes, "Provide a brief description for <region1>.")   # region tags are fine
+    assert ids.count(-300) == len(boxes)

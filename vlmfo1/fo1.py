@@ -126,18 +126,20 @@ class FO1:
             trace["input_ids"] = list(ids)
         if ids.count(IMAGE_INDEX) != 1:
             raise ValueError("the prompt must hold exactly one image")
+        if QWEN_IMAGE_TOKEN in ids:
+            raise ValueError("the prompt text must not contain <|image_pad|>: the image is placed by the prompt builder")
         M, H = image_tokens.shape[0], self.decoder.config.hidden_size
-        full: List[int] = []
-        for t in ids:
-            full.extend([QWEN_IMAGE_TOKEN] * M if t == IMAGE_INDEX else [t])
+        p = ids.index(IMAGE_INDEX)           # only text comes before the image
+        full = ids[:p] + [QWEN_IMAGE_TOKEN] * M + ids[p + 1:]
         emb = np.empty((len(full), H), dtype=np.float32)
-        text_pos = [i for i, t in enumerate(full) if t >= 0 and not (t == QWEN_IMAGE_TOKEN)]
-        if text_pos:
-            emb[text_pos] = self.decoder.embed(np.asarray([full[i] for i in text_pos], dtype=np.int32))
-        p = full.index(QWEN_IMAGE_TOKEN) if M else ids.index(IMAGE_INDEX)
+        text_pos = [i for i, t in enumerate(full) if t >= 0 and not p <= i < p + M]
+        emb[text_pos] = self.decoder.embed(np.asarray([full[i] for i in text_pos], dtype=np.int32))
         emb[p:p + M] = image_tokens
-        for k, i in enumerate(i for i, t in enumerate(full) if t == REGION_INDEX):
-            emb[i] = regions[k]
+        region_pos = [i for i, t in enumerate(full) if t == REGION_INDEX]
+        if len(region_pos) != len(regions):
+            raise ValueError("the prompt text must not contain the <regionfeat> marker: region slots are placed by "
+                             "the prompt builder (refer to boxes with <regionK>)")
+        emb[region_pos] = regions
         pos, delta = rope_positions(full, [(p, M, gh // 2, gw // 2)])
         return full, emb, pos, delta, b, prompt
 
