@@ -7,6 +7,7 @@
  * Two implementations of the inner tiles: AVX-512 intrinsics (D a multiple of 16), and plain C for
  * every other CPU or head size. Softmax is fp32 with max subtraction, as in torch. */
 #include "attention.h"
+#include "simd.h"
 
 #include <math.h>
 #include <string.h>
@@ -121,22 +122,6 @@ static TGT512 void pv_tile_512(float *o, const float *p, int R, const float *v, 
     }
 }
 
-static inline __attribute__((always_inline)) TGT512 __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* One row of a score block: new running max, exp(s - max) in place (0 past `valid`), their sum. */
 static TGT512 void soft_row_512(float *sr, int valid, int kb, float *m, float *sum_out) {
     __m512 vmx = _mm512_set1_ps(*m);
@@ -149,7 +134,7 @@ static TGT512 void soft_row_512(float *sr, int valid, int kb, float *m, float *s
     for (int j = 0; j < kb; j += 16) {
         int left = valid - j;
         __mmask16 k = left >= 16 ? (__mmask16)0xffff : (left > 0 ? (__mmask16)((1u << left) - 1) : 0);
-        __m512 e = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + j), vm)));
+        __m512 e = _mm512_maskz_mov_ps(k, vlm_exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + j), vm)));
         _mm512_storeu_ps(sr + j, e);
         acc = _mm512_add_ps(acc, e);
     }

@@ -12,6 +12,7 @@
  * for any pool size. All scratch comes from one caller-provided block. */
 #include "davit.h"
 #include "attention.h"
+#include "simd.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -297,20 +298,7 @@ static DV_TGT512 void gelu_512(float *x, size_t lo, size_t hi) {
         r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(1.421413741f));
         r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-0.284496736f));
         r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(0.254829592f));
-        /* exp(-a^2): n = round(y log2 e), y = n ln2 (two parts) + f, degree-6 polynomial, scaled by 2^n */
-        __m512 y = _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)), _mm512_set1_ps(-87.0f));
-        __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), y);
-        f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
-        __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
-        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
-        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
-        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
-        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
-        p = _mm512_fmadd_ps(_mm512_mul_ps(p, f), f, _mm512_add_ps(f, one));
-        __m512 e = _mm512_scalef_ps(p, n);
+        __m512 e = vlm_exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));   /* exp(-a^2) */
         __m512 erfa = _mm512_fnmadd_ps(_mm512_mul_ps(r, t), e, one);           /* erf(|z|) >= 0 */
         __m512 erf = _mm512_or_ps(erfa, _mm512_and_ps(z, sgn));                /* sign of z */
         _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_mul_ps(v, half), _mm512_add_ps(one, erf)));

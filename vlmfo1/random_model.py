@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .safetensors import f32_to_bf16_bits
+from .safetensors import f32_to_bf16_bits, write_streaming
 
 QWEN25_3B = dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
                  intermediate_size=11008, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1000000.0,
@@ -55,23 +55,7 @@ def _random_tensor(name: str, shape: Tuple[int, ...], rng: np.random.Generator, 
 def write_safetensors_streaming(path: str, entries: List[Tuple[str, str, Tuple[int, ...], Callable[[], np.ndarray]]],
                                 metadata: Optional[Dict[str, str]] = None):
     """Write a safetensors file whose tensors are produced one at a time by callables."""
-    item = {"F32": 4, "BF16": 2, "F16": 2}
-    header, off = {}, 0
-    for name, dt, shape, _ in entries:
-        n = int(np.prod(shape, dtype=np.int64)) * item[dt]
-        header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + n]}
-        off += n
-    if metadata:
-        header["__metadata__"] = metadata
-    h = json.dumps(header, separators=(",", ":")).encode()
-    h += b" " * (-len(h) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)))
-        f.write(h)
-        for name, dt, shape, make in entries:
-            a = make()
-            assert a.shape == tuple(shape), name
-            f.write(np.ascontiguousarray(a).tobytes())
+    write_streaming(path, entries, metadata)
 
 
 def write_random_qwen2(path: str, config: Optional[Dict] = None, dtype: str = "bfloat16", seed: int = 0,

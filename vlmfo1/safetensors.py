@@ -181,14 +181,15 @@ def as_float32(a: np.ndarray, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def save_file(tensors: Dict[str, Tuple[str, np.ndarray]], path: str, metadata: Dict[str, str] | None = None):
-    """Write a safetensors file. tensors: name -> (dtype name, array holding the raw data)."""
-    header, offset, blobs = {}, 0, []
-    for name, (dtype, arr) in tensors.items():
-        b = np.ascontiguousarray(arr).tobytes()
-        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + len(b)]}
-        offset += len(b)
-        blobs.append(b)
+def write_streaming(path: str, entries, metadata: Dict[str, str] | None = None):
+    """Write a safetensors file whose tensors are produced one at a time: entries is a list of
+    (name, dtype name, shape, make) where make() returns the array holding the raw data."""
+    item = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+    header, off = {}, 0
+    for name, dt, shape, _ in entries:
+        n = int(np.prod(shape, dtype=np.int64)) * item[dt]
+        header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
     if metadata:
         header["__metadata__"] = metadata
     h = json.dumps(header, separators=(",", ":")).encode()
@@ -196,5 +197,13 @@ def save_file(tensors: Dict[str, Tuple[str, np.ndarray]], path: str, metadata: D
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(h)))
         f.write(h)
-        for b in blobs:
-            f.write(b)
+        for name, dt, shape, make in entries:
+            a = make()
+            if tuple(a.shape) != tuple(shape):
+                raise ValueError(f"{name}: produced shape {a.shape}, declared {tuple(shape)}")
+            f.write(np.ascontiguousarray(a).tobytes())
+
+
+def save_file(tensors: Dict[str, Tuple[str, np.ndarray]], path: str, metadata: Dict[str, str] | None = None):
+    """Write a safetensors file. tensors: name -> (dtype name, array holding the raw data)."""
+    write_streaming(path, [(n, dt, a.shape, (lambda a=a: a)) for n, (dt, a) in tensors.items()], metadata)
