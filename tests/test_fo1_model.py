@@ -126,3 +126,21 @@ def test_markers_in_user_text_are_refused(fo1):
             fo1.prepare(img, boxes, bad)
     ids, *_ = fo1.prepare(img, boxes, "Provide a brief description for <region1>.")   # region tags are fine
     assert ids.count(-300) == len(boxes)
+
+
+def test_prompt_longer_than_tokenizer_model_max_length_is_refused(fo1):
+    # ERRATA E7: the official model truncates the spliced embeddings but not the ids at this length and fails
+    img, boxes = coco_case(0)
+    ids = fo1.prepare(img, boxes, "Please detect dog in this image.")[0]
+    old = fo1.config.get("tokenizer_model_max_length")
+    try:
+        fo1.config["tokenizer_model_max_length"] = len(ids)
+        assert fo1.prepare(img, boxes, "Please detect dog in this image.")[0] == ids      # exactly at the limit
+        fo1.config["tokenizer_model_max_length"] = len(ids) - 1
+        with pytest.raises(ValueError, match="tokenizer_model_max_length"):
+            fo1.detect(img, boxes, ["dog"], max_new_tokens=2)
+    finally:
+        if old is None:
+            fo1.config.pop("tokenizer_model_max_length", None)
+        else:
+            fo1.config["tokenizer_model_max_length"] = old

@@ -131,6 +131,12 @@ class FO1:
         M, H = image_tokens.shape[0], self.decoder.config.hidden_size
         p = ids.index(IMAGE_INDEX)           # only text comes before the image
         full = ids[:p] + [QWEN_IMAGE_TOKEN] * M + ids[p + 1:]
+        limit = self.config.get("tokenizer_model_max_length")
+        if limit and len(full) > int(limit):
+            # the official model cuts the spliced embeddings (not the ids) at this length and then fails (ERRATA E7)
+            raise ValueError(f"the prompt is {len(full)} positions long with the image and region slots; this "
+                             f"checkpoint's tokenizer_model_max_length is {int(limit)}: use a smaller image, fewer "
+                             f"boxes or a shorter text")
         emb = np.empty((len(full), H), dtype=np.float32)
         text_pos = [i for i, t in enumerate(full) if t >= 0 and not p <= i < p + M]
         emb[text_pos] = self.decoder.embed(np.asarray([full[i] for i in text_pos], dtype=np.int32))

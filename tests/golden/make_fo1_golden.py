@@ -277,11 +277,17 @@ def coco_boxes(file_name: str):
 # ----------------------------------------------------------------------------------------------------------------
 # one case
 
-def run_case(off: Official, tokenizer, model, procs, model_path: str, image: str, mode: str) -> dict:
-    boxes, cats = coco_boxes(image)
-    from vlm_fo1.task_templates import OD_template
-    prompt = OD_template.format(", ".join(cats))          # the official OD template with the 80 COCO names
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(COCO / "val2017" / image)}},
+def run_case(off: Official, tokenizer, model, procs, model_path: str, image: str, mode: str, boxes=None,
+             prompt: str = "", max_new: int = MAX_NEW, all_logits: bool = False) -> dict:
+    """One request through the official model with hooks; `image` is a coco_tiny file name (its ground-truth boxes
+    and the official OD template with the 80 COCO names are the defaults) or a path."""
+    image_path = str(COCO / "val2017" / image) if os.sep not in image else image
+    if boxes is None or not prompt:
+        gt, cats = coco_boxes(os.path.basename(image))
+        from vlm_fo1.task_templates import OD_template
+        boxes = gt if boxes is None else boxes
+        prompt = prompt or OD_template.format(", ".join(cats))
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_path}},
                                              {"type": "text", "text": prompt}], "bbox_list": boxes}]
     cap: dict = {}
     m = model.get_model()
@@ -337,7 +343,7 @@ def run_case(off: Official, tokenizer, model, procs, model_path: str, image: str
             return scores.to(torch.bfloat16).float()
     try:
         kw = off.mm_utils.prepare_inputs(model_path, model, procs, tokenizer, messages, device="cpu",
-                                         max_tokens=MAX_NEW, top_p=0.05, temperature=0.0, do_sample=False)
+                                         max_tokens=max_new, top_p=0.05, temperature=0.0, do_sample=False)
         kw.pop("streamer", None)
         if mode == "reference":
             kw["logits_processor"] = LogitsProcessorList([Bf16Logits()])
@@ -382,6 +388,11 @@ def run_case(off: Official, tokenizer, model, procs, model_path: str, image: str
     d["prefill_logits_top64_ids"] = top.indices.numpy().astype(np.int64)
     d["prefill_logits_top64_val"] = top.values.numpy().astype(np.float32)
     d["greedy_ids"] = gen.numpy().astype(np.int64)
+    if all_logits:                                 # every step's top 64 (the first step is the prefill's)
+        for t, lg in enumerate(out.logits):
+            top = torch.topk(lg[0].float(), 64)
+            d[f"step{t}_top64_ids"] = top.indices.numpy().astype(np.int64)
+            d[f"step{t}_top64_val"] = top.values.numpy().astype(np.float32)
     d["text"] = np.array(text)
     d["prompt_text"] = np.array(prompt)
     return d

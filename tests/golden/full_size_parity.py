@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Full-size fp32 parity diagnosis: vlmfo1 vs the official VLM-FO1 code on the benchmark request.
+
+The tiny golden cases (tests/test_fo1_golden.py) cover every path at small shapes. This script runs the one
+full-size request of benchmarks/bench_fo1.py (random full checkpoint, 1000x750 image, 100 boxes, the COCO-80
+prompt) through both implementations in fp32 "reference" mode and compares every stage, then the logits of
+every generated step with teacher forcing (vlmfo1 is fed the official tokens), so a token difference can be
+told apart from a numerical one: for each step it prints our logits' error and the official top-1/top-2 margin.
+
+Two steps, in two processes (the official fp32 model alone peaks at ~20 GiB):
+
+    python benchmarks/bench_fo1.py --official /tmp/fo1co --official-python /tmp/fo1ref/bin/python \\
+        --engines vlmfo1-f32 --reps 1 --warmup 0      # once: writes the checkpoint and request_full.json
+    /tmp/fo1ref/bin/python tests/golden/full_size_parity.py official --official /tmp/fo1co \\
+        --request /tmp/vlmfo1_bench_fo1/request_full.json --out /tmp/fo1_full_official.npz
+    python tests/golden/full_size_parity.py compare --request /tmp/vlmfo1_bench_fo1/request_full.json \\
+        --golden /tmp/fo1_full_official.npz [--json out.json]
+
+The official step reuses make_fo1_golden.py (its CPU shims and hooks; nothing of the official code is copied).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def official(a):
+    import torch
+    sys.path.insert(0, str(HERE))
+    import make_fo1_golden as G
+
+    torch.set_num_threads(a.threads)
+    req = json.load(open(a.request))
+    off = G.Official(a.official)
+    t0 = time.perf_counter()
+    tokenizer, model, procs = off.load(req["checkpoint"])
+    model.float()
+    model.eval()
+    print(f"loaded in {time.perf_counter() - t0:.0f} s", flush=True)
+    t0 = time.perf_counter()
+    d = G.run_case(off, tokenizer, model, procs, req["checkpoint"], req["image"], "reference", boxes=req["boxes"],
+                   prompt=req["prompt"], max_new=a.max_new, all_logits=True)
+    print(f"ran in {time.perf_counter() - t0:.0f} s: {str(d['text'])[:120]!r}", flush=True)
+    d["meta_json"] = np.array(json.dumps({"request": req, "official_commit": off.commit, "mode": "reference",
+                                          "model_dtype": "float32 (bf16-valued weights)"}))
+    np.savez_compressed(a.out, **d)
+    print(f"wrote {a.out}")
+
+
+def compare(a):
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_fo1_golden import check, rel
+    from vlmfo1.fo1 import FO1
+    from vlmfo1.safetensors import round_bf16
+
+    req = json.load(open(a.request))
+    g = np.load(a.golden, allow_pickle=False)
+    fo1 = FO1.load(req["checkpoint"], mode="reference", compute="f32", n_threads=a.threads)
+    trace: dict = {}
+    ids, emb, pos, delta, _, _ = fo1.prepare(req["image"], req["boxes"], req["prompt"], trace=trace)
+    errs: dict = {}
+    same = {"input_ids": trace["input_ids"] == g["input_ids"].tolist(),
+            "spliced_ids": ids == g["spliced_ids"].tolist(),
+            "position_ids": bool(np.array_equal(pos, g["position_ids"])) and delta == int(g["rope_delta"][0]),
+            "boxes_aux": bool(np.array_equal(trace["boxes_aux"], g["boxes_aux"])),
+            "boxes_vt": bool(np.array_equal(trace["boxes_vt"], g["boxes_vt"]))}
+    check("pixel_values", trace["pixel_values"], g, errs)
+    check("aux_pixel_values", trace["aux_pixel_values"], g, errs)
+    for i, m in enumerate(trace["davit_maps"]):
+        check(f"davit_stage{i}", m, g, errs)
+    for j, b in enumerate(g["vt_map_blocks"].tolist()):
+        check(f"vt_map_block{b}", trace["vt_maps"][j], g, errs)
+    for k in ("region_features", "region_tokens", "image_tokens"):
+        check(k, trace[k], g, errs)
+    errs.pop("_fail", None)
+
+    dec = fo1.decoder
+    want = g["greedy_ids"].tolist()
+    s = dec.session(max_context=len(ids) + len(want) + 8)
+    logits = s.prefill_embeds(emb, pos)
+    s.rope_delta = delta
+    steps = []
+    for t, tok in enumerate(want):
+        top_ids, top_val = g[f"step{t}_top64_ids"], g[f"step{t}_top64_val"]
+        e = rel(logits[top_ids], top_val)
+        ours_top = int(np.argmax(round_bf16(logits)))
+        steps.append({"step": t, "official": int(tok), "ours_greedy": ours_top, "top64_rel_err": e,
+                      "official_margin": float(top_val[0] - top_val[1]),
+                      "ours_margin_same_pair": float(logits[top_ids[0]] - logits[top_ids[1]])})
+        if t + 1 < len(want):
+            logits = s.step(int(tok))
+    s2 = dec.session(max_context=len(ids) + len(want) + 8)
+    from vlmfo1.decoder import decode_stream
+    l0 = s2.prefill_embeds(emb, pos)
+    s2.rope_delta = delta
+    free = list(decode_stream(dec, s2, l0, len(want), stop_ids=[]))
+    agree = 0
+    for x, y in zip(free, want):
+        if x != y:
+            break
+        agree += 1
+    print("exact:", ", ".join(f"{k} {'ok' if v else 'DIFFER'}" for k, v in same.items()))
+    print("max relative error (vs the largest official value):")
+    for k, v in errs.items():
+        print(f"  {k:22s} {v:.3e}")
+    print("teacher-forced steps (official token fed back):")
+    for st in steps:
+        flag = "" if st["ours_greedy"] == st["official"] else "   <-- argmax differs"
+        print(f"  step {st['step']:2d}: logits err {st['top64_rel_err']:.2e}, official top1-top2 margin "
+              f"{st['official_margin']:.4f}, ours {st['ours_margin_same_pair']:.4f}{flag}")
+    print(f"free-running greedy: {agree}/{len(want)} identical prefix; official {want[:8]}..., ours {free[:8]}...")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"exact": same, "rel_err": errs, "steps": steps, "free_prefix_agree": agree,
+                       "official_tokens": want, "ours_tokens": free}, f, indent=1)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    o = sub.add_parser("official")
+    o.add_argument("--official", required=True)
+    o.add_argument("--request", required=True)
+    o.add_argument("--out", required=True)
+    o.add_argument("--max-new", type=int, default=20)
+    o.add_argument("--threads", type=int, default=2)
+    c = sub.add_parser("compare")
+    c.add_argument("--request", required=True)
+    c.add_argument("--golden", required=True)
+    c.add_argument("--json", default="")
+    c.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    (official if a.cmd == "official" else compare)(a)
+
+
+if __name__ == "__main__":
+    main()
