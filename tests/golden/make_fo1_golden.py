@@ -278,9 +278,10 @@ def coco_boxes(file_name: str):
 # one case
 
 def run_case(off: Official, tokenizer, model, procs, model_path: str, image: str, mode: str, boxes=None,
-             prompt: str = "", max_new: int = MAX_NEW, all_logits: bool = False) -> dict:
+             prompt: str = "", max_new: int = MAX_NEW, all_logits: bool = False, davit_maps=None) -> dict:
     """One request through the official model with hooks; `image` is a coco_tiny file name (its ground-truth boxes
-    and the official OD template with the 80 COCO names are the defaults) or a path."""
+    and the official OD template with the 80 COCO names are the defaults) or a path. davit_maps: four [C, H, W]
+    arrays that replace the DaViT stage outputs (the DaViT still runs; its outputs are dropped)."""
     image_path = str(COCO / "val2017" / image) if os.sep not in image else image
     if boxes is None or not prompt:
         gt, cats = coco_boxes(os.path.basename(image))
@@ -305,6 +306,11 @@ def run_case(off: Official, tokenizer, model, procs, model_path: str, image: str
 
     def aux_forward(x):
         o = aux_fwd(x)
+        if davit_maps is not None:
+            feats = [torch.from_numpy(np.asarray(a, np.float32))[None].to(t.dtype) for a, t in
+                     zip(davit_maps, o["image_features"])]
+            assert [f.shape for f in feats] == [t.shape for t in o["image_features"]], "davit_maps: wrong shapes"
+            o = {"image_features": feats, "last_feat": feats[-1]}
         first("davit_input", x.detach().clone())
         first("davit", [t.detach().clone() for t in o["image_features"]])
         return o
