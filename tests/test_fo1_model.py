@@ -93,7 +93,13 @@ def test_bad_image(fo1, tmp_path):
         fo1.generate(np.zeros((0, 0, 3), np.uint8), [[0, 0, 10, 10]], "x", max_new_tokens=1)
 
 
-def test_checkpoint_missing_fo1_module(ckpt, tmp_path):
+@pytest.mark.parametrize("drop,match", [
+    ("model.vision_tower_aux.", "DaViT"),                                   # the DaViT
+    ("model.object_vp_extractor.simple_fpn.simfp_3.", "simfp_3"),           # one SimpleFP level
+    ("model.mm_projector_aux.2.", "mm_projector_aux.2.weight"),             # half of the region projector
+    ("model.vision_tower.", "vision tensors"),                              # the Qwen ViT
+])
+def test_checkpoint_missing_fo1_module(ckpt, tmp_path, drop, match):
     from vlmfo1.fo1 import FO1
     from vlmfo1.safetensors import Checkpoint, save_file
     src = Checkpoint(ckpt)
@@ -102,10 +108,21 @@ def test_checkpoint_missing_fo1_module(ckpt, tmp_path):
     for f in os.listdir(ckpt):
         if not f.endswith(".safetensors") and f != "model.safetensors.index.json":
             shutil.copy(os.path.join(ckpt, f), dst / f)
-    tensors = {n: (src.info(n).dtype, np.asarray(src.get(n))) for n in src.keys()
-               if not n.startswith("model.vision_tower_aux.")}
+    tensors = {n: (src.info(n).dtype, np.asarray(src.get(n))) for n in src.keys() if not n.startswith(drop)}
+    assert len(tensors) < len(list(src.keys()))
     save_file(tensors, str(dst / "model.safetensors"))
-    with pytest.raises(KeyError, match="vision_tower_aux|DaViT|davit"):
+    with pytest.raises(KeyError, match=match):
+        FO1.load(str(dst))
+
+
+def test_truncated_fo1_shard(ckpt, tmp_path):
+    from vlmfo1.fo1 import FO1
+    dst = tmp_path / "VLM-FO1_Qwen2.5-VL-3B-truncated"
+    shutil.copytree(ckpt, dst)
+    last = sorted(f for f in os.listdir(dst) if f.endswith(".safetensors"))[-1]
+    with open(dst / last, "r+b") as f:
+        f.truncate(os.path.getsize(dst / last) // 2)
+    with pytest.raises(ValueError, match="offsets"):
         FO1.load(str(dst))
 
 
