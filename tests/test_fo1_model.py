@@ -161,3 +161,24 @@ def test_prompt_longer_than_tokenizer_model_max_length_is_refused(fo1):
             fo1.config.pop("tokenizer_model_max_length", None)
         else:
             fo1.config["tokenizer_model_max_length"] = old
+
+
+def test_concurrent_requests_match_serial(fo1):
+    # one loaded model serving several threads (weights are read-only; every request has its own state)
+    import threading
+    cases = [coco_case(i) for i in range(3)]
+    serial = [fo1.detect(img, boxes, ["person", "dog"], max_new_tokens=5).token_ids for img, boxes in cases]
+    got, errors = [None] * len(cases), []
+
+    def run(i):
+        try:
+            img, boxes = cases[i]
+            got[i] = fo1.detect(img, boxes, ["person", "dog"], max_new_tokens=5).token_ids
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors and got == serial
