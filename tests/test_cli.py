@@ -19,3 +19,23 @@ def test_random_checkpoint_and_generate(tmp_path, capsys):
                  "--temperature", "0.7", "--seed", "1", "-v"]) == 0
     out = capsys.readouterr()
     assert "5 new tokens" in out.err
+
+
+@pytest.mark.skipif(not TIKTOKEN.exists(), reason="shared tokenizer data not found")
+def test_random_fo1_checkpoint_and_detect_json(tmp_path, capsys):
+    import json
+
+    ck = tmp_path / "VLM-FO1_Qwen2.5-VL-3B-tiny"
+    assert main(["random-checkpoint", "--fo1", str(ck), "--tiktoken", str(TIKTOKEN)]) == 0
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.json", "preprocessor_config.json"} <= \
+        set(os.listdir(ck))
+    demo = TIKTOKEN.parent.parent / "demo"
+    capsys.readouterr()
+    assert main(["detect", "--model", str(ck), "--image", str(demo / "demo_image.jpg"), "--boxes",
+                 str(demo / "demo_boxes.json"), "orange", "--max-new-tokens", "4", "--threads", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res) == {"text", "detections", "token_ids", "invalid_indices"} and len(res["token_ids"]) >= 1
+    boxes = json.load(open(demo / "demo_boxes.json"))
+    boxes = boxes["boxes"] if isinstance(boxes, dict) else boxes
+    for d in res["detections"]:     # every detection is one of the input boxes
+        assert d["box"] == [float(v) for v in boxes[d["index"]]]

@@ -53,6 +53,9 @@ def test_parse_answer():
         warnings.simplefilter("always")
         r = parse_answer("<ground>cat</ground><objects><region7><region1></objects>", boxes)
     assert r.invalid_indices == [7] and [d.index for d in r.detections] == [1] and w
+    assert r.to_dict() == {"text": "<ground>cat</ground><objects><region7><region1></objects>",
+                           "detections": [{"label": "cat", "index": 1, "box": [5.0, 5.0, 20.0, 20.0]}],
+                           "token_ids": [], "invalid_indices": [7]}
     assert parse_answer("no objects here", boxes).detections == []
 
 

@@ -1,4 +1,4 @@
-"""Command line: `vlmfo1 generate`, `vlmfo1 random-checkpoint`, `vlmfo1 demo`."""
+"""Command line: `vlmfo1 detect`, `vlmfo1 generate`, `vlmfo1 random-checkpoint`, `vlmfo1 demo`."""
 from __future__ import annotations
 
 import argparse
@@ -79,12 +79,18 @@ def main(argv=None) -> int:
     dt.add_argument("categories", nargs="+", help="what to detect, e.g. orange apple")
     dt.add_argument("--prompt", help="a free prompt instead of the detection template (may use <regionK>)")
     dt.add_argument("--truncate-boxes", action="store_true", help="keep the first 100 boxes instead of failing")
+    dt.add_argument("--json", action="store_true", help="print the result as one JSON object (text, detections, "
+                                                        "token ids)")
     _add_gen_args(dt)
     dt.set_defaults(mode="reference")
 
-    r = sub.add_parser("random-checkpoint", help="write a random-weight Qwen2.5 checkpoint (for tests/benchmarks)")
+    r = sub.add_parser("random-checkpoint", help="write a random-weight Qwen2.5 (or, with --fo1, VLM-FO1) checkpoint "
+                                                 "for tests and benchmarks")
     r.add_argument("path")
-    r.add_argument("--size", choices=["tiny", "3b"], default="tiny")
+    r.add_argument("--fo1", action="store_true", help="a VLM-FO1 checkpoint in the official layout (the folder name "
+                                                      "should contain 'vlm-fo1' and 'qwen2.5-vl' for the official "
+                                                      "loader)")
+    r.add_argument("--size", choices=["tiny", "3b", "full"], default="tiny", help="3b = full = the real shapes")
     r.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--tiktoken", help="qwen.tiktoken to build the tokenizer files from")
@@ -118,6 +124,13 @@ def main(argv=None) -> int:
     if args.cmd == "generate":
         lm, tok = _load(args)
         _stream(lm, tok, args.prompt, args.chat, args.system, args)
+        return 0
+    if args.cmd == "random-checkpoint" and args.fo1:
+        from .fo1_checkpoint import write_random_fo1
+
+        write_random_fo1(args.path, size="tiny" if args.size == "tiny" else "full", dtype=args.dtype, seed=args.seed,
+                         tiktoken_path=args.tiktoken)
+        print(f"wrote {args.path}")
         return 0
     if args.cmd == "random-checkpoint":
         _write_random(args.path, args.size, args.dtype, args.seed, args.tiktoken)
@@ -174,7 +187,13 @@ def _detect(args) -> int:
         res = fo1.generate(args.image, boxes, args.prompt, **kw)
     else:
         res = fo1.detect(args.image, boxes, args.categories, **kw)
-    _print_result(res, t0)
+    if args.json:
+        import json
+
+        print(json.dumps(res.to_dict()))
+        print(f"[{len(res.token_ids)} tokens, {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+    else:
+        _print_result(res, t0)
     return 0
 
 
@@ -200,7 +219,7 @@ def _fo1_demo(args) -> int:
 def _write_random(path, size, dtype, seed, tiktoken):
     from .random_model import QWEN25_3B, TINY, write_random_qwen2
 
-    write_random_qwen2(path, QWEN25_3B if size == "3b" else TINY, dtype=dtype, seed=seed)
+    write_random_qwen2(path, TINY if size == "tiny" else QWEN25_3B, dtype=dtype, seed=seed)
     if tiktoken:
         from .tokenizer import Tokenizer
 

@@ -121,6 +121,12 @@ class FO1Result:
     def labels(self) -> List[str]:
         return [d.label for d in self.detections]
 
+    def to_dict(self) -> dict:
+        """Plain JSON-ready data: text, detections (label, index into the input boxes, box), token ids."""
+        return {"text": self.text, "detections": [{"label": d.label, "index": d.index, "box": list(d.box)}
+                                                  for d in self.detections],
+                "token_ids": list(self.token_ids), "invalid_indices": list(self.invalid_indices)}
+
     @property
     def count(self) -> Optional[int]:
         """The number the model answered (counting prompts): the official CountBench rule, i.e. the first
