@@ -74,3 +74,17 @@ def test_check_boxes():
         assert check_boxes(many, truncate=True).shape == (100, 4)
     inv = check_boxes([[10, 10, 0, 0], [5, 5, 5, 5], [-50, -50, 1e5, 1e5]])   # accepted as the reference does
     assert inv.shape == (3, 4)
+
+
+def test_draw_detections():
+    img = np.full((120, 160, 3), 255, np.uint8)
+    r = parse_answer("<ground>cat</ground><objects><region1></objects><ground>dog</ground><objects><region0>"
+                     "</objects>", [[10, 60, 50, 110], [80, 50, 150, 100]])
+    im = r.draw(img, width=2)
+    a = np.asarray(im)
+    assert im.size == (160, 120) and a.shape == (120, 160, 3)
+    assert (a[100, 80] != 255).any() and (a[100, 149] != 255).any()      # left and right edges of region 1
+    assert tuple(a[100, 80]) != tuple(a[108, 10])                        # one colour per label
+    assert (a[75, 115] == 255).all()                                     # the inside stays untouched
+    assert (img == 255).all()                                            # the input is not modified
+    assert parse_answer("nothing", []).draw(img).size == (160, 120)

@@ -121,6 +121,32 @@ class FO1Result:
     def labels(self) -> List[str]:
         return [d.label for d in self.detections]
 
+    def draw(self, image, width: int = 3, font_size: int = 0):
+        """A copy of `image` (path, PIL image or uint8 array, as FO1 takes it) with the detections drawn: one colour
+        per label, the label and region index above each box. Returns a PIL.Image (shown inline in notebooks)."""
+        from PIL import Image, ImageDraw, ImageFont
+
+        from .image import load_image
+
+        im = Image.fromarray(load_image(image))
+        d = ImageDraw.Draw(im)
+        size = font_size or max(12, round(min(im.size) / 40))
+        try:
+            font = ImageFont.load_default(size=size)
+        except TypeError:                       # Pillow < 10.1: fixed-size bitmap font
+            font = ImageFont.load_default()
+        colours = {}
+        for det in self.detections:
+            c = colours.setdefault(det.label, _PALETTE[len(colours) % len(_PALETTE)])
+            x1, y1, x2, y2 = det.box
+            d.rectangle([min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)], outline=c, width=width)
+            tag = f"{det.label} <region{det.index}>"
+            l, t, r, b = d.textbbox((0, 0), tag, font=font)
+            ty = max(0.0, min(y1, y2) - (b - t) - 2 * width)
+            d.rectangle([min(x1, x2), ty, min(x1, x2) + (r - l) + 2 * width, ty + (b - t) + 2 * width], fill=c)
+            d.text((min(x1, x2) + width, ty + width - t), tag, fill=(255, 255, 255), font=font)
+        return im
+
     def to_dict(self) -> dict:
         """Plain JSON-ready data: text, detections (label, index into the input boxes, box), token ids."""
         return {"text": self.text, "detections": [{"label": d.label, "index": d.index, "box": list(d.box)}
@@ -133,6 +159,10 @@ class FO1Result:
         number left after removing <regionK> tags; None when there is none (the official scorer uses 0)."""
         m = re.findall(r"(?<!region)\d+", re.sub(r"<region\d+>", "", self.text))
         return int(m[0]) if m else None
+
+
+_PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+            (240, 50, 230), (128, 128, 0), (0, 128, 128), (170, 110, 40), (128, 0, 0), (0, 0, 128)]
 
 
 def parse_answer(text: str, boxes: Sequence[Sequence[float]], token_ids: Sequence[int] = ()) -> FO1Result:
