@@ -32,7 +32,10 @@ def test_random_fo1_checkpoint_and_detect_json(tmp_path, capsys):
     demo = TIKTOKEN.parent.parent / "demo"
     capsys.readouterr()
     assert main(["detect", "--model", str(ck), "--image", str(demo / "demo_image.jpg"), "--boxes",
-                 str(demo / "demo_boxes.json"), "orange", "--max-new-tokens", "4", "--threads", "2", "--json"]) == 0
+                 str(demo / "demo_boxes.json"), "orange", "--max-new-tokens", "4", "--threads", "2", "--json",
+                 "--draw", str(tmp_path / "out.png")]) == 0
+    from PIL import Image
+    assert Image.open(tmp_path / "out.png").size == Image.open(demo / "demo_image.jpg").size
     res = json.loads(capsys.readouterr().out)
     assert set(res) == {"text", "detections", "token_ids", "invalid_indices"} and len(res["token_ids"]) >= 1
     boxes = json.load(open(demo / "demo_boxes.json"))

@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     dt.add_argument("--truncate-boxes", action="store_true", help="keep the first 100 boxes instead of failing")
     dt.add_argument("--json", action="store_true", help="print the result as one JSON object (text, detections, "
                                                         "token ids)")
+    dt.add_argument("--draw", metavar="PNG", help="also save the image with the picked boxes drawn on it")
     _add_gen_args(dt)
     dt.set_defaults(mode="reference")
 
@@ -187,6 +188,8 @@ def _detect(args) -> int:
         res = fo1.generate(args.image, boxes, args.prompt, **kw)
     else:
         res = fo1.detect(args.image, boxes, args.categories, **kw)
+    if args.draw:
+        res.draw(args.image).save(args.draw)
     if args.json:
         import json
 
