@@ -275,6 +275,65 @@ def run_worker(argv, timeout: float, log=print):
             pass
 
 
+def read_safetensors_torch(path):
+    """Yield (name, torch tensor) reading one tensor at a time with plain file reads: no mmap, so the file's pages
+    do not count in the worker's RSS (safe_open's mmap would add the whole file to VmHWM)."""
+    import struct
+
+    import torch
+
+    dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            b, e = info["data_offsets"]
+            f.seek(8 + n + b)
+            buf = bytearray(f.read(e - b))
+            yield name, torch.frombuffer(buf, dtype=dtypes[info["dtype"]]).reshape(info["shape"])
+
+
+def randomize_(model, seed: int, is_norm) -> None:
+    """Random weights in place: norm weights (is_norm(name)) 1 +- 0.2, biases 0.02 N(0, 1), other weights
+    N(0, 1) / sqrt(fan_in) -- activations stay O(1) at any depth."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if is_norm(n):
+                p.copy_(1 + 0.2 * r)
+            elif n.endswith(".bias"):
+                p.copy_(0.02 * r)
+            else:
+                p.copy_(r / math.sqrt(p[0].numel()))
+
+
+def run_engines(parser, a, engines_arg: str, engines: dict, baseline: str, argv, log=print):
+    """The driver of a one-process-per-engine benchmark: check the engine names (baseline first, so the others'
+    errors can be measured against it), run the "prepare" worker, then every engine's worker with `argv`.
+    Returns (setup, results)."""
+    names = [e.strip() for e in engines_arg.split(",") if e.strip()]
+    unknown = [e for e in names if e not in engines]
+    if unknown:
+        parser.error(f"unknown engine(s) {unknown}; choose from {list(engines)}")
+    if baseline in names:
+        names = [baseline] + [e for e in names if e != baseline]
+    os.makedirs(a.workdir, exist_ok=True)
+    log("preparing weights and inputs ...")
+    setup = run_worker(argv + ["--worker", "prepare"], a.timeout)
+    if "error" in setup:
+        raise SystemExit(f"setup failed: {setup['error']}")
+    results = {}
+    for e in names:
+        log(f"running {e} ...")
+        results[e] = run_worker(argv + ["--worker", e], a.timeout)
+        log(f"  {e}: " + (results[e].get("error") or f"{results[e]['median_s']:.2f} s"))
+    return setup, results
+
+
 def median(xs):
     xs = sorted(xs)
     n = len(xs)

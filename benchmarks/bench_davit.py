@@ -101,16 +101,7 @@ def prepare(a):
     if not os.path.exists(stamp):
         torch.manual_seed(a.seed)
         model = Florence2VisionBackbone(Florence2VisionConfig(**vcfg)).float().eval()
-        g = torch.Generator().manual_seed(a.seed)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                r = torch.randn(p.shape, generator=g)
-                if "norm" in n and n.endswith("weight"):
-                    p.copy_(1 + 0.2 * r)
-                elif n.endswith(".bias"):
-                    p.copy_(0.02 * r)
-                else:
-                    p.copy_(r / float(np.sqrt(p[0].numel())))
+        C.randomize_(model, a.seed, lambda n: "norm" in n and n.endswith("weight"))
         sd = {PREFIX + _rename(k, _TO_FO1): v.contiguous() for k, v in model.state_dict().items()}
         del model
         raw = {"model_type": "omchat_qwen2_5_vl", "mm_vision_tower_aux": "davit-large.pth",
@@ -142,24 +133,6 @@ def _inputs(a):
     return pv, warm
 
 
-def _read_safetensors(path):
-    """Yield (name, tensor) with plain file reads (no mmap, so the file does not count in the worker's RSS)."""
-    import struct
-
-    import torch
-
-    dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            b, e = info["data_offsets"]
-            f.seek(8 + n + b)
-            buf = bytearray(f.read(e - b))
-            yield name, torch.frombuffer(buf, dtype=dtypes[info["dtype"]]).reshape(info["shape"])
-
-
 def worker_hf(a, name):
     import torch
     from transformers.models.florence2.configuration_florence2 import Florence2VisionConfig
@@ -175,7 +148,7 @@ def worker_hf(a, name):
     model = Florence2VisionBackbone(Florence2VisionConfig(**vcfg)).to(tdt).eval()
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for k, t in _read_safetensors(os.path.join(d, "model.safetensors")):
+        for k, t in C.read_safetensors_torch(os.path.join(d, "model.safetensors")):
             params[_rename(k[len(PREFIX):], _TO_HF)].copy_(t)
     load_s = time.perf_counter() - t0
     pv, warm = _inputs(a)
@@ -304,25 +277,10 @@ def main(argv=None):
         a.size = 384 if a.quick else 768
     if a.worker:
         return run_worker_main(a)
-    engines = [e.strip() for e in a.engines.split(",") if e.strip()]
-    unknown = [e for e in engines if e not in ENGINES]
-    if unknown:
-        p.error(f"unknown engine(s) {unknown}; choose from {list(ENGINES)}")
-    if BASELINE in engines:  # the baseline first: the others' errors are measured against its maps
-        engines = [BASELINE] + [e for e in engines if e != BASELINE]
-    os.makedirs(a.workdir, exist_ok=True)
     common = [os.path.abspath(__file__), "--threads", str(a.threads), "--reps", str(a.reps), "--torch-reps",
               str(a.torch_reps), "--image", a.image, "--width", str(a.width), "--height", str(a.height),
               "--size", str(a.size), "--seed", str(a.seed), "--workdir", a.workdir] + (["--quick"] if a.quick else [])
-    _log("preparing weights and pixel_values ...")
-    setup = C.run_worker(common + ["--worker", "prepare"], a.timeout)
-    if "error" in setup:
-        raise SystemExit(f"setup failed: {setup['error']}")
-    results = {}
-    for e in engines:
-        _log(f"running {e} ...")
-        results[e] = C.run_worker(common + ["--worker", e], a.timeout)
-        _log(f"  {e}: " + (results[e].get("error") or f"{results[e]['median_s']:.2f} s"))
+    setup, results = C.run_engines(p, a, a.engines, ENGINES, BASELINE, common, log=_log)
     text = report(results, a, setup)
     print(text)
     if a.json:

@@ -84,16 +84,7 @@ def prepare(a):
         cfg = Qwen2_5_VLConfig(vision_config=dict(vcfg))
         torch.manual_seed(a.seed)
         vis = Qwen2_5_VisionTransformerPretrainedModel._from_config(cfg.vision_config).float().eval()
-        g = torch.Generator().manual_seed(a.seed)
-        with torch.no_grad():
-            for n, p in vis.named_parameters():
-                r = torch.randn(p.shape, generator=g)
-                if "norm" in n or "ln_q" in n:
-                    p.copy_(1 + 0.2 * r)
-                elif n.endswith(".bias"):
-                    p.copy_(0.02 * r)
-                else:
-                    p.copy_(r / float(np.sqrt(p[0].numel())))
+        C.randomize_(vis, a.seed, lambda n: "norm" in n or "ln_q" in n)
         sd = {"visual." + k: v.contiguous() for k, v in vis.state_dict().items()}
         del vis
         raw = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
@@ -130,25 +121,6 @@ def _inputs(a):
     return pv, grid, warm, (1, 16, 16)
 
 
-def _read_safetensors(path):
-    """Yield (name, tensor) reading one tensor at a time with plain file reads: no mmap, so the file's pages do
-    not count in the worker's RSS (safe_open's mmap would add the whole file to VmHWM)."""
-    import struct
-
-    import torch
-
-    dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            b, e = info["data_offsets"]
-            f.seek(8 + n + b)
-            buf = bytearray(f.read(e - b))
-            yield name, torch.frombuffer(buf, dtype=dtypes[info["dtype"]]).reshape(info["shape"])
-
-
 def worker_hf(a, name):
     import torch
     from transformers import Qwen2_5_VLConfig
@@ -166,7 +138,7 @@ def worker_hf(a, name):
                                                                 dtype=tdt)
     params = dict(vis.named_parameters())
     with torch.no_grad():
-        for k, t in _read_safetensors(os.path.join(d, "model.safetensors")):
+        for k, t in C.read_safetensors_torch(os.path.join(d, "model.safetensors")):
             params[k[len("visual."):]].copy_(t)
     vis = vis.to(tdt).eval()  # as a bf16 transformers run: everything bf16 (incl. the rotary inv_freq buffer)
     load_s = time.perf_counter() - t0
@@ -269,26 +241,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.worker:
         return run_worker_main(a)
-    engines = [e.strip() for e in a.engines.split(",") if e.strip()]
-    unknown = [e for e in engines if e not in ENGINES]
-    if unknown:
-        p.error(f"unknown engine(s) {unknown}; choose from {list(ENGINES)}")
-    if BASELINE in engines:  # the baseline first: the others' errors are measured against its tokens
-        engines = [BASELINE] + [e for e in engines if e != BASELINE]
-    os.makedirs(a.workdir, exist_ok=True)
     common = [os.path.abspath(__file__), "--threads", str(a.threads), "--reps", str(a.reps), "--torch-reps",
               str(a.torch_reps), "--image", a.image, "--width", str(a.width), "--height", str(a.height),
               "--seed", str(a.seed), "--workdir", a.workdir] + (["--quick"] if a.quick else [])
-    _log("preparing weights and pixel_values ...")
-    setup = C.run_worker(common + ["--worker", "prepare"], a.timeout)
-    if "error" in setup:
-        raise SystemExit(f"setup failed: {setup['error']}")
-    _log(f"  grid {setup['grid']}, {setup['patches']} patches")
-    results = {}
-    for e in engines:
-        _log(f"running {e} ...")
-        results[e] = C.run_worker(common + ["--worker", e], a.timeout)
-        _log(f"  {e}: " + (results[e].get("error") or f"{results[e]['median_s']:.2f} s"))
+    setup, results = C.run_engines(p, a, a.engines, ENGINES, BASELINE, common, log=_log)
+    _log(f"grid {setup['grid']}, {setup['patches']} patches")
     text = report(results, a, setup)
     print(text)
     if a.json:

@@ -262,7 +262,6 @@ def run_case(tmp_path, cfg, *, aux_dims=(8, 12, 16, 20), aux_hw=(16, 20), D=32, 
              hidden=24, mm_hidden=40, seed=0, n_boxes=6, bf16=False, compute=None, n_threads=2, check=True,
              rtol=RTOL):
     torch.manual_seed(seed)
-    vt_on = cfg.get("mm_use_vision_tower_region_feature", False)
     R = cfg["mm_region_hidden_size"]
     model = RefFO1(cfg, aux_dims, D, Fc, n_full, hidden, mm_hidden)
     randomize(model, seed)

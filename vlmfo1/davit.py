@@ -30,7 +30,7 @@ import numpy as np
 
 from ._native import core
 from .decoder import check_options, default_threads
-from .safetensors import Checkpoint, as_float32, f32_to_bf16_bits
+from .safetensors import Checkpoint, check_tensors, stored_kind, weight
 
 __all__ = ["DavitConfig", "DavitEncoder", "DAVIT_CONFIGS"]
 
@@ -256,37 +256,13 @@ def _collect(ckpt: Checkpoint, c: DavitConfig, layout: str, p: str, dtype: Optio
                     n = base + suffix.format(a=attn)
                     want[f"blocks.{s}.{j}.{kind}.{key}"] = (n + ".weight", shapes[key])
                     want[f"blocks.{s}.{j}.{kind}.{key}_bias"] = (n + ".bias", (shapes[key][0],))
-    missing = [n for n, _ in want.values() if n not in ckpt]
-    if missing:
-        raise KeyError("checkpoint is missing DaViT tensors: " + ", ".join(missing[:10])
-                       + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""))
-    wanted = {n for n, _ in want.values()}
-    unexpected = [k for k in ckpt.keys()
-                  if (k.startswith(p + "blocks.") or k.startswith(p + "convs.")) and k not in wanted]
-    if unexpected:
-        raise ValueError("checkpoint has unexpected DaViT tensors: " + ", ".join(sorted(unexpected)[:10]))
-    bad = [f"{n}: shape {tuple(ckpt.info(n).shape)}, expected {shp}" for n, shp in want.values()
-           if tuple(ckpt.info(n).shape) != shp]
-    if bad:
-        raise ValueError("DaViT tensor shapes do not match the config: " + "; ".join(bad[:10]))
-    kinds = {ckpt.info(n).dtype for n, _ in want.values()} - {"F32", "BF16", "F16"}
-    if kinds:
-        raise ValueError(f"unsupported DaViT weight dtype(s) {sorted(kinds)}")
-
+    check_tensors(ckpt, want, "DaViT", lambda k: k.startswith(p + "blocks.") or k.startswith(p + "convs."))
     out: Dict[str, np.ndarray] = {}
     for key, (name, shp) in want.items():
-        a, sd = ckpt.get(name), ckpt.info(name).dtype
-        if len(shp) == 1:
-            out[key] = np.ascontiguousarray(as_float32(a, sd))
-        elif shp[1:] == (1, 3, 3):   # depthwise conv [C, 1, 3, 3] -> tap-major [9 * C] float32
-            out[key] = np.ascontiguousarray(as_float32(a, sd).reshape(shp[0], 9).T).reshape(-1)
-        else:                        # linear [n, k] or patch conv [C, Cin, k, k] -> [C, Cin * k * k]
-            a = a.reshape(shp[0], -1)
-            if dtype == "float32" or (sd == "F16" and dtype is None):
-                out[key] = np.ascontiguousarray(as_float32(a, sd))
-            elif dtype == "bfloat16":
-                out[key] = a if sd == "BF16" else f32_to_bf16_bits(as_float32(a, sd))
-            else:
-                out[key] = np.ascontiguousarray(a)
-    stored = "bf16" if any(a.dtype == np.uint16 for a in out.values()) else "f32"
-    return out, stored, mlp_hidden
+        if shp[1:] == (1, 3, 3):     # depthwise conv [C, 1, 3, 3] -> tap-major [9 * C] float32
+            a = weight(ckpt, name, dtype, vector=True)
+            out[key] = np.ascontiguousarray(a.reshape(shp[0], 9).T).reshape(-1)
+        else:                        # vectors; linear [n, k]; patch conv [C, Cin, k, k] -> [C, Cin * k * k]
+            a = weight(ckpt, name, dtype, vector=len(shp) == 1)
+            out[key] = a if len(shp) == 1 else a.reshape(shp[0], -1)
+    return out, stored_kind(out), mlp_hidden

@@ -22,7 +22,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 import numpy as np
 
 from ._native import core
-from .safetensors import Checkpoint, as_float32, f32_to_bf16_bits, round_bf16
+from .safetensors import Checkpoint, check_tensors, round_bf16, stored_kind, weight
 
 MODES = ("exact", "reference")
 
@@ -367,36 +367,8 @@ def _collect_tensors(ckpt: Checkpoint, c: DecoderConfig, dtype: Optional[str]):
         warnings.warn("checkpoint has no lm_head.weight: using the input embedding as output layer (tied)",
                       RuntimeWarning, stacklevel=3)
 
-    missing = [n for n, _ in want.values() if n not in ckpt]
-    if missing:
-        more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
-        raise KeyError("checkpoint is missing decoder tensors: " + ", ".join(missing[:10]) + more)
-    names = {n for n, _ in want.values()}
     scoped = prefix in ("model.language_model.", "language_model.model.")  # only the decoder lives there
-    unexpected = [k for k in ckpt.keys() if k.startswith(prefix) and k not in names and not k.endswith("inv_freq")
-                  and (scoped or k.startswith(prefix + "layers."))]
-    if unexpected:
-        raise ValueError("checkpoint has unexpected decoder tensors (another architecture?): "
-                         + ", ".join(sorted(unexpected)[:10]))
-    bad = [f"{n}: shape {ckpt.info(n).shape}, expected {shp}" for n, shp in want.values() if ckpt.info(n).shape != shp]
-    if bad:
-        raise ValueError("checkpoint tensor shapes do not match config.json: " + "; ".join(bad[:10]))
-
-    kinds = {ckpt.info(n).dtype for n, _ in want.values()}
-    unsupported = kinds - {"F32", "BF16", "F16"}
-    if unsupported:
-        raise ValueError(f"unsupported weight dtype(s) {sorted(unsupported)}: expected F32, BF16 or F16")
-    out: Dict[str, np.ndarray] = {}
-    for key, (name, shp) in want.items():
-        a, sd = ckpt.get(name), ckpt.info(name).dtype
-        if len(shp) == 1:                       # norms and biases: small, always float32
-            out[key] = np.ascontiguousarray(as_float32(a, sd))
-            continue
-        if dtype == "float32" or sd == "F16" and dtype is None:
-            out[key] = as_float32(a, sd) if sd != "F32" else a
-        elif dtype == "bfloat16":
-            out[key] = a if sd == "BF16" else f32_to_bf16_bits(as_float32(a, sd))
-        else:
-            out[key] = a
-    stored = "bf16" if any(a.dtype == np.uint16 for a in out.values()) else "f32"
-    return out, stored
+    check_tensors(ckpt, want, "decoder", lambda k: k.startswith(prefix) and not k.endswith("inv_freq")
+                  and (scoped or k.startswith(prefix + "layers.")))
+    out = {key: weight(ckpt, name, dtype, vector=len(shp) == 1) for key, (name, shp) in want.items()}
+    return out, stored_kind(out)

@@ -20,7 +20,7 @@ One request, as the official pipeline runs it (spec fo1_architecture.md §1, ERR
 from __future__ import annotations
 
 import os
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 

@@ -41,7 +41,7 @@ import numpy as np
 
 from ._native import core
 from .decoder import check_options, default_threads
-from .safetensors import Checkpoint, as_float32, f32_to_bf16_bits
+from .safetensors import Checkpoint, weight
 
 P_VP = "model.object_vp_extractor."
 P_PROJ = "model.mm_projector."
@@ -163,20 +163,9 @@ class _Tensors:
         shp = self.shape(name)
         if shape is not None and shp != tuple(shape):
             raise ValueError(f"tensor '{name}' has shape {shp}, expected {tuple(shape)}")
-        sd = self.ckpt.info(name).dtype
-        if sd not in ("F32", "BF16", "F16"):
-            raise ValueError(f"tensor '{name}' has unsupported dtype {sd}")
+        a = weight(self.ckpt, name, self.dtype, vector)
         self.used.add(name)
-        a = self.ckpt.get(name)
-        if vector or self.dtype == "float32" or (sd == "F16" and self.dtype is None):
-            return np.ascontiguousarray(as_float32(a, sd))
-        if self.dtype == "bfloat16":
-            if sd != "BF16":
-                a = f32_to_bf16_bits(as_float32(a, sd))
-            self.stored_bf16 = True
-            return a
-        if sd == "BF16":
-            self.stored_bf16 = True
+        self.stored_bf16 = self.stored_bf16 or a.dtype == np.uint16
         return a
 
 

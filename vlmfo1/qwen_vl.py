@@ -128,14 +128,7 @@ class QwenVL:
 
     def stream(self, image, text: str, **kw) -> Iterator[str]:
         """Yield decoded text pieces as they are generated (special tokens skipped)."""
-        dec = self.tokenizer.incremental_decoder(skip_special_tokens=True)
-        for t in self.stream_ids(image, text, **kw):
-            piece = dec.feed(t)
-            if piece:
-                yield piece
-        tail = dec.flush()
-        if tail:
-            yield tail
+        yield from self.tokenizer.incremental_decoder(skip_special_tokens=True)(self.stream_ids(image, text, **kw))
 
     def generate_ids(self, image, text: str, **kw) -> List[int]:
         return list(self.stream_ids(image, text, **kw))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np

@@ -12,7 +12,7 @@ import json
 import mmap
 import os
 import struct
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
@@ -179,6 +179,52 @@ def as_float32(a: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "BF16":
         return bf16_bits_to_f32(a)
     return np.ascontiguousarray(a, dtype=np.float32)
+
+
+WEIGHT_DTYPES = ("F32", "BF16", "F16")
+
+
+def check_tensors(ckpt: "Checkpoint", want: Dict[str, Tuple[str, tuple]], what: str, is_own) -> None:
+    """Check the tensors a network needs. want: core key -> (checkpoint name, shape). Raises KeyError for missing
+    tensors, ValueError for tensors `is_own(name)` claims for the network but `want` does not name (another
+    architecture or config), for shapes that differ and for dtypes other than F32, BF16 and F16. `what` names the
+    network in the messages ("decoder", "vision", "DaViT")."""
+    missing = [n for n, _ in want.values() if n not in ckpt]
+    if missing:
+        more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
+        raise KeyError(f"checkpoint is missing {what} tensors: " + ", ".join(missing[:10]) + more)
+    names = {n for n, _ in want.values()}
+    unexpected = [k for k in ckpt.keys() if k not in names and is_own(k)]
+    if unexpected:
+        raise ValueError(f"checkpoint has unexpected {what} tensors (another architecture or config?): "
+                         + ", ".join(sorted(unexpected)[:10]))
+    bad = [f"{n}: shape {tuple(ckpt.info(n).shape)}, expected {tuple(shp)}" for n, shp in want.values()
+           if tuple(ckpt.info(n).shape) != tuple(shp)]
+    if bad:
+        raise ValueError(f"{what} tensor shapes do not match config.json: " + "; ".join(bad[:10]))
+    kinds = {ckpt.info(n).dtype for n, _ in want.values()} - set(WEIGHT_DTYPES)
+    if kinds:
+        raise ValueError(f"unsupported {what} weight dtype(s) {sorted(kinds)}: expected F32, BF16 or F16")
+
+
+def weight(ckpt: "Checkpoint", name: str, dtype: Optional[str], vector: bool = False) -> np.ndarray:
+    """One tensor under the engine's dtype policy. Vectors (norms, biases) and dtype="float32" give float32;
+    dtype="bfloat16" gives bf16 bits (uint16); dtype=None keeps the stored BF16 or F32 (F16 is widened to F32).
+    Nothing is copied when nothing changes (the array stays a view of the memory-mapped file)."""
+    sd = ckpt.info(name).dtype
+    if sd not in WEIGHT_DTYPES:
+        raise ValueError(f"tensor '{name}' has unsupported dtype {sd} (expected F32, BF16 or F16)")
+    a = ckpt.get(name)
+    if vector or dtype == "float32" or (sd == "F16" and dtype is None):
+        return as_float32(a, sd)
+    if dtype == "bfloat16" and sd != "BF16":
+        return f32_to_bf16_bits(as_float32(a, sd))
+    return a
+
+
+def stored_kind(arrays: Dict[str, np.ndarray]) -> str:
+    """"bf16" if any weight is held as bf16 bits, else "f32"."""
+    return "bf16" if any(a.dtype == np.uint16 for a in arrays.values()) else "f32"
 
 
 def write_streaming(path: str, entries, metadata: Dict[str, str] | None = None):

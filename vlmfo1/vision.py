@@ -9,14 +9,14 @@ Checkpoint layouts: stock Qwen2.5-VL (`visual.*`), transformers 5 (`model.visual
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
 from ._native import core
 from .decoder import check_options, default_threads
-from .safetensors import Checkpoint, as_float32, f32_to_bf16_bits, round_bf16
+from .safetensors import Checkpoint, check_tensors, round_bf16, stored_kind, weight
 
 _PREFIXES = ("model.vision_tower.image_tower.", "model.visual.", "visual.", "vision_tower.")
 
@@ -145,32 +145,7 @@ def _collect(ckpt: Checkpoint, c: VisionConfig, p: str, dtype: Optional[str]):
     for l in range(c.depth):
         for k, (n, shp) in per.items():
             want[f"blocks.{l}.{k}"] = (f"{p}blocks.{l}.{n}", shp)
-    missing = [n for n, _ in want.values() if n not in ckpt]
-    if missing:
-        raise KeyError("checkpoint is missing vision tensors: " + ", ".join(missing[:10])
-                       + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""))
-    names = {n for n, _ in want.values()}
-    unexpected = [k for k in ckpt.keys() if k.startswith(p + "blocks.") and k not in names]
-    if unexpected:
-        raise ValueError("checkpoint has unexpected vision tensors: " + ", ".join(sorted(unexpected)[:10]))
-    bad = [f"{n}: shape {ckpt.info(n).shape}, expected {shp}" for n, shp in want.values() if ckpt.info(n).shape != shp]
-    if bad:
-        raise ValueError("vision tensor shapes do not match config.json: " + "; ".join(bad[:10]))
-    kinds = {ckpt.info(n).dtype for n, _ in want.values()} - {"F32", "BF16", "F16"}
-    if kinds:
-        raise ValueError(f"unsupported vision weight dtype(s) {sorted(kinds)}")
-    out: Dict[str, np.ndarray] = {}
-    for key, (name, shp) in want.items():
-        a, sd = ckpt.get(name), ckpt.info(name).dtype
-        if key == "patch_embed":
-            a = a.reshape(D, -1)  # Conv3d weight -> [D, C*T*P*P], the pixel_values column order
-        if len(shp) == 1:
-            out[key] = np.ascontiguousarray(as_float32(a, sd))
-        elif dtype == "float32" or (sd == "F16" and dtype is None):
-            out[key] = np.ascontiguousarray(as_float32(a, sd))
-        elif dtype == "bfloat16":
-            out[key] = a if sd == "BF16" else f32_to_bf16_bits(as_float32(a, sd))
-        else:
-            out[key] = a
-    stored = "bf16" if any(a.dtype == np.uint16 for a in out.values()) else "f32"
-    return out, stored
+    check_tensors(ckpt, want, "vision", lambda k: k.startswith(p + "blocks."))
+    out = {key: weight(ckpt, name, dtype, vector=len(shp) == 1) for key, (name, shp) in want.items()}
+    out["patch_embed"] = out["patch_embed"].reshape(D, -1)  # Conv3d weight -> [D, C*T*P*P], pixel_values order
+    return out, stored_kind(out)
