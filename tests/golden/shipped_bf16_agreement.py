@@ -69,7 +69,8 @@ def main():
                     row = {"case": f"{'sfpn' if sfpn else 'nofpn'}_{ar}_{im[-10:-4]}", "n": len(want),
                            "official_bf16": want}
                     for c, fo1 in ours.items():
-                        ids, emb, pos, delta, _, _ = fo1.prepare(d_image(im), d["boxes_xyxy"], str(d["prompt_text"]))
+                        ids, emb, pos, delta, _, _ = fo1.prepare(str(G.COCO / "val2017" / im), d["boxes_xyxy"],
+                                                                 str(d["prompt_text"]))
                         s = fo1.decoder.session(max_context=len(ids) + len(want) + 8)
                         logits = s.prefill_embeds(emb, pos)
                         s.rope_delta = delta
@@ -94,10 +95,6 @@ def main():
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"official_commit": off.commit, "cases": rows}, f, indent=1)
-
-
-def d_image(name: str) -> str:
-    return str(G.COCO / "val2017" / name)
 
 
 if __name__ == "__main__":
