@@ -14,18 +14,25 @@ Two steps, in two processes (the official fp32 model alone peaks at ~20 GiB):
     /tmp/fo1ref/bin/python tests/golden/full_size_parity.py official --official /tmp/fo1co \\
         --request /tmp/vlmfo1_bench_fo1/request_full.json --out /tmp/fo1_full_official.npz
     python tests/golden/full_size_parity.py compare --request /tmp/vlmfo1_bench_fo1/request_full.json \\
-        --golden /tmp/fo1_full_official.npz [--json out.json]
+        --golden /tmp/fo1_full_official.npz --json own.json
 
 The random full-size DaViT-large is badly conditioned (its stage-2 depth of 9 amplifies fp32 rounding), so a
 third step measures that, and the first two can then be repeated with the DaViT outputs replaced, in both
 implementations, by the official DaViT evaluated in float64 -- which isolates everything downstream of it:
 
     /tmp/fo1ref/bin/python tests/golden/full_size_parity.py davit --official /tmp/fo1co \
-        --request /tmp/vlmfo1_bench_fo1/request_full.json --out /tmp/fo1_full_davit_f64.npz
+        --request /tmp/vlmfo1_bench_fo1/request_full.json --out /tmp/fo1_full_davit_f64.npz --json davit.json
     /tmp/fo1ref/bin/python tests/golden/full_size_parity.py official ... --davit-maps /tmp/fo1_full_davit_f64.npz \
         --out /tmp/fo1_full_official_d64.npz
     python tests/golden/full_size_parity.py compare ... --davit-maps /tmp/fo1_full_davit_f64.npz \
-        --golden /tmp/fo1_full_official_d64.npz
+        --golden /tmp/fo1_full_official_d64.npz --json f64.json
+
+The results file of the README is then assembled, with the token agreement between every pair of runs, by
+
+    python tests/golden/full_size_parity.py summary --davit davit.json --own own.json --f64 f64.json \
+        --bench benchmarks/results/fo1_2026-11-27.json ... --out benchmarks/results/fo1_full_parity_2026-11-27.json
+
+(davit.json: the davit step's --json; own.json / f64.json: compare's --json without / with --davit-maps).
 
 The official steps reuse make_fo1_golden.py (its CPU shims and hooks; nothing of the official code is copied).
 """
@@ -113,13 +120,20 @@ def davit(a):
         m = m.to(dt)
         with torch.no_grad():
             res[dt] = [x[0].double().numpy() for x in m(torch.from_numpy(px)[None].to(dt))["image_features"]]
+    table = {"aux_pixels": list(px.shape), "official_fp32": [], "vlmfo1_fp32": [], "vlmfo1_vs_official_fp32": []}
     print(f"DaViT on {px.shape[1]}x{px.shape[2]} aux pixels; max |error| / max |float64 value|:")
     print("  stage  shape             official fp32   vlmfo1 fp32   vlmfo1 vs official fp32")
     for i in range(4):
         ref, o32 = res[torch.float64][i], res[torch.float32][i]
-        print(f"  {i}      {str(ref.shape):17s} {rel(o32, ref):.2e}        {rel(ours[i], ref):.2e}      {rel(ours[i], o32):.2e}")
+        row = (rel(o32, ref), rel(ours[i], ref), rel(ours[i], o32))
+        for k, v in zip(("official_fp32", "vlmfo1_fp32", "vlmfo1_vs_official_fp32"), row):
+            table[k].append(v)
+        print(f"  {i}      {str(ref.shape):17s} {row[0]:.2e}        {row[1]:.2e}      {row[2]:.2e}")
     np.savez(a.out, **{f"stage{i}": t.astype(np.float32) for i, t in enumerate(res[torch.float64])})
     print(f"wrote {a.out} (the float64 stage outputs, as float32)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(table, f, indent=1)
 
 
 def rel(a, b):
@@ -178,11 +192,7 @@ def compare(a):
     l0 = s2.prefill_embeds(emb, pos)
     s2.rope_delta = delta
     free = list(decode_stream(dec, s2, l0, len(want), stop_ids=[]))
-    agree = 0
-    for x, y in zip(free, want):
-        if x != y:
-            break
-        agree += 1
+    agree = first_divergence(free, want)
     print("exact:", ", ".join(f"{k} {'ok' if v else 'DIFFER'}" for k, v in same.items()))
     print("max relative error (vs the largest official value):")
     for k, v in errs.items():
@@ -197,6 +207,43 @@ def compare(a):
         with open(a.json, "w") as f:
             json.dump({"exact": same, "rel_err": errs, "steps": steps, "free_prefix_agree": agree,
                        "official_tokens": want, "ours_tokens": free}, f, indent=1)
+
+
+def first_divergence(a, b) -> int:
+    """How many leading tokens two sequences share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def summary(a):
+    """One results file from the step outputs, with the token agreements between every pair of runs."""
+    davit_t = json.load(open(a.davit))
+    own, f64 = json.load(open(a.own)), json.load(open(a.f64))
+    runs = {"official fp32, own DaViT": own["official_tokens"], "vlmfo1 fp32, own DaViT": own["ours_tokens"],
+            "both, float64 DaViT (official tokens)": f64["official_tokens"],
+            "both, float64 DaViT (vlmfo1 tokens)": f64["ours_tokens"]}
+    for path in a.bench:
+        for e, r in json.load(open(path))["results"].items():
+            if "tokens" in r:
+                runs[f"bench_fo1 {e}"] = r["tokens"]
+    names = list(runs)
+    pairs = {f"{x} | {y}": first_divergence(runs[x], runs[y]) for i, x in enumerate(names) for y in names[i + 1:]}
+    print("DaViT vs float64, stage 0..3:")
+    for k in ("official_fp32", "vlmfo1_fp32", "vlmfo1_vs_official_fp32"):
+        print(f"  {k:24s} " + "  ".join(f"{v:.2e}" for v in davit_t[k]))
+    for label, r in (("own DaViT", own), ("float64 DaViT in both", f64)):
+        print(f"{label}: " + ", ".join(f"{k} {v:.2e}" for k, v in r["rel_err"].items() if k.startswith(("region",
+              "image", "davit_stage3"))) + f"; teacher-forced logits max err "
+              f"{max(st['top64_rel_err'] for st in r['steps']):.2e}")
+    print("identical leading tokens (of 20):")
+    for k, v in pairs.items():
+        print(f"  {v:2d}  {k}")
+    with open(a.out, "w") as f:
+        json.dump({"what": "full-size fp32 parity, vlmfo1 vs official VLM-FO1 (e6bef8d), reference mode, random full "
+                   "checkpoint seed 0, 1000x750 COCO 000000404484, 100 boxes, COCO-80 prompt, 20 greedy tokens; "
+                   "made by tests/golden/full_size_parity.py (davit, official, compare, summary steps)",
+                   "davit_vs_float64": davit_t, "own_davit": own, "float64_davit_in_both": f64,
+                   "leading_tokens_identical": pairs}, f, indent=1)
+    print(f"wrote {a.out}")
 
 
 def main():
@@ -214,6 +261,13 @@ def main():
     d.add_argument("--request", required=True)
     d.add_argument("--out", required=True)
     d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--json", default="", help="also write the error table here")
+    m = sub.add_parser("summary")
+    m.add_argument("--davit", required=True, help="--json of the davit step")
+    m.add_argument("--own", required=True, help="--json of compare without --davit-maps")
+    m.add_argument("--f64", required=True, help="--json of compare with --davit-maps")
+    m.add_argument("--bench", nargs="*", default=[], help="bench_fo1.py --json files whose tokens to include")
+    m.add_argument("--out", required=True)
     c = sub.add_parser("compare")
     c.add_argument("--davit-maps", default="")
     c.add_argument("--request", required=True)
@@ -221,7 +275,7 @@ def main():
     c.add_argument("--json", default="")
     c.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    {"official": official, "davit": davit, "compare": compare}[a.cmd](a)
+    {"official": official, "davit": davit, "compare": compare, "summary": summary}[a.cmd](a)
 
 
 if __name__ == "__main__":
