@@ -42,3 +42,19 @@ def test_random_fo1_checkpoint_and_detect_json(tmp_path, capsys):
     boxes = boxes["boxes"] if isinstance(boxes, dict) else boxes
     for d in res["detections"]:     # every detection is one of the input boxes
         assert d["box"] == [float(v) for v in boxes[d["index"]]]
+
+
+def test_cli_errors_are_one_clear_line(tmp_path, capsys):
+    bad = tmp_path / "boxes.json"
+    bad.write_text('{"box": []}')
+    assert main(["detect", "--model", str(tmp_path / "nowhere"), "--image", "x.jpg", "--boxes", str(bad), "dog"]) == 1
+    err = capsys.readouterr().err
+    assert "vlmfo1 detect: error:" in err and "config.json" in err and "Traceback" not in err
+    assert main(["generate", "--model", str(tmp_path / "nowhere"), "hi"]) == 1
+    assert "error:" in capsys.readouterr().err
+    from vlmfo1.cli import _read_boxes
+    with pytest.raises(ValueError, match="boxes"):
+        _read_boxes(bad)
+    bad.write_text("[[0, 0, 1")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        _read_boxes(bad)

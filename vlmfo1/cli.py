@@ -105,6 +105,15 @@ def main(argv=None) -> int:
     d.set_defaults(max_new_tokens=32)
 
     args = ap.parse_args(argv)
+    try:
+        return _run(args)
+    except (OSError, ValueError, KeyError, TypeError) as e:   # bad files, inputs, checkpoints: one clear line
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"vlmfo1 {args.cmd}: error: {msg}", file=sys.stderr)
+        return 1
+
+
+def _run(args) -> int:
     if args.cmd == "generate" and args.image:
         from .qwen_vl import DEFAULT_SYSTEM, QwenVL
 
@@ -162,8 +171,15 @@ def _read_boxes(path):
     import json
 
     with open(path) as f:
-        data = json.load(f)
-    return data["boxes"] if isinstance(data, dict) else data
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if isinstance(data, dict):
+        if "boxes" not in data:
+            raise ValueError(f'{path}: expected a list of [x1, y1, x2, y2] boxes or {{"boxes": [...]}}')
+        data = data["boxes"]
+    return data
 
 
 def _print_result(res, t0):
