@@ -7,6 +7,7 @@
  * Two implementations of the inner tiles: AVX-512 intrinsics (D a multiple of 16), and plain C for
  * every other CPU or head size. Softmax is fp32 with max subtraction, as in torch. */
 #include "attention.h"
+#include "gemm.h"
 #include "simd.h"
 
 #include <math.h>
@@ -160,13 +161,7 @@ typedef void (*pv_tile_fn)(float *, const float *, int, const float *, int, int,
 
 static int use_512(int D) {
 #if FA_X86
-    static int ok = -1;
-    if (ok < 0) {
-        __builtin_cpu_init();
-        ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-    }
-    return ok && D % 16 == 0;
+    return vlm_cpu_has_avx512() && D % 16 == 0;
 #else
     (void)D;
     return 0;

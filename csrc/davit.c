@@ -306,16 +306,7 @@ static DV_TGT512 void gelu_512(float *x, size_t lo, size_t hi) {
     gelu_generic(x, i, hi);
 }
 
-static int dv_has_512(void) {
-    static int ok = -1;
-    if (ok < 0) {  /* first called by the driving thread (vlm_davit_forward), before any pool task */
-        const char *cap = getenv("VLM_GEMM_ISA");  /* the same cap as the matmul kernels (tests) */
-        __builtin_cpu_init();
-        ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-             !(cap && (!strcmp(cap, "generic") || !strcmp(cap, "avx2")));
-    }
-    return ok;
-}
+static int dv_has_512(void) { return vlm_cpu_has_avx512(); }
 #else
 static int dv_has_512(void) { return 0; }
 static void gelu_512(float *x, size_t lo, size_t hi) { gelu_generic(x, lo, hi); }
@@ -581,7 +572,6 @@ vlm_status vlm_davit_forward(const vlm_davit *m, vlm_pool *pool, const float *pi
     int hs[VLM_DAVIT_STAGES], ws[VLM_DAVIT_STAGES];
     if (!pixels || !out) return vlm_fail(err, VLM_ERR_ARG, "davit: NULL pixels or outputs");
     VLM_TRY(vlm_davit_stage_sizes(m, H, W, hs, ws, err));
-    (void)dv_has_512();  /* CPU check once, here, not racing inside the pool */
     dv_run run = {.m = m, .pool = pool, .err = err}, *r = &run;
     size_t need = carve(&r->S, m, hs, ws, vlm_pool_size(pool), NULL);
     if (!scratch || scratch_size < need)

@@ -87,6 +87,8 @@ static int isa(void) {
 
 const char *vlm_gemm_kernel_name(void) { return isa_names[isa()]; }
 
+int vlm_cpu_has_avx512(void) { return isa() >= ISA_AVX512; }
+
 void vlm_blas_set_threads(int n) {
     if (n < 1) n = 1;
     scipy_openblas_set_num_threads(n);

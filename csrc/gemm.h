@@ -37,6 +37,8 @@ size_t vlm_matmul_scratch_size(int64_t m, const vlm_weight *w, vlm_compute cmode
 /* CPU features found at run time, and a name of the kernel family in use ("avx512bf16", "avx512",
  * "avx2", "generic"), for logs and benchmarks. */
 const char *vlm_gemm_kernel_name(void);
+/* AVX-512 F/BW/VL/DQ usable (and not capped by VLM_GEMM_ISA): the one CPU check every kernel family uses. */
+int vlm_cpu_has_avx512(void);
 /* Set the thread count of the BLAS library (called once per model load). */
 void vlm_blas_set_threads(int n);
 const char *vlm_blas_info(void);

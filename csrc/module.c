@@ -50,6 +50,7 @@ static int to_weight(PyObject *obj, const char *name, vlm_weight *w) {
 }
 
 static const float *to_f32_vec(PyObject *obj, const char *name, npy_intp n) {
+    if (!obj) return NULL;  /* get_item() failed: KeyError already set */
     if (!PyArray_Check(obj) || PyArray_TYPE((PyArrayObject *)obj) != NPY_FLOAT32 ||
         PyArray_NDIM((PyArrayObject *)obj) != 1 || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)obj)) {
         PyErr_Format(PyExc_TypeError, "%s: expected a contiguous 1-D float32 array", name);
@@ -74,6 +75,10 @@ static int get_int(PyObject *dict, const char *key, int *out) {
     if (!v) return -1;
     long x = PyLong_AsLong(v);
     if (x == -1 && PyErr_Occurred()) return -1;
+    if (x < INT_MIN || x > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "config value '%s' = %ld is out of range", key, x);
+        return -1;
+    }
     *out = (int)x;
     return 0;
 }
@@ -316,6 +321,7 @@ fail:
 static PyObject *Qwen2State_truncate(Qwen2State *self, PyObject *arg) {
     long n = PyLong_AsLong(arg);
     if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 0 || n > INT_MAX) return PyErr_Format(PyExc_ValueError, "truncate: %ld is not a cache length", n);
     if (acquire(self)) return NULL;
     vlm_err err = {{0}};
     vlm_status st = vlm_qwen2_state_truncate(self->s, (int)n, &err);
@@ -388,6 +394,10 @@ static int VisionModel_init(VisionModel *self, PyObject *args, PyObject *kw) {
     if (PyErr_Occurred()) return -1;
     if (c->depth <= 0 || c->depth > VLM_VIT_MAX_DEPTH) {
         PyErr_Format(PyExc_ValueError, "vision depth must be in [1, %d]", VLM_VIT_MAX_DEPTH);
+        return -1;
+    }
+    if (c->n_heads <= 0 || c->hidden <= 0 || c->hidden % c->n_heads) {  /* before D / n_heads below */
+        PyErr_SetString(PyExc_ValueError, "vision hidden_size must be a positive multiple of num_heads");
         return -1;
     }
     if (!(full = get_item(cfg, "fullatt"))) return -1;

@@ -219,7 +219,7 @@ vlm_status vlm_qwen2_forward(const vlm_qwen2 *m, vlm_qwen2_state *s, const int32
         for (int a = 0; a < 3; a++) memcpy(s->pos + (size_t)a * n, pos + (size_t)a * T + t0, n * sizeof(int32_t));
         int last = t0 + n == T;
         float *lg = NULL;
-        if (logits_all) lg = logits + (size_t)t0 * c->vocab;
+        if (logits && logits_all) lg = logits + (size_t)t0 * c->vocab;
         else if (last) lg = logits;
         vlm_status st = forward_chunk(m, s, n, lg, logits_all, err);
         if (st != VLM_OK) { s->n_past = start; return st; }

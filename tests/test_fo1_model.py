@@ -182,3 +182,36 @@ def test_concurrent_requests_match_serial(fo1):
     for t in threads:
         t.join(timeout=600)
     assert not errors and got == serial
+
+
+def test_core_models_reject_missing_or_bad_entries(ckpt, monkeypatch):
+    # the C binding is an API boundary too: every tensor it needs, taken away, is a KeyError (never a crash)
+    from vlmfo1 import _native
+    from vlmfo1.fo1 import FO1
+    core = _native.core
+    seen = {}
+    for name in ("Qwen2Model", "VisionModel", "DavitModel", "HFREModel"):
+        cls = getattr(core, name)
+
+        def record(cfg, tensors, _cls=cls, _name=name):
+            seen[_name] = (cfg, dict(tensors))
+            return _cls(cfg, tensors)
+        monkeypatch.setattr(core, name, record)
+    fo1 = FO1.load(ckpt, n_threads=1)
+    monkeypatch.undo()
+    assert set(seen) == {"Qwen2Model", "VisionModel", "DavitModel", "HFREModel"}
+    for name, (cfg, tensors) in seen.items():
+        cls = getattr(core, name)
+        for key in tensors:
+            with pytest.raises(KeyError):
+                cls(cfg, {k: v for k, v in tensors.items() if k != key})
+    cfg, tensors = seen["VisionModel"]
+    with pytest.raises(ValueError, match="num_heads"):
+        core.VisionModel(dict(cfg, n_heads=0), tensors)
+    with pytest.raises(ValueError, match="out of range"):
+        core.VisionModel(dict(cfg, depth=2 ** 40), tensors)
+    s = fo1.decoder.session(max_context=16)
+    s.prefill([1, 2, 3])
+    with pytest.raises(ValueError, match="cache length"):
+        s._state.truncate(2 ** 32)
+    assert s._state.n_past == 3
