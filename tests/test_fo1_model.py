@@ -215,3 +215,30 @@ def test_core_models_reject_missing_or_bad_entries(ckpt, monkeypatch):
     with pytest.raises(ValueError, match="cache length"):
         s._state.truncate(2 ** 32)
     assert s._state.n_past == 3
+
+
+def test_bad_requests_fail_before_the_image_work(fo1, monkeypatch):
+    img, boxes = coco_case(0)
+    calls = []
+    monkeypatch.setattr(fo1, "encode", lambda *a, **k: calls.append(1))
+    for bad in (dict(index=len(boxes)), dict(index=-1)):                   # no such region
+        with pytest.raises(ValueError, match="region index out of range"):
+            fo1.describe_region(img, boxes, max_new_tokens=2, **bad)
+    with pytest.raises(ValueError, match="region index out of range"):
+        fo1.detect_like(img, boxes, [0, 99], max_new_tokens=2)
+    with pytest.raises(ValueError, match="top_p"):                            # bad sampling options
+        fo1.detect(img, boxes, ["dog"], top_p=0.0)
+    with pytest.raises(ValueError, match="must not contain"):                 # markers in the text
+        fo1.prepare(img, boxes, "a <regionfeat> here")
+    assert calls == []
+
+
+def test_nan_logits_raise():
+    from vlmfo1.decoder import _sample
+    rng = np.random.default_rng(0)
+    x = np.zeros(10, np.float32)
+    x[3] = np.nan
+    for t, p, k in ((0.0, 1.0, 0), (1.0, 1.0, 0), (1.0, 0.9, 0), (1.0, 0.9, 5)):
+        for ref in (False, True):
+            with pytest.raises(FloatingPointError):
+                _sample(x, t, p, k, rng, ref)

@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         return _run(args)
-    except (OSError, ValueError, KeyError, TypeError) as e:   # bad files, inputs, checkpoints: one clear line
+    except (OSError, ValueError, KeyError, TypeError, NotImplementedError, FloatingPointError) as e:  # one clear line
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"vlmfo1 {args.cmd}: error: {msg}", file=sys.stderr)
         return 1

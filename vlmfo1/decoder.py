@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence
@@ -59,10 +58,14 @@ class DecoderConfig:
             raise ValueError(f"config.json lacks {', '.join(missing)}")
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
+        if heads <= 0 or hidden <= 0:
+            raise ValueError(f"config.json: hidden_size {hidden} and num_attention_heads {heads} must be positive")
         head_dim = int(cfg.get("head_dim") or hidden // heads)
         rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
         theta = cfg.get("rope_theta", rope.get("rope_theta", 1_000_000.0) if isinstance(rope, dict) else 1e6)
         mrope = tuple(rope.get("mrope_section", ())) if isinstance(rope, dict) else ()
+        if mrope and len(mrope) != 3:
+            raise ValueError(f"config.json: mrope_section must have 3 entries (t, h, w), got {list(mrope)}")
         eos = top.get("eos_token_id", cfg.get("eos_token_id"))
         eos = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
         act = cfg.get("hidden_act", "silu")
@@ -91,6 +94,14 @@ def _top(x: np.ndarray, m: int) -> np.ndarray:
     return idx[np.argsort(-x[idx], kind="stable")]
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
+    """The generation options every entry point accepts; called before any prefill or image work."""
+    if max_new_tokens < 0:
+        raise ValueError("max_new_tokens must be >= 0")
+    if temperature < 0 or not (0.0 < top_p <= 1.0) or top_k < 0:
+        raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+
+
 def _sample(logits: np.ndarray, temperature: float, top_p: float, top_k: int, rng: np.random.Generator,
             greedy_bf16: bool) -> int:
     """Next token from logits: greedy (temperature 0 or top_k 1; ties to the lowest id), else softmax
@@ -98,24 +109,33 @@ def _sample(logits: np.ndarray, temperature: float, top_p: float, top_k: int, rn
     set whose probability reaches top_p (the order and semantics of the transformers warpers)."""
     if temperature <= 0.0 or top_k == 1:
         lg = round_bf16(logits) if greedy_bf16 else logits
-        return int(np.argmax(lg))
+        tok = int(np.argmax(lg))
+        if not np.isfinite(lg[tok]):          # argmax stops at the first NaN
+            raise FloatingPointError("the model produced NaN or infinite logits")
+        return tok
     x = logits.astype(np.float64) / temperature
     V = x.size
+    xmax = x.max()
+    if not np.isfinite(xmax):
+        raise FloatingPointError("the model produced NaN or infinite logits")
     k = top_k if 0 < top_k < V else V
     if top_p >= 1.0:
         cand = _top(x, k) if k < V else np.arange(V)
-        p = np.exp(x[cand] - x[cand].max())
+        p = np.exp(x[cand] - xmax)
+    elif k < V:                                # the nucleus within the top k (sorted once)
+        cand = _top(x, k)
+        p = np.exp(x[cand] - xmax)
+        p /= p.sum()
     else:
-        xmax = x.max()
         z = np.exp(x - xmax)
-        Z = z.sum() if k == V else z[_top(x, k)].sum()  # normalizer of the top-k distribution
-        m = min(k, 1024)  # the nucleus is usually small: sort only a head that holds top_p
+        Z = z.sum()
+        m = min(V, 1024)  # the nucleus is usually small: sort only a head that holds top_p
         while True:
             cand = _top(x, m)
             p = z[cand] / Z
-            if p.sum() >= top_p or m == k:
+            if p.sum() >= top_p or m == V:
                 break
-            m = min(k, m * 8)
+            m = min(V, m * 8)
         keep = (np.cumsum(p) - p) < top_p  # the smallest prefix whose mass reaches top_p
         keep[0] = True
         cand, p = cand[keep], p[keep]
@@ -127,10 +147,7 @@ def decode_stream(lm: "LanguageModel", session: "Session", logits: np.ndarray, m
                   temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
                   stop_ids: Optional[Iterable[int]] = None) -> Iterator[int]:
     """The generation loop after a prefill: sample, yield, feed back; the stop token is yielded last."""
-    if max_new_tokens < 0:
-        raise ValueError("max_new_tokens must be >= 0")
-    if temperature < 0 or not (0.0 < top_p <= 1.0) or top_k < 0:
-        raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+    check_sampling(max_new_tokens, temperature, top_p, top_k)
     stops = set(lm.stop_ids if stop_ids is None else stop_ids)
     rng = np.random.default_rng(seed)
     for i in range(max_new_tokens):
@@ -228,8 +245,6 @@ class LanguageModel:
                         mrope_t=mr[0], mrope_h=mr[1], mrope_w=mr[2])
         core.set_blas_threads(n_threads)
         self._core = core.Qwen2Model(core_cfg, tensors)
-        self._lock = threading.Lock()
-        self._default_session: Optional[Session] = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -284,13 +299,8 @@ class LanguageModel:
                seed: Optional[int] = None, stop_ids: Optional[Iterable[int]] = None,
                session: Optional[Session] = None) -> Iterator[int]:
         """Yield new token ids one at a time (the stop token, when reached, is yielded last)."""
-        if max_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 0")
-        if temperature < 0 or not (0.0 < top_p <= 1.0) or top_k < 0:
-            raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        check_sampling(max_new_tokens, temperature, top_p, top_k)
         s = session or self.session(max_context=max(self.max_context, len(ids) + max_new_tokens))
-        if session is None and len(ids) + max_new_tokens > s.max_context:
-            raise ValueError("prompt + max_new_tokens exceed max_context")
         logits = s.prefill(ids)
         yield from decode_stream(self, s, logits, max_new_tokens, temperature, top_p, top_k, seed, stop_ids)
 

@@ -26,7 +26,8 @@ import numpy as np
 
 from .aux_image import AuxImageProcessor
 from .davit import DavitEncoder
-from .decoder import LanguageModel, check_options, decode_stream, default_threads, read_config, read_generation_eos
+from .decoder import (LanguageModel, check_options, check_sampling, decode_stream, default_threads, read_config,
+                      read_generation_eos)
 from .fo1_prompt import (BRIEF_REGION_CAPTION_TEMPLATE, COCO_CATEGORIES, DETAILED_REGION_CAPTION_TEMPLATE,
                          GROUNDING_TEMPLATE, IMAGE_INDEX, MAX_BOXES, OD_COUNTING_TEMPLATE, OD_TEMPLATE, REC_TEMPLATE,
                          REGION_INDEX, REGION_OCR_TEMPLATE, REGION_REASONING_TEMPLATE, VISUAL_PROMPT_OD_TEMPLATE,
@@ -120,14 +121,18 @@ class FO1:
     def prepare(self, image, boxes, text: str, truncate_boxes: bool = False, trace: Optional[dict] = None):
         """-> (ids with placeholders expanded, input embeddings [L, hidden], positions [3, L], rope delta,
         boxes used, prompt text)."""
-        image_tokens, (gh, gw), regions, b = self.encode(image, boxes, truncate_boxes, trace)
-        ids, prompt = prompt_ids(self.tokenizer, text, len(b))
-        if trace is not None:
-            trace["input_ids"] = list(ids)
+        b = check_boxes(boxes, truncate=truncate_boxes)
+        ids, prompt = prompt_ids(self.tokenizer, text, len(b))   # the text is checked before any image work
         if ids.count(IMAGE_INDEX) != 1:
             raise ValueError("the prompt must hold exactly one image")
         if QWEN_IMAGE_TOKEN in ids:
             raise ValueError("the prompt text must not contain <|image_pad|>: the image is placed by the prompt builder")
+        if ids.count(REGION_INDEX) != len(b):
+            raise ValueError("the prompt text must not contain the <regionfeat> marker: region slots are placed by "
+                             "the prompt builder (refer to boxes with <regionK>)")
+        if trace is not None:
+            trace["input_ids"] = list(ids)
+        image_tokens, (gh, gw), regions, _ = self.encode(image, b, trace=trace)
         M, H = image_tokens.shape[0], self.decoder.config.hidden_size
         p = ids.index(IMAGE_INDEX)           # only text comes before the image
         full = ids[:p] + [QWEN_IMAGE_TOKEN] * M + ids[p + 1:]
@@ -141,17 +146,14 @@ class FO1:
         text_pos = [i for i, t in enumerate(full) if t >= 0 and not p <= i < p + M]
         emb[text_pos] = self.decoder.embed(np.asarray([full[i] for i in text_pos], dtype=np.int32))
         emb[p:p + M] = image_tokens
-        region_pos = [i for i, t in enumerate(full) if t == REGION_INDEX]
-        if len(region_pos) != len(regions):
-            raise ValueError("the prompt text must not contain the <regionfeat> marker: region slots are placed by "
-                             "the prompt builder (refer to boxes with <regionK>)")
-        emb[region_pos] = regions
+        emb[[i for i, t in enumerate(full) if t == REGION_INDEX]] = regions
         pos, delta = rope_positions(full, [(p, M, gh // 2, gw // 2)])
         return full, emb, pos, delta, b, prompt
 
     def stream_ids(self, image, boxes, text: str, max_new_tokens: int = 512, temperature: float = 0.0,
                    top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None, stop_ids=None,
                    truncate_boxes: bool = False) -> Iterator[int]:
+        check_sampling(max_new_tokens, temperature, top_p, top_k)
         ids, emb, pos, delta, _, _ = self.prepare(image, boxes, text, truncate_boxes)
         dec = self.decoder
         s = dec.session(max_context=max(dec.max_context, len(ids) + max_new_tokens))
@@ -186,13 +188,18 @@ class FO1:
 
     def describe_region(self, image, boxes, index: int, detailed: bool = False, **kw) -> FO1Result:
         t = DETAILED_REGION_CAPTION_TEMPLATE if detailed else BRIEF_REGION_CAPTION_TEMPLATE
-        return self.generate(image, boxes, t.format(region_tags([index])), **kw)
+        return self._about_regions(image, boxes, t, [index], kw)
 
     def read_region(self, image, boxes, index: int, **kw) -> FO1Result:
-        return self.generate(image, boxes, REGION_OCR_TEMPLATE.format(region_tags([index])), **kw)
+        return self._about_regions(image, boxes, REGION_OCR_TEMPLATE, [index], kw)
 
     def detect_like(self, image, boxes, reference_indices: Sequence[int], **kw) -> FO1Result:
-        return self.generate(image, boxes, VISUAL_PROMPT_OD_TEMPLATE.format(region_tags(reference_indices)), **kw)
+        return self._about_regions(image, boxes, VISUAL_PROMPT_OD_TEMPLATE, reference_indices, kw)
+
+    def _about_regions(self, image, boxes, template: str, indices: Sequence[int], kw) -> FO1Result:
+        """A template that names some of the boxes: every index must be one of them (ValueError otherwise)."""
+        b = check_boxes(boxes, truncate=kw.pop("truncate_boxes", False))
+        return self.generate(image, b, template.format(region_tags(indices, len(b))), **kw)
 
     def reason(self, image, boxes, question: str, **kw) -> FO1Result:
         return self.generate(image, boxes, REGION_REASONING_TEMPLATE.format(question), **kw)

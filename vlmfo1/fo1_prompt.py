@@ -52,7 +52,11 @@ COCO_CATEGORIES = (
     "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush")
 
 
-def region_tags(indices: Sequence[int]) -> str:
+def region_tags(indices: Sequence[int], n_boxes: Optional[int] = None) -> str:
+    """"<region3><region7>" for [3, 7]; with n_boxes, every index must name one of the boxes."""
+    indices = [int(i) for i in indices]
+    if n_boxes is not None and any(not 0 <= i < n_boxes for i in indices):
+        raise ValueError(f"region index out of range: {indices} for {n_boxes} boxes (valid: 0..{n_boxes - 1})")
     return "".join(f"<region{i}>" for i in indices)
 
 

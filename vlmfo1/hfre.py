@@ -40,6 +40,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from ._native import core
+from .aux_image import boxes_to_aux
 from .decoder import check_options, default_threads
 from .safetensors import Checkpoint, weight
 
@@ -410,18 +411,9 @@ def map_boxes(boxes_image_px, image_size: Tuple[int, int], aux_size: Tuple[int, 
     x is clamped to [0, W_I] and y to [0, H_I], then x_A = (x * W_A) / W_I in double, rounded to
     float32; x_Q = x_A * float32(W_Q / W_A) in float32 (the ratio is a double quotient rounded to
     float32, as torch.tensor([...]) does)."""
-    (wi, hi), (wa, ha), (wq, hq) = ((int(v[0]), int(v[1])) for v in (image_size, aux_size, qwen_size))
-    if min(wi, hi, wa, ha, wq, hq) <= 0:
+    (wa, ha), (wq, hq) = ((int(v[0]), int(v[1])) for v in (aux_size, qwen_size))
+    if min(wq, hq) <= 0:
         raise ValueError("image, aux and Qwen sizes must be positive (width, height)")
-    b = np.asarray(boxes_image_px, dtype=np.float64)
-    if b.size == 0:
-        return np.zeros((0, 4), np.float32), np.zeros((0, 4), np.float32)
-    if b.ndim != 2 or b.shape[1] != 4:
-        raise ValueError(f"boxes must have shape [N, 4], got {b.shape}")
-    if not np.isfinite(b).all():
-        raise ValueError("boxes contain NaN or inf")
-    lim = np.array([wi, hi, wi, hi], np.float64)
-    b = np.maximum(0.0, np.minimum(lim, b))
-    a = (b * np.array([wa, ha, wa, ha], np.float64) / lim).astype(np.float32)
+    a = boxes_to_aux(boxes_image_px, image_size, aux_size)     # clamp to I, then to aux pixels (checks the rest)
     ratio = np.array([wq / wa, hq / ha, wq / wa, hq / ha], np.float64).astype(np.float32)
     return a, (a * ratio).astype(np.float32)

@@ -15,7 +15,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .decoder import LanguageModel, Session, check_options, decode_stream, default_threads, read_config, read_generation_eos
+from .decoder import (LanguageModel, Session, check_options, check_sampling, decode_stream, default_threads,
+                      read_config, read_generation_eos)
 from .image import QwenImageProcessor, load_image
 from .safetensors import Checkpoint
 from .vision import VisionTower
@@ -111,17 +112,14 @@ class QwenVL:
     def stream_ids(self, image, text: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                    top_k: int = 0, seed: Optional[int] = None, stop_ids=None, system: Optional[str] = DEFAULT_SYSTEM,
                    prompt: Optional[str] = None, session: Optional[Session] = None) -> Iterator[int]:
-        if max_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 0")
-        if temperature < 0 or not (0.0 < top_p <= 1.0) or top_k < 0:
-            raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        check_sampling(max_new_tokens, temperature, top_p, top_k)
+        if session is not None and session.n_past:
+            raise ValueError("the session must be empty (call reset())")
         ids, emb, pos, delta = self.prepare(image, text, system, prompt)
         dec = self.decoder
         s = session or dec.session(max_context=max(dec.max_context, len(ids) + max_new_tokens))
-        if s.n_past + len(ids) + max_new_tokens > s.max_context:
+        if len(ids) + max_new_tokens > s.max_context:      # only a session passed in can be too small
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens exceed max_context {s.max_context}")
-        if s.n_past:
-            raise ValueError("the session must be empty (call reset())")
         logits = s.prefill_embeds(emb, pos)
         s.rope_delta = delta
         yield from decode_stream(dec, s, logits, max_new_tokens, temperature, top_p, top_k, seed, stop_ids)
