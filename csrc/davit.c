@@ -12,17 +12,13 @@
  * for any pool size. All scratch comes from one caller-provided block. */
 #include "davit.h"
 #include "attention.h"
+#include "ops.h"
 #include "simd.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(VLM_NO_CLONES)
-#define VLM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define VLM_CLONES
-#endif
 
 #define DV_CHUNK_FLOATS (1L << 22)   /* target size of the per-chunk MLP / im2col buffers (16 MB) */
 #define DV_MAX_HEAD 256              /* head / group size limit (attention kernel) */
@@ -189,43 +185,6 @@ size_t vlm_davit_scratch_size(const vlm_davit *m, int H, int W, int n_threads) {
 
 /* ---------------------------------------------------------------- LayerNorm */
 
-typedef struct { float *y; const float *x, *w, *b; float eps; long T; int C; } ln_ctx;
-
-/* y = (x - mean) / sqrt(var + eps) * w + b per row; 16 partial sums so every ISA sums alike. */
-VLM_CLONES static void ln_rows(float *y, const float *x, const float *w, const float *b, float eps, long t0, long t1, int C) {
-    for (long t = t0; t < t1; t++) {
-        const float *xr = x + (size_t)t * C;
-        float *yr = y + (size_t)t * C;
-        float acc[16] = {0};
-        int i = 0;
-        for (; i + 16 <= C; i += 16)
-            for (int j = 0; j < 16; j++) acc[j] += xr[i + j];
-        for (; i < C; i++) acc[i & 15] += xr[i];
-        float sum = 0.f;
-        for (int j = 0; j < 16; j++) sum += acc[j];
-        float mean = sum / (float)C;
-        float acc2[16] = {0};
-        for (i = 0; i + 16 <= C; i += 16)
-            for (int j = 0; j < 16; j++) { float d = xr[i + j] - mean; acc2[j] += d * d; }
-        for (; i < C; i++) { float d = xr[i] - mean; acc2[i & 15] += d * d; }
-        float ss = 0.f;
-        for (int j = 0; j < 16; j++) ss += acc2[j];
-        float r = 1.0f / sqrtf(ss / (float)C + eps);
-        for (i = 0; i < C; i++) yr[i] = (xr[i] - mean) * r * w[i] + b[i];
-    }
-}
-
-static void ln_task(void *p, int ith, int nth) {
-    ln_ctx *c = p;
-    long lo, hi;
-    vlm_split(c->T, 1, ith, nth, &lo, &hi);
-    ln_rows(c->y, c->x, c->w, c->b, c->eps, lo, hi, c->C);
-}
-
-static void layernorm(vlm_pool *pool, float *y, const float *x, const float *w, const float *b, float eps, long T, int C) {
-    ln_ctx c = {y, x, w, b, eps, T, C};
-    vlm_pool_run(pool, ln_task, &c);
-}
 
 /* ---------------------------------------------------------------- depthwise 3x3 conv, residual */
 
@@ -506,7 +465,7 @@ static vlm_status window_attention(dv_run *r, int s, float *x, const vlm_davit_h
         int rows = H - y0 < win ? H - y0 : win;
         long nb = (long)rows * W;
         float *xb = x + (size_t)y0 * W * C;
-        layernorm(r->pool, r->S.xn, xb, B->ln1, B->ln1_b, c->eps, nb, C);
+        vlm_layernorm(r->pool, r->S.xn, xb, B->ln1, B->ln1_b, c->eps, nb, C);
         MM(r->S.qkv, 3 * C, r->S.xn, C, nb, &B->qkv, 0);
         win_ctx wc = {r->S.att, r->S.qkv, B->qkv.bias, rows, W, C, c->heads[s], win, scale, r->S.thr, r->S.per_thread};
         vlm_pool_run(r->pool, win_task, &wc);
@@ -531,7 +490,7 @@ static vlm_status channel_attention(dv_run *r, int s, float *x, const vlm_davit_
     memset(r->S.A, 0, (size_t)C * d * sizeof(float));
     for (long t0 = 0; t0 < N; t0 += step) {
         long nr = N - t0 < step ? N - t0 : step;
-        layernorm(r->pool, r->S.xn, x + (size_t)t0 * C, B->ln1, B->ln1_b, c->eps, nr, C);
+        vlm_layernorm(r->pool, r->S.xn, x + (size_t)t0 * C, B->ln1, B->ln1_b, c->eps, nr, C);
         MM(r->S.qkv, 2 * C, r->S.xn, C, nr, &wqk, 0);
         chA_ctx ac = {r->S.A, r->S.qkv, nr, C, d, G, scale, r->S.thr, r->S.per_thread};
         vlm_pool_run(r->pool, chA_task, &ac);
@@ -540,7 +499,7 @@ static vlm_status channel_attention(dv_run *r, int s, float *x, const vlm_davit_
     for (long t0 = 0; t0 < N; t0 += step) {
         long nr = N - t0 < step ? N - t0 : step;
         float *xb = x + (size_t)t0 * C;
-        layernorm(r->pool, r->S.xn, xb, B->ln1, B->ln1_b, c->eps, nr, C);
+        vlm_layernorm(r->pool, r->S.xn, xb, B->ln1, B->ln1_b, c->eps, nr, C);
         MM(r->S.qkv, C, r->S.xn, C, nr, &wv, 0);
         chV_ctx vc = {r->S.att, r->S.qkv, r->S.At, nr, C, d, G};
         vlm_pool_run(r->pool, chV_task, &vc);
@@ -557,7 +516,7 @@ static vlm_status mlp(dv_run *r, int s, float *x, const vlm_davit_half *B, long 
     for (long t0 = 0; t0 < N; t0 += step) {
         long nr = N - t0 < step ? N - t0 : step;
         float *xb = x + (size_t)t0 * C;
-        layernorm(r->pool, r->S.xn, xb, B->ln2, B->ln2_b, c->eps, nr, C);
+        vlm_layernorm(r->pool, r->S.xn, xb, B->ln2, B->ln2_b, c->eps, nr, C);
         MM(r->S.h, I, r->S.xn, C, nr, &B->fc1, 0);
         gelu_ctx gc = {r->S.h, (size_t)nr * I};
         vlm_pool_run(r->pool, gelu_task, &gc);
@@ -589,11 +548,11 @@ vlm_status vlm_davit_forward(const vlm_davit *m, vlm_pool *pool, const float *pi
 
         /* ConvEmbed: [LN ->] conv [-> LN] */
         if (c->prenorm[s]) {
-            layernorm(pool, t, in, m->norm[s], m->norm_b[s], c->eps, (long)Hi * Wi, Ci);
+            vlm_layernorm(pool, t, in, m->norm[s], m->norm_b[s], c->eps, (long)Hi * Wi, Ci);
             VLM_TRY(conv_embed(r, s, x, t, chan_last, Hi, Wi, Ho, Wo));
         } else {
             VLM_TRY(conv_embed(r, s, x, in, chan_last, Hi, Wi, Ho, Wo));
-            layernorm(pool, x, x, m->norm[s], m->norm_b[s], c->eps, N, C);
+            vlm_layernorm(pool, x, x, m->norm[s], m->norm_b[s], c->eps, N, C);
         }
 
         for (int j = 0; j < c->depth[s]; j++) {

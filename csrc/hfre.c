@@ -13,15 +13,13 @@
  * expressions and without FMA contraction. */
 #include "hfre.h"
 
+#include "ops.h"
+#include "simd.h"
+
 #include <math.h>
 #include <stdatomic.h>
 #include <string.h>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(VLM_NO_CLONES)
-#define VLM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define VLM_CLONES
-#endif
 #if defined(__GNUC__) && !defined(__clang__)
 #define NO_CONTRACT __attribute__((optimize("fp-contract=off")))
 #else
@@ -325,24 +323,9 @@ static void run_pool(vlm_pool *pool, const pool_job *jobs, int n_jobs, const hfr
 typedef struct { float *x; size_t pitch; long H, W; int C; const float *w, *b; float eps; int gelu; } ln_ctx;
 
 VLM_CLONES static void ln_row(float *v, int C, const float *w, const float *b, float eps, int gelu) {
-    float acc[16] = {0};
-    int i = 0;
-    for (; i + 16 <= C; i += 16)
-        for (int k = 0; k < 16; k++) acc[k] += v[i + k];
-    for (; i < C; i++) acc[i & 15] += v[i];
-    float s = 0;
-    for (int k = 0; k < 16; k++) s += acc[k];
-    float mu = s / (float)C;
-    float a2[16] = {0};
-    for (i = 0; i + 16 <= C; i += 16)
-        for (int k = 0; k < 16; k++) { float d = v[i + k] - mu; a2[k] += d * d; }
-    for (; i < C; i++) { float d = v[i] - mu; a2[i & 15] += d * d; }
-    float q = 0;
-    for (int k = 0; k < 16; k++) q += a2[k];
-    float r = 1.0f / sqrtf(q / (float)C + eps);
-    for (i = 0; i < C; i++) v[i] = (v[i] - mu) * r * w[i] + b[i];
+    vlm_layernorm_row(v, v, w, b, eps, C);
     if (gelu)
-        for (i = 0; i < C; i++) v[i] = 0.5f * v[i] * (1.0f + erff(v[i] * 0.70710678118654752f));
+        for (int i = 0; i < C; i++) v[i] = 0.5f * v[i] * (1.0f + erff(v[i] * 0.70710678118654752f));
 }
 
 static void ln_task(void *pv, int ith, int nth) {

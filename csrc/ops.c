@@ -6,14 +6,11 @@
 #include "ops.h"
 #include "attention.h"
 
+#include "simd.h"
+
 #include <math.h>
 #include <string.h>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(VLM_NO_CLONES)
-#define VLM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define VLM_CLONES
-#endif
 
 /* ---------------------------------------------------------------- RMSNorm */
 
@@ -46,6 +43,42 @@ void vlm_rmsnorm(vlm_pool *pool, float *y, const float *x, const float *w, float
     rms_ctx c = {y, x, w, eps, T, C};
     if (T == 1) { rms_rows(y, x, w, eps, 0, 1, C); return; }
     vlm_pool_run(pool, rms_task, &c);
+}
+
+/* ---------------------------------------------------------------- LayerNorm */
+
+VLM_CLONES void vlm_layernorm_row(float *y, const float *x, const float *w, const float *b, float eps, int C) {
+    float acc[16] = {0};
+    int i = 0;
+    for (; i + 16 <= C; i += 16)
+        for (int j = 0; j < 16; j++) acc[j] += x[i + j];
+    for (; i < C; i++) acc[i & 15] += x[i];
+    float sum = 0.f;
+    for (int j = 0; j < 16; j++) sum += acc[j];
+    float mean = sum / (float)C;
+    float acc2[16] = {0};
+    for (i = 0; i + 16 <= C; i += 16)
+        for (int j = 0; j < 16; j++) { float d = x[i + j] - mean; acc2[j] += d * d; }
+    for (; i < C; i++) { float d = x[i] - mean; acc2[i & 15] += d * d; }
+    float ss = 0.f;
+    for (int j = 0; j < 16; j++) ss += acc2[j];
+    float r = 1.0f / sqrtf(ss / (float)C + eps);
+    for (i = 0; i < C; i++) y[i] = (x[i] - mean) * r * w[i] + b[i];
+}
+
+typedef struct { float *y; const float *x, *w, *b; float eps; long T; int C; } ln_ctx;
+
+static void ln_task(void *p, int ith, int nth) {
+    ln_ctx *c = p;
+    long lo, hi;
+    vlm_split(c->T, 1, ith, nth, &lo, &hi);
+    for (long t = lo; t < hi; t++)
+        vlm_layernorm_row(c->y + (size_t)t * c->C, c->x + (size_t)t * c->C, c->w, c->b, c->eps, c->C);
+}
+
+void vlm_layernorm(vlm_pool *pool, float *y, const float *x, const float *w, const float *b, float eps, long T, int C) {
+    ln_ctx c = {y, x, w, b, eps, T, C};
+    vlm_pool_run(pool, ln_task, &c);
 }
 
 /* ---------------------------------------------------------------- SwiGLU */

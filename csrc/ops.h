@@ -12,6 +12,13 @@
 /* y[t][:] = x[t][:] / sqrt(mean(x[t]^2) + eps) * w; x, y: [T][C] (may alias) */
 void vlm_rmsnorm(vlm_pool *pool, float *y, const float *x, const float *w, float eps, int T, int C);
 
+/* One row of LayerNorm: y = (x - mean) / sqrt(var + eps) * w + b; x, y: [C] (may alias). 16 partial sums,
+ * so every instruction set sums alike. */
+void vlm_layernorm_row(float *y, const float *x, const float *w, const float *b, float eps, int C);
+
+/* vlm_layernorm_row on every row of x, y: [T][C] (may alias) */
+void vlm_layernorm(vlm_pool *pool, float *y, const float *x, const float *w, const float *b, float eps, long T, int C);
+
 /* g[t][:] = silu(g[t][:]) * u[t][:]; g, u: [T][C] */
 void vlm_silu_mul(vlm_pool *pool, float *g, const float *u, int T, int C);
 

@@ -1,7 +1,14 @@
-/* simd.h — small AVX-512 helpers shared by kernels (x86-64 with GCC/Clang only; callers compile them
+/* simd.h — VLM_CLONES and small AVX-512 helpers shared by kernels (x86-64 with GCC/Clang only; callers compile them
  * inside functions carrying an AVX-512 target attribute). */
 #ifndef VLM_SIMD_H
 #define VLM_SIMD_H
+
+/* Plain C hot loops: compiled for AVX-512, AVX2 and baseline x86-64, one picked at load time (GCC). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(VLM_NO_CLONES)
+#define VLM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define VLM_CLONES
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
