@@ -34,11 +34,11 @@ from .fo1_prompt import (BRIEF_REGION_CAPTION_TEMPLATE, COCO_CATEGORIES, DETAILE
                          FO1Result, check_boxes, parse_answer, prompt_ids, region_tags)
 from .hfre import HFRE, map_boxes
 from .image import QwenImageProcessor, fo1_global_resize, load_image
-from .qwen_vl import rope_positions
+from .qwen_vl import splice_image
 from .safetensors import Checkpoint
 from .vision import VisionTower
 
-QWEN_IMAGE_TOKEN = 151655
+QWEN_IMAGE_TOKEN = 151655          # <|image_pad|>, when config.json does not name image_token_id
 FO1_VISION_PREFIX = "model.vision_tower.image_tower."
 
 
@@ -55,6 +55,7 @@ class FO1:
         self.decoder, self.vision, self.davit, self.hfre = decoder, vision, davit, hfre
         self.tokenizer, self.processor, self.aux_processor = tokenizer, processor, aux_processor
         self.config = raw_config
+        self.image_token_id = int(raw_config.get("image_token_id", QWEN_IMAGE_TOKEN))
         missing = [f"<region{i}>" for i in range(MAX_BOXES) if tokenizer.token_to_id(f"<region{i}>") is None]
         if missing:
             raise ValueError(f"the tokenizer lacks FO1's region tokens ({missing[0]} …): not a VLM-FO1 checkpoint?")
@@ -125,7 +126,7 @@ class FO1:
         ids, prompt = prompt_ids(self.tokenizer, text, len(b))   # the text is checked before any image work
         if ids.count(IMAGE_INDEX) != 1:
             raise ValueError("the prompt must hold exactly one image")
-        if QWEN_IMAGE_TOKEN in ids:
+        if self.image_token_id in ids:
             raise ValueError("the prompt text must not contain <|image_pad|>: the image is placed by the prompt builder")
         if ids.count(REGION_INDEX) != len(b):
             raise ValueError("the prompt text must not contain the <regionfeat> marker: region slots are placed by "
@@ -133,21 +134,15 @@ class FO1:
         if trace is not None:
             trace["input_ids"] = list(ids)
         image_tokens, (gh, gw), regions, _ = self.encode(image, b, trace=trace)
-        M, H = image_tokens.shape[0], self.decoder.config.hidden_size
-        p = ids.index(IMAGE_INDEX)           # only text comes before the image
-        full = ids[:p] + [QWEN_IMAGE_TOKEN] * M + ids[p + 1:]
+        full, emb, pos, delta = splice_image(self.decoder, ids, ids.index(IMAGE_INDEX), image_tokens, (gh, gw),
+                                             self.image_token_id)
         limit = self.config.get("tokenizer_model_max_length")
         if limit and len(full) > int(limit):
             # the official model cuts the spliced embeddings (not the ids) at this length and then fails (ERRATA E7)
             raise ValueError(f"the prompt is {len(full)} positions long with the image and region slots; this "
                              f"checkpoint's tokenizer_model_max_length is {int(limit)}: use a smaller image, fewer "
                              f"boxes or a shorter text")
-        emb = np.empty((len(full), H), dtype=np.float32)
-        text_pos = [i for i, t in enumerate(full) if t >= 0 and not p <= i < p + M]
-        emb[text_pos] = self.decoder.embed(np.asarray([full[i] for i in text_pos], dtype=np.int32))
-        emb[p:p + M] = image_tokens
         emb[[i for i, t in enumerate(full) if t == REGION_INDEX]] = regions
-        pos, delta = rope_positions(full, [(p, M, gh // 2, gw // 2)])
         return full, emb, pos, delta, b, prompt
 
     def stream_ids(self, image, boxes, text: str, max_new_tokens: int = 512, temperature: float = 0.0,

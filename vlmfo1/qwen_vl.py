@@ -51,6 +51,22 @@ def rope_positions(ids: Sequence[int], image_spans: Sequence[Tuple[int, int, int
     return pos.astype(np.int32), delta
 
 
+def splice_image(decoder: LanguageModel, ids: Sequence[int], p: int, image_tokens: np.ndarray, grid_hw: Tuple[int, int],
+                 image_token_id: int):
+    """Expand the one image placeholder at ids[p] to the M image tokens: (ids, input embeddings [L, hidden],
+    M-RoPE positions [3, L], rope delta). Other negative ids (placeholders of the caller) get zero rows and count
+    as text positions."""
+    M = image_tokens.shape[0]
+    full = list(ids[:p]) + [image_token_id] * M + list(ids[p + 1:])
+    emb = np.zeros((len(full), decoder.config.hidden_size), dtype=np.float32)
+    text = [i for i, t in enumerate(full) if t >= 0 and not p <= i < p + M]
+    emb[text] = decoder.embed(np.asarray([full[i] for i in text], dtype=np.int32))
+    emb[p:p + M] = image_tokens
+    gh, gw = grid_hw
+    pos, delta = rope_positions(full, [(p, M, gh // 2, gw // 2)])
+    return full, emb, pos, delta
+
+
 class QwenVL:
     """Qwen2.5-VL for image-conditioned generation with the vlmfo1 C core."""
 
@@ -101,12 +117,7 @@ class QwenVL:
         pads = [i for i, t in enumerate(ids) if t == self.image_token_id]
         if len(pads) != 1:
             raise ValueError(f"the prompt must hold exactly one {IMAGE_PAD} placeholder, found {len(pads)}")
-        p, M = pads[0], tokens.shape[0]
-        ids = ids[:p] + [self.image_token_id] * M + ids[p + 1:]
-        emb = self.decoder.embed(np.asarray(ids, dtype=np.int32))
-        emb[p:p + M] = tokens
-        pos, delta = rope_positions(ids, [(p, M, gh // 2, gw // 2)])
-        return ids, emb, pos, delta
+        return splice_image(self.decoder, ids, pads[0], tokens, (gh, gw), self.image_token_id)
 
     # ------------------------------------------------------------------ generation
     def stream_ids(self, image, text: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
