@@ -41,8 +41,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .random_model import qwen2_shapes, write_safetensors_streaming
-from .safetensors import f32_to_bf16_bits
+from .random_model import qwen2_shapes
+from .safetensors import f32_to_bf16_bits, write_sharded
 
 # ------------------------------------------------------------------------------------------------------------------
 # tokens
@@ -394,7 +394,6 @@ def write_random_fo1(path: str, size: str = "tiny", dtype: str = "bfloat16", see
 
     shapes = fo1_shapes(cfg)
     st = {"bfloat16": "BF16", "float32": "F32"}[dtype]
-    item = {"BF16": 2, "F32": 4}[st]
     limit = shard_bytes or (200 * 1024**2 if size == "tiny" else 5 * 1000**3)
 
     def maker(name, shape):
@@ -403,24 +402,8 @@ def write_random_fo1(path: str, size: str = "tiny", dtype: str = "bfloat16", see
             return f32_to_bf16_bits(a) if st == "BF16" else a
         return make
 
-    shards, cur, cur_bytes = [], [], 0
-    for name, shape in shapes.items():
-        n = int(np.prod(shape, dtype=np.int64)) * item
-        if cur and cur_bytes + n > limit:
-            shards.append(cur)
-            cur, cur_bytes = [], 0
-        cur.append((name, st, shape, maker(name, shape)))
-        cur_bytes += n
-    shards.append(cur)
-    wmap, total = {}, 0
-    for i, sh in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors_streaming(os.path.join(path, fname), sh, {"format": "pt"})
-        for name, _, shape, _ in sh:
-            wmap[name] = fname
-            total += int(np.prod(shape, dtype=np.int64)) * item
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": wmap}, f, indent=2)
+    write_sharded(path, [(name, st, shape, maker(name, shape)) for name, shape in shapes.items()], limit,
+                  {"format": "pt"}, always_index=True)
     return path
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from .safetensors import f32_to_bf16_bits, write_streaming
+from .safetensors import f32_to_bf16_bits, write_sharded
 
 QWEN25_3B = dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
                  intermediate_size=11008, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1000000.0,
@@ -51,12 +51,6 @@ def _random_tensor(name: str, shape: Tuple[int, ...], rng: np.random.Generator, 
     return (std * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
 
 
-def write_safetensors_streaming(path: str, entries: List[Tuple[str, str, Tuple[int, ...], Callable[[], np.ndarray]]],
-                                metadata: Optional[Dict[str, str]] = None):
-    """Write a safetensors file whose tensors are produced one at a time by callables."""
-    write_streaming(path, entries, metadata)
-
-
 def write_random_qwen2(path: str, config: Optional[Dict] = None, dtype: str = "bfloat16", seed: int = 0,
                        shard_bytes: int = 2 * 1024**3, scale: float = 1.0, **overrides) -> str:
     """Write a random Qwen2 decoder checkpoint (config.json, generation_config.json, safetensors).
@@ -86,28 +80,6 @@ def write_random_qwen2(path: str, config: Optional[Dict] = None, dtype: str = "b
             return f32_to_bf16_bits(a) if tdt == "BF16" else a
         return make
 
-    item = {"F32": 4, "BF16": 2}
-    shards, cur, cur_bytes = [], [], 0
-    for name, shape in shapes.items():
-        tdt = dt
-        n = int(np.prod(shape)) * item[tdt]
-        if cur and cur_bytes + n > shard_bytes:
-            shards.append(cur)
-            cur, cur_bytes = [], 0
-        cur.append((name, tdt, shape, maker(name, shape, tdt)))
-        cur_bytes += n
-    shards.append(cur)
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        write_safetensors_streaming(os.path.join(path, "model.safetensors"), shards[0], meta)
-    else:
-        wmap, total = {}, 0
-        for i, sh in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            write_safetensors_streaming(os.path.join(path, fname), sh, meta)
-            for name, tdt, shape, _ in sh:
-                wmap[name] = fname
-                total += int(np.prod(shape)) * item[tdt]
-        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": wmap}, f, indent=2)
+    write_sharded(path, [(name, dt, shape, maker(name, shape, dt)) for name, shape in shapes.items()], shard_bytes,
+                  {"format": "pt"})
     return path

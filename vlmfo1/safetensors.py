@@ -230,10 +230,9 @@ def stored_kind(arrays: Dict[str, np.ndarray]) -> str:
 def write_streaming(path: str, entries, metadata: Dict[str, str] | None = None):
     """Write a safetensors file whose tensors are produced one at a time: entries is a list of
     (name, dtype name, shape, make) where make() returns the array holding the raw data."""
-    item = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
     header, off = {}, 0
     for name, dt, shape, _ in entries:
-        n = int(np.prod(shape, dtype=np.int64)) * item[dt]
+        n = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dt][1]
         header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + n]}
         off += n
     if metadata:
@@ -248,6 +247,32 @@ def write_streaming(path: str, entries, metadata: Dict[str, str] | None = None):
             if tuple(a.shape) != tuple(shape):
                 raise ValueError(f"{name}: produced shape {a.shape}, declared {tuple(shape)}")
             f.write(np.ascontiguousarray(a).tobytes())
+
+
+def write_sharded(path: str, entries, shard_bytes: int, metadata: Dict[str, str] | None = None,
+                  always_index: bool = False) -> None:
+    """Write a checkpoint folder's weights from (name, dtype name, shape, make) entries, as Hugging Face does:
+    one model.safetensors, or model-0000i-of-0000n.safetensors shards of at most shard_bytes (a tensor larger than
+    that gets a shard of its own) plus model.safetensors.index.json (always written with always_index)."""
+    nbytes = lambda e: int(np.prod(e[2], dtype=np.int64)) * _DTYPES[e[1]][1]  # noqa: E731
+    shards, cur, cur_bytes = [], [], 0
+    for e in entries:
+        if cur and cur_bytes + nbytes(e) > shard_bytes:
+            shards.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(e)
+        cur_bytes += nbytes(e)
+    shards.append(cur)
+    if len(shards) == 1 and not always_index:
+        write_streaming(os.path.join(path, "model.safetensors"), shards[0], metadata)
+        return
+    wmap = {}
+    for i, sh in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_streaming(os.path.join(path, fname), sh, metadata)
+        wmap.update((e[0], fname) for e in sh)
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": sum(nbytes(e) for e in entries)}, "weight_map": wmap}, f, indent=2)
 
 
 def save_file(tensors: Dict[str, Tuple[str, np.ndarray]], path: str, metadata: Dict[str, str] | None = None):
