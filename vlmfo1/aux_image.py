@@ -24,7 +24,7 @@ from typing import Any, Dict, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from .image import _as_rgb, _pil_resize, _resample_filter
+from .image import _as_rgb, _pil_resize, _resample_filter, normalize_lut
 
 __all__ = ["AuxImageProcessor", "aux_aspect_ratio_from_config", "aux_target_size", "boxes_to_aux",
            "IMAGENET_MEAN", "IMAGENET_STD", "DYNAMIC_SQUARE_SIZES", "AUX_SQUASH_SIZE"]
@@ -92,10 +92,7 @@ class AuxImageProcessor:
         self.image_std = tuple(float(x) for x in image_std)
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
             raise ValueError("image_mean and image_std must have 3 values")
-        # value of every (uint8, channel) pair with the reference's exact arithmetic (ERRATA E3)
-        x = (np.arange(256, dtype=np.uint8).astype(np.float64) * self.rescale_factor).astype(np.float32)
-        self._lut = np.stack([(x - np.float32(m)) / np.float32(s) for m, s in zip(self.image_mean, self.image_std)],
-                             axis=1).astype(np.float32)   # [256, 3]
+        self._lut = np.ascontiguousarray(normalize_lut(self.rescale_factor, (self.image_mean, self.image_std)).T)
 
     @classmethod
     def from_config(cls, raw_config: Dict, **kw) -> "AuxImageProcessor":

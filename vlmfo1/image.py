@@ -31,7 +31,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -277,6 +277,17 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 31
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
 
+def normalize_lut(rescale: Optional[float], mean_std=None) -> np.ndarray:
+    """[3, 256] float32: the value of every (channel, uint8) pair with the reference's exact operations (ERRATA E3):
+    float32(float64(u) * rescale), then (x - float32(mean)) / float32(std) in float32. None skips a step."""
+    x = np.arange(256, dtype=np.uint8).astype(np.float64)
+    if rescale is not None:
+        x = x * rescale
+    x = x.astype(np.float32)
+    if mean_std is None:
+        return np.stack([x, x, x])
+    return np.stack([(x - np.float32(m)) / np.float32(s) for m, s in zip(*mean_std)]).astype(np.float32)
+
 
 @dataclass
 class QwenImageProcessor:
@@ -323,18 +334,8 @@ class QwenImageProcessor:
     # Value of every (channel, uint8) pair, computed with the reference's exact operations (ERRATA E3):
     # float32(float64(u) * rescale_factor), then (x - float32(mean)) / float32(std) in float32.
     def _build_lut(self) -> np.ndarray:
-        u = np.arange(256, dtype=np.uint8)
-        x = u.astype(np.float64)
-        if self.do_rescale:
-            x = x * self.rescale_factor
-        x = x.astype(np.float32)
-        lut = np.empty((3, 256), dtype=np.float32)
-        for c in range(3):
-            if self.do_normalize:
-                lut[c] = (x - np.float32(self.image_mean[c])) / np.float32(self.image_std[c])
-            else:
-                lut[c] = x
-        return lut
+        return normalize_lut(self.rescale_factor if self.do_rescale else None,
+                             (self.image_mean, self.image_std) if self.do_normalize else None)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, min_pixels: int | None = None,

@@ -15,8 +15,8 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from ._native import core
-from .decoder import check_options, default_threads
-from .safetensors import Checkpoint, check_tensors, round_bf16, stored_kind, weight
+from .decoder import check_options, default_threads, rope_inv_freq
+from .safetensors import Checkpoint, check_tensors, stored_kind, weight
 
 _PREFIXES = ("model.vision_tower.image_tower.", "model.visual.", "visual.", "vision_tower.")
 
@@ -70,12 +70,8 @@ class VisionConfig:
 
 def vision_inv_freq(head_dim: int, theta: float, mode: str) -> np.ndarray:
     """The axial 2-D rotary frequencies, tiled for the (row, column) halves: [head_dim/2] float32."""
-    spatial = head_dim // 2
-    inv = (np.float32(1.0) / np.power(np.float32(theta), np.arange(0, spatial, 2, dtype=np.int64).astype(np.float32)
-                                      / np.float32(spatial), dtype=np.float32)).astype(np.float32)
-    if mode == "reference":
-        inv = round_bf16(inv)
-    return np.concatenate([inv, inv]).astype(np.float32)
+    inv = rope_inv_freq(head_dim // 2, theta, mode)
+    return np.concatenate([inv, inv])
 
 
 class VisionTower:
