@@ -311,6 +311,32 @@ def randomize_(model, seed: int, is_norm) -> None:
                 p.copy_(r / math.sqrt(p[0].numel()))
 
 
+def bench_dirs(a, name: str) -> dict:
+    """The fp32 and bf16 checkpoint folders of a benchmark under --workdir (quick runs have their own)."""
+    tag = "quick" if a.quick else "full"
+    return {d: os.path.join(a.workdir, f"{name}-{tag}-{d}") for d in ("float32", "bfloat16")}
+
+
+def save_fp32_and_bf16(dirs: dict, state_dict, raw_config: dict, log=print) -> None:
+    """Write a torch state dict as an fp32 and a bf16 checkpoint (model.safetensors + config.json) into
+    dirs["float32"] and dirs["bfloat16"], then a stamp so later runs reuse them."""
+    import torch
+    from safetensors.torch import save_file
+
+    for dt, d in dirs.items():
+        os.makedirs(d, exist_ok=True)
+        t = state_dict if dt == "float32" else {k: v.to(torch.bfloat16) for k, v in state_dict.items()}
+        save_file(t, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(dict(raw_config, torch_dtype=dt), f, indent=1)
+        log(f"  wrote {d}")
+    open(os.path.join(dirs["bfloat16"], ".complete"), "w").close()
+
+
+def have_fp32_and_bf16(dirs: dict) -> bool:
+    return os.path.exists(os.path.join(dirs["bfloat16"], ".complete"))
+
+
 def run_engines(parser, a, engines_arg: str, engines: dict, baseline: str, argv, log=print):
     """The driver of a one-process-per-engine benchmark: check the engine names (baseline first, so the others'
     errors can be measured against it), run the "prepare" worker, then every engine's worker with `argv`.

@@ -76,8 +76,7 @@ def _log(msg):
 
 
 def _dirs(a):
-    tag = "quick" if a.quick else "full"
-    return {d: os.path.join(a.workdir, f"davit-{tag}-{d}") for d in ("float32", "bfloat16")}
+    return C.bench_dirs(a, "davit")
 
 
 # ----------------------------------------------------------------------------- setup (own subprocess)
@@ -88,7 +87,6 @@ def prepare(a):
     checkpoints, plus the pixel_values of the benchmark image."""
     import numpy as np
     import torch
-    from safetensors.torch import save_file
     from transformers.models.florence2.configuration_florence2 import Florence2VisionConfig
     from transformers.models.florence2.modeling_florence2 import Florence2VisionBackbone
 
@@ -97,8 +95,7 @@ def prepare(a):
 
     dirs = _dirs(a)
     vcfg = QUICK if a.quick else FULL
-    stamp = os.path.join(dirs["bfloat16"], ".complete")
-    if not os.path.exists(stamp):
+    if not C.have_fp32_and_bf16(dirs):
         torch.manual_seed(a.seed)
         model = Florence2VisionBackbone(Florence2VisionConfig(**vcfg)).float().eval()
         C.randomize_(model, a.seed, lambda n: "norm" in n and n.endswith("weight"))
@@ -106,14 +103,7 @@ def prepare(a):
         del model
         raw = {"model_type": "omchat_qwen2_5_vl", "mm_vision_tower_aux": "davit-large.pth",
                "aux_image_aspect_ratio": "squash", "aux_image_size": 768, "davit_config": vcfg}
-        for dt, d in dirs.items():
-            os.makedirs(d, exist_ok=True)
-            t = sd if dt == "float32" else {k: v.to(torch.bfloat16) for k, v in sd.items()}
-            save_file(t, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
-            with open(os.path.join(d, "config.json"), "w") as f:
-                json.dump(dict(raw, torch_dtype=dt), f, indent=1)
-            _log(f"  wrote {d}")
-        open(stamp, "w").close()
+        C.save_fp32_and_bf16(dirs, sd, raw, log=_log)
     from PIL import Image
 
     img = load_image(Image.open(a.image).convert("RGB").resize((a.width, a.height), Image.Resampling.BICUBIC))

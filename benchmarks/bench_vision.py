@@ -59,8 +59,7 @@ def _log(msg):
 
 
 def _dirs(a):
-    tag = "quick" if a.quick else "full"
-    return {d: os.path.join(a.workdir, f"vision-{tag}-{d}") for d in ("float32", "bfloat16")}
+    return C.bench_dirs(a, "vision")
 
 
 # ----------------------------------------------------------------------------- setup (own subprocess)
@@ -71,7 +70,6 @@ def prepare(a):
     checkpoints, plus the pixel_values of the benchmark image."""
     import numpy as np
     import torch
-    from safetensors.torch import save_file
     from transformers import Qwen2_5_VLConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
@@ -79,8 +77,7 @@ def prepare(a):
 
     dirs = _dirs(a)
     vcfg = QUICK if a.quick else FULL
-    stamp = os.path.join(dirs["bfloat16"], ".complete")
-    if not os.path.exists(stamp):
+    if not C.have_fp32_and_bf16(dirs):
         cfg = Qwen2_5_VLConfig(vision_config=dict(vcfg))
         torch.manual_seed(a.seed)
         vis = Qwen2_5_VisionTransformerPretrainedModel._from_config(cfg.vision_config).float().eval()
@@ -89,14 +86,7 @@ def prepare(a):
         del vis
         raw = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
                "vision_config": cfg.vision_config.to_dict()}
-        for dt, d in dirs.items():
-            os.makedirs(d, exist_ok=True)
-            t = sd if dt == "float32" else {k: v.to(torch.bfloat16) for k, v in sd.items()}
-            save_file(t, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
-            with open(os.path.join(d, "config.json"), "w") as f:
-                json.dump(dict(raw, torch_dtype=dt), f, indent=1)
-            _log(f"  wrote {d}")
-        open(stamp, "w").close()
+        C.save_fp32_and_bf16(dirs, sd, raw, log=_log)
     from PIL import Image
 
     img = Image.open(a.image).convert("RGB").resize((a.width, a.height), Image.Resampling.BICUBIC)
