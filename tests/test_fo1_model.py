@@ -39,7 +39,7 @@ def fo1(ckpt):
 
 def test_detect_on_coco(fo1):
     img, boxes = coco_case(0)
-    res = fo1.detect(img, boxes, ["person", "dog"], max_new_tokens=6)
+    res = fo1.detect(img, ["person", "dog"], boxes=boxes, max_new_tokens=6)
     assert len(res.token_ids) == 6 or res.token_ids[-1] in fo1.decoder.stop_ids
     assert isinstance(res.text, str)
     ids, emb, pos, delta, used, prompt = fo1.prepare(img, boxes, "Please detect dog in this image.")
@@ -131,7 +131,7 @@ def test_cli_detect(ckpt, tmp_path, capsys):
     img, boxes = coco_case(0)
     bfile = tmp_path / "boxes.json"
     bfile.write_text(json.dumps({"boxes": boxes}))
-    assert main(["detect", "--model", ckpt, "--image", img, "--boxes", str(bfile), "person", "dog",
+    assert main(["detect", img, "person", "dog", "--model", ckpt, "--boxes", str(bfile),
                  "--max-new-tokens", "4", "--threads", "2"]) == 0
     assert "answer:" in capsys.readouterr().out
 
@@ -155,7 +155,7 @@ def test_prompt_longer_than_tokenizer_model_max_length_is_refused(fo1):
         assert fo1.prepare(img, boxes, "Please detect dog in this image.")[0] == ids      # exactly at the limit
         fo1.config["tokenizer_model_max_length"] = len(ids) - 1
         with pytest.raises(ValueError, match="tokenizer_model_max_length"):
-            fo1.detect(img, boxes, ["dog"], max_new_tokens=2)
+            fo1.detect(img, ["dog"], boxes=boxes, max_new_tokens=2)
     finally:
         if old is None:
             fo1.config.pop("tokenizer_model_max_length", None)
@@ -167,13 +167,13 @@ def test_concurrent_requests_match_serial(fo1):
     # one loaded model serving several threads (weights are read-only; every request has its own state)
     import threading
     cases = [coco_case(i) for i in range(3)]
-    serial = [fo1.detect(img, boxes, ["person", "dog"], max_new_tokens=5).token_ids for img, boxes in cases]
+    serial = [fo1.detect(img, ["person", "dog"], boxes=boxes, max_new_tokens=5).token_ids for img, boxes in cases]
     got, errors = [None] * len(cases), []
 
     def run(i):
         try:
             img, boxes = cases[i]
-            got[i] = fo1.detect(img, boxes, ["person", "dog"], max_new_tokens=5).token_ids
+            got[i] = fo1.detect(img, ["person", "dog"], boxes=boxes, max_new_tokens=5).token_ids
         except Exception as e:  # noqa: BLE001
             errors.append(e)
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
@@ -223,11 +223,11 @@ def test_bad_requests_fail_before_the_image_work(fo1, monkeypatch):
     monkeypatch.setattr(fo1, "encode", lambda *a, **k: calls.append(1))
     for bad in (dict(index=len(boxes)), dict(index=-1)):                   # no such region
         with pytest.raises(ValueError, match="region index out of range"):
-            fo1.describe_region(img, boxes, max_new_tokens=2, **bad)
+            fo1.describe_region(img, boxes=boxes, max_new_tokens=2, **bad)
     with pytest.raises(ValueError, match="region index out of range"):
-        fo1.detect_like(img, boxes, [0, 99], max_new_tokens=2)
+        fo1.detect_like(img, [0, 99], boxes=boxes, max_new_tokens=2)
     with pytest.raises(ValueError, match="top_p"):                            # bad sampling options
-        fo1.detect(img, boxes, ["dog"], top_p=0.0)
+        fo1.detect(img, ["dog"], boxes=boxes, top_p=0.0)
     with pytest.raises(ValueError, match="must not contain"):                 # markers in the text
         fo1.prepare(img, boxes, "a <regionfeat> here")
     assert calls == []

@@ -53,9 +53,13 @@ def test_parse_answer():
         warnings.simplefilter("always")
         r = parse_answer("<ground>cat</ground><objects><region7><region1></objects>", boxes)
     assert r.invalid_indices == [7] and [d.index for d in r.detections] == [1] and w
-    assert r.to_dict() == {"text": "<ground>cat</ground><objects><region7><region1></objects>",
-                           "detections": [{"label": "cat", "index": 1, "box": [5.0, 5.0, 20.0, 20.0]}],
-                           "token_ids": [], "invalid_indices": [7]}
+    d = r.to_dict()
+    assert {k: d[k] for k in ("text", "detections", "token_ids", "invalid_indices", "proposals")} == {
+        "text": "<ground>cat</ground><objects><region7><region1></objects>",
+        "detections": [{"label": "cat", "index": 1, "box": [5.0, 5.0, 20.0, 20.0], "score": None}],
+        "token_ids": [], "invalid_indices": [7], "proposals": [[float(v) for v in b] for b in boxes]}
+    r = parse_answer("<ground>cat</ground><objects><region1></objects>", boxes, scores=[0.9, 0.8, 0.7])
+    assert r.detections[0].score == 0.8 and r.scores.tolist() == [0.8]
     assert parse_answer("no objects here", boxes).detections == []
 
 

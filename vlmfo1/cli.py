@@ -1,21 +1,264 @@
-"""Command line: `vlmfo1 detect`, `vlmfo1 generate`, `vlmfo1 random-checkpoint`, `vlmfo1 demo`."""
+"""Command line: one subcommand per VLM-FO1 task, plus `generate` (Qwen2.5 / Qwen2.5-VL), `random-checkpoint`, `demo`.
+
+    vlmfo1 detect IMAGE orange apple --model DIR --boxes boxes.json [--box-format xywh] [--json] [--draw out.png]
+    vlmfo1 count IMAGE person --model DIR --boxes boxes.json
+    vlmfo1 refer IMAGE "the man in red" ... | ground IMAGE ... | reason IMAGE "question" ... | chat IMAGE "text"
+    vlmfo1 caption IMAGE --region 3 [--detailed] ... | ocr IMAGE --region 3 ... | detect-like IMAGE --region 0 ...
+
+Every error ends in one line `vlmfo1 CMD: error: ...` and exit status 1. Options that do not apply to a subcommand
+are rejected, not ignored.
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import sys
 import tempfile
 import time
 
+from . import __version__
 
-def _load(args):
+# subcommand -> (task method, positional argument after IMAGE or None, uses --region)
+FO1_COMMANDS = {
+    "detect": ("detect", "categories", False), "count": ("count", "category", False),
+    "refer": ("refer", "expression", False), "ground": ("ground", None, False),
+    "caption": ("describe_region", None, True), "ocr": ("read_region", None, True),
+    "detect-like": ("detect_like", None, True), "reason": ("reason", "question", False),
+    "chat": ("chat", "text", False),
+}
+_POSITIONAL_HELP = {"categories": "what to detect, e.g. orange apple (joined as 'orange, apple')",
+                    "category": "one category to count, e.g. person", "expression": "a referring expression",
+                    "question": "the question", "text": "a free prompt; refer to boxes as <region0>, <region1>, ..."}
+
+
+def _add_model_args(p, default_mode: str, default_max_context: int) -> None:
+    p.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors + tokenizer)")
+    p.add_argument("--mode", default=default_mode, choices=["exact", "reference"],
+                   help=f"numeric mode (default {default_mode})")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="convert weights (default: as stored)")
+    p.add_argument("--compute", choices=["f32", "bf16"], help="activation precision with bf16 weights")
+    p.add_argument("--threads", type=int, help="worker threads (default: OMP_NUM_THREADS, else the CPUs this "
+                                               "process may use)")
+    p.add_argument("--max-context", type=int, default=default_max_context)
+
+
+def _add_sampling_args(p, max_new_default) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_default,
+                   help="default: sized for the task" if max_new_default is None else None)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the official setting)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line and exit status 1, like every other error of the CLI."""
+
+    def error(self, message):
+        self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="vlmfo1", description="Fast CPU inference for VLM-FO1.")
+    ap.add_argument("--version", action="version", version=f"vlmfo1 {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    for cmd, (task, positional, region) in FO1_COMMANDS.items():
+        p = sub.add_parser(cmd, help=f"VLM-FO1 {task.replace('_', ' ')} among proposal boxes")
+        p.add_argument("image", metavar="IMAGE", help="image file (JPEG, PNG, ...)")
+        if positional == "categories":
+            p.add_argument("categories", nargs="+", help=_POSITIONAL_HELP[positional])
+        elif positional:
+            p.add_argument(positional, help=_POSITIONAL_HELP[positional])
+        if region:
+            p.add_argument("--region", type=int, nargs="+", required=True, metavar="K",
+                           help="the region index(es) (positions in the boxes file, from 0)")
+        if cmd == "caption":
+            p.add_argument("--detailed", action="store_true", help="a detailed instead of a brief description")
+        p.add_argument("--boxes", required=cmd != "chat", metavar="FILE",
+                       help='proposal boxes, JSON: [[x1, y1, x2, y2], ...], {"boxes": [...], "box_format": "xywh", '
+                            '"scores": [...]}, or COCO-style [{"bbox": [x, y, w, h], "score": s}, ...]')
+        p.add_argument("--box-format", choices=["xyxy", "xywh", "cxcywh", "xyxyn", "xywhn", "cxcywhn"],
+                       help="coordinates in the boxes file (default: the file's box_format, else xyxy; xywh for "
+                            "COCO-style dicts; *n = normalized to 0..1)")
+        p.add_argument("--truncate-boxes", action="store_true", help="keep the first 100 boxes instead of failing")
+        p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+        p.add_argument("--draw", metavar="PNG", help="also save the image with the picked boxes drawn on it")
+        _add_model_args(p, "reference", 8192)
+        _add_sampling_args(p, None)
+
+    g = sub.add_parser("generate", help="generate text with a Qwen2/Qwen2.5 (or, with --image, Qwen2.5-VL) checkpoint")
+    g.add_argument("prompt")
+    g.add_argument("--image", help="an image file: run Qwen2.5-VL (the checkpoint must hold the vision tower)")
+    g.add_argument("--tokenizer", help="tokenizer folder (text only; default: the model folder)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in a ChatML user turn (text only; with "
+                                                       "--image the prompt is always a chat turn)")
+    g.add_argument("--system", help="system message (with --chat or --image; default: Qwen's)")
+    g.add_argument("-v", "--verbose", action="store_true", help="print timings to stderr")
+    _add_model_args(g, "exact", 4096)
+    _add_sampling_args(g, 128)
+
+    r = sub.add_parser("random-checkpoint", help="write a random-weight Qwen2.5 (or, with --fo1, VLM-FO1) checkpoint "
+                                                 "for tests and benchmarks")
+    r.add_argument("path")
+    r.add_argument("--fo1", action="store_true", help="a VLM-FO1 checkpoint in the official layout (the folder name "
+                                                      "should contain 'vlm-fo1' and 'qwen2.5-vl' for the official "
+                                                      "loader)")
+    r.add_argument("--size", choices=["tiny", "3b", "full"], default="tiny", help="3b = full = the real shapes")
+    r.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--tiktoken", help="qwen.tiktoken to build the tokenizer files from (default: "
+                                      "$VLMFO1_QWEN_TIKTOKEN, else ../shared/data/tokenizer/qwen.tiktoken)")
+
+    d = sub.add_parser("demo", help="run the official quick-start example on a small random VLM-FO1 checkpoint")
+    d.add_argument("--tiktoken", help="qwen.tiktoken (default: $VLMFO1_QWEN_TIKTOKEN, else "
+                                      "../shared/data/tokenizer/qwen.tiktoken)")
+    d.add_argument("--demo-dir", help="folder with demo_image.jpg and demo_boxes.json (default: next to the "
+                                      "tokenizer data)")
+    d.add_argument("--out", default="vlmfo1_demo.png", help="where to save the picture (default %(default)s)")
+    d.add_argument("--cache", help="where the random checkpoint is kept between runs (default: $VLMFO1_CACHE, "
+                                   "else ~/.cache/vlmfo1)")
+    d.add_argument("--threads", type=int)
+    d.add_argument("--text", action="store_true", help="instead: a text-only Qwen2.5 chat on a random checkpoint")
+    d.add_argument("--prompt", help="the chat prompt (with --text)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = _parser()
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:          # --help / --version (0) or a usage error (1, one line already printed)
+        return int(e.code or 0)
+    try:
+        return _run(args)
+    except (OSError, ValueError, KeyError, TypeError, LookupError, NotImplementedError, FloatingPointError,
+            RuntimeError, RecursionError, ImportError) as e:  # one clear line
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"vlmfo1 {args.cmd}: error: {msg}", file=sys.stderr)
+        return 1
+
+
+def _run(args) -> int:
+    if args.cmd in FO1_COMMANDS:
+        return _fo1_task(args)
+    if args.cmd == "generate":
+        return _generate(args)
+    if args.cmd == "random-checkpoint":
+        return _random_checkpoint(args)
+    if args.cmd == "demo":
+        return _text_demo(args) if args.text else _fo1_demo(args)
+    return 1
+
+
+# ---------------------------------------------------------------------------------------------- FO1 tasks
+
+def read_boxes_file(path, box_format=None):
+    """A boxes JSON file -> (boxes, box_format, scores). Layouts: a list of 4-number boxes; {"boxes": [...],
+    "box_format": ..., "scores": [...]}; a list of COCO-style {"bbox": [x, y, w, h], "score": s} (xywh).
+    box_format (the --box-format option) must agree with a format the file names."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"boxes file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    scores, fmt = None, None
+    if isinstance(data, dict):
+        if "boxes" not in data:
+            raise ValueError(f'{path}: expected a list of [x1, y1, x2, y2] boxes or {{"boxes": [...]}}')
+        fmt, scores = data.get("box_format"), data.get("scores")
+        if fmt is not None and not isinstance(fmt, str):
+            raise ValueError(f"{path}: box_format must be a string, got {fmt!r}")
+        data = data["boxes"]
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: boxes must be a JSON list, got {type(data).__name__}")
+    if data and all(isinstance(b, dict) for b in data):
+        fmt = fmt or "xywh"                                   # COCO-style dicts
+    if box_format and fmt and box_format != fmt:
+        raise ValueError(f"--box-format {box_format} contradicts the file's box format {fmt} ({path})")
+    return data, box_format or fmt or "xyxy", scores
+
+
+def _fo1_task(args) -> int:
+    from .fo1 import VLMFO1
+
+    task, positional, region = FO1_COMMANDS[args.cmd]
+    if not os.path.exists(args.image):
+        raise FileNotFoundError(f"image file not found: {args.image}")
+    boxes, fmt, scores = read_boxes_file(args.boxes, args.box_format) if args.boxes else ([], "xyxy", None)
+    if args.box_format and not args.boxes:
+        raise ValueError("--box-format needs --boxes")
+    model = VLMFO1.from_pretrained(args.model, mode=args.mode, compute=args.compute, dtype=args.dtype,
+                                   threads=args.threads, max_context=args.max_context)
+    kw = dict(boxes=boxes, box_format=fmt, scores=scores, truncate_boxes=args.truncate_boxes,
+              max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+              seed=args.seed)
+    pos = []
+    if positional:
+        pos.append(getattr(args, positional))
+    if region:
+        pos.append(args.region)
+    if args.cmd == "caption":
+        kw["detailed"] = args.detailed
+    res = getattr(model, task)(args.image, *pos, **kw)
+    if args.draw:
+        res.save(args.draw)
+    if args.json:
+        print(res.to_json())
+    else:
+        _print_result(res)
+    return 0
+
+
+def _print_result(res) -> None:
+    print(f"answer: {res.text}")
+    for d in res.detections:
+        score = "" if d.score is None else f" score {d.score:.2f}"
+        print(f"  {d.label}: region {d.index} box {[round(v, 1) for v in d.box]}{score}")
+    if not res.detections:
+        print("  (no detections)")
+    if res.count is not None and res.task == "count":
+        print(f"count: {res.count}")
+    t = res.timings
+    stages = ", ".join(f"{k} {v:.2f}" for k, v in t.items())
+    print(f"[{len(res.token_ids)} tokens ({res.finish_reason}); {sum(t.values()):.2f} s: {stages}]", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------- Qwen text / VL
+
+def _generate(args) -> int:
+    if args.image:
+        if args.chat or args.tokenizer:
+            raise ValueError("--chat and --tokenizer apply to text-only generation, not with --image")
+        from .qwen_vl import DEFAULT_SYSTEM, QwenVL
+
+        vl = QwenVL.load(args.model, mode=args.mode, compute=args.compute, dtype=args.dtype, n_threads=args.threads,
+                         max_context=args.max_context)
+        t0 = time.perf_counter()
+        for piece in vl.stream(args.image, args.prompt, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                               system=args.system or DEFAULT_SYSTEM):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        if args.verbose:
+            print(f"[{time.perf_counter() - t0:.2f} s]", file=sys.stderr)
+        return 0
+    if args.system and not args.chat:
+        raise ValueError("--system needs --chat (or --image)")
     from .decoder import LanguageModel
     from .tokenizer import Tokenizer
 
     lm = LanguageModel.load(args.model, mode=args.mode, compute=args.compute, dtype=args.dtype,
                             n_threads=args.threads, max_context=args.max_context)
     tok = Tokenizer.from_pretrained(args.tokenizer or args.model)
-    return lm, tok
+    _stream(lm, tok, args.prompt, args.chat, args.system, args)
+    return 0
 
 
 def _stream(lm, tok, prompt: str, chat: bool, system, args) -> None:
@@ -44,194 +287,56 @@ def _stream(lm, tok, prompt: str, chat: bool, system, args) -> None:
               f"{(n - 1) / dt if n > 1 and dt > 0 else 0:.2f} tok/s decode]", file=sys.stderr)
 
 
-def _add_gen_args(p):
-    p.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in a ChatML user turn")
-    p.add_argument("--system", help="system message (with --chat; default: Qwen's)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--mode", default="exact", choices=["exact", "reference"])
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="convert weights (default: as stored)")
-    p.add_argument("--compute", choices=["f32", "bf16"], help="activation precision with bf16 weights")
-    p.add_argument("--threads", type=int, help="worker threads (default: all available cores)")
-    p.add_argument("--max-context", type=int, default=4096)
-    p.add_argument("-v", "--verbose", action="store_true", help="print timings to stderr")
+# ---------------------------------------------------------------------------------------------- checkpoints, demo
+
+def find_tiktoken(given=None) -> str:
+    """The Qwen BPE ranks file: the given path, $VLMFO1_QWEN_TIKTOKEN, the project's ../shared data (next to a
+    source checkout, or under the current folder's parent). FileNotFoundError, before anything is written, if none."""
+    from .fo1_checkpoint import DEFAULT_TIKTOKEN
+
+    if given:
+        if not os.path.isfile(given):
+            raise FileNotFoundError(f"tiktoken file not found: {given}")
+        return given
+    cands = [os.environ.get("VLMFO1_QWEN_TIKTOKEN"), DEFAULT_TIKTOKEN,
+             os.path.join("..", "shared", "data", "tokenizer", "qwen.tiktoken"),
+             os.path.join("shared", "data", "tokenizer", "qwen.tiktoken")]
+    for c in cands:
+        if c and os.path.isfile(c):
+            return os.path.normpath(c)
+    raise FileNotFoundError("no Qwen vocabulary found: pass --tiktoken PATH/qwen.tiktoken (or set "
+                            "VLMFO1_QWEN_TIKTOKEN); looked for " + ", ".join(os.path.normpath(c) for c in cands[1:]))
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="vlmfo1", description=__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-
-    g = sub.add_parser("generate", help="generate text with a Qwen2/Qwen2.5 checkpoint")
-    g.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors)")
-    g.add_argument("prompt")
-    g.add_argument("--image", help="an image file: run Qwen2.5-VL (the checkpoint must hold the vision tower)")
-    _add_gen_args(g)
-
-    dt = sub.add_parser("detect", help="VLM-FO1: detect categories among proposal boxes")
-    dt.add_argument("--model", required=True, help="VLM-FO1 checkpoint folder (official layout)")
-    dt.add_argument("--image", required=True)
-    dt.add_argument("--boxes", required=True,
-                    help='JSON file: a list of [x1, y1, x2, y2] boxes in image pixels, or {"boxes": [...]}')
-    dt.add_argument("categories", nargs="+", help="what to detect, e.g. orange apple")
-    dt.add_argument("--prompt", help="a free prompt instead of the detection template (may use <regionK>)")
-    dt.add_argument("--truncate-boxes", action="store_true", help="keep the first 100 boxes instead of failing")
-    dt.add_argument("--json", action="store_true", help="print the result as one JSON object (text, detections, "
-                                                        "token ids)")
-    dt.add_argument("--draw", metavar="PNG", help="also save the image with the picked boxes drawn on it")
-    _add_gen_args(dt)
-    dt.set_defaults(mode="reference")
-
-    r = sub.add_parser("random-checkpoint", help="write a random-weight Qwen2.5 (or, with --fo1, VLM-FO1) checkpoint "
-                                                 "for tests and benchmarks")
-    r.add_argument("path")
-    r.add_argument("--fo1", action="store_true", help="a VLM-FO1 checkpoint in the official layout (the folder name "
-                                                      "should contain 'vlm-fo1' and 'qwen2.5-vl' for the official "
-                                                      "loader)")
-    r.add_argument("--size", choices=["tiny", "3b", "full"], default="tiny", help="3b = full = the real shapes")
-    r.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--tiktoken", help="qwen.tiktoken to build the tokenizer files from")
-
-    d = sub.add_parser("demo", help="write a small random VLM-FO1 checkpoint and run the official example on it")
-    d.add_argument("--tiktoken", required=True, help="path of qwen.tiktoken (the Qwen BPE ranks)")
-    d.add_argument("--demo-dir", help="folder with demo_image.jpg and demo_boxes.json (default: next to --tiktoken)")
-    d.add_argument("--text", action="store_true", help="instead: a text-only Qwen2.5 chat on a random checkpoint")
-    d.add_argument("--prompt", default="Describe the picture in one sentence.")
-    d.add_argument("--size", choices=["tiny", "3b"], default="tiny")
-    d.set_defaults(max_new_tokens=32)
-
-    args = ap.parse_args(argv)
+def _write_atomically(path: str, write) -> None:
+    """write(tmp) into a sibling temporary folder, then rename it to path: never a half-written folder."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise FileExistsError(f"{path} exists and is not an empty folder")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".partial-", dir=parent)
     try:
-        return _run(args)
-    except (OSError, ValueError, KeyError, TypeError, NotImplementedError, FloatingPointError) as e:  # one clear line
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"vlmfo1 {args.cmd}: error: {msg}", file=sys.stderr)
-        return 1
+        work = os.path.join(tmp, os.path.basename(path))   # keeps the folder name (the official loader reads it)
+        write(work)
+        if os.path.isdir(path):
+            os.rmdir(path)
+        os.replace(work, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run(args) -> int:
-    if args.cmd == "generate" and args.image:
-        from .qwen_vl import DEFAULT_SYSTEM, QwenVL
-
-        vl = QwenVL.load(args.model, mode=args.mode, compute=args.compute, dtype=args.dtype, n_threads=args.threads,
-                         max_context=args.max_context)
-        t0 = time.perf_counter()
-        n = 0
-        for piece in vl.stream(args.image, args.prompt, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                               system=args.system or DEFAULT_SYSTEM):
-            n += 1
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        if args.verbose:
-            print(f"[{time.perf_counter() - t0:.2f} s]", file=sys.stderr)
-        return 0
-    if args.cmd == "generate":
-        lm, tok = _load(args)
-        _stream(lm, tok, args.prompt, args.chat, args.system, args)
-        return 0
-    if args.cmd == "random-checkpoint" and args.fo1:
+def _random_checkpoint(args) -> int:
+    tk = find_tiktoken(args.tiktoken) if (args.fo1 or args.tiktoken) else None
+    size = "tiny" if args.size == "tiny" else "full"
+    if args.fo1:
         from .fo1_checkpoint import write_random_fo1
 
-        write_random_fo1(args.path, size="tiny" if args.size == "tiny" else "full", dtype=args.dtype, seed=args.seed,
-                         tiktoken_path=args.tiktoken)
-        print(f"wrote {args.path}")
-        return 0
-    if args.cmd == "random-checkpoint":
-        _write_random(args.path, args.size, args.dtype, args.seed, args.tiktoken)
-        print(f"wrote {args.path}")
-        return 0
-    if args.cmd == "detect":
-        return _detect(args)
-    if args.cmd == "demo" and not args.text:
-        return _fo1_demo(args)
-    if args.cmd == "demo":
-        from .decoder import LanguageModel
-        from .tokenizer import Tokenizer
-
-        with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
-            _write_random(tmp, args.size, "bfloat16", 0, args.tiktoken)
-            lm = LanguageModel.load(tmp)
-            tok = Tokenizer.from_pretrained(tmp)
-            print(f"random {args.size} Qwen2.5 checkpoint written and loaded in {time.perf_counter() - t0:.1f} s "
-                  f"({lm.weight_bytes / 1e6:.1f} MB of weights, compute={lm.compute}); the text is gibberish by design")
-            ns = argparse.Namespace(max_new_tokens=32, temperature=0.8, top_p=0.95, top_k=0, seed=0, verbose=True)
-            _stream(lm, tok, args.prompt, True, None, ns)
-        return 0
-    return 1
-
-
-def _read_boxes(path):
-    import json
-
-    with open(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if isinstance(data, dict):
-        if "boxes" not in data:
-            raise ValueError(f'{path}: expected a list of [x1, y1, x2, y2] boxes or {{"boxes": [...]}}')
-        data = data["boxes"]
-    return data
-
-
-def _print_result(res, t0):
-    print(f"answer: {res.text}")
-    for d in res.detections:
-        print(f"  {d.label}: region {d.index} box {[round(v, 1) for v in d.box]}")
-    if not res.detections:
-        print("  (no detections)")
-    print(f"[{len(res.token_ids)} tokens, {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
-
-
-def _detect(args) -> int:
-    from .fo1 import FO1
-
-    fo1 = FO1.load(args.model, mode=args.mode, compute=args.compute, dtype=args.dtype, n_threads=args.threads,
-                   max_context=args.max_context)
-    boxes = _read_boxes(args.boxes)
-    t0 = time.perf_counter()
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-              seed=args.seed, truncate_boxes=args.truncate_boxes)
-    if args.prompt:
-        res = fo1.generate(args.image, boxes, args.prompt, **kw)
+        _write_atomically(args.path, lambda p: write_random_fo1(p, size=size, dtype=args.dtype, seed=args.seed,
+                                                                tiktoken_path=tk))
     else:
-        res = fo1.detect(args.image, boxes, args.categories, **kw)
-    if args.draw:
-        res.draw(args.image).save(args.draw)
-    if args.json:
-        import json
-
-        print(json.dumps(res.to_dict()))
-        print(f"[{len(res.token_ids)} tokens, {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
-    else:
-        _print_result(res, t0)
-    return 0
-
-
-def _fo1_demo(args) -> int:
-    from .fo1 import FO1
-    from .fo1_checkpoint import write_random_fo1
-
-    demo = args.demo_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.tiktoken))), "demo")
-    boxes = _read_boxes(os.path.join(demo, "demo_boxes.json"))
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        path = os.path.join(tmp, "VLM-FO1_Qwen2.5-VL-3B-random-tiny")
-        write_random_fo1(path, size="tiny", tiktoken_path=args.tiktoken)
-        fo1 = FO1.load(path)
-        print(f"random tiny VLM-FO1 checkpoint (official layout) written and loaded in {time.perf_counter() - t0:.1f} s;"
-              " the weights are random, so the answer is too")
-        t0 = time.perf_counter()
-        res = fo1.detect(os.path.join(demo, "demo_image.jpg"), boxes, "orange", max_new_tokens=16)
-        _print_result(res, t0)
+        _write_atomically(args.path, lambda p: _write_random(p, args.size, args.dtype, args.seed, tk))
+    print(f"wrote {args.path}")
     return 0
 
 
@@ -243,6 +348,58 @@ def _write_random(path, size, dtype, seed, tiktoken):
         from .tokenizer import Tokenizer
 
         Tokenizer.from_tiktoken(tiktoken).save(path)
+
+
+def demo_checkpoint(tiktoken: str, cache=None) -> str:
+    """The tiny random VLM-FO1 checkpoint of the demo, written once into the cache folder and reused."""
+    from .fo1_checkpoint import write_random_fo1
+
+    cache = cache or os.environ.get("VLMFO1_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vlmfo1")
+    path = os.path.join(cache, f"VLM-FO1_Qwen2.5-VL-3B-random-tiny-v{__version__}")
+    if not os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
+        if os.path.isdir(path):                      # left by an older, interrupted writer: start again
+            shutil.rmtree(path)
+        _write_atomically(path, lambda p: write_random_fo1(p, size="tiny", tiktoken_path=tiktoken))
+    return path
+
+
+def _fo1_demo(args) -> int:
+    from .fo1 import VLMFO1
+
+    if args.prompt:
+        raise ValueError("--prompt applies to --text; the VLM-FO1 demo runs the official 'detect orange' example")
+    tk = find_tiktoken(args.tiktoken)
+    demo = args.demo_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(tk))), "demo")
+    image = os.path.join(demo, "demo_image.jpg")
+    boxes, fmt, scores = read_boxes_file(os.path.join(demo, "demo_boxes.json"))
+    t0 = time.perf_counter()
+    path = demo_checkpoint(tk, args.cache)
+    model = VLMFO1.from_pretrained(path, threads=args.threads)
+    print(f"{model}\n(loaded in {time.perf_counter() - t0:.1f} s from the demo cache {path})")
+    print("NOTE: the weights are RANDOM (no trained weights can be downloaded here), so the answer is gibberish; "
+          "the pipeline is the real one. Use --model with the real checkpoint for real answers.")
+    res = model.detect(image, "orange", boxes=boxes, box_format=fmt, scores=scores, max_new_tokens=16)
+    _print_result(res)
+    res.save(args.out)
+    print(f"picture: {args.out}")
+    return 0
+
+
+def _text_demo(args) -> int:
+    from .decoder import LanguageModel
+    from .tokenizer import Tokenizer
+
+    tk = find_tiktoken(args.tiktoken)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        _write_random(tmp, "tiny", "bfloat16", 0, tk)
+        lm = LanguageModel.load(tmp, n_threads=args.threads)
+        tok = Tokenizer.from_pretrained(tmp)
+        print(f"random tiny Qwen2.5 checkpoint written and loaded in {time.perf_counter() - t0:.1f} s "
+              f"({lm.weight_bytes / 1e6:.1f} MB of weights, compute={lm.compute}); the text is gibberish by design")
+        ns = argparse.Namespace(max_new_tokens=32, temperature=0.8, top_p=0.95, top_k=0, seed=0, verbose=True)
+        _stream(lm, tok, args.prompt or "Describe the picture in one sentence.", True, None, ns)
+    return 0
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import numpy as np
 
 from ._native import core
 from .safetensors import Checkpoint, check_tensors, round_bf16, stored_kind, weight
+from .threads import default_threads  # noqa: F401  (re-exported: vision, davit, hfre import it from here)
 
 MODES = ("exact", "reference")
 
@@ -345,11 +346,6 @@ def read_generation_eos(path: str) -> List[int]:
         return []
 
 
-def default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
 
 
 def _collect_tensors(ckpt: Checkpoint, c: DecoderConfig, dtype: Optional[str]):

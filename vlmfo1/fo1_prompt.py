@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from .results import COCO_CATEGORIES, Detection, FO1Result  # noqa: F401  (re-exported)
 
 IMAGE_INDEX = -200
 REGION_INDEX = -300
@@ -27,6 +28,9 @@ MAX_BOXES = 100
 OD_TEMPLATE = "Please detect {} in this image. Answer the question with object indexes."
 OD_COUNTING_TEMPLATE = ("How many {} are there in this image? Count each instance of the target object. Locate them "
                         "with object indexes and then answer the question with the number of objects.")
+# The wording of the official counting evaluation data (CountBench / PixmoCount, spec §6.3): "in the image?"
+COUNT_TEMPLATE = ("How many {} are there in the image? Count each instance of the target object. Locate them "
+                  "with object indexes and then answer the question with the number of objects.")
 REC_TEMPLATE = "Please detect {} in this image. Answer the question with object indexes."
 REGION_OCR_TEMPLATE = "Please provide the ocr results of {} in the image."
 BRIEF_REGION_CAPTION_TEMPLATE = "Provide a brief description for {}."
@@ -41,15 +45,6 @@ REGION_REASONING_TEMPLATE = (
     "<think> reasoning process here </think><answer> answer here </answer>. Please give a detailed reasoning process "
     "process and provide image regions that can help you answer the question better. {}")
 
-COCO_CATEGORIES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant",
-    "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard",
-    "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli",
-    "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet",
-    "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
-    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush")
 
 
 def region_tags(indices: Sequence[int], n_boxes: Optional[int] = None) -> str:
@@ -96,85 +91,16 @@ _GROUND = re.compile(r"<ground>(.*?)</ground><objects>(.*?)</objects>", re.S)
 _REGION = re.compile(r"<region(\d+)>")
 
 
-@dataclass
-class Detection:
-    label: str
-    index: int                 # index into the input boxes
-    box: Tuple[float, float, float, float]  # x1, y1, x2, y2 in original image pixels
-
-
-@dataclass
-class FO1Result:
-    """What VLM-FO1 answered: the raw text, the grounded detections and the tokens."""
-    text: str
-    detections: List[Detection] = field(default_factory=list)
-    token_ids: List[int] = field(default_factory=list)
-    invalid_indices: List[int] = field(default_factory=list)
-
-    def by_label(self) -> Dict[str, List[Tuple[float, float, float, float]]]:
-        out: Dict[str, List[Tuple[float, float, float, float]]] = {}
-        for d in self.detections:
-            out.setdefault(d.label, []).append(d.box)
-        return out
-
-    @property
-    def boxes(self) -> np.ndarray:
-        return np.array([d.box for d in self.detections], dtype=np.float64).reshape(-1, 4)
-
-    @property
-    def labels(self) -> List[str]:
-        return [d.label for d in self.detections]
-
-    def draw(self, image, width: int = 3, font_size: int = 0):
-        """A copy of `image` (path, PIL image or uint8 array, as FO1 takes it) with the detections drawn: one colour
-        per label, the label and region index above each box. Returns a PIL.Image (shown inline in notebooks)."""
-        from PIL import Image, ImageDraw, ImageFont
-
-        from .image import load_image
-
-        im = Image.fromarray(load_image(image))
-        d = ImageDraw.Draw(im)
-        size = font_size or max(12, round(min(im.size) / 40))
-        try:
-            font = ImageFont.load_default(size=size)
-        except TypeError:                       # Pillow < 10.1: fixed-size bitmap font
-            font = ImageFont.load_default()
-        colours = {}
-        for det in self.detections:
-            c = colours.setdefault(det.label, _PALETTE[len(colours) % len(_PALETTE)])
-            x1, y1, x2, y2 = det.box
-            d.rectangle([min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)], outline=c, width=width)
-            tag = f"{det.label} <region{det.index}>"
-            l, t, r, b = d.textbbox((0, 0), tag, font=font)
-            ty = max(0.0, min(y1, y2) - (b - t) - 2 * width)
-            d.rectangle([min(x1, x2), ty, min(x1, x2) + (r - l) + 2 * width, ty + (b - t) + 2 * width], fill=c)
-            d.text((min(x1, x2) + width, ty + width - t), tag, fill=(255, 255, 255), font=font)
-        return im
-
-    def to_dict(self) -> dict:
-        """Plain JSON-ready data: text, detections (label, index into the input boxes, box), token ids."""
-        return {"text": self.text, "detections": [{"label": d.label, "index": d.index, "box": list(d.box)}
-                                                  for d in self.detections],
-                "token_ids": list(self.token_ids), "invalid_indices": list(self.invalid_indices)}
-
-    @property
-    def count(self) -> Optional[int]:
-        """The number the model answered (counting prompts): the official CountBench rule, i.e. the first
-        number left after removing <regionK> tags; None when there is none (the official scorer uses 0)."""
-        m = re.findall(r"(?<!region)\d+", re.sub(r"<region\d+>", "", self.text))
-        return int(m[0]) if m else None
-
-
-_PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-            (240, 50, 230), (128, 128, 0), (0, 128, 128), (170, 110, 40), (128, 0, 0), (0, 0, 128)]
-
-
-def parse_answer(text: str, boxes: Sequence[Sequence[float]], token_ids: Sequence[int] = ()) -> FO1Result:
-    """Map `<ground>label</ground><objects><regionK>…</objects>` back to the input boxes.
+def parse_answer(text: str, boxes: Sequence[Sequence[float]], token_ids: Sequence[int] = (),
+                 scores: Optional[Sequence[float]] = None, **fields) -> FO1Result:
+    """Map `<ground>label</ground><objects><regionK>…</objects>` back to the input boxes (and their scores).
 
     Indices are de-duplicated per label in order of first appearance (the official parser keeps a
-    set). An index that names no input box is dropped with a warning and listed in invalid_indices."""
-    res = FO1Result(text=text, token_ids=list(token_ids))
+    set). An index that names no input box is dropped with a warning and listed in invalid_indices.
+    fields: the other FO1Result fields (task, prompt, timings, ...)."""
+    res = FO1Result(text=text, token_ids=list(token_ids),
+                    proposals=np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
+                    proposal_scores=None if scores is None else np.asarray(scores, dtype=np.float64), **fields)
     seen: Dict[str, set] = {}
     for label, objs in _GROUND.findall(text):
         label = label.strip()
@@ -187,7 +113,8 @@ def parse_answer(text: str, boxes: Sequence[Sequence[float]], token_ids: Sequenc
                 continue
             s.add(k)
             b = boxes[k]
-            res.detections.append(Detection(label, k, (float(b[0]), float(b[1]), float(b[2]), float(b[3]))))
+            res.detections.append(Detection(label, k, (float(b[0]), float(b[1]), float(b[2]), float(b[3])),
+                                            None if scores is None else float(scores[k])))
     if res.invalid_indices:
         warnings.warn(f"the answer names region(s) {sorted(set(res.invalid_indices))} but only {len(boxes)} boxes "
                       "were given; they were dropped", RuntimeWarning, stacklevel=2)
