@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -191,30 +192,39 @@ def _to_numeric_array(obj: Any, what: str, expected: str) -> np.ndarray:
             arr = np.asarray(obj)
         except ValueError as e:  # ragged nested lists
             raise ValueError(f"{what} must be {expected}; got a ragged sequence ({e})") from None
-    if arr.dtype == object:
-        # ragged lists or non-numbers inside
+    if arr.dtype == object or arr.dtype.kind in "USV":  # None, strings, ... inside the sequence
+        bad = _first_non_number(obj)
+        if bad is not _NO_BAD_ELEMENT:
+            shown = repr(str(bad)) if isinstance(bad, str) else repr(bad)
+            raise TypeError(f"{what} must be {expected} of numbers; got an element that is not a number: {shown}")
         try:
             arr = arr.astype(np.float64)
         except (TypeError, ValueError):
-            raise TypeError(f"{what} must be {expected} of numbers; got elements that are not numbers "
-                            f"(e.g. {_first_non_number(obj)!r})") from None
-    if arr.dtype.kind not in "iuf":  # bool, complex, str, datetime ...
+            raise TypeError(f"{what} must be {expected} of numbers; got dtype {arr.dtype}") from None
+    if arr.dtype.kind not in "iuf":  # bool, complex, datetime ...
         raise TypeError(f"{what} must be {expected} of numbers; got dtype {arr.dtype}")
     return arr.astype(np.float64)
 
 
+_NO_BAD_ELEMENT = object()
+
+
 def _first_non_number(obj: Any) -> Any:
+    """The first element of a nested sequence that is not a real number (None, a string, ...), or
+    _NO_BAD_ELEMENT."""
     stack = [obj]
     while stack:
         x = stack.pop(0)
-        if isinstance(x, (str, bytes)) or not isinstance(x, Iterable):
+        if isinstance(x, (str, bytes)) or x is None or not isinstance(x, Iterable):
+            if isinstance(x, (str, bytes, bool)) or x is None:
+                return x
             try:
                 float(x)
             except (TypeError, ValueError):
                 return x
         else:
             stack.extend(x)
-    return None
+    return _NO_BAD_ELEMENT
 
 
 def _coco_dicts_to_arrays(items: Sequence[Mapping]) -> tuple[np.ndarray, Optional[np.ndarray]]:
@@ -589,13 +599,14 @@ def _describe(obj: Any) -> str:
 
 
 def _int_id(key: Any) -> Optional[int]:
-    """An integer image id from an int or an all-digit string / file stem ('000000532481.jpg' -> 532481)."""
+    """An integer image id from an int or a COCO-style file stem: '000000532481.jpg' -> 532481,
+    'COCO_val2014_000000000042.jpg' -> 42 (the digits after the last underscore)."""
     if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
         return int(key)
     if isinstance(key, (str, os.PathLike)):
-        stem = os.path.splitext(os.path.basename(os.fspath(key)))[0]
-        if stem.isdigit():
-            return int(stem)
+        m = re.search(r"(?:^|_)(\d+)$", os.path.splitext(os.path.basename(os.fspath(key)))[0])
+        if m:
+            return int(m.group(1))
     return None
 
 
@@ -689,7 +700,8 @@ class CocoResultsProposals:
     annotations: an optional COCO annotation file (instances_*.json) that maps file names to image ids; it also
     fixes the image set, so an image listed there without detections gets 0 boxes instead of an error.
     Lookup: `image_id` (an int id or a file name), else the image's file name through `annotations`, else a
-    COCO-style file stem ('000000532481.jpg' -> 532481). Files are read once, on the first lookup."""
+    COCO-style file stem ('000000532481.jpg' or 'COCO_val2014_000000000042.jpg').
+    Files are read once, on the first lookup."""
 
     def __init__(self, path: Union[str, os.PathLike], score_threshold: Optional[float] = None,
                  annotations: Union[str, os.PathLike, None] = None) -> None:
