@@ -436,6 +436,18 @@ def test_nms_matches_bruteforce(dtype, thr):
         assert got.tolist() == nms_bruteforce(boxes, scores, thr, dtype), (trial, n)
 
 
+def test_nms_block_boundaries(monkeypatch):
+    """The kernel works in row blocks of the IoU matrix; small blocks put many boundaries inside the greedy pass."""
+    import vlmfo1.proposals as P
+    rng = np.random.default_rng(99)
+    boxes = random_boxes(rng, 150, span=60.0)
+    scores = rng.integers(0, 4, 150) / 3.0
+    want = nms_bruteforce(boxes, scores, 0.5, np.float32)
+    for block in (1, 7, 64, 256):
+        monkeypatch.setattr(P, "_NMS_BLOCK", block)
+        assert nms(boxes, scores, 0.5, dtype=np.float32).tolist() == want
+
+
 def test_nms_ties_keep_the_earlier_box():
     b = [[0, 0, 10, 10], [0, 0, 10, 10], [50, 50, 60, 60], [50, 50, 60, 60]]
     assert nms(b, [0.5, 0.5, 0.7, 0.7], 0.5).tolist() == [2, 0]

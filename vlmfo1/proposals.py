@@ -370,6 +370,9 @@ def as_boxes(boxes: Any, box_format: Optional[str] = None, image_size: Optional[
 # NMS and the UPN filter
 # ---------------------------------------------------------------------------------------------------------------
 
+_NMS_BLOCK = 256  # rows of the IoU matrix computed at once (memory: 256 x N values)
+
+
 def nms(boxes: Any, scores: Any, iou_threshold: float, *, dtype: Any = np.float64) -> np.ndarray:
     """Indices (int64) of the boxes kept by greedy non-maximum suppression, in decreasing score order:
     torchvision.ops.nms semantics (its CPU kernel), in `dtype` arithmetic.
@@ -398,19 +401,24 @@ def nms(boxes: Any, scores: Any, iou_threshold: float, *, dtype: Any = np.float6
     x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
     areas = (x2 - x1) * (y2 - y1)
     thr = float(iou_threshold)
+    zero = dt.type(0)
     suppressed = np.zeros(n, dtype=bool)
     keep = []
+    # Rows in blocks of _NMS_BLOCK: the [block, N] "IoU > thr" matrix is computed vectorised (the same float ops,
+    # in the same order, as the torchvision kernel), then the greedy pass walks the block's rows in score order.
     with np.errstate(divide="ignore", invalid="ignore"):
-        for i in range(n):
-            if suppressed[i]:
-                continue
-            keep.append(i)
-            j = slice(i + 1, n)
-            w = np.maximum(dt.type(0), np.minimum(x2[i], x2[j]) - np.maximum(x1[i], x1[j]))
-            h = np.maximum(dt.type(0), np.minimum(y2[i], y2[j]) - np.maximum(y1[i], y1[j]))
+        for start in range(0, n, _NMS_BLOCK):
+            rows = slice(start, min(start + _NMS_BLOCK, n))
+            w = np.maximum(zero, np.minimum(x2[rows, None], x2[None, :]) - np.maximum(x1[rows, None], x1[None, :]))
+            h = np.maximum(zero, np.minimum(y2[rows, None], y2[None, :]) - np.maximum(y1[rows, None], y1[None, :]))
             inter = w * h
-            ovr = inter / (areas[i] + areas[j] - inter)
-            suppressed[j] |= ovr.astype(np.float64) > thr  # NaN > thr is False
+            ovr = inter / (areas[rows, None] + areas[None, :] - inter)
+            over = ovr.astype(np.float64) > thr  # C++ compares float > double in double; NaN > thr is False
+            for r, i in enumerate(range(rows.start, rows.stop)):
+                if suppressed[i]:
+                    continue
+                keep.append(i)
+                suppressed[i + 1:] |= over[r, i + 1:]
     return order[np.asarray(keep, dtype=np.int64)].astype(np.int64)
 
 
