@@ -211,6 +211,15 @@ def test_repr_and_indexing(no_warnings):
     assert "scores=None" in repr(as_boxes(XYXY))
 
 
+def test_proposals_as_array(no_warnings):
+    """np.asarray(Proposals) is the box array, so code that takes box arrays takes a Proposals."""
+    p = as_boxes(XYXY, scores=[1, 2, 3, 4])
+    assert np.asarray(p) is p.boxes
+    assert np.asarray(p, dtype=np.float32).dtype == np.float32
+    assert np.asarray(p, dtype=np.float64, copy=True) is not p.boxes
+    np.testing.assert_array_equal(np.asarray(p, dtype=np.float64), XYXY)
+
+
 def test_proposals_constructor_validates():
     with pytest.raises(ValueError, match=r"\[N, 4\]"):
         Proposals(np.zeros((3, 5)))

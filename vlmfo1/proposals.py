@@ -105,6 +105,13 @@ class Proposals:
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
 
+    def __array__(self, dtype: Any = None, copy: Optional[bool] = None) -> np.ndarray:
+        """np.asarray(proposals) is the [N, 4] xyxy box array, so code that takes box arrays takes a Proposals."""
+        if copy is False and dtype is not None and np.dtype(dtype) != self.boxes.dtype:
+            raise ValueError("a copy is needed to convert Proposals boxes to another dtype")
+        out = self.boxes if dtype is None else self.boxes.astype(dtype, copy=False)
+        return out.copy() if copy else out
+
     def __repr__(self) -> str:
         n = len(self)
         if self.scores is None:
