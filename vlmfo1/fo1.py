@@ -366,7 +366,7 @@ class VLMFO1:
 
     # ------------------------------------------------------------------ one request, every option
     def _request(self, task: str, image, make_text: Callable[[int], str], per_category: int, boxes, *,
-                 proposals=None, box_format: str = "xyxy", scores=None, image_id=None, truncate_boxes: bool = False,
+                 proposals=None, box_format: Optional[str] = None, scores=None, image_id=None, truncate_boxes: bool = False,
                  max_new_tokens: Optional[int] = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  seed: Optional[int] = None, stop_ids=None, progress=None, stream: bool = False, **gen):
         """Everything a task call does; returns the FO1Result, or with stream=True an iterator of text pieces

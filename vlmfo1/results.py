@@ -40,6 +40,23 @@ _PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 3
             (240, 50, 230), (128, 128, 0), (0, 128, 128), (170, 110, 40), (128, 0, 0), (0, 0, 128)]
 
 
+def coco_results(coco_gt, detections: Sequence[Mapping]):
+    """pycocotools' `coco_gt.loadRes(detections)` that also takes an empty list (loadRes itself fails on one):
+    a COCO object of the detections, ready for COCOeval. Needs the optional pycocotools package."""
+    try:
+        from pycocotools.coco import COCO
+    except ImportError:
+        raise ImportError("COCO scoring needs pycocotools: pip install 'vlmfo1[eval]'") from None
+    dets = list(detections)
+    if dets:
+        return coco_gt.loadRes(dets)
+    res = COCO()
+    res.dataset = {"images": list(coco_gt.dataset.get("images", [])),
+                   "categories": list(coco_gt.dataset.get("categories", [])), "annotations": []}
+    res.createIndex()
+    return res
+
+
 @dataclass
 class Detection:
     label: str
