@@ -296,3 +296,25 @@ def test_bad_input_is_a_clear_exception(model, ckpt, tmp_path):
         VLMFO1.from_pretrained(tmp_path / "empty")
     with pytest.raises(ValueError, match="threads"):
         VLMFO1.from_pretrained(ckpt, threads=0)
+
+
+def _worker_init(path):
+    global _worker_model
+    from vlmfo1 import VLMFO1
+    _worker_model = VLMFO1.from_pretrained(path, threads=1)
+
+
+def _worker_detect(job):
+    image, boxes = job
+    return _worker_model.detect(image, "person", boxes=boxes, max_new_tokens=3).token_ids
+
+
+def test_the_documented_multi_process_pattern(model, ckpt):
+    """README 'Many images, many processes': one model per worker, loaded from the path; results equal one process."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    jobs = [(c[0], c[2]) for c in (coco_image(0), coco_image(2))]
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                             initargs=(ckpt,)) as ex:
+        got = list(ex.map(_worker_detect, jobs))
+    assert got == [model.detect(im, "person", boxes=b, max_new_tokens=3).token_ids for im, b in jobs]
