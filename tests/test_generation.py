@@ -86,6 +86,7 @@ def test_greedy_matches_transformers(LanguageModel, tiny_fp32, tmp_path, gen):
     ref = _hf_generate(path, tiny_fp32.ids, N_NEW)
     got, lm = _ours(LanguageModel, path, tiny_fp32.ids, N_NEW)
     plain, _ = _ours(LanguageModel, path, tiny_fp32.ids, N_NEW, repetition_penalty=1.0)
+    assert lm.generation.repetition_penalty == gen.get("repetition_penalty", 1.0)
     lm.generation = GenerationSettings()          # no processors at all
     bare = lm.generate(tiny_fp32.ids, max_new_tokens=N_NEW, stop_ids=[])
     print(f"[generation] {gen}: {sum(a == b for a, b in zip(got, ref))}/{len(ref)} tokens equal; "
@@ -93,8 +94,6 @@ def test_greedy_matches_transformers(LanguageModel, tiny_fp32, tmp_path, gen):
     assert bare != ref                            # the processors change this run (the test fails without them)
     assert len(ref) == N_NEW
     assert got == ref
-    if "repetition_penalty" in gen:
-        assert lm.generation.repetition_penalty == gen["repetition_penalty"]
     if gen.get("repetition_penalty", 1.0) != 1.0 and "no_repeat_ngram_size" not in gen:
         # the penalty changes this greedy run (the test would fail without it)
         assert plain != ref
