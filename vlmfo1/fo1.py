@@ -33,6 +33,7 @@ from .fo1_prompt import (BRIEF_REGION_CAPTION_TEMPLATE, COCO_CATEGORIES, DETAILE
                          REGION_INDEX, REGION_OCR_TEMPLATE, REGION_REASONING_TEMPLATE, VISUAL_PROMPT_OD_TEMPLATE,
                          FO1Result, check_boxes, parse_answer, prompt_ids, region_tags)
 from .hfre import HFRE, map_boxes
+from .generation import GenerationSettings
 from .image import QwenImageProcessor, fo1_global_resize, load_image
 from .qwen_vl import splice_image
 from .safetensors import Checkpoint
@@ -78,11 +79,12 @@ class FO1:
             raise KeyError("no VLM-FO1 region encoder in this checkpoint (no model.object_vp_extractor.* / "
                            "model.mm_projector_aux.* tensors)")
         decoder = LanguageModel.from_checkpoint(ckpt, raw, max_context=max_context,
-                                                generation_eos=read_generation_eos(path), **kw)
+                                                generation_eos=read_generation_eos(path),
+                                                generation=GenerationSettings.from_pretrained(path, kind="fo1"), **kw)
         vision = VisionTower.from_checkpoint(ckpt, raw, prefix=FO1_VISION_PREFIX, **kw)
         davit = DavitEncoder.from_checkpoint(ckpt, raw, **kw)
         hfre = HFRE.from_checkpoint(ckpt, raw, **kw)
-        tok = Tokenizer.from_pretrained(path)
+        tok = Tokenizer.from_pretrained(path, slow=True)
         proc = QwenImageProcessor.from_pretrained(path)
         aux = AuxImageProcessor.from_config(raw)
         return cls(decoder, vision, davit, hfre, tok, proc, aux, raw)
@@ -147,14 +149,16 @@ class FO1:
 
     def stream_ids(self, image, boxes, text: str, max_new_tokens: int = 512, temperature: float = 0.0,
                    top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None, stop_ids=None,
-                   truncate_boxes: bool = False) -> Iterator[int]:
+                   truncate_boxes: bool = False, repetition_penalty: Optional[float] = None) -> Iterator[int]:
         check_sampling(max_new_tokens, temperature, top_p, top_k)
         ids, emb, pos, delta, _, _ = self.prepare(image, boxes, text, truncate_boxes)
         dec = self.decoder
         s = dec.session(max_context=max(dec.max_context, len(ids) + max_new_tokens))
         logits = s.prefill_embeds(emb, pos)
         s.rope_delta = delta
-        yield from decode_stream(dec, s, logits, max_new_tokens, temperature, top_p, top_k, seed, stop_ids)
+        yield from decode_stream(dec, s, logits, max_new_tokens, temperature, top_p, top_k, seed, stop_ids,
+                                 context_ids=[t for t in ids if t >= 0 and t != self.image_token_id],
+                                 repetition_penalty=repetition_penalty)
 
     def generate(self, image, boxes, text: str, truncate_boxes: bool = False, **kw) -> FO1Result:
         """Run one prompt; the answer is parsed against the boxes (given in original image pixels)."""

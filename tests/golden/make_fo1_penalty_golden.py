@@ -133,6 +133,7 @@ def main():
             finally:
                 hook.remove()
             del model
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         out = Path(args.out) / "fo1_penalty_golden.json"
         out.write_text(json.dumps(result, indent=1))
         print(f"wrote {out}")
