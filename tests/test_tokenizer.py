@@ -380,3 +380,67 @@ def test_transformers_autotokenizer(tok, saved, cases, use_fast):
         for gen in (True, False):
             ref = ht.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
             assert chatml(msgs, add_generation_prompt=gen) == ref
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# slow (FO1) vs fast (Qwen2 / Qwen2.5-VL) NFC order, ERRATA E6
+
+
+GOLDEN_SLOW = Path(__file__).resolve().parent / "golden" / "slow_tokenizer_golden.json"
+
+
+@pytest.fixture(scope="module")
+def fo1_tok_dir(tmp_path_factory):
+    shared_data("tokenizer", "qwen.tiktoken")
+    from vlmfo1.fo1_checkpoint import write_fo1_tokenizer
+    d = tmp_path_factory.mktemp("fo1_tok")
+    write_fo1_tokenizer(str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def slow_golden():
+    return json.loads(GOLDEN_SLOW.read_text(encoding="utf-8"))
+
+
+def test_slow_option_issue_example(fo1_tok_dir):
+    slow = Tokenizer.from_pretrained(fo1_tok_dir, slow=True)
+    fast = Tokenizer.from_pretrained(fo1_tok_dir)
+    assert slow.slow and not fast.slow
+    assert slow.encode("<|im_end|>\u0338") == [27, 91, 318, 6213, 91, 58994, 107]
+    assert fast.encode("<|im_end|>\u0338") == [151645, 136, 116]
+    assert slow.encode_batch(["<|im_end|>\u0338"]) == [slow.encode("<|im_end|>\u0338")]
+    assert slow.tokenize("<region3>\u0338")[0] == "<"
+    t = slow.add_tokens(["<zz>"]) and slow.encode("<zz>\u0338")  # the option survives a rebuild
+    assert slow.token_to_id("<zz>") not in t
+
+
+def test_slow_golden_transformers_4_50(fo1_tok_dir, slow_golden):
+    """Every string of the golden file: slow=True == transformers 4.50.1's slow Qwen2Tokenizer, slow=False == its
+    fast Qwen2TokenizerFast (ids made by tests/golden/make_slow_tokenizer_golden.py)."""
+    assert slow_golden["transformers"] == "4.50.1" and slow_golden["n_cases"] > 1000
+    assert slow_golden["n_slow_fast_differ"] >= 40   # the file exercises the difference
+    slow = Tokenizer.from_pretrained(fo1_tok_dir, slow=True)
+    fast = Tokenizer.from_pretrained(fo1_tok_dir)
+    bad_slow = [c["text"] for c in slow_golden["cases"] if slow.encode(c["text"]) != c["slow"]]
+    bad_fast = [c["text"] for c in slow_golden["cases"] if fast.encode(c["text"]) != c["fast"]]
+    assert not bad_slow, f"{len(bad_slow)} slow mismatches, first {bad_slow[0]!r}"
+    assert not bad_fast, f"{len(bad_fast)} fast mismatches, first {bad_fast[0]!r}"
+    for c in slow_golden["cases"][:200]:
+        assert slow.decode(c["slow"]) == unicodedata.normalize("NFC", c["text"])
+
+
+def test_slow_golden_python_port(fo1_tok_dir, slow_golden):
+    ref = slow_reference(Path(fo1_tok_dir))
+    slow = Tokenizer.from_pretrained(fo1_tok_dir, slow=True)
+    for c in slow_golden["cases"]:
+        assert ref(c["text"]) == c["slow"] == slow.encode(c["text"]), repr(c["text"])
+
+
+def test_fast_vs_transformers_current(fo1_tok_dir, slow_golden):
+    """slow=False == the installed transformers' AutoTokenizer (the fast one: what stock Qwen2.5-VL uses)."""
+    transformers = pytest.importorskip("transformers", reason="transformers not installed")
+    ht = transformers.AutoTokenizer.from_pretrained(str(fo1_tok_dir))
+    fast = Tokenizer.from_pretrained(fo1_tok_dir)
+    for c in slow_golden["cases"]:
+        assert fast.encode(c["text"]) == ht(c["text"], add_special_tokens=False)["input_ids"], repr(c["text"])

@@ -51,6 +51,8 @@ def _add_sampling_args(p, max_new_default) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int)
+    p.add_argument("--repetition-penalty", type=float, help="default: the checkpoint's generation_config.json for "
+                                                            "Qwen; none for VLM-FO1 (the official run cannot apply one)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -197,7 +199,7 @@ def _fo1_task(args) -> int:
                                    threads=args.threads, max_context=args.max_context)
     kw = dict(boxes=boxes, box_format=fmt, scores=scores, truncate_boxes=args.truncate_boxes,
               max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-              seed=args.seed)
+              seed=args.seed, repetition_penalty=args.repetition_penalty)
     pos = []
     if positional:
         pos.append(getattr(args, positional))
@@ -242,7 +244,7 @@ def _generate(args) -> int:
         t0 = time.perf_counter()
         for piece in vl.stream(args.image, args.prompt, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                               system=args.system or DEFAULT_SYSTEM):
+                               system=args.system or DEFAULT_SYSTEM, repetition_penalty=args.repetition_penalty):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -273,7 +275,7 @@ def _stream(lm, tok, prompt: str, chat: bool, system, args) -> None:
     first = None
     n = 0
     for t in lm.stream(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                       top_k=args.top_k, seed=args.seed):
+                       top_k=args.top_k, seed=args.seed, repetition_penalty=getattr(args, "repetition_penalty", None)):
         if first is None:
             first = time.perf_counter()
         n += 1

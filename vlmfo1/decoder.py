@@ -9,6 +9,9 @@
 Numeric modes (ERRATA "Decisions"): "exact" does fp32 maths as the formulas say (what transformers
 does); "reference" reproduces the official VLM-FO1 run's rounding of the rotary frequencies to bf16
 (E1) and takes greedy argmax on bf16-rounded logits with ties to the lowest id (E2).
+
+The checkpoint's generation_config.json logits processors (repetition_penalty, ...) act even in greedy mode, as in
+transformers (ERRATA E8; vlmfo1.generation); `repetition_penalty=` overrides the penalty per call.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 import numpy as np
 
 from ._native import core
+from .generation import GenerationSettings, check_repetition_penalty
 from .safetensors import Checkpoint, check_tensors, round_bf16, stored_kind, weight
 from .threads import default_threads  # noqa: F401  (re-exported: vision, davit, hfre import it from here)
 
@@ -146,13 +150,34 @@ def _sample(logits: np.ndarray, temperature: float, top_p: float, top_k: int, rn
 
 def decode_stream(lm: "LanguageModel", session: "Session", logits: np.ndarray, max_new_tokens: int,
                   temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
-                  stop_ids: Optional[Iterable[int]] = None) -> Iterator[int]:
-    """The generation loop after a prefill: sample, yield, feed back; the stop token is yielded last."""
+                  stop_ids: Optional[Iterable[int]] = None, *, context_ids: Optional[Sequence[int]] = None,
+                  repetition_penalty: Optional[float] = None,
+                  generation: Optional[GenerationSettings] = None) -> Iterator[int]:
+    """The generation loop after a prefill: process the logits, sample, yield, feed back; the stop token is
+    yielded last.
+
+    The logits processors are `generation` (default: the model's, from its generation_config.json; see
+    vlmfo1.generation), with `repetition_penalty` overriding its penalty when not None. context_ids: the prompt as
+    transformers' `input_ids` holds it (what the penalty and the n-gram ban look at, besides the generated ids);
+    None = no prompt ids (only the generated ones count). In reference mode the greedy logits are rounded to bf16
+    before the processors (ERRATA E2, E8)."""
     check_sampling(max_new_tokens, temperature, top_p, top_k)
+    gen = (lm.generation if generation is None else generation).with_overrides(repetition_penalty)
     stops = set(lm.stop_ids if stop_ids is None else stop_ids)
     rng = np.random.default_rng(seed)
+    greedy = temperature <= 0.0 or top_k == 1
+    bf16 = lm.mode == "reference" and greedy
+    hist: List[int] = [int(t) for t in context_ids] if (gen.active and context_ids is not None) else []
+    prompt_len = len(hist)
+    eos = sorted(stops)
     for i in range(max_new_tokens):
-        tok = _sample(logits, temperature, top_p, top_k, rng, lm.mode == "reference")
+        if gen.active:
+            logits = round_bf16(logits) if bf16 else np.array(logits, dtype=np.float32, copy=True)
+            gen.apply(logits, hist, prompt_len, eos)
+            tok = _sample(logits, temperature, top_p, top_k, rng, False)
+            hist.append(tok)
+        else:
+            tok = _sample(logits, temperature, top_p, top_k, rng, bf16)
         yield tok
         if tok in stops or i == max_new_tokens - 1:
             return
@@ -229,8 +254,10 @@ class LanguageModel:
 
     def __init__(self, config: DecoderConfig, tensors: Dict[str, np.ndarray], mode: str, compute: str,
                  n_threads: int, max_context: int, checkpoint: Optional[Checkpoint] = None,
-                 generation_eos: Sequence[int] = ()):
+                 generation_eos: Sequence[int] = (), generation: Optional[GenerationSettings] = None):
         self.config = config
+        # logits processors of generation_config.json (vlmfo1.generation); replaceable, e.g. lm.generation = ...
+        self.generation = generation if generation is not None else GenerationSettings()
         self.mode = mode
         self.compute = compute
         self.n_threads = n_threads
@@ -255,17 +282,20 @@ class LanguageModel:
 
         mode: "exact" or "reference" (see module doc). dtype: None keeps the stored dtype (F16 is
         widened to F32), or "float32" / "bfloat16" to convert. compute: "f32" or "bf16" (how activations
-        meet bf16 weights; default "bf16" when weights are bf16)."""
+        meet bf16 weights; default "bf16" when weights are bf16). The logits processors of the folder's
+        generation_config.json (e.g. repetition_penalty) are applied as transformers applies them (`generation`)."""
         path = os.fspath(path)
         raw = read_config(path)
         return cls.from_checkpoint(Checkpoint(path), raw, mode=mode, compute=compute, dtype=dtype,
                                    n_threads=n_threads, max_context=max_context,
-                                   generation_eos=read_generation_eos(path))
+                                   generation_eos=read_generation_eos(path),
+                                   generation=GenerationSettings.from_pretrained(path, kind="qwen"))
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, raw_config: Dict, mode: str = "exact", compute: Optional[str] = None,
                         dtype: Optional[str] = None, n_threads: Optional[int] = None, max_context: int = 4096,
-                        generation_eos: Sequence[int] = ()) -> "LanguageModel":
+                        generation_eos: Sequence[int] = (),
+                        generation: Optional[GenerationSettings] = None) -> "LanguageModel":
         check_options(mode, dtype, compute)
         config = DecoderConfig.from_dict(raw_config)
         tensors, stored = _collect_tensors(ckpt, config, dtype)
@@ -273,7 +303,7 @@ class LanguageModel:
             compute = "bf16" if stored == "bf16" else "f32"
         tensors["inv_freq"] = rope_inv_freq(config.head_dim, config.rope_theta, mode)
         n_threads = n_threads or default_threads()
-        return cls(config, tensors, mode, compute, int(n_threads), int(max_context), ckpt, generation_eos)
+        return cls(config, tensors, mode, compute, int(n_threads), int(max_context), ckpt, generation_eos, generation)
 
     @property
     def vocab_size(self) -> int:
@@ -298,12 +328,19 @@ class LanguageModel:
     # ------------------------------------------------------------------ generation
     def stream(self, ids, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                seed: Optional[int] = None, stop_ids: Optional[Iterable[int]] = None,
-               session: Optional[Session] = None) -> Iterator[int]:
-        """Yield new token ids one at a time (the stop token, when reached, is yielded last)."""
+               session: Optional[Session] = None, repetition_penalty: Optional[float] = None) -> Iterator[int]:
+        """Yield new token ids one at a time (the stop token, when reached, is yielded last).
+
+        repetition_penalty: None = the checkpoint's generation_config.json value (1.0 if absent); as in
+        transformers it covers the prompt ids and the generated ids."""
         check_sampling(max_new_tokens, temperature, top_p, top_k)
+        if repetition_penalty is not None:
+            check_repetition_penalty(repetition_penalty)
         s = session or self.session(max_context=max(self.max_context, len(ids) + max_new_tokens))
         logits = s.prefill(ids)
-        yield from decode_stream(self, s, logits, max_new_tokens, temperature, top_p, top_k, seed, stop_ids)
+        yield from decode_stream(self, s, logits, max_new_tokens, temperature, top_p, top_k, seed, stop_ids,
+                                 context_ids=[int(t) for t in np.asarray(ids).reshape(-1)],
+                                 repetition_penalty=repetition_penalty)
 
     def generate(self, ids, max_new_tokens: int = 256, **kw) -> List[int]:
         """New token ids after the prompt `ids` (greedy unless temperature > 0)."""

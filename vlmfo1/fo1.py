@@ -40,6 +40,7 @@ from .fo1_prompt import (BRIEF_REGION_CAPTION_TEMPLATE, COUNT_TEMPLATE, DETAILED
                          REGION_OCR_TEMPLATE, REGION_REASONING_TEMPLATE, VISUAL_PROMPT_OD_TEMPLATE, check_boxes,
                          parse_answer, prompt_ids, region_tags)
 from .hfre import HFRE, map_boxes
+from .generation import GenerationSettings, check_repetition_penalty
 from .image import QwenImageProcessor, fo1_global_resize, load_image
 from .proposals import Proposals, as_boxes
 from .qwen_vl import splice_image
@@ -166,11 +167,12 @@ class VLMFO1:
             raise KeyError("no VLM-FO1 region encoder in this checkpoint (no model.object_vp_extractor.* / "
                            "model.mm_projector_aux.* tensors)")
         decoder = LanguageModel.from_checkpoint(ckpt, raw, max_context=max_context,
-                                                generation_eos=read_generation_eos(path), **kw)
+                                                generation_eos=read_generation_eos(path),
+                                                generation=GenerationSettings.from_pretrained(path, kind="fo1"), **kw)
         vision = VisionTower.from_checkpoint(ckpt, raw, prefix=FO1_VISION_PREFIX, **kw)
         davit = DavitEncoder.from_checkpoint(ckpt, raw, **kw)
         hfre = HFRE.from_checkpoint(ckpt, raw, **kw)
-        tok = Tokenizer.from_pretrained(path)
+        tok = Tokenizer.from_pretrained(path, slow=True)
         proc = QwenImageProcessor.from_pretrained(path)
         aux = AuxImageProcessor.from_config(raw)
         return cls(decoder, vision, davit, hfre, tok, proc, aux, raw, path=path)
@@ -346,18 +348,22 @@ class VLMFO1:
         now = time.perf_counter()
         timings["prefill"], clock = now - clock, now
         timings["decode"] = 0.0
-        for tok in decode_stream(dec, s, logits, max_new_tokens, **sampling):
+        # the penalty (if asked for) sees the prompt's real ids, as the official computation with its negative
+        # placeholder ids skipped (the official run itself fails on them; vlmfo1/generation.py)
+        context = [t for t in ids if t >= 0 and t != self.image_token_id]
+        for tok in decode_stream(dec, s, logits, max_new_tokens, context_ids=context, **sampling):
             timings["decode"] = time.perf_counter() - clock
             yield tok
         timings["decode"] = time.perf_counter() - clock
 
     def stream_ids(self, image, boxes, text: str, max_new_tokens: int = 512, temperature: float = 0.0,
                    top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None, stop_ids=None,
-                   truncate_boxes: bool = False, **gen) -> Iterator[int]:
+                   truncate_boxes: bool = False, repetition_penalty: Optional[float] = None) -> Iterator[int]:
         """The new token ids of one request, one at a time (low level: boxes as [N, 4] xyxy pixels)."""
         check_sampling(max_new_tokens, temperature, top_p, top_k)
         ids, emb, pos, delta, _, _ = self.prepare(image, boxes, text, truncate_boxes)
-        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop_ids=stop_ids, **gen)
+        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop_ids=stop_ids,
+                        repetition_penalty=repetition_penalty)
         yield from self._decode(ids, emb, pos, delta, max_new_tokens, sampling, {})
 
     def generate(self, image, boxes, text: str, truncate_boxes: bool = False, **kw) -> FO1Result:
@@ -368,7 +374,8 @@ class VLMFO1:
     def _request(self, task: str, image, make_text: Callable[[int], str], per_category: int, boxes, *,
                  proposals=None, box_format: Optional[str] = None, scores=None, image_id=None, truncate_boxes: bool = False,
                  max_new_tokens: Optional[int] = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: Optional[int] = None, stop_ids=None, progress=None, stream: bool = False, **gen):
+                 seed: Optional[int] = None, stop_ids=None, repetition_penalty: Optional[float] = None,
+                 progress=None, stream: bool = False):
         """Everything a task call does; returns the FO1Result, or with stream=True an iterator of text pieces
         that ends with the FO1Result."""
         self._check_open()
@@ -376,6 +383,8 @@ class VLMFO1:
                                            not isinstance(max_new_tokens, (int, np.integer))):
             raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
         check_sampling(0 if max_new_tokens is None else max_new_tokens, temperature, top_p, top_k)
+        if repetition_penalty is not None:
+            check_repetition_penalty(repetition_penalty)
         timings: Dict[str, float] = {}
         clock = time.perf_counter()
         img = load_image(image)
@@ -394,7 +403,8 @@ class VLMFO1:
             max_new_tokens = base + per_box * len(b) + per_cat * per_category
         ids, emb, pos, delta, _, _ = self.prepare(img, b, text, timings=timings)
         timings["preprocess"] += time.perf_counter() - clock - sum(timings.values())   # + loading and checks
-        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop_ids=stop_ids, **gen)
+        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop_ids=stop_ids,
+                        repetition_penalty=repetition_penalty)
         stops = set(self.decoder.stop_ids if stop_ids is None else stop_ids)
         source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else img
         fields = dict(task=task, prompt=text, image_size=(w, h), timings=timings, image=source)

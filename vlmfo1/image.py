@@ -338,20 +338,27 @@ class QwenImageProcessor:
                              (self.image_mean, self.image_std) if self.do_normalize else None)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, min_pixels: int | None = None,
+    def from_pretrained(cls, path: str | os.PathLike, *, kind: str = "fo1", min_pixels: int | None = None,
                         max_pixels: int | None = None, default_min_pixels: int = FO1_DEFAULT_MIN_PIXELS,
                         default_max_pixels: int = FO1_DEFAULT_MAX_PIXELS,
-                        honor_size_dict: bool = False) -> "QwenImageProcessor":
+                        honor_size_dict: bool | None = None) -> "QwenImageProcessor":
         """Read `preprocessor_config.json` (a checkpoint directory or the JSON file itself).
 
-        min/max pixels, in order of precedence: the explicit `min_pixels` / `max_pixels` arguments; the JSON
-        `min_pixels` / `max_pixels`; (only if `honor_size_dict`) the JSON `size` {shortest_edge, longest_edge};
-        `default_min_pixels` / `default_max_pixels` (3,136 / 1,003,520).
-        The defaults (`honor_size_dict=False`, explicit values unset) reproduce the FO1 reference (ERRATA E4): its
-        transformers ignores a `size` dict and the min/max FO1 passes in code, so do NOT pass FO1's 56*56 /
-        2048*2048 here for parity. A stock Qwen2.5-VL JSON (3,136 / 12,845,056) is used as is.
-        `honor_size_dict=True` follows transformers 5.x (size dict first, min/max_pixels keys override it).
+        Which keys bind depends on the checkpoint `kind`, i.e. on the transformers its reference runs:
+          * "fo1" (default; the official FO1 code pins transformers 4.50.1, ERRATA E4): min = JSON `min_pixels` else
+            3,136; max = JSON `max_pixels` else 1,003,520; a JSON `size` dict is IGNORED. (Its transformers also
+            ignores the min/max FO1 passes in code, so do NOT pass FO1's 56*56 / 2048*2048 here for parity.)
+          * "qwen" (stock Qwen2 / Qwen2.5-VL under transformers 5, `Qwen2VLImageProcessor.__init__`): start from the
+            JSON `size` {shortest_edge, longest_edge} if present (it must then have both keys), else the class
+            default {3,136, 1,003,520}; the JSON `min_pixels` / `max_pixels` keys, when present, override
+            shortest_edge / longest_edge. transformers 5 writes only `size`, older writers wrote both.
+        Explicit `min_pixels` / `max_pixels` arguments override both rules. `honor_size_dict` is the older spelling
+        (True = "qwen", False = "fo1").
         """
+        if honor_size_dict is not None:
+            kind = "qwen" if honor_size_dict else "fo1"
+        if kind not in ("fo1", "qwen"):
+            raise ValueError(f"kind must be 'fo1' or 'qwen', got {kind!r}")
         p = os.fspath(path)
         cfg_path = os.path.join(p, "preprocessor_config.json") if os.path.isdir(p) else p
         if not os.path.exists(cfg_path):
@@ -366,9 +373,18 @@ class QwenImageProcessor:
 
         lo, hi = default_min_pixels, default_max_pixels
         size = cfg.get("size")
-        if honor_size_dict and isinstance(size, dict):
-            lo = size.get("shortest_edge", size.get("min_pixels", lo))
-            hi = size.get("longest_edge", size.get("max_pixels", hi))
+        if kind == "qwen" and size is not None:
+            if not isinstance(size, dict):
+                raise ValueError(f"{cfg_path}: `size` must be a JSON object, got {size!r}")
+            lo = size.get("shortest_edge", size.get("min_pixels"))
+            hi = size.get("longest_edge", size.get("max_pixels"))
+            if cfg.get("min_pixels") is not None:
+                lo = cfg["min_pixels"]
+            if cfg.get("max_pixels") is not None:
+                hi = cfg["max_pixels"]
+            if not lo or not hi:   # transformers 5 raises the same way
+                raise ValueError(f"{cfg_path}: `size` dict must contain 'shortest_edge' and 'longest_edge' keys "
+                                 f"but got {size}")
         if cfg.get("min_pixels") is not None:
             lo = cfg["min_pixels"]
         if cfg.get("max_pixels") is not None:

@@ -17,6 +17,7 @@ import numpy as np
 
 from .decoder import (LanguageModel, Session, check_options, check_sampling, decode_stream, default_threads,
                       read_config, read_generation_eos)
+from .generation import GenerationSettings, check_repetition_penalty
 from .image import QwenImageProcessor, load_image
 from .safetensors import Checkpoint
 from .vision import VisionTower
@@ -89,10 +90,11 @@ class QwenVL:
         ckpt = Checkpoint(path)
         n_threads = n_threads or default_threads()
         dec = LanguageModel.from_checkpoint(ckpt, raw, mode=mode, compute=compute, dtype=dtype, n_threads=n_threads,
-                                            max_context=max_context, generation_eos=read_generation_eos(path))
+                                            max_context=max_context, generation_eos=read_generation_eos(path),
+                                            generation=GenerationSettings.from_pretrained(path, kind="qwen"))
         vis = VisionTower.from_checkpoint(ckpt, raw, mode=mode, compute=compute, dtype=dtype, n_threads=n_threads)
         tok = Tokenizer.from_pretrained(path)
-        proc = QwenImageProcessor.from_pretrained(path) if os.path.exists(
+        proc = QwenImageProcessor.from_pretrained(path, kind="qwen") if os.path.exists(
             os.path.join(path, "preprocessor_config.json")) else QwenImageProcessor()
         image_token_id = int(raw.get("image_token_id", tok.token_to_id(IMAGE_PAD) or 151655))
         return cls(dec, vis, tok, proc, image_token_id)
@@ -122,8 +124,13 @@ class QwenVL:
     # ------------------------------------------------------------------ generation
     def stream_ids(self, image, text: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                    top_k: int = 0, seed: Optional[int] = None, stop_ids=None, system: Optional[str] = DEFAULT_SYSTEM,
-                   prompt: Optional[str] = None, session: Optional[Session] = None) -> Iterator[int]:
+                   prompt: Optional[str] = None, session: Optional[Session] = None,
+                   repetition_penalty: Optional[float] = None) -> Iterator[int]:
+        """repetition_penalty: None = generation_config.json's (as transformers); it covers the prompt ids (the
+        image placeholder expanded to its <|image_pad|> run, as transformers' input_ids) and the generated ids."""
         check_sampling(max_new_tokens, temperature, top_p, top_k)
+        if repetition_penalty is not None:
+            check_repetition_penalty(repetition_penalty)
         if session is not None and session.n_past:
             raise ValueError("the session must be empty (call reset())")
         ids, emb, pos, delta = self.prepare(image, text, system, prompt)
@@ -133,7 +140,8 @@ class QwenVL:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens exceed max_context {s.max_context}")
         logits = s.prefill_embeds(emb, pos)
         s.rope_delta = delta
-        yield from decode_stream(dec, s, logits, max_new_tokens, temperature, top_p, top_k, seed, stop_ids)
+        yield from decode_stream(dec, s, logits, max_new_tokens, temperature, top_p, top_k, seed, stop_ids,
+                                 context_ids=ids, repetition_penalty=repetition_penalty)
 
     def stream(self, image, text: str, **kw) -> Iterator[str]:
         """Yield decoded text pieces as they are generated (special tokens skipped)."""

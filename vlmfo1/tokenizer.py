@@ -1,6 +1,16 @@
-"""Qwen2 byte-level BPE tokenizer for VLM-FO1 (same ids as HF's slow `Qwen2Tokenizer`, use_fast=False).
+"""Qwen2 byte-level BPE tokenizer for Qwen2 / Qwen2.5-VL and VLM-FO1 (HF's fast or slow `Qwen2Tokenizer` ids).
 
-Pipeline (spec backbones.md §2.7, ERRATA E6):
+Two behaviours, chosen per checkpoint kind with the `slow` option (ERRATA E6):
+  * slow=False (default): transformers' fast tokenizer, what `AutoTokenizer` gives for Qwen2 / Qwen2.5-VL:
+    added tokens are split out first, then each remaining chunk is NFC-normalized.
+  * slow=True: transformers' slow `Qwen2Tokenizer` (use_fast=False), what the official VLM-FO1 loader uses
+    (`builder.py`: `AutoTokenizer.from_pretrained(path, use_fast=False)`): the WHOLE text is NFC-normalized first
+    (`prepare_for_tokenization`), then the added tokens are split out. The two differ only when NFC changes text
+    across an added token's edge: `"<|im_end|>\u0338"` composes `>` + U+0338 into U+226F, so the slow tokenizer no
+    longer sees `<|im_end|>` ([27, 91, 318, 6213, 91, 58994, 107]) where the fast one does ([151645, 136, 116]).
+
+Pipeline (spec backbones.md §2.7):
+  0. (slow only) the whole text is NFC-normalized,
   1. added / special tokens are split out by exact match (no BOS/EOS is ever added),
   2. each remaining chunk is NFC-normalized,
   3. the Qwen2 regex pre-tokenizes it (every digit is its own piece),
@@ -22,6 +32,7 @@ import base64
 import codecs
 import json
 import os
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -273,7 +284,9 @@ class Tokenizer:
         pad_token: Optional[str] = "<|endoftext|>",
         model_max_length: int = 131072,
         chat_template: Optional[str] = QWEN2_VL_CHAT_TEMPLATE,
+        slow: bool = False,
     ):
+        self.slow = bool(slow)  # NFC the whole text before splitting out added tokens (slow Qwen2Tokenizer)
         self._vocab: Dict[str, int] = dict(vocab)
         self._merges: List[Tuple[str, str]] = [tuple(m) for m in merges]  # type: ignore[misc]
         self._added: Dict[str, AddedTokenSpec] = {}
@@ -375,12 +388,13 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike],
-                        extra_tokens: Optional[Sequence[str]] = None) -> "Tokenizer":
+                        extra_tokens: Optional[Sequence[str]] = None, slow: bool = False) -> "Tokenizer":
         """Load from a checkpoint folder: `vocab.json` + `merges.txt` (preferred: what the slow reference reads) or
         `tokenizer.json`; added tokens from `tokenizer.json` `added_tokens`, then `added_tokens.json`, then
         `tokenizer_config.json` `added_tokens_decoder` (later sources win). eos/pad/model_max_length/chat_template
         from `tokenizer_config.json`. If no source lists any added token and the vocab is Qwen2's, the Qwen2.5
-        added tokens are used."""
+        added tokens are used. slow: the slow Qwen2Tokenizer's NFC order (see module doc): True for VLM-FO1
+        (loaded with use_fast=False), False for stock Qwen2 / Qwen2.5-VL (AutoTokenizer gives the fast one)."""
         d = Path(path)
         if not d.is_dir():
             raise FileNotFoundError(f"tokenizer folder not found: {d}")
@@ -472,7 +486,7 @@ class Tokenizer:
         added = {c: (s if s.special or c not in special_names else AddedTokenSpec(
             c, s.id, True, s.lstrip, s.rstrip, s.single_word)) for c, s in added.items()}
 
-        kwargs = {}
+        kwargs = {"slow": slow}
         if "eos_token" in cfg:
             kwargs["eos_token"] = _token_content(cfg["eos_token"])
         if "pad_token" in cfg:
@@ -615,20 +629,23 @@ class Tokenizer:
 
     # -- encode / decode ---------------------------------------------------------------------------------------
 
-    def encode(self, text: str) -> List[int]:
-        """Token ids of `text` (no BOS/EOS added; added tokens split out; NFC; Qwen2 BPE)."""
+    def _prep(self, text: str) -> str:
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
-        return self._tk.encode(text, add_special_tokens=False).ids
+        return unicodedata.normalize("NFC", text) if self.slow else text
+
+    def encode(self, text: str) -> List[int]:
+        """Token ids of `text` (no BOS/EOS added; added tokens split out; NFC; Qwen2 BPE)."""
+        return self._tk.encode(self._prep(text), add_special_tokens=False).ids
 
     __call__ = encode
 
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        return [e.ids for e in self._tk.encode_batch(list(texts), add_special_tokens=False)]
+        return [e.ids for e in self._tk.encode_batch([self._prep(t) for t in texts], add_special_tokens=False)]
 
     def tokenize(self, text: str) -> List[str]:
         """Token strings (byte-level unicode) of `text`."""
-        return self._tk.encode(text, add_special_tokens=False).tokens
+        return self._tk.encode(self._prep(text), add_special_tokens=False).tokens
 
     def _bytes_of(self) -> Dict[int, bytes]:
         if self._id_bytes is None:
@@ -679,7 +696,7 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, base={len(self._vocab)}, merges={len(self._merges)}, "
-                f"added={len(self._added)}, eos={self.eos_token!r})")
+                f"added={len(self._added)}, eos={self.eos_token!r}, slow={self.slow})")
 
 
 class IncrementalDecoder:
