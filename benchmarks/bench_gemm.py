@@ -69,7 +69,6 @@ def main():
     info = _core.gemm_info()
     print(f"kernel: {info['kernel']}")
     print(f"blas:   {info['blas']}")
-    _core.set_blas_threads(nt)
     p1 = _core.fma_peak(1)
     pn = _core.fma_peak(nt)
     print(f"fp32 FMA peak: {p1:.1f} GFLOP/s (1 thread), {pn:.1f} GFLOP/s ({nt} threads)")

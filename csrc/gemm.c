@@ -1,22 +1,36 @@
 /* gemm.c — matrix-multiply kernels of the vlmfo1 core (see gemm.h).
  *
  * Paths of vlm_matmul (out[m][n] = x[m][k] . W[n][k]^T + bias):
- *   fp32 W, m >  VLM_SMALL_M_F32 : OpenBLAS sgemm (RowMajor, NoTrans, Trans) from the calling thread.
+ *   fp32 W, m >  VLM_SMALL_M_F32 : OpenBLAS sgemm, single-threaded, one call per output tile; the tiles are
+ *                                  shared out over the pool.
  *   fp32 W, m <= VLM_SMALL_M_F32 : own FMA dot-product kernel on the pool (decode, bandwidth bound).
  *   bf16 W, compute BF16         : x rounded to bf16 (RNE) into scratch, then a vdpbf16ps kernel
  *                                  (AVX512-BF16); without it x is rounded to bf16 values kept in fp32
  *                                  and the widened-weight FMA kernel below is used.
  *   bf16 W, compute F32          : weights widened exactly (bits << 16) in registers and FMA'd with
  *                                  fp32 activations.
- * The own kernels are "dot product along k" kernels: a register tile of MR rows of x times NR rows
- * of W keeps MR*NR vector accumulators, reduced horizontally at the end of a k block. Threads split
- * the n range (each streams a disjoint part of W); every output element is computed by one thread
- * with a reduction order that depends only on (m, k), never on the thread count or on the position
- * of the element inside a tile, so results are bitwise identical for any pool size.
- * Cache blocking (m > 16): k blocks sized so a 4-row x tile fills half of L1, n blocks of ~L2-sized W
- * panels, then 4-row tiles of x (in L1) against 6-row tiles of W (from L2). Decode (m <= 4): W is
- * streamed once, unblocked; 4 < m <= 16: whole W rows, small W panels reused from L2.
- * The environment variable VLM_GEMM_ISA=generic|avx2|avx512 caps the kernel family (tests).
+ *
+ * Thread-count invariance (the guarantee): for a given CPU and kernel choice (OpenBLAS core type, which
+ * OPENBLAS_CORETYPE may force; VLM_GEMM_ISA), the result is bitwise identical for every pool size. Every
+ * output element is computed by exactly one thread, k is never split, and the order of its reduction
+ * depends only on (m, n, k):
+ *   - sgemm: OpenBLAS is kept at one thread (its own threading partitions the matrix by thread count, and
+ *     its kernels sum an element in an order that depends on where the element falls in a partition:
+ *     up to ~1e-4 differences with the Haswell kernels a Zen 5 gets). The output is cut into tiles whose
+ *     sizes are a function of (m, n, k) alone (blas_tiles); each tile is one sgemm call over the whole k,
+ *     its bias written first (beta = 1). Pool workers take tiles from an atomic counter, so which thread
+ *     computes a tile never matters. OpenBLAS 0.3 supports concurrent calls from several threads when
+ *     it runs single-threaded (each call takes its own buffers); its results do not depend on pointer
+ *     alignment (checked by tests/test_thread_invariance.py over core types).
+ *   - own kernels: "dot product along k" kernels; a register tile of MR rows of x times NR rows of W keeps
+ *     MR*NR vector accumulators, reduced horizontally at the end of a k block. Threads split the n range
+ *     (each streams a disjoint part of W); an element's reduction order depends only on (m, k), never on
+ *     the thread count or on the position of the element inside a tile.
+ * Results do differ between CPUs and kernel families (different FMA / summation orders).
+ * Own-kernel cache blocking (m > 16): k blocks sized so a 4-row x tile fills half of L1, n blocks of
+ * ~L2-sized W panels, then 4-row tiles of x (in L1) against 6-row tiles of W (from L2). Decode (m <= 4):
+ * W is streamed once, unblocked; 4 < m <= 16: whole W rows, small W panels reused from L2.
+ * The environment variable VLM_GEMM_ISA=generic|avx2|avx512 caps the own kernel family (tests).
  */
 #include "gemm.h"
 
@@ -42,6 +56,13 @@ static const char *const isa_names[] = {"generic", "avx2", "avx512", "avx512bf16
 /* fp32 weights: up to this many rows of x use the own kernel instead of sgemm (measured, see
  * benchmarks/bench_gemm.py). */
 #define VLM_SMALL_M_F32 16
+/* sgemm tiling (see blas_tiles). */
+#define BLAS_TILE_M_MAX 1024
+#define BLAS_TILE_M_MIN 64
+#define BLAS_TILE_N_MIN 128
+#define BLAS_TILES_MIN 8
+#define BLAS_TILE_MIN_FLOP 4e6
+#define BLAS_TILE_ALIGN 16
 /* Cache blocking for m > 4 (measured on Zen 4, 32 KB L1d, 1 MB L2): bytes of one 4-row x tile
  * (sets the k block) and of the W panel kept in L2. */
 #define XTILE_BYTES (16 * 1024)
@@ -88,11 +109,6 @@ static int isa(void) {
 const char *vlm_gemm_kernel_name(void) { return isa_names[isa()]; }
 
 int vlm_cpu_has_avx512(void) { return isa() >= ISA_AVX512; }
-
-void vlm_blas_set_threads(int n) {
-    if (n < 1) n = 1;
-    scipy_openblas_set_num_threads(n);
-}
 
 const char *vlm_blas_info(void) {
     static char buf[512];
@@ -486,6 +502,91 @@ static void mm_task(void *p, int ith, int nth) {
 }
 
 /* ------------------------------------------------------------------------------------------------ */
+/* fp32 weights, m > VLM_SMALL_M_F32: single-threaded OpenBLAS sgemm on shape-only tiles            */
+
+/* OpenBLAS runs single-threaded: all parallelism comes from the pool, one sgemm call per tile. Set
+ * again whenever something else in the process (threadpoolctl, an old caller) changed it. */
+void vlm_blas_single_thread(void) {
+    if (scipy_openblas_get_num_threads() != 1) scipy_openblas_set_num_threads(1);
+}
+
+/* Tile sizes of the sgemm path, a function of (m, n, k) only. OpenBLAS packs a tile's x rows once per
+ * call and its W rows once per call, so tall tiles spanning many W rows waste least: start from row
+ * blocks of at most BLAS_TILE_M_MAX rows, then halve the longer side (rows >= BLAS_TILE_M_MIN, columns
+ * >= BLAS_TILE_N_MIN, work >= BLAS_TILE_MIN_FLOP) until there are at least BLAS_TILES_MIN tiles for
+ * the pool to share. Parts are near-equal, rounded up to BLAS_TILE_ALIGN. */
+static long even_part(long len, long parts, long align) {
+    long part = (len + parts - 1) / parts;
+    part = (part + align - 1) / align * align;
+    return part < len ? part : len;
+}
+
+static void blas_tiles(long m, long n, long k, long *mt, long *nt) {
+    long pm = (m + BLAS_TILE_M_MAX - 1) / BLAS_TILE_M_MAX, pn = 1;
+    for (;;) {
+        long a = even_part(m, pm, BLAS_TILE_ALIGN), b = even_part(n, pn, BLAS_TILE_ALIGN);
+        long tiles = ((m + a - 1) / a) * ((n + b - 1) / b);
+        if (tiles >= BLAS_TILES_MIN) break;
+        int cut_n = b >= a; /* halve the longer side if it may be halved, else the other one */
+        for (int tries = 0; tries < 2; tries++, cut_n = !cut_n) {
+            long a2 = cut_n ? a : even_part(m, 2 * pm, BLAS_TILE_ALIGN);
+            long b2 = cut_n ? even_part(n, 2 * pn, BLAS_TILE_ALIGN) : b;
+            if ((cut_n ? b2 >= BLAS_TILE_N_MIN : a2 >= BLAS_TILE_M_MIN) && 2.0 * a2 * b2 * k >= BLAS_TILE_MIN_FLOP) {
+                if (cut_n) pn *= 2;
+                else pm *= 2;
+                goto next;
+            }
+        }
+        break;
+    next:;
+    }
+    *mt = even_part(m, pm, BLAS_TILE_ALIGN);
+    *nt = even_part(n, pn, BLAS_TILE_ALIGN);
+}
+
+typedef struct {
+    const float *x;
+    long ldx;
+    const float *w;
+    long k;
+    float *out;
+    long ldo;
+    const float *bias;
+    int accumulate;
+    long m, n, mt, nt, tm, tn; /* tile sizes, tiles along m and n */
+    long next;                 /* next tile to take (atomic) */
+} blas_ctx;
+
+/* Tiles are handed out through an atomic counter; a tile's result depends only on its shape and
+ * position, never on which worker computes it. */
+static void blas_task(void *p, int ith, int nth) {
+    blas_ctx *c = (blas_ctx *)p;
+    const long total = c->tm * c->tn;
+    (void)ith;
+    (void)nth;
+    for (;;) {
+        long t = __atomic_fetch_add(&c->next, 1, __ATOMIC_RELAXED);
+        if (t >= total) break;
+        long i0 = (t % c->tm) * c->mt, j0 = (t / c->tm) * c->nt;
+        long mi = c->m - i0 < c->mt ? c->m - i0 : c->mt, nj = c->n - j0 < c->nt ? c->n - j0 : c->nt;
+        float *o = c->out + i0 * c->ldo + j0;
+        float beta = c->accumulate ? 1.0f : 0.0f;
+        if (c->bias) {
+            for (long i = 0; i < mi; i++) {
+                float *r = o + i * c->ldo;
+                if (c->accumulate)
+                    for (long j = 0; j < nj; j++) r[j] += c->bias[j0 + j];
+                else
+                    memcpy(r, c->bias + j0, (size_t)nj * sizeof(float));
+            }
+            beta = 1.0f;
+        }
+        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)mi, (int)nj, (int)c->k, 1.0f,
+                          c->x + i0 * c->ldx, (int)c->ldx, c->w + j0 * c->k, (int)c->k, beta, o, (int)c->ldo);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------ */
 /* Entry points                                                                                     */
 
 static int use_blas(int64_t m, const vlm_weight *w) { return w->dtype == VLM_F32 && m > VLM_SMALL_M_F32; }
@@ -537,21 +638,24 @@ vlm_status vlm_matmul(vlm_pool *pool, float *out, int64_t ldo, const float *x, i
     if (use_blas(m, w)) {
         if (m > INT_MAX || w->n > INT_MAX || w->k > INT_MAX || ldx > INT_MAX || ldo > INT_MAX)
             return vlm_fail(err, VLM_ERR_ARG, "matmul: sizes exceed the 32-bit BLAS interface");
-        float beta = 0.0f;
-        if (w->bias) {
-            for (int64_t i = 0; i < m; i++) {
-                float *o = out + i * ldo;
-                if (accumulate)
-                    for (int64_t j = 0; j < w->n; j++) o[j] += w->bias[j];
-                else
-                    memcpy(o, w->bias, (size_t)w->n * sizeof(float));
-            }
-            beta = 1.0f;
-        } else if (accumulate) {
-            beta = 1.0f;
-        }
-        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)m, (int)w->n, (int)w->k, 1.0f, x, (int)ldx,
-                          (const float *)w->data, (int)w->k, beta, out, (int)ldo);
+        vlm_blas_single_thread();
+        blas_ctx b;
+        memset(&b, 0, sizeof b);
+        b.x = x;
+        b.ldx = ldx;
+        b.w = (const float *)w->data;
+        b.k = w->k;
+        b.out = out;
+        b.ldo = ldo;
+        b.bias = w->bias;
+        b.accumulate = accumulate;
+        b.m = m;
+        b.n = w->n;
+        blas_tiles(m, w->n, w->k, &b.mt, &b.nt);
+        b.tm = (m + b.mt - 1) / b.mt;
+        b.tn = (w->n + b.nt - 1) / b.nt;
+        if (b.tm * b.tn == 1) blas_task(&b, 0, 1);
+        else vlm_pool_run(pool, blas_task, &b);
         return VLM_OK;
     }
 

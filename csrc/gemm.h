@@ -27,8 +27,9 @@ typedef struct {
 /* out[i][j] (row stride ldo) = sum_k x[i][k] * W[j][k] + bias[j], for i < m, j < n;
  * with accumulate != 0 the result is added to what out holds (a fused residual add).
  * x has row stride ldx (>= k). scratch must hold vlm_matmul_scratch_size(m, w, cmode, nth) bytes,
- * 64-byte aligned; the call never allocates. Pool workers run the non-BLAS kernels; OpenBLAS (fp32
- * weights) is called from the calling thread only. */
+ * 64-byte aligned; the call never allocates. All work runs on the pool (fp32 weights: single-threaded
+ * OpenBLAS sgemm calls on output tiles from every worker). The result is bitwise identical for every
+ * pool size on a given CPU and kernel choice (see gemm.c). */
 vlm_status vlm_matmul(vlm_pool *pool, float *out, int64_t ldo, const float *x, int64_t ldx, int64_t m,
                       const vlm_weight *w, vlm_compute cmode, int accumulate,
                       void *scratch, size_t scratch_size, vlm_err *err);
@@ -39,8 +40,9 @@ size_t vlm_matmul_scratch_size(int64_t m, const vlm_weight *w, vlm_compute cmode
 const char *vlm_gemm_kernel_name(void);
 /* AVX-512 F/BW/VL/DQ usable (and not capped by VLM_GEMM_ISA): the one CPU check every kernel family uses. */
 int vlm_cpu_has_avx512(void);
-/* Set the thread count of the BLAS library (called once per model load). */
-void vlm_blas_set_threads(int n);
+/* Keep OpenBLAS single-threaded (vlm_matmul calls it again before every sgemm; the pool supplies
+ * the parallelism). */
+void vlm_blas_single_thread(void);
 const char *vlm_blas_info(void);
 /* Measured peak fp32 FMA rate of this CPU in GFLOP/s with n_threads threads (takes ~0.5 s). */
 double vlm_measure_fma_peak(int n_threads);

@@ -601,24 +601,16 @@ static PyObject *py_gemm_info(PyObject *mod, PyObject *unused) {
     return Py_BuildValue("{ssss}", "kernel", vlm_gemm_kernel_name(), "blas", vlm_blas_info());
 }
 
-static PyObject *py_set_blas_threads(PyObject *mod, PyObject *arg) {
-    long n = PyLong_AsLong(arg);
-    if (n == -1 && PyErr_Occurred()) return NULL;
-    if (n < 1 || n > 256) { PyErr_SetString(PyExc_ValueError, "n_threads must be in [1, 256]"); return NULL; }
-    vlm_blas_set_threads((int)n);
-    Py_RETURN_NONE;
-}
-
 static PyMethodDef module_methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_VARARGS | METH_KEYWORDS,
      "matmul(x, w, bias=None, compute='f32', n_threads=1, out=None, accumulate=False) -> x @ w.T + bias"},
     {"fma_peak", py_fma_peak, METH_O, "fma_peak(n_threads) -> measured fp32 FMA peak in GFLOP/s"},
     {"gemm_info", py_gemm_info, METH_NOARGS, "gemm_info() -> dict(kernel=..., blas=...)"},
-    {"set_blas_threads", py_set_blas_threads, METH_O, "set_blas_threads(n)"},
     {NULL}};
 
 static int module_exec(PyObject *mod) {
     if (PyArray_ImportNumPyAPI() < 0) return -1;
+    vlm_blas_single_thread();
     if (PyType_Ready(&Qwen2ModelType) < 0 || PyType_Ready(&Qwen2StateType) < 0 || PyType_Ready(&VisionModelType) < 0)
         return -1;
     if (PyModule_AddObjectRef(mod, "VisionModel", (PyObject *)&VisionModelType) < 0) return -1;

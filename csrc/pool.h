@@ -2,8 +2,8 @@
  *
  * vlm_pool_run(pool, fn, ctx) calls fn(ctx, ith, nth) once for every ith in [0, nth), nth = pool size;
  * the calling thread is worker 0 and the call returns when all workers are done. Workers spin briefly
- * and then sleep on a condition variable, so an idle pool leaves the cores to OpenBLAS's own threads
- * (the core calls BLAS only from the thread that drives a forward pass, never from inside a pool task).
+ * and then sleep on a condition variable. OpenBLAS is kept single-threaded and called from inside pool
+ * tasks (one sgemm per output tile, see gemm.c), so the pool is the only source of parallelism.
  * Runs do not nest; one pool serves one driving thread at a time. */
 #ifndef VLM_POOL_H
 #define VLM_POOL_H

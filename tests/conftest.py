@@ -129,6 +129,20 @@ def tiny_bf16_soft(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def fo1_tiny_ckpt(tmp_path_factory):
+    """A tiny random VLM-FO1 checkpoint (bf16, official layout, shared tokenizer), written once per session by
+    vlmfo1 itself; tests must not modify it (copy it first)."""
+    from vlmfo1.fo1_checkpoint import write_random_fo1
+    tiktoken = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared",
+                            "data", "tokenizer", "qwen.tiktoken")
+    if not os.path.exists(tiktoken):
+        pytest.skip("shared tokenizer not found")
+    p = tmp_path_factory.mktemp("fo1") / "VLM-FO1_Qwen2.5-VL-3B-tiny"
+    write_random_fo1(str(p), size="tiny", tiktoken_path=tiktoken)
+    return str(p)
+
+
+@pytest.fixture(scope="session")
 def LanguageModel():
     """The engine class (imported here so a broken build errors the engine tests, not collection)."""
     from vlmfo1 import LanguageModel as LM

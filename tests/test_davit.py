@@ -147,7 +147,8 @@ def test_tiny_fp32_parity(tiny, hw):
 
 
 def test_fo1_layout_and_thread_invariance(tiny):
-    """Official (FO1) names load to the same model; results do not depend on the thread count."""
+    """Official (FO1) names load to the same model; results are bitwise identical for 1 and 3 threads (fp32 weights:
+    shape-only sgemm tiles; see also test_thread_invariance.py)."""
     model, arrays, _ = tiny
     fo1 = to_fo1_names(arrays)
     assert "model.vision_tower_aux.image_tower.blocks.2.1.channel_block.ffn.fn.net.fc2.weight" in fo1
@@ -159,7 +160,7 @@ def test_fo1_layout_and_thread_invariance(tiny):
     for s in range(4):
         assert_close(a[s], ref[s], rtol=1e-4, name=f"fo1 layout stage {s}")
         np.testing.assert_array_equal(a[s], b[s])
-    # bf16 weights use the engine's own kernels on every path: bitwise identical for 1 and 3 threads
+    # bf16 weights use the engine's own kernels on every path: bitwise identical too
     c1 = DavitEncoder.from_checkpoint(DictCheckpoint(fo1), raw, dtype="bfloat16", n_threads=1)(px)
     c3 = DavitEncoder.from_checkpoint(DictCheckpoint(fo1), raw, dtype="bfloat16", n_threads=3)(px)
     for s in range(4):

@@ -24,11 +24,8 @@ def coco_case(i):
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from vlmfo1.fo1_checkpoint import write_random_fo1
-    p = tmp_path_factory.mktemp("fo1") / "VLM-FO1_Qwen2.5-VL-3B-tiny"
-    write_random_fo1(str(p), size="tiny", tiktoken_path=str(TIKTOKEN))
-    return str(p)
+def ckpt(fo1_tiny_ckpt):
+    return fo1_tiny_ckpt   # conftest: written once per session, shared with test_thread_invariance
 
 
 @pytest.fixture(scope="module")

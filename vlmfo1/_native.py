@@ -11,9 +11,10 @@ import warnings
 
 import scipy_openblas32 as _ob
 
-# OpenBLAS worker threads busy-wait for 2^28 cycles (~0.1 s) after each call by default, competing
-# with our own pool for the same cores; let them sleep after ~2^20 cycles instead. Read once, when
-# the library initialises, so it must be set before the load below.
+# The core keeps OpenBLAS single-threaded (its sgemm calls run on our own pool, see csrc/gemm.c), but should
+# anything else in the process set OpenBLAS threads, they would busy-wait for 2^28 cycles (~0.1 s) after
+# each call by default, competing with our pool; let them sleep after ~2^20 cycles instead. Read once,
+# when the library initialises, so it must be set before the load below.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
 
 _lib_path = os.path.join(_ob.get_lib_dir(), "lib" + _ob.get_library() + ".so")

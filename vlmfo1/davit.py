@@ -154,7 +154,6 @@ class DavitEncoder:
                         mlp_hidden=list(mlp_hidden), kernel=list(c.patch_size), stride=list(c.patch_stride),
                         pad=list(c.patch_padding), prenorm=[int(b) for b in c.patch_prenorm])
         self._core = core.DavitModel(core_cfg, tensors)
-        core.set_blas_threads(self.n_threads)
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, raw_config, prefix: Optional[str] = None, mode: str = "exact",

@@ -271,7 +271,6 @@ class LanguageModel:
                         n_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, inter=c.intermediate_size,
                         vocab=c.vocab_size, eps=c.rms_norm_eps, compute=1 if compute == "bf16" else 0,
                         mrope_t=mr[0], mrope_h=mr[1], mrope_w=mr[2])
-        core.set_blas_threads(n_threads)
         self._core = core.Qwen2Model(core_cfg, tensors)
 
     # ------------------------------------------------------------------ loading

@@ -213,8 +213,11 @@ def vision_shapes(v: Dict, prefix: str = "model.vision_tower.image_tower.") -> D
     return s
 
 
-def davit_shapes(depths: List[int], prefix: str = "model.vision_tower_aux.image_tower.") -> Dict[str, Tuple[int, ...]]:
-    dims, ks, r = DAVIT_LARGE["dims"], DAVIT_LARGE["patch_size"], DAVIT_LARGE["mlp_ratio"]
+def davit_shapes(depths: List[int], prefix: str = "model.vision_tower_aux.image_tower.",
+                 dims: Optional[List[int]] = None) -> Dict[str, Tuple[int, ...]]:
+    """Tensor shapes of a DaViT in FO1's official layout (davit-large widths unless `dims` is given)."""
+    ks, r = DAVIT_LARGE["patch_size"], DAVIT_LARGE["mlp_ratio"]
+    dims = list(DAVIT_LARGE["dims"] if dims is None else dims)
     s: Dict[str, Tuple[int, ...]] = {}
     for i, C in enumerate(dims):
         cin = 3 if i == 0 else dims[i - 1]
