@@ -1,5 +1,5 @@
 """Shared fixtures: tiny random Qwen2 checkpoints (written once per session by transformers) with their
-reference runs, and `assert_close`.
+reference runs, `assert_close` and `DictCheckpoint`.
 
 torch / transformers are imported only inside the fixtures that need them, so test modules that do
 not use these fixtures run without them.
@@ -14,6 +14,31 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import reference` from any cwd
+
+class DictCheckpoint:
+    """The part of vlmfo1.safetensors.Checkpoint that the loaders use, over in-memory arrays."""
+
+    class _Info:
+        def __init__(self, a):
+            self.shape, self.dtype = tuple(a.shape), "BF16" if a.dtype == np.uint16 else "F32"
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+
+    def __contains__(self, name):
+        return name in self.arrays
+
+    def keys(self):
+        return iter(self.arrays)
+
+    def info(self, name):
+        return self._Info(self.arrays[name])
+
+    def get(self, name):
+        if name not in self.arrays:
+            raise KeyError(name)
+        return self.arrays[name]
+
 
 PROMPT_LEN = 37   # odd on purpose (kernel tails)
 N_STEPS = 32      # decode steps checked against the reference

@@ -18,7 +18,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import assert_close
+from conftest import DictCheckpoint, assert_close
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -35,32 +35,6 @@ SIZES = [(150, 200), (96, 96), (77, 130)]   # (H, W): 200x150, 96x96, 130x77 ima
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-class DictCheckpoint:
-    """The part of vlmfo1.safetensors.Checkpoint that the loaders use, over in-memory arrays."""
-
-    class _Info:
-        def __init__(self, a, dt):
-            self.shape, self.dtype = tuple(a.shape), dt
-
-    def __init__(self, arrays):
-        self.arrays = arrays
-
-    def __contains__(self, name):
-        return name in self.arrays
-
-    def keys(self):
-        return iter(self.arrays)
-
-    def info(self, name):
-        a = self.arrays[name]
-        return self._Info(a, "BF16" if a.dtype == np.uint16 else "F32")
-
-    def get(self, name):
-        if name not in self.arrays:
-            raise KeyError(name)
-        return self.arrays[name]
 
 
 def make_backbone(seed, **cfg):

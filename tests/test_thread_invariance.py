@@ -27,34 +27,12 @@ import sys
 import numpy as np
 import pytest
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script by its own subprocess step
+from conftest import DictCheckpoint  # noqa: E402
+
 THREADS = (1, 2, 3)
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-
-
-class DictCheckpoint:
-    """The part of vlmfo1.safetensors.Checkpoint that the loaders use, over in-memory arrays."""
-
-    class _Info:
-        def __init__(self, a):
-            self.shape, self.dtype = tuple(a.shape), "BF16" if a.dtype == np.uint16 else "F32"
-
-    def __init__(self, arrays):
-        self.arrays = arrays
-
-    def __contains__(self, name):
-        return name in self.arrays
-
-    def keys(self):
-        return iter(self.arrays)
-
-    def info(self, name):
-        return self._Info(self.arrays[name])
-
-    def get(self, name):
-        if name not in self.arrays:
-            raise KeyError(name)
-        return self.arrays[name]
 
 
 # ----------------------------------------------------------------------------- tiny models (numpy only)

@@ -411,19 +411,16 @@ class VLMFO1:
 
         def run():
             toks: List[int] = []
-            pieces = self.tokenizer.incremental_decoder()
             bar = _progress_bar(progress, max_new_tokens, task)
-            try:
+
+            def tokens():
                 for tok in self._decode(ids, emb, pos, delta, max_new_tokens, sampling, timings):
                     toks.append(tok)
                     if bar is not None:
                         bar.update(1)
-                    piece = pieces.feed(tok)
-                    if piece:
-                        yield piece
-                tail = pieces.flush()
-                if tail:
-                    yield tail
+                    yield tok
+            try:
+                yield from self.tokenizer.incremental_decoder()(tokens())
             finally:
                 if bar is not None:
                     bar.close()
