@@ -382,8 +382,8 @@ def _fo1_demo(args) -> int:
           "the pipeline is the real one. Use --model with the real checkpoint for real answers.")
     res = model.detect(image, "orange", boxes=boxes, box_format=fmt, scores=scores, max_new_tokens=16)
     _print_result(res)
-    res.save(args.out)
-    print(f"picture: {args.out}")
+    res.draw(proposals=True).save(args.out)
+    print(f"picture: {args.out} (proposals in grey, the picked boxes in colour)")
     return 0
 
 
