@@ -78,6 +78,47 @@ def test_boxes_file_layouts_and_formats(fo1_ckpt, tmp_path, capsys):
 
 
 @needs_data
+def test_proposals_files(fo1_ckpt, tmp_path, capsys):
+    import shutil
+    coco = TIKTOKEN.parent.parent / "coco_tiny"
+    ann = json.load(open(coco / "annotations" / "instances_val2017.json"))
+    img = sorted(ann["images"], key=lambda x: x["id"])[4]
+    path = str(coco / "val2017" / img["file_name"])
+    gt = [a for a in ann["annotations"] if a["image_id"] == img["id"]]
+    dets = [{"image_id": img["id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9 - 0.01 * i}
+            for i, a in enumerate(gt)]
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    (tmp_path / "boxes.json").write_text(json.dumps({"boxes": [d["bbox"] for d in dets], "box_format": "xywh",
+                                                     "scores": [d["score"] for d in dets]}))
+    outs = []
+    for extra in (["--proposals", str(tmp_path / "dets.json"), "--image-id", str(img["id"])],
+                  ["--proposals", str(tmp_path / "dets.json")],            # looked up by the COCO file name
+                  ["--boxes", str(tmp_path / "boxes.json")]):
+        capsys.readouterr()
+        assert main(["detect", path, "person", "--model", fo1_ckpt, "--max-new-tokens", "3", "--json", *extra]) == 0
+        outs.append(json.loads(capsys.readouterr().out))
+    assert outs[0]["token_ids"] == outs[1]["token_ids"] == outs[2]["token_ids"]
+    assert outs[0]["proposal_scores"] == outs[2]["proposal_scores"]
+    # the official CountBench file (UPN proposals), for an image of that name
+    shutil.copy(path, tmp_path / "image_0.jpg")
+    countbench = TIKTOKEN.parent.parent / "fo1_eval" / "countbench_with_upn_score_0.3_0.8.json"
+    capsys.readouterr()
+    assert main(["count", str(tmp_path / "image_0.jpg"), "headsets", "--model", fo1_ckpt, "--proposals",
+                 str(countbench), "--max-new-tokens", "2", "--json"]) == 0
+    rec = json.load(open(countbench))[0]
+    res = json.loads(capsys.readouterr().out)
+    assert res["proposals"] == [[float(v) for v in b] for b in rec["bboxes"]] and res["proposal_scores"] == rec["scores"]
+    for argv, needle in ((["--proposals", str(tmp_path / "dets.json"), "--boxes", str(tmp_path / "boxes.json")],
+                          "not both"),
+                         (["--image-id", "5", "--boxes", str(tmp_path / "boxes.json")], "--image-id needs"),
+                         (["--proposals", str(tmp_path / "boxes.json")], "not a proposals file"),
+                         (["--proposals", str(tmp_path / "dets.json"), "--image-id", "999999999"], "999999999"),
+                         ([], "proposal boxes are missing")):
+        assert main(["detect", path, "person", "--model", fo1_ckpt, *argv]) == 1
+        assert needle in _one_line_error(capsys, "detect"), argv
+
+
+@needs_data
 def test_demo_reuses_its_cached_checkpoint(tmp_path, capsys):
     args = ["demo", "--tiktoken", str(TIKTOKEN), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "d.png"),
             "--threads", "2"]

@@ -79,12 +79,17 @@ def _parser() -> argparse.ArgumentParser:
                            help="the region index(es) (positions in the boxes file, from 0)")
         if cmd == "caption":
             p.add_argument("--detailed", action="store_true", help="a detailed instead of a brief description")
-        p.add_argument("--boxes", required=cmd != "chat", metavar="FILE",
+        p.add_argument("--boxes", metavar="FILE",
                        help='proposal boxes, JSON: [[x1, y1, x2, y2], ...], {"boxes": [...], "box_format": "xywh", '
                             '"scores": [...]}, or COCO-style [{"bbox": [x, y, w, h], "score": s}, ...]')
         p.add_argument("--box-format", choices=["xyxy", "xywh", "cxcywh", "xyxyn", "xywhn", "cxcywhn"],
                        help="coordinates in the boxes file (default: the file's box_format, else xyxy; xywh for "
                             "COCO-style dicts; *n = normalized to 0..1)")
+        p.add_argument("--proposals", metavar="FILE",
+                       help="instead of --boxes: a proposals file holding this image (the official COCO .jsonl, "
+                            "CountBench/PixmoCount .json, or COCO detection results), looked up by the image's file "
+                            "name or --image-id")
+        p.add_argument("--image-id", type=int, help="the image's id in a COCO-keyed --proposals file")
         p.add_argument("--truncate-boxes", action="store_true", help="keep the first 100 boxes instead of failing")
         p.add_argument("--json", action="store_true", help="print the result as one JSON object")
         p.add_argument("--draw", metavar="PNG", help="also save the image with the picked boxes drawn on it")
@@ -192,12 +197,26 @@ def _fo1_task(args) -> int:
     task, positional, region = FO1_COMMANDS[args.cmd]
     if not os.path.exists(args.image):
         raise FileNotFoundError(f"image file not found: {args.image}")
-    boxes, fmt, scores = read_boxes_file(args.boxes, args.box_format) if args.boxes else ([], "xyxy", None)
+    if args.boxes and args.proposals:
+        raise ValueError("give --boxes or --proposals, not both")
+    if not args.boxes and not args.proposals and args.cmd != "chat":
+        raise ValueError("the proposal boxes are missing: give --boxes FILE (or --proposals FILE)")
     if args.box_format and not args.boxes:
         raise ValueError("--box-format needs --boxes")
+    if args.image_id is not None and not args.proposals:
+        raise ValueError("--image-id needs --proposals")
+    source = None
+    if args.proposals:
+        from .proposals import open_proposals
+
+        source = open_proposals(args.proposals)
+        boxes, fmt, scores = None, None, None
+    else:
+        boxes, fmt, scores = read_boxes_file(args.boxes, args.box_format) if args.boxes else ([], "xyxy", None)
     model = VLMFO1.from_pretrained(args.model, mode=args.mode, compute=args.compute, dtype=args.dtype,
                                    threads=args.threads, max_context=args.max_context)
-    kw = dict(boxes=boxes, box_format=fmt, scores=scores, truncate_boxes=args.truncate_boxes,
+    kw = dict(boxes=boxes, box_format=fmt, scores=scores, proposals=source, image_id=args.image_id,
+              truncate_boxes=args.truncate_boxes,
               max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
               seed=args.seed, repetition_penalty=args.repetition_penalty)
     pos = []

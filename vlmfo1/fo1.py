@@ -504,8 +504,9 @@ class VLMFO1:
     def chat(self, image, text: str, boxes=None, **kw):
         """A free prompt; refer to boxes as <region0>, <region1>, … (each must name a given box)."""
         t = _one_text(text, "text")
-        return self._request("chat", image, lambda n: t, 0, [] if boxes is None and "proposals" not in kw else boxes,
-                             **kw)
+        if boxes is None and kw.get("proposals") is None:
+            boxes = []                           # a question about the whole image needs no boxes
+        return self._request("chat", image, lambda n: t, 0, boxes, **kw)
 
     # ------------------------------------------------------------------ streaming, many images
     def stream(self, task: str, image, *args, **kw) -> Iterator[Union[str, FO1Result]]:

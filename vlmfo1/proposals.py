@@ -42,6 +42,7 @@ import numpy as np
 
 __all__ = [
     "BOX_FORMATS",
+    "open_proposals",
     "BoxFormatWarning",
     "ProposalsNotFoundError",
     "Proposals",
@@ -859,3 +860,23 @@ def _looks_like_boxes_and_scores(pair: tuple) -> bool:
     first_ok = n_first == 2 or (n_first == 1 and len(first) == 0)
     second_ok = n_second == 1 or (n_second == 2 and tuple(getattr(second, "shape", np.shape(second)))[-1:] == (1,))
     return first_ok and second_ok
+
+
+def open_proposals(path: Union[str, os.PathLike], **kw: Any) -> ProposalSource:
+    """The proposal source for a file on disk, by its layout: `*.jsonl` -> CocoJsonlProposals (the official COCO
+    file); a JSON list of {"image", "bboxes", ...} -> FO1EvalProposals (CountBench / PixmoCount); a JSON list of
+    {"image_id", "bbox", "score", ...} -> CocoResultsProposals (kw: score_threshold, annotations)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"proposals file not found: {path}")
+    if path.endswith(".jsonl"):
+        return CocoJsonlProposals(path)
+    data = _read_json(path, "proposals")
+    first = data[0] if isinstance(data, list) and data else None
+    if isinstance(first, dict) and "bboxes" in first and "image" in first:
+        return FO1EvalProposals(path)
+    if isinstance(first, dict) and "bbox" in first and "image_id" in first:
+        return CocoResultsProposals(path, **kw)
+    raise ValueError(f"{path}: not a proposals file this reader knows (a .jsonl COCO proposal file, a list of "
+                     f"{{'image', 'bboxes'}} records, or a list of COCO results {{'image_id', 'bbox', 'score'}}); "
+                     f"got {_describe(first if first is not None else data)}")
