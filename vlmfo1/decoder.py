@@ -285,10 +285,15 @@ class LanguageModel:
         generation_config.json (e.g. repetition_penalty) are applied as transformers applies them (`generation`)."""
         path = os.fspath(path)
         raw = read_config(path)
-        return cls.from_checkpoint(Checkpoint(path), raw, mode=mode, compute=compute, dtype=dtype,
-                                   n_threads=n_threads, max_context=max_context,
-                                   generation_eos=read_generation_eos(path),
-                                   generation=GenerationSettings.from_pretrained(path, kind="qwen"))
+        ckpt = Checkpoint(path)
+        try:
+            return cls.from_checkpoint(ckpt, raw, mode=mode, compute=compute, dtype=dtype,
+                                       n_threads=n_threads, max_context=max_context,
+                                       generation_eos=read_generation_eos(path),
+                                       generation=GenerationSettings.from_pretrained(path, kind="qwen"))
+        except BaseException:
+            ckpt.close()  # a failed load releases the mappings and descriptors it opened
+            raise
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, raw_config: Dict, mode: str = "exact", compute: Optional[str] = None,

@@ -160,21 +160,26 @@ class VLMFO1:
                                     else f"not a checkpoint folder (a file): {path}")
         raw = read_config(path)
         ckpt = Checkpoint(path)
-        threads = int(threads or default_threads())
-        kw = dict(mode=mode, compute=compute, dtype=dtype, n_threads=threads)
-        if not any(k.startswith("model.object_vp_extractor.") for k in ckpt.keys()) and \
-                not any(k.startswith("model.mm_projector_aux.") for k in ckpt.keys()):
-            raise KeyError("no VLM-FO1 region encoder in this checkpoint (no model.object_vp_extractor.* / "
-                           "model.mm_projector_aux.* tensors)")
-        decoder = LanguageModel.from_checkpoint(ckpt, raw, max_context=max_context,
-                                                generation_eos=read_generation_eos(path),
-                                                generation=GenerationSettings.from_pretrained(path, kind="fo1"), **kw)
-        vision = VisionTower.from_checkpoint(ckpt, raw, prefix=FO1_VISION_PREFIX, **kw)
-        davit = DavitEncoder.from_checkpoint(ckpt, raw, **kw)
-        hfre = HFRE.from_checkpoint(ckpt, raw, **kw)
-        tok = Tokenizer.from_pretrained(path, slow=True)
-        proc = QwenImageProcessor.from_pretrained(path)
-        aux = AuxImageProcessor.from_config(raw)
+        try:
+            threads = int(threads or default_threads())
+            kw = dict(mode=mode, compute=compute, dtype=dtype, n_threads=threads)
+            if not any(k.startswith("model.object_vp_extractor.") for k in ckpt.keys()) and \
+                    not any(k.startswith("model.mm_projector_aux.") for k in ckpt.keys()):
+                raise KeyError("no VLM-FO1 region encoder in this checkpoint (no model.object_vp_extractor.* / "
+                               "model.mm_projector_aux.* tensors)")
+            generation = GenerationSettings.from_pretrained(path, kind="fo1")
+            decoder = LanguageModel.from_checkpoint(ckpt, raw, max_context=max_context,
+                                                    generation_eos=read_generation_eos(path), generation=generation,
+                                                    **kw)
+            vision = VisionTower.from_checkpoint(ckpt, raw, prefix=FO1_VISION_PREFIX, **kw)
+            davit = DavitEncoder.from_checkpoint(ckpt, raw, **kw)
+            hfre = HFRE.from_checkpoint(ckpt, raw, **kw)
+            tok = Tokenizer.from_pretrained(path, slow=True)
+            proc = QwenImageProcessor.from_pretrained(path)
+            aux = AuxImageProcessor.from_config(raw)
+        except BaseException:
+            ckpt.close()  # a failed load releases the mappings and descriptors it opened
+            raise
         return cls(decoder, vision, davit, hfre, tok, proc, aux, raw, path=path)
 
     @classmethod
@@ -242,8 +247,13 @@ class VLMFO1:
                 f"max_context {self.decoder.max_context})")
 
     def close(self) -> None:
-        """Drop the weights (memory maps are released when nothing else holds them). The model is unusable after."""
+        """Drop the weights: the checkpoint's memory maps and file descriptors are released now, or, for arrays
+        something else still holds, when the last of them goes. The model is unusable after."""
+        ckpts = {id(c): c for c in (getattr(p, "_ckpt", None) for p in (self.decoder, self.vision, self.davit))
+                 if c is not None and hasattr(c, "close")}
         self.decoder = self.vision = self.davit = self.hfre = None
+        for c in ckpts.values():
+            c.close()
 
     def __enter__(self) -> "VLMFO1":
         return self

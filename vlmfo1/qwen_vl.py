@@ -88,15 +88,19 @@ class QwenVL:
         path = os.fspath(path)
         raw = read_config(path)
         ckpt = Checkpoint(path)
-        n_threads = n_threads or default_threads()
-        dec = LanguageModel.from_checkpoint(ckpt, raw, mode=mode, compute=compute, dtype=dtype, n_threads=n_threads,
-                                            max_context=max_context, generation_eos=read_generation_eos(path),
-                                            generation=GenerationSettings.from_pretrained(path, kind="qwen"))
-        vis = VisionTower.from_checkpoint(ckpt, raw, mode=mode, compute=compute, dtype=dtype, n_threads=n_threads)
-        tok = Tokenizer.from_pretrained(path)
-        proc = QwenImageProcessor.from_pretrained(path, kind="qwen") if os.path.exists(
-            os.path.join(path, "preprocessor_config.json")) else QwenImageProcessor()
-        image_token_id = int(raw.get("image_token_id", tok.token_to_id(IMAGE_PAD) or 151655))
+        try:
+            n_threads = n_threads or default_threads()
+            dec = LanguageModel.from_checkpoint(ckpt, raw, mode=mode, compute=compute, dtype=dtype, n_threads=n_threads,
+                                                max_context=max_context, generation_eos=read_generation_eos(path),
+                                                generation=GenerationSettings.from_pretrained(path, kind="qwen"))
+            vis = VisionTower.from_checkpoint(ckpt, raw, mode=mode, compute=compute, dtype=dtype, n_threads=n_threads)
+            tok = Tokenizer.from_pretrained(path)
+            proc = QwenImageProcessor.from_pretrained(path, kind="qwen") if os.path.exists(
+                os.path.join(path, "preprocessor_config.json")) else QwenImageProcessor()
+            image_token_id = int(raw.get("image_token_id", tok.token_to_id(IMAGE_PAD) or 151655))
+        except BaseException:
+            ckpt.close()  # a failed load releases the mappings and descriptors it opened
+            raise
         return cls(dec, vis, tok, proc, image_token_id)
 
     # ------------------------------------------------------------------ prompt and embeddings

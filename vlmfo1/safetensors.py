@@ -1,18 +1,30 @@
-"""Memory-mapped reading of Hugging Face safetensors checkpoints, single file or sharded.
+"""Memory-mapped reading of Hugging Face safetensors checkpoints, single file or sharded, for files downloaded
+from anywhere: every file is validated as strictly as the `safetensors` library does before anything is mapped.
 
-Tensors come back as read-only NumPy views of the mapped file, so a tensor used in its stored
-dtype costs no copy and no resident memory until it is touched. bf16 tensors are returned as
-uint16 arrays holding the bf16 bits (NumPy has no bf16 type); the C core consumes them as bf16.
-Every structural problem of a file (short file, absurd header length, invalid JSON, unknown dtype,
-offsets outside the file, byte size not matching the shape) raises ValueError naming the file.
+Tensors come back as read-only NumPy views of the mapped file, so a tensor used in its stored dtype costs no copy
+and no resident memory until it is touched. bf16 tensors are returned as uint16 arrays holding the bf16 bits (NumPy
+has no bf16 type), fp8 tensors as uint8 arrays holding the bits; the C core consumes bf16 bits directly.
+
+Validation (`read_header`): header length within the file and at most 100,000,000 bytes, UTF-8 JSON nested at most
+a few levels deep (checked before parsing, so hostile nesting cannot exhaust the stack), no duplicate keys, an object
+of tensor name -> {"dtype": known name, "shape": [non-negative ints], "data_offsets": [begin, end] ints} with an
+optional "__metadata__" object of str -> str, end - begin == dtype size x elements, and offsets that tile the data
+section exactly (sorted, no gap, no overlap, no trailing bytes). `model.safetensors.index.json` must map tensor names
+to plain shard file names inside the folder. Every violation raises SafetensorsError (a ValueError) naming the file,
+the tensor and what was expected; a missing shard raises FileNotFoundError.
+
+No object here references its owner, so a checkpoint's mappings and file descriptors are released by reference
+counting alone as soon as the last array viewing them goes; Checkpoint.close() releases what no array still uses,
+and a Checkpoint that fails to open releases everything it opened before raising.
 """
 from __future__ import annotations
 
 import json
 import mmap
 import os
+import re
 import struct
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -22,71 +34,270 @@ _DTYPES = {
     "BF16": (np.uint16, 2),
     "F16": (np.float16, 2),
     "F64": (np.float64, 8),
+    "C64": (np.complex64, 8),
     "I64": (np.int64, 8),
+    "U64": (np.uint64, 8),
     "I32": (np.int32, 4),
+    "U32": (np.uint32, 4),
     "I16": (np.int16, 2),
+    "U16": (np.uint16, 2),
     "I8": (np.int8, 1),
     "U8": (np.uint8, 1),
     "BOOL": (np.bool_, 1),
+    "F8_E5M2": (np.uint8, 1),
+    "F8_E4M3": (np.uint8, 1),
+    "F8_E8M0": (np.uint8, 1),
+    "F8_E4M3FNUZ": (np.uint8, 1),
+    "F8_E5M2FNUZ": (np.uint8, 1),
 }
-_MAX_HEADER = 100 * 1024 * 1024
+# dtypes the format knows whose elements are not whole bytes: bits per element (validated, never returned as arrays)
+_SUBBYTE_BITS = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+_MAX_HEADER = 100_000_000       # bytes, the `safetensors` library's limit
+_MAX_INDEX = 100_000_000        # bytes of model.safetensors.index.json
+_MAX_HEADER_DEPTH = 64          # a valid header nests 3 deep ({name: {"shape": [...]}}); the library allows 128
+_MAX_INDEX_DEPTH = 64           # the index's "metadata" is free-form
+_MAX_ELEMENTS = 2**63 - 1       # NumPy's limit for one array
+_INDEX_NAME = "model.safetensors.index.json"
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file or checkpoint index that breaks the format. The message names the file, the tensor (when
+    one is at fault) and what was expected."""
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key):
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise _DuplicateKey(k)
+        d[k] = v
+    return d
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _kind(v) -> str:
+    """How a JSON value reads in a message."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return f"a boolean ({json.dumps(v)})"
+    if isinstance(v, (int, float)):
+        return f"a number ({v!r})"
+    if isinstance(v, str):
+        return f"a string ({v[:40]!r})"
+    return "a list" if isinstance(v, list) else "an object" if isinstance(v, dict) else type(v).__name__
+
+
+# a JSON string, escapes included (unrolled loop: linear time, no backtracking)
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_OPEN = np.zeros(256, np.int8)
+_OPEN[[ord("["), ord("{")]] = 1
+_OPEN[[ord("]"), ord("}")]] = -1
+
+
+def _nesting_depth(raw: bytes) -> int:
+    """Deepest bracket nesting of a JSON text (brackets inside strings do not count), without parsing it."""
+    a = np.frombuffer(_JSON_STRING.sub(b'""', raw), np.uint8)
+    deepest, depth, chunk = 0, 0, 1 << 20
+    for i in range(0, a.size, chunk):
+        run = np.cumsum(_OPEN[a[i:i + chunk]], dtype=np.int64) + depth
+        if run.size:
+            deepest, depth = max(deepest, int(run.max())), int(run[-1])
+    return deepest
+
+
+def _load_json(raw: bytes, where: str, max_depth: int):
+    """Parse a JSON text safely: UTF-8, nesting at most max_depth (checked before parsing), no duplicate keys, no
+    NaN/Infinity. Raises SafetensorsError starting with `where`."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SafetensorsError(f"{where} is not UTF-8 text ({e})") from None
+    depth = _nesting_depth(raw)
+    if depth > max_depth:
+        raise SafetensorsError(f"{where} nests JSON {depth} levels deep, more than the {max_depth} allowed "
+                               f"(corrupt or hostile file)")
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except _DuplicateKey as e:
+        raise SafetensorsError(f"{where} has the key {e.key!r} twice") from None
+    except RecursionError:
+        raise SafetensorsError(f"{where} nests JSON too deeply (corrupt or hostile file)") from None
+    except ValueError as e:  # JSONDecodeError, NaN/Infinity, integers beyond Python's digit limit
+        raise SafetensorsError(f"{where} is not valid JSON ({e})") from None
 
 
 class TensorInfo:
-    __slots__ = ("name", "dtype", "shape", "begin", "end", "file")
+    """Where one tensor lives: name, dtype (safetensors name), shape, [begin, end) byte offsets in the file at
+    `path`. Holds no reference to the open file."""
+    __slots__ = ("name", "dtype", "shape", "begin", "end", "path")
 
-    def __init__(self, name, dtype, shape, begin, end, file):
-        self.name, self.dtype, self.shape, self.begin, self.end, self.file = name, dtype, shape, begin, end, file
+    def __init__(self, name, dtype, shape, begin, end, path):
+        self.name, self.dtype, self.shape, self.begin, self.end, self.path = name, dtype, shape, begin, end, path
 
     def __repr__(self):
         return f"TensorInfo({self.name!r}, {self.dtype}, {self.shape})"
 
 
-class SafetensorsFile:
-    """One .safetensors file: parsed header plus a read-only memory map of the data."""
+class Header:
+    """The validated header of one safetensors file (see read_header)."""
+    __slots__ = ("path", "metadata", "tensors", "data_start", "size", "identity")
 
-    def __init__(self, path: str):
-        self.path = os.fspath(path)
-        size = os.path.getsize(self.path)
+    def __init__(self, path, metadata, tensors, data_start, size, identity):
+        self.path, self.metadata, self.tensors = path, metadata, tensors
+        self.data_start, self.size, self.identity = data_start, size, identity
+
+
+def _entry(path: str, name: str, e, data_len: int) -> Tuple[str, tuple, int, int]:
+    """Validate one header entry -> (dtype, shape, begin, end) with offsets relative to the data section."""
+    where = f"{path}: tensor '{name}'"
+    if not isinstance(e, dict):
+        raise SafetensorsError(f"{where}: header entry is {_kind(e)}, expected an object with dtype, shape and "
+                               f"data_offsets")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in e]
+    if missing:
+        raise SafetensorsError(f"{where}: header entry has no {' / '.join(missing)}")
+    dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+    if not isinstance(dtype, str) or (dtype not in _DTYPES and dtype not in _SUBBYTE_BITS):
+        shown = dtype if isinstance(dtype, str) else _kind(dtype)
+        raise SafetensorsError(f"{where} has unsupported dtype {shown} (expected one of "
+                               f"{', '.join(list(_DTYPES) + list(_SUBBYTE_BITS))})")
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+        raise SafetensorsError(f"{where}: shape is {json.dumps(shape)[:80]}, expected a list of non-negative "
+                               f"integers")
+    elements = 1
+    for s in shape:
+        elements *= s or 1
+    if elements > _MAX_ELEMENTS:
+        raise SafetensorsError(f"{where}: shape {shape} has {elements} elements, more than any array can hold "
+                               f"(at most 2**63 - 1)")
+    elements = 0 if 0 in shape else elements
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int and o >= 0 for o in offsets):
+        raise SafetensorsError(f"{where}: data_offsets is {json.dumps(offsets)[:80]}, expected [begin, end], two "
+                               f"non-negative integers")
+    begin, end = offsets
+    bits = 8 * _DTYPES[dtype][1] if dtype in _DTYPES else _SUBBYTE_BITS[dtype]
+    if elements * bits % 8:
+        raise SafetensorsError(f"{where}: {elements} {dtype} elements of {bits} bits do not fill whole bytes")
+    nbytes = elements * bits // 8
+    if end < begin or end - begin != nbytes:
+        raise SafetensorsError(f"{where} ({dtype}, shape {shape}) has data_offsets [{begin}, {end}], expected "
+                               f"end - begin == {nbytes} bytes")
+    if end > data_len:
+        raise SafetensorsError(f"{where}: data_offsets [{begin}, {end}] run past the end of the data section "
+                               f"({data_len} bytes; truncated file?)")
+    return dtype, tuple(shape), begin, end
+
+
+def read_header(path) -> Header:
+    """Read and validate the header of one safetensors file (nothing is mapped). Raises SafetensorsError for
+    every way the file breaks the format, OSError when it cannot be read."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        size = st.st_size
         if size < 8:
-            raise ValueError(f"{self.path}: not a safetensors file (only {size} bytes)")
-        with open(self.path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > min(size - 8, _MAX_HEADER):
-                raise ValueError(f"{self.path}: corrupt or truncated safetensors header (header length {n}, "
-                                 f"file size {size})")
-            raw = f.read(n)
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{self.path}: corrupt safetensors header ({e})") from None
-        if not isinstance(header, dict):
-            raise ValueError(f"{self.path}: corrupt safetensors header (not a JSON object)")
-        self.metadata = header.pop("__metadata__", None) or {}
-        data_start, data_len = 8 + n, size - 8 - n
-        self.tensors: Dict[str, TensorInfo] = {}
-        for name, e in header.items():
-            try:
-                dtype, shape, (begin, end) = e["dtype"], [int(s) for s in e["shape"]], e["data_offsets"]
-                begin, end = int(begin), int(end)
-            except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{self.path}: malformed header entry for tensor '{name}'") from None
-            if dtype not in _DTYPES:
-                raise ValueError(f"{self.path}: tensor '{name}' has unsupported dtype {dtype}")
-            if any(s < 0 for s in shape):
-                raise ValueError(f"{self.path}: tensor '{name}' has a negative dimension {shape}")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype][1]
-            if not (0 <= begin <= end <= data_len) or end - begin != nbytes:
-                raise ValueError(f"{self.path}: tensor '{name}' ({dtype}, shape {shape}) has data offsets "
-                                 f"[{begin}, {end}) inconsistent with its size or the file (truncated file?)")
-            self.tensors[name] = TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end, self)
+            raise SafetensorsError(f"{path}: not a safetensors file (only {size} bytes; the format starts with an "
+                                   f"8-byte header length)")
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > _MAX_HEADER:
+            raise SafetensorsError(f"{path}: corrupt safetensors header length {n} (at most {_MAX_HEADER} bytes "
+                                   f"allowed; not a safetensors file?)")
+        if n > size - 8:
+            raise SafetensorsError(f"{path}: safetensors header length {n} runs past the end of the file "
+                                   f"({size} bytes; truncated or corrupt file)")
+        raw = f.read(n)
+    if len(raw) != n:
+        raise SafetensorsError(f"{path}: file shrank while its header was read (truncated?)")
+    header = _load_json(raw, f"{path}: safetensors header", _MAX_HEADER_DEPTH)
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: safetensors header is {_kind(header)}, expected a JSON object of tensor "
+                               f"name -> {{dtype, shape, data_offsets}}")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SafetensorsError(f"{path}: __metadata__ is {_kind(metadata)}"
+                               f"{' with non-string values' if isinstance(metadata, dict) else ''}, expected an "
+                               f"object of string -> string")
+    data_start, data_len = 8 + n, size - 8 - n
+    entries = {name: _entry(path, name, e, data_len) for name, e in header.items()}
+    # the tensors must tile the data section exactly, as the safetensors library requires
+    pos, prev = 0, None
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin < pos:
+            raise SafetensorsError(f"{path}: tensor '{name}' data_offsets [{begin}, {end}] overlap tensor '{prev}' "
+                                   f"(which ends at {pos}); tensors must not share bytes")
+        if begin > pos:
+            raise SafetensorsError(f"{path}: tensor '{name}' starts at data offset {begin}, expected {pos}: bytes "
+                                   f"[{pos}, {begin}) belong to no tensor")
+        pos, prev = end, name
+    if pos != data_len:
+        raise SafetensorsError(f"{path}: the tensors cover {pos} bytes but the data section after the {n}-byte "
+                               f"header is {data_len} bytes (wrong header length or trailing bytes)")
+    tensors = {name: TensorInfo(name, dt, shape, data_start + b, data_start + e, path)
+               for name, (dt, shape, b, e) in entries.items()}
+    return Header(path, metadata, tensors, data_start, size, (st.st_dev, st.st_ino, size))
+
+
+class SafetensorsFile:
+    """One .safetensors file: validated header plus a read-only memory map of the data (none when it has no data).
+    The mapping lives as long as this object or any array returned by get(); close() drops this object's hold."""
+
+    def __init__(self, path, header: Optional[Header] = None):
+        self.path = os.fspath(path)
         self._mm = None
-        if size > data_start:
+        h = header if header is not None else read_header(self.path)
+        self.metadata: Dict[str, str] = h.metadata
+        self.tensors: Dict[str, TensorInfo] = h.tensors
+        if h.size > h.data_start:
             with open(self.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                if (st.st_dev, st.st_ino, st.st_size) != h.identity:
+                    raise SafetensorsError(f"{self.path}: file changed since its header was read "
+                                           f"({h.identity[2]} -> {st.st_size} bytes)")
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Unmap the file now if no array returned by get() still views it; otherwise the mapping goes with the last
+        such array. get() raises after close(). Idempotent."""
+        self._closed = True
+        mm, self._mm = self._mm, None
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:  # arrays still view it: they keep it alive, the last one unmaps it
+                pass
+
+    def __enter__(self) -> "SafetensorsFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def get(self, name: str) -> np.ndarray:
+        if name not in self.tensors:
+            raise KeyError(f"tensor '{name}' is not in {self.path}")
+        if self._closed:
+            raise ValueError(f"{self.path} was closed")
         info = self.tensors[name]
+        if info.dtype in _SUBBYTE_BITS:
+            raise SafetensorsError(f"{self.path}: tensor '{name}' has dtype {info.dtype} ({_SUBBYTE_BITS[info.dtype]}"
+                                   f" bits per element), which vlmfo1 does not unpack")
         np_dtype, item = _DTYPES[info.dtype]
         count = (info.end - info.begin) // item
         if count == 0:
@@ -97,43 +308,97 @@ class SafetensorsFile:
         return arr
 
 
+def _plain_file_name(s: str) -> bool:
+    return bool(s) and s not in (".", "..") and not any(c in s for c in "/\\\0") and \
+        os.path.basename(s) == s and not os.path.isabs(s) and not os.path.splitdrive(s)[0]
+
+
+def read_index(path) -> List[str]:
+    """The shard files (full paths, sorted) named by a model.safetensors.index.json, validated: a JSON object whose
+    "weight_map" is a non-empty object of tensor name -> plain file name in the index's folder. Raises
+    SafetensorsError for a malformed index, FileNotFoundError naming the missing shards."""
+    path = os.fspath(path)
+    folder = os.path.dirname(path)
+    size = os.path.getsize(path)
+    if size > _MAX_INDEX:
+        raise SafetensorsError(f"{path}: index is {size} bytes, more than the {_MAX_INDEX} allowed")
+    with open(path, "rb") as f:
+        raw = f.read(_MAX_INDEX + 1)
+    idx = _load_json(raw, f"{path}: checkpoint index", _MAX_INDEX_DEPTH)
+    if not isinstance(idx, dict):
+        raise SafetensorsError(f"{path}: checkpoint index is {_kind(idx)}, expected a JSON object with a weight_map")
+    if "weight_map" not in idx:
+        raise SafetensorsError(f"{path}: checkpoint index has no weight_map (tensor name -> shard file)")
+    wmap = idx["weight_map"]
+    if not isinstance(wmap, dict):
+        raise SafetensorsError(f"{path}: weight_map is {_kind(wmap)}, expected an object of tensor name -> shard "
+                               f"file name")
+    if not wmap:
+        raise SafetensorsError(f"{path}: weight_map is empty (no tensors, no shards)")
+    for name, shard in wmap.items():
+        if not isinstance(shard, str):
+            raise SafetensorsError(f"{path}: weight_map gives tensor '{name}' the shard {_kind(shard)}, expected a "
+                                   f"file name")
+        if not _plain_file_name(shard):
+            raise SafetensorsError(f"{path}: weight_map puts tensor '{name}' in {shard!r}, which is not a plain file "
+                                   f"name in the checkpoint folder")
+    shards = sorted(set(wmap.values()))
+    missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise FileNotFoundError(f"{path} names shard{'s' if len(missing) > 1 else ''} {', '.join(missing[:5])}{more}, "
+                                f"missing from {folder or '.'}")
+    return [os.path.join(folder, s) for s in shards]
+
+
 class Checkpoint:
     """All tensors of a checkpoint folder (or a single file): `model.safetensors`, or the shards named
-    by `model.safetensors.index.json`."""
+    by `model.safetensors.index.json`. Every file's header is validated before any file is mapped; a failure
+    releases everything opened so far. close() (or `with Checkpoint(path) as ck:`) releases the mappings that no
+    array still views."""
 
-    def __init__(self, path: str):
+    def __init__(self, path):
         path = os.fspath(path)
         self.files: Dict[str, SafetensorsFile] = {}
         self.index: Dict[str, TensorInfo] = {}
         if os.path.isfile(path):
             files = [path]
         else:
-            idx = os.path.join(path, "model.safetensors.index.json")
+            idx = os.path.join(path, _INDEX_NAME)
             single = os.path.join(path, "model.safetensors")
             if os.path.exists(idx):
-                try:
-                    with open(idx) as f:
-                        wmap = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{idx}: malformed index ({e})") from None
-                files = sorted(set(os.path.join(path, v) for v in wmap.values()))
-                for fpath in files:
-                    if not os.path.exists(fpath):
-                        raise FileNotFoundError(f"{idx} names shard {os.path.basename(fpath)}, which is missing")
+                files = read_index(idx)
             elif os.path.exists(single):
                 files = [single]
             else:
                 found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
                 if not found:
-                    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+                    raise FileNotFoundError(f"no model.safetensors or {_INDEX_NAME} in {path}")
                 files = [os.path.join(path, f) for f in found]
-        for fpath in files:
-            sf = SafetensorsFile(fpath)
-            self.files[fpath] = sf
-            for name, info in sf.tensors.items():
+        headers = [read_header(f) for f in files]  # validate everything before mapping anything
+        for h in headers:
+            for name, info in h.tensors.items():
                 if name in self.index:
-                    raise ValueError(f"tensor '{name}' appears in both {self.index[name].file.path} and {fpath}")
+                    raise SafetensorsError(f"tensor '{name}' appears in both {self.index[name].path} and {h.path}")
                 self.index[name] = info
+        try:
+            for h in headers:
+                self.files[h.path] = SafetensorsFile(h.path, h)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release every file's mapping that no array returned by get() still views (those go with the last such
+        array). The checkpoint cannot be read after."""
+        for sf in self.files.values():
+            sf.close()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __contains__(self, name: str) -> bool:
         return name in self.index
@@ -147,7 +412,7 @@ class Checkpoint:
     def get(self, name: str) -> np.ndarray:
         if name not in self.index:
             raise KeyError(f"tensor '{name}' is not in the checkpoint")
-        return self.index[name].file.get(name)
+        return self.files[self.index[name].path].get(name)
 
     def dtypes(self) -> Dict[str, int]:
         out: Dict[str, int] = {}
