@@ -217,9 +217,7 @@ class _Src:
             if default is _REQUIRED:
                 raise ConfigKeyError(path, "required key is missing" if not present else "required, got null")
             return default, path, False
-        if v is None:
-            raise ConfigError(path, "must not be null")
-        return v, path, True
+        return v, path, True       # null where not allowed: the typed check says what was expected
 
     def int(self, key, lo, hi, default=_REQUIRED, nullable=False):
         v, path, given = self.get(key, default, nullable)
@@ -292,8 +290,8 @@ def check_decoder(raw: Dict) -> Dict[str, Any]:
             raise ConfigError(src.path("num_attention_heads"), f"expected a divisor of hidden_size ({hidden})", heads)
         head_dim = hidden // heads
         if head_dim % 2:
-            raise ConfigError(src.path("num_attention_heads"), f"hidden_size / num_attention_heads = {head_dim} "
-                              "must be even (rotary pairs)", heads)
+            raise ConfigError(src.path("num_attention_heads"), "expected hidden_size / num_attention_heads "
+                              f"(= {head_dim} here) to be even (rotary pairs)", heads)
     elif head_dim % 2:
         raise ConfigError(src.path("head_dim"), "expected an even integer (rotary pairs)", head_dim)
     eps = src.float("rms_norm_eps", 0.0, 1.0, default=1e-6)
@@ -311,10 +309,12 @@ def check_decoder(raw: Dict) -> Dict[str, Any]:
     for k in ("rope_type", "type"):
         if rope.get(k) is not None:
             _enum(rope[k], f"{rope_key}.{k}", ROPE_TYPES)   # yarn / linear / dynamic scaling is not implemented
-    present, theta, tpath = src.find("rope_theta")
-    if not present or theta is None:
-        theta, tpath = rope.get("rope_theta", 1_000_000.0), f"{rope_key}.rope_theta"
-    theta = _float(theta, tpath, 1e-30, 1e30) if theta is not None else 1_000_000.0
+    theta = 1_000_000.0
+    if rope.get("rope_theta") is not None:      # checked even when a top-level rope_theta takes precedence
+        theta = _float(rope["rope_theta"], f"{rope_key}.rope_theta", 1e-30, 1e30)
+    present, top_theta, tpath = src.find("rope_theta")
+    if present and top_theta is not None:
+        theta = _float(top_theta, tpath, 1e-30, 1e30)
     mrope: Tuple[int, ...] = ()
     if rope.get("mrope_section") is not None:
         mkey = f"{rope_key}.mrope_section"
@@ -378,8 +378,8 @@ def check_vision(raw: Dict) -> Dict[str, Any]:
         raise ConfigError(p + "num_heads", f"expected a divisor of hidden_size ({hidden})", heads)
     hd = hidden // heads
     if hd % 4 or hd > L["vit_head_dim"]:
-        raise ConfigError(p + "num_heads", f"hidden_size / num_heads = {hd} must be a multiple of 4 and at most "
-                          f"{L['vit_head_dim']} (2-D rotary halves)", heads)
+        raise ConfigError(p + "num_heads", f"expected hidden_size / num_heads (= {hd} here) to be a multiple of 4 "
+                          f"and at most {L['vit_head_dim']} (2-D rotary halves)", heads)
     inter = src.int("intermediate_size", 1, L["width"], default=3420)
     out = src.int("out_hidden_size", 1, L["width"], default=2048)
     chans = _alias(src, ("in_channels", "in_chans"), 1, L["channels"], 3)
@@ -415,7 +415,7 @@ def check_vision(raw: Dict) -> Dict[str, Any]:
 
 def _alias(src: _Src, keys: Sequence[str], lo: int, hi: int, default: int) -> int:
     """A value that config.json may spell two ways (both given: they must agree)."""
-    vals = [(k, src.int(k, lo, hi, default=None, nullable=True)) for k in keys]
+    vals = [(k, src.int(k, lo, hi, default=None)) for k in keys]
     given = [(k, x) for k, x in vals if x is not None]
     if len(given) == 2 and given[0][1] != given[1][1]:
         raise ConfigError(src.path(given[1][0]), f"expected the same value as {src.path(given[0][0])} "
@@ -500,8 +500,6 @@ def check_davit(raw: Dict, defaults: Dict[str, Any], known: Sequence[str],
                  ("patch_size", "patch_size"), ("patch_stride", "patch_stride"), ("patch_padding", "patch_padding"),
                  ("patch_prenorm", "patch_prenorm"), ("window_size", "window_size"), ("mlp_ratio", "mlp_ratio")):
         if k in v:
-            if v[k] is None:
-                raise ConfigError(p + k, "must not be null")
             c[f] = v[k]
     src = _Src((v, p))
     c["in_chans"] = _alias(src, ("in_channels", "in_chans"), 1, LIMITS["channels"], 3)

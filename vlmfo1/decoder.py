@@ -259,6 +259,7 @@ class LanguageModel:
         generation_config.json (e.g. repetition_penalty) are applied as transformers applies them (`generation`)."""
         path = os.fspath(path)
         raw = read_config(path)
+        check_decoder(raw)        # before the weights are opened
         return cls.from_checkpoint(Checkpoint(path), raw, mode=mode, compute=compute, dtype=dtype,
                                    n_threads=n_threads, max_context=max_context,
                                    generation_eos=read_generation_eos(path),
