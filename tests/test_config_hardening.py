@@ -11,7 +11,6 @@ No weights are needed except for the conftest checkpoints.
 """
 import copy
 import json
-import math
 import os
 import subprocess
 import sys
@@ -99,8 +98,8 @@ ROWS += [("decoder", "qwen2", "rms_norm_eps", v, "rms_norm_eps") for v in (0, 0.
 ROWS += [("decoder", "qwen2", "rope_theta", v, "rope_theta") for v in (0, -1.0, NAN, INF, -INF, 1e308, "1e6", True,
                                                                         [1e6], 1e-300)]
 ROWS += [("decoder", "fo1", "rope_scaling.rope_theta", v, "rope_theta") for v in (0, NAN)]
-ROWS += [("decoder", "qwen2", "rope_parameters", {"rope_type": "default", "rope_theta": v}, "rope_parameters.rope_theta")
-         for v in (0, -5, NAN, INF, "x")]
+ROWS += [("decoder", "qwen2", "rope_parameters", {"rope_type": "default", "rope_theta": v},
+          "rope_parameters.rope_theta") for v in (0, -5, NAN, INF, "x")]
 ROWS += [("decoder", "qwen2", "hidden_act", v, "hidden_act") for v in ("gelu", "relu", "", 1, None, ["silu"])]
 ROWS += [("decoder", "qwen2", "tie_word_embeddings", v, "tie_word_embeddings") for v in ("false", 0, 1, "true")]
 ROWS += [("decoder", "qwen2", "eos_token_id", v, "eos_token_id") for v in (64, -1, 10 ** 12, 1.5, "63", True, NAN,
@@ -137,12 +136,14 @@ for k in ("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_
           "spatial_patch_size", "temporal_patch_size", "spatial_merge_size", "window_size", "in_chans"):
     ROWS += _sizes("vision", "fo1", "vision_config." + k)
 ROWS += [("vision", "fo1", "vision_config.num_heads", v, "vision_config.num_heads") for v in (7, 3, 640, 1, 64.5)]
-ROWS += [("vision", "fo1", "vision_config.spatial_merge_size", v, "vision_config.spatial_merge_size") for v in (1, 3, 4)]
+ROWS += [("vision", "fo1", "vision_config.spatial_merge_size", v, "vision_config.spatial_merge_size")
+         for v in (1, 3, 4)]
 ROWS += [("vision", "fo1", "vision_config.window_size", v, "vision_config.window_size") for v in (100, 14, 27, 113)]
 ROWS += [("vision", "fo1", "vision_config.spatial_patch_size", 16, "vision_config.spatial_patch_size")]  # disagrees
 ROWS += [("vision", "fo1", "vision_config.fullatt_block_indexes", v, "vision_config.fullatt_block_indexes")
          for v in ([6], [1, 1], [-1], [1.5], ["1"], "1,3", 3, [True], [NAN], list(range(10)), None)]
-ROWS += [("vision", "fo1", "vision_config.depth", v, "vision_config.fullatt_block_indexes") for v in (4, 5)]  # [1,3,4,5]
+# the tiny tower's full-attention blocks are [1, 3, 4, 5]: a shallower depth leaves them dangling
+ROWS += [("vision", "fo1", "vision_config.depth", v, "vision_config.fullatt_block_indexes") for v in (4, 5)]
 ROWS += [("vision", "fo1", "vision_config.rope_parameters", v, "vision_config.rope_parameters") for v in (
     {"rope_theta": 0}, {"rope_theta": NAN}, {"rope_theta": -1}, {"rope_type": "yarn"}, "x")]
 ROWS += [("vision", "fo1", "vision_config.hidden_act", v, "vision_config.hidden_act") for v in ("quick_gelu", 3)]
@@ -190,6 +191,15 @@ ROWS += [("hfre", "fo1", "vision_config.patch_size", v, "vision_config.patch_siz
 ROWS += [("aux", "fo1", "aux_image_aspect_ratio", v, "aux_image_aspect_ratio") for v in (
     "stretch", "Dynamic", "", None, 5, ["dynamic"])]
 ROWS += [("aux", "fo1", "delay_load", v, "delay_load") for v in ("false", 0, None)]
+
+
+# FO1 keys read per request, checked by the whole-FO1 check (VLMFO1.from_pretrained)
+FO1_ONLY = [("tokenizer_model_max_length", v) for v in (0, -1, 1.5, "4096", True, NAN, INF, 1e308, [4096])]
+
+
+@pytest.mark.parametrize("key,value", FO1_ONLY, ids=[f"{k}={v!r}" for k, v in FO1_ONLY])
+def test_fo1_request_keys_refused(key, value):
+    _assert_refused(check_fo1, put(base("fo1"), key, value), key)
 
 
 def _ids(row):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -449,6 +448,7 @@ def check_davit_fields(c: Dict[str, Any], prefix: str = "", names: Optional[Dict
 
     def key(f):
         return prefix + names.get(f, f)
+
     for f in DAVIT_LIST_KEYS:
         lo, hi = {"depths": (0, L["davit_depth"]), "patch_padding": (0, L["davit_kernel"]),
                   "patch_size": (1, L["davit_kernel"]), "patch_stride": (1, L["davit_kernel"])}.get(f, (1, L["width"]))
@@ -583,3 +583,5 @@ def check_fo1(raw: Dict) -> None:
     DavitConfig.from_dict(raw)
     HFREConfig.from_dict(raw)
     check_aux_aspect_ratio(raw)
+    # read per request (the prompt length limit of ERRATA E7): null / absent = no limit
+    _Src((raw, "")).int("tokenizer_model_max_length", 1, LIMITS["positions"], default=None, nullable=True)
