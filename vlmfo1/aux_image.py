@@ -9,7 +9,9 @@ ERRATA E3/E4/E5):
   * `aux_image_aspect_ratio` = "dynamic": no resize (the image is used at its own size).
   * "dynamic_square": one Pillow resize to s x s, s from 384, 448, ..., 1024, 1280, 1536, 1792, 2048 minimising
     |s*s - W*H| (the first, i.e. smaller, candidate wins ties).
-  * anything else ("squash", "pad", ...): one Pillow resize to exactly 768 x 768, aspect ratio ignored.
+  * "squash" / "pad" (the official code treats every other string alike): one Pillow resize to exactly 768 x 768,
+    aspect ratio ignored. Other strings are refused (vlmfo1.config_check.AUX_ASPECT_RATIOS names the allowed ones)
+    instead of being squashed silently.
     `aux_image_size` has no effect in the reference (it only reaches an unused config field).
   Resizes are Pillow BICUBIC on the uint8 image (transformers' `resize` of a uint8 array). Then rescale
   `float32(float64(u8) * (1/255))` and normalize `(x - float32(mean)) / float32(std)` in float32 with the ImageNet
@@ -24,6 +26,7 @@ from typing import Any, Dict, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from .config_check import AUX_ASPECT_RATIOS, check_aux_aspect_ratio
 from .image import _as_rgb, _pil_resize, _resample_filter, normalize_lut
 
 __all__ = ["AuxImageProcessor", "aux_aspect_ratio_from_config", "aux_target_size", "boxes_to_aux",
@@ -40,17 +43,11 @@ def aux_aspect_ratio_from_config(raw_config: Dict) -> str:
 
     The builder passes `config.aux_image_aspect_ratio` (no default: a config without it fails there, KeyError here)
     to `load_model`, but only when the aux tower was built with delay_load (the default). A config with
-    `"delay_load": false` builds the tower eagerly with the class default "squash" and never reloads it."""
+    `"delay_load": false` builds the tower eagerly with the class default "squash" and never reloads it.
+    An unknown mode is a ConfigError (ValueError) naming the allowed ones (AUX_ASPECT_RATIOS)."""
     if not isinstance(raw_config, dict):
         raise TypeError("raw_config must be a dict (config.json)")
-    if raw_config.get("delay_load", True) is False:
-        return "squash"
-    if "aux_image_aspect_ratio" not in raw_config:
-        raise KeyError("config.json has no 'aux_image_aspect_ratio' (the official loader requires it)")
-    mode = raw_config["aux_image_aspect_ratio"]
-    if not isinstance(mode, str):
-        raise ValueError(f"aux_image_aspect_ratio must be a string, got {mode!r}")
-    return mode
+    return check_aux_aspect_ratio(raw_config)
 
 
 def aux_target_size(width: int, height: int, aspect_ratio: str, size: Tuple[int, int] = (AUX_SQUASH_SIZE,
@@ -77,8 +74,9 @@ class AuxImageProcessor:
                  resample: Any = Image.Resampling.BICUBIC, rescale_factor: float = 1 / 255,
                  image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD,
                  candidate_sizes: Sequence[int] = DYNAMIC_SQUARE_SIZES):
-        if not isinstance(aspect_ratio, str):
-            raise ValueError(f"aspect_ratio must be a string, got {aspect_ratio!r}")
+        if not isinstance(aspect_ratio, str) or aspect_ratio not in AUX_ASPECT_RATIOS:
+            raise ValueError(f"aspect_ratio must be one of {', '.join(map(repr, AUX_ASPECT_RATIOS))}, got "
+                             f"{aspect_ratio!r}")
         self.aspect_ratio = aspect_ratio
         self.size = (int(size[0]), int(size[1]))
         if min(self.size) <= 0:

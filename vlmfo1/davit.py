@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ._native import core
+from .config_check import check_davit, check_davit_fields, check_davit_name
 from .decoder import check_options, default_threads
 from .safetensors import Checkpoint, check_tensors, stored_kind, weight
 
@@ -74,63 +75,31 @@ class DavitConfig:
     name: str = "davit-large"
 
     def __post_init__(self):
-        for f in ("depths", "dims", "num_heads", "num_groups", "patch_size", "patch_stride", "patch_padding",
-                  "patch_prenorm"):
-            v = tuple(getattr(self, f))
-            if len(v) != 4:
-                raise ValueError(f"DaViT config: {f} must have 4 entries (one per stage), got {list(v)}")
-            setattr(self, f, tuple(bool(x) for x in v) if f == "patch_prenorm" else tuple(int(x) for x in v))
-        for s in range(4):
-            C, h, g = self.dims[s], self.num_heads[s], self.num_groups[s]
-            if C <= 0 or h <= 0 or g <= 0 or C % h or C % g:
-                raise ValueError(f"DaViT config: stage {s} dim {C} must be divisible by num_heads {h} and "
-                                 f"num_groups {g}")
-            if self.depths[s] < 0 or self.patch_size[s] <= 0 or self.patch_stride[s] <= 0 or self.patch_padding[s] < 0:
-                raise ValueError(f"DaViT config: invalid depth / patch geometry in stage {s}")
-        if self.patch_prenorm[0]:
-            raise ValueError("DaViT config: patch_prenorm[0] = True is not supported (the official ConvEmbed never "
-                             "applies a pre-norm to the image)")
-        if int(self.window_size) <= 0 or int(self.window_size) > 256:
-            raise ValueError(f"DaViT config: window_size must be in [1, 256], got {self.window_size}")
-        self.window_size = int(self.window_size)
+        # the same checks as config.json gets (vlmfo1.config_check), for configs built in code too
+        vals = check_davit_fields({f: getattr(self, f) for f in self.__dataclass_fields__ if f != "name"
+                                   and f != "eps"})
+        for f, v in vals.items():
+            setattr(self, f, v)
+        if not (isinstance(self.eps, (int, float)) and 0 < float(self.eps) < 1):
+            raise ValueError(f"DaViT config: eps must be in (0, 1), got {self.eps!r}")
 
     @classmethod
     def named(cls, name: str) -> "DavitConfig":
-        key = str(name).split("/")[-1].replace(".pth", "")
-        if key not in DAVIT_CONFIGS:
-            raise ValueError(f"unknown DaViT variant {name!r} (mm_vision_tower_aux); known: {sorted(DAVIT_CONFIGS)}")
+        key = check_davit_name(name, "mm_vision_tower_aux", tuple(DAVIT_CONFIGS))
         return cls(name=key, **DAVIT_CONFIGS[key])
 
     @classmethod
     def from_dict(cls, raw: Dict) -> "DavitConfig":
         """FO1 config.json (`mm_vision_tower_aux`), a Florence-2 config (`vision_config`), or a DaViT config dict
-        (official `dim_embed` or Florence-2 `embed_dim` naming)."""
+        (official `dim_embed` or Florence-2 `embed_dim` naming), checked by vlmfo1.config_check before anything is
+        allocated (ConfigError, a ValueError, names the key)."""
         if isinstance(raw, DavitConfig):
             return raw
         if not isinstance(raw, dict):
             raise ValueError("DaViT config must be a dict")
-        if raw.get("mm_vision_tower_aux"):
-            c = cls.named(raw["mm_vision_tower_aux"])
-            # random test checkpoints written by vlmfo1.fo1_checkpoint use shallower towers and say so here
-            if raw.get("vlmfo1_davit_depths") is not None:
-                depths = tuple(int(d) for d in raw["vlmfo1_davit_depths"])
-                c = cls(**{**{f: getattr(c, f) for f in c.__dataclass_fields__}, "depths": depths})
-            return c
-        v = raw.get("vision_config", raw)
-        if not isinstance(v, dict) or not ("dim_embed" in v or "embed_dim" in v):
-            raise ValueError("no DaViT configuration: expected `mm_vision_tower_aux` (VLM-FO1), a Florence-2 "
-                             "`vision_config`, or `dim_embed` / `embed_dim` keys")
         d = cls()
-        try:
-            return cls(depths=v.get("depths", d.depths), dims=v.get("dim_embed", v.get("embed_dim")),
-                       num_heads=v.get("num_heads", d.num_heads), num_groups=v.get("num_groups", d.num_groups),
-                       patch_size=v.get("patch_size", d.patch_size), patch_stride=v.get("patch_stride", d.patch_stride),
-                       patch_padding=v.get("patch_padding", d.patch_padding),
-                       patch_prenorm=v.get("patch_prenorm", d.patch_prenorm),
-                       window_size=v.get("window_size", d.window_size), mlp_ratio=float(v.get("mlp_ratio", 4.0)),
-                       in_chans=int(v.get("in_channels", v.get("in_chans", 3))), name=str(v.get("model_type", "davit")))
-        except TypeError as e:
-            raise ValueError(f"malformed DaViT config: {e}") from None
+        defaults = {f: getattr(d, f) for f in d.__dataclass_fields__}
+        return cls(**check_davit(raw, defaults, tuple(DAVIT_CONFIGS), DAVIT_CONFIGS))
 
     def stage_sizes(self, height: int, width: int) -> List[Tuple[int, int]]:
         """(H_s, W_s) of the four stage maps: floor((n + 2p - k) / stride) + 1 per stage."""

@@ -24,6 +24,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 import numpy as np
 
 from ._native import core
+from .config_check import check_decoder, read_config_file
 from .generation import GenerationSettings, check_repetition_penalty
 from .safetensors import Checkpoint, check_tensors, round_bf16, stored_kind, weight
 from .threads import default_threads  # noqa: F401  (re-exported: vision, davit, hfre import it from here)
@@ -54,36 +55,9 @@ class DecoderConfig:
 
     @classmethod
     def from_dict(cls, cfg: Dict) -> "DecoderConfig":
-        top = cfg
-        if isinstance(cfg.get("text_config"), dict):  # Qwen2.5-VL as saved by recent transformers
-            cfg = {**cfg, **cfg["text_config"]}
-        need = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"]
-        missing = [k for k in need if k not in cfg]
-        if missing:
-            raise ValueError(f"config.json lacks {', '.join(missing)}")
-        heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
-        if heads <= 0 or hidden <= 0:
-            raise ValueError(f"config.json: hidden_size {hidden} and num_attention_heads {heads} must be positive")
-        head_dim = int(cfg.get("head_dim") or hidden // heads)
-        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-        theta = cfg.get("rope_theta", rope.get("rope_theta", 1_000_000.0) if isinstance(rope, dict) else 1e6)
-        mrope = tuple(rope.get("mrope_section", ())) if isinstance(rope, dict) else ()
-        if mrope and len(mrope) != 3:
-            raise ValueError(f"config.json: mrope_section must have 3 entries (t, h, w), got {list(mrope)}")
-        eos = top.get("eos_token_id", cfg.get("eos_token_id"))
-        eos = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"unsupported hidden_act {act!r} (Qwen2 uses silu)")
-        return cls(
-            hidden_size=hidden, num_hidden_layers=int(cfg["num_hidden_layers"]), num_attention_heads=heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads", heads)),
-            intermediate_size=int(cfg["intermediate_size"]), vocab_size=int(cfg["vocab_size"]), head_dim=head_dim,
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), mrope_section=mrope,
-            tie_word_embeddings=bool(top.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)), eos_token_id=eos, hidden_act=act,
-        )
+        """The decoder part of config.json (top level, or `text_config` as recent transformers save Qwen2.5-VL),
+        checked by vlmfo1.config_check before anything is allocated (ConfigError, a ValueError, names the key)."""
+        return cls(**check_decoder(cfg))
 
 
 def rope_inv_freq(head_dim: int, theta: float, mode: str) -> np.ndarray:
@@ -285,6 +259,7 @@ class LanguageModel:
         generation_config.json (e.g. repetition_penalty) are applied as transformers applies them (`generation`)."""
         path = os.fspath(path)
         raw = read_config(path)
+        check_decoder(raw)        # before the weights are opened
         ckpt = Checkpoint(path)
         try:
             return cls.from_checkpoint(ckpt, raw, mode=mode, compute=compute, dtype=dtype,
@@ -361,17 +336,11 @@ def check_options(mode: str, dtype: Optional[str], compute: Optional[str]) -> No
 
 
 def read_config(path: str) -> Dict:
+    """config.json of a checkpoint folder as a dict (size and nesting bounded, see vlmfo1.config_check)."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found")
-    try:
-        with open(cfg_path) as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{cfg_path}: not a JSON object")
-    return raw
+    return read_config_file(cfg_path)
 
 
 def read_generation_eos(path: str) -> List[int]:

@@ -34,6 +34,7 @@ import numpy as np
 
 from .aux_image import AuxImageProcessor
 from .davit import DavitEncoder
+from .config_check import check_fo1
 from .decoder import LanguageModel, check_options, check_sampling, decode_stream, read_config, read_generation_eos
 from .fo1_prompt import (BRIEF_REGION_CAPTION_TEMPLATE, COUNT_TEMPLATE, DETAILED_REGION_CAPTION_TEMPLATE,
                          GROUNDING_TEMPLATE, IMAGE_INDEX, MAX_BOXES, OD_TEMPLATE, REC_TEMPLATE, REGION_INDEX,
@@ -159,6 +160,7 @@ class VLMFO1:
             raise FileNotFoundError(f"checkpoint folder not found: {path}" if not os.path.exists(path)
                                     else f"not a checkpoint folder (a file): {path}")
         raw = read_config(path)
+        check_fo1(raw)            # every part of config.json, before any tower is loaded
         ckpt = Checkpoint(path)
         try:
             threads = int(threads or default_threads())

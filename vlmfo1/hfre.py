@@ -41,6 +41,7 @@ import numpy as np
 
 from ._native import core
 from .aux_image import boxes_to_aux
+from .config_check import check_hfre
 from .decoder import check_options, default_threads
 from .safetensors import Checkpoint, weight
 
@@ -73,34 +74,9 @@ class HFREConfig:
 
     @classmethod
     def from_dict(cls, raw: Dict) -> "HFREConfig":
-        if "mm_region_hidden_size" not in raw:
-            raise KeyError("config.json has no mm_region_hidden_size (the region vector width; required)")
-        v = raw.get("vision_config") or {}
-        full = v.get("fullatt_block_indexes", (7, 15, 23, 31))
-
-        def flag(k, d):
-            x = raw.get(k, d)
-            if not isinstance(x, bool):
-                raise ValueError(f"config.json: {k} must be true/false, got {x!r}")
-            return x
-
-        def opt_int(k):
-            return None if raw.get(k) is None else int(raw[k])
-
-        return cls(roi_output_size=int(raw.get("mm_roi_output_size", 7)),
-                   region_hidden_size=int(raw["mm_region_hidden_size"]),
-                   apply_position_embedding=flag("mm_apply_position_embedding", True),
-                   pos_embedding_strategy=str(raw.get("mm_pos_embedding_strategy", "bbox_based")),
-                   use_vt_region_feature_only=flag("mm_use_vt_region_feature_only", False),
-                   use_vision_tower_region_feature=flag("mm_use_vision_tower_region_feature", False),
-                   region_feature_combination=str(raw.get("mm_region_feature_combination", "concat")),
-                   apply_region_layer_norm=flag("mm_apply_region_layer_norm", False),
-                   use_simple_fpn=flag("mm_use_simpleFPN_for_vt", False),
-                   projector_type=str(raw.get("mm_projector_type", "linear")),
-                   projector_aux_type=str(raw.get("mm_projector_aux_type", "linear")),
-                   mm_hidden_size=opt_int("mm_hidden_size"), hidden_size=opt_int("hidden_size"),
-                   patch_size=int(v.get("patch_size", v.get("spatial_patch_size", 14))),
-                   vt_hidden=int(v.get("hidden_size", 1280)), n_full=len(full))
+        """FO1's region-encoder keys of config.json, checked by vlmfo1.config_check (ConfigError, a ValueError,
+        names the key; a missing mm_region_hidden_size is also a KeyError)."""
+        return cls(**check_hfre(raw))
 
 
 def _projector_layers(ptype: str, which: str) -> int:

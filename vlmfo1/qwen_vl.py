@@ -15,6 +15,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .config_check import check_decoder, check_vision
 from .decoder import (LanguageModel, Session, check_options, check_sampling, decode_stream, default_threads,
                       read_config, read_generation_eos)
 from .generation import GenerationSettings, check_repetition_penalty
@@ -87,6 +88,8 @@ class QwenVL:
         check_options(mode, dtype, compute)
         path = os.fspath(path)
         raw = read_config(path)
+        check_decoder(raw)        # both parts of config.json, before either tower is loaded
+        check_vision(raw)
         ckpt = Checkpoint(path)
         try:
             n_threads = n_threads or default_threads()

@@ -15,6 +15,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from ._native import core
+from .config_check import check_vision
 from .decoder import check_options, default_threads, rope_inv_freq
 from .safetensors import Checkpoint, check_tensors, stored_kind, weight
 
@@ -39,25 +40,9 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, raw: Dict) -> "VisionConfig":
-        v = raw.get("vision_config", raw)
-        if not isinstance(v, dict):
-            raise ValueError("config.json: vision_config must be an object")
-        rope = v.get("rope_parameters") or {}
-        c = cls(depth=int(v.get("depth", 32)), hidden_size=int(v.get("hidden_size", 1280)),
-                num_heads=int(v.get("num_heads", 16)), intermediate_size=int(v.get("intermediate_size", 3420)),
-                out_hidden_size=int(v.get("out_hidden_size", 2048)),
-                in_channels=int(v.get("in_channels", v.get("in_chans", 3))),
-                patch_size=int(v.get("patch_size", v.get("spatial_patch_size", 14))),
-                temporal_patch_size=int(v.get("temporal_patch_size", 2)),
-                spatial_merge_size=int(v.get("spatial_merge_size", 2)), window_size=int(v.get("window_size", 112)),
-                fullatt_block_indexes=tuple(int(i) for i in v.get("fullatt_block_indexes", (7, 15, 23, 31))),
-                rope_theta=float(rope.get("rope_theta", 10000.0)) if isinstance(rope, dict) else 10000.0,
-                hidden_act=v.get("hidden_act", "silu"))
-        if c.hidden_act != "silu":
-            raise ValueError(f"unsupported vision hidden_act {c.hidden_act!r} (Qwen2.5-VL uses silu)")
-        if c.spatial_merge_size != 2:
-            raise ValueError("only spatial_merge_size 2 is supported")
-        return c
+        """`vision_config` of config.json (or the top level without one), checked by vlmfo1.config_check before
+        anything is allocated (ConfigError, a ValueError, names the key)."""
+        return cls(**check_vision(raw))
 
     @property
     def head_dim(self) -> int:
