@@ -217,7 +217,9 @@ def test_refused_through_the_model_loaders(tmp_path):
     """The clean errors reach LanguageModel.load / VLMFO1.from_pretrained unchanged."""
     d = tmp_path / "VLM-FO1_Qwen2.5-VL-3B-bad"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 8}))
+    (d / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 8, "num_hidden_layers": 1,
+                                               "num_attention_heads": 2, "intermediate_size": 16,
+                                               "vocab_size": 32}))   # valid: the config is checked first
     (d / "model.safetensors").write_bytes(blob({"a": entry(0, 8), "b": entry(6, 14)}, bytes(14)))
     with pytest.raises(ValueError, match="overlap"):
         vlmfo1.LanguageModel.load(str(d))
@@ -564,7 +566,8 @@ def test_no_leak_fo1(fo1_tiny_ckpt, tmp_path):
 def test_no_leak_qwen2(tmp_path):
     from vlmfo1.random_model import TINY, write_random_qwen2
     good = str(tmp_path / "good")
-    write_random_qwen2(good, config=dict(TINY, vocab_size=512), dtype="bfloat16", shard_bytes=60_000)
+    write_random_qwen2(good, config=dict(TINY, vocab_size=512, bos_token_id=510, eos_token_id=511), dtype="bfloat16",
+                       shard_bytes=60_000)
     assert os.path.exists(os.path.join(good, "model.safetensors.index.json"))
     bad = str(tmp_path / "bad")
     shutil.copytree(good, bad)
