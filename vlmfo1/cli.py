@@ -148,7 +148,23 @@ def main(argv=None) -> int:
         return 1
 
 
+def _check_sampling_args(args) -> None:
+    """The generation options, checked before any model is loaded (the model's own limits are checked after)."""
+    from .decoder import check_sampling
+    from .generation import check_repetition_penalty
+
+    check_sampling(0 if args.max_new_tokens is None else args.max_new_tokens, args.temperature, args.top_p,
+                   args.top_k, seed=args.seed)
+    if args.repetition_penalty is not None:
+        check_repetition_penalty(args.repetition_penalty)
+    if args.max_context is not None and args.max_context < 1:
+        raise ValueError(f"--max-context must be >= 1 (at most the checkpoint's max_position_embeddings), got "
+                         f"{args.max_context}")
+
+
 def _run(args) -> int:
+    if args.cmd in FO1_COMMANDS or args.cmd == "generate":
+        _check_sampling_args(args)
     if args.cmd in FO1_COMMANDS:
         return _fo1_task(args)
     if args.cmd == "generate":
