@@ -250,8 +250,9 @@ def decode_stream(lm: "LanguageModel", session: "Session", logits: np.ndarray, m
     transformers' `input_ids` holds it (what the penalty and the n-gram ban look at, besides the generated ids);
     None = no prompt ids (only the generated ones count). In reference mode the greedy logits are rounded to bf16
     before the processors (ERRATA E2, E8)."""
-    check_sampling(max_new_tokens, temperature, top_p, top_k, seed=seed, stop_ids=stop_ids, vocab_size=lm.vocab_size,
-                   max_new_tokens_limit=lm.max_positions)
+    check_sampling(max_new_tokens, temperature, top_p, top_k, seed=seed, stop_ids=stop_ids,
+                   vocab_size=getattr(lm, "vocab_size", None),   # (any object with the LanguageModel attributes)
+                   max_new_tokens_limit=getattr(lm, "max_positions", CONTEXT_CAP))
     gen = (lm.generation if generation is None else generation).with_overrides(repetition_penalty)
     stops = set(lm.stop_ids if stop_ids is None else stop_ids)
     rng = np.random.default_rng(seed)
