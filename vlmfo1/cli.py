@@ -16,11 +16,14 @@ import os
 import shutil
 import sys
 import tempfile
+import re
 import time
 
 from . import __version__
 
 # subcommand -> (task method, positional argument after IMAGE or None, uses --region)
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')   # strings (skipped) and brackets
+
 FO1_COMMANDS = {
     "detect": ("detect", "categories", False), "count": ("count", "category", False),
     "refer": ("refer", "expression", False), "ground": ("ground", None, False),
@@ -41,7 +44,9 @@ def _add_model_args(p, default_mode: str, default_max_context: int) -> None:
     p.add_argument("--compute", choices=["f32", "bf16"], help="activation precision with bf16 weights")
     p.add_argument("--threads", type=int, help="worker threads (default: OMP_NUM_THREADS, else the CPUs this "
                                                "process may use)")
-    p.add_argument("--max-context", type=int, default=default_max_context)
+    p.add_argument("--max-context", type=int, metavar="N",
+                   help=f"the longest prompt in positions, 1..the checkpoint's max_position_embeddings (default "
+                        f"{default_max_context}, or that limit when smaller)")
 
 
 def _add_sampling_args(p, max_new_default) -> None:
@@ -141,14 +146,30 @@ def main(argv=None) -> int:
         return int(e.code or 0)
     try:
         return _run(args)
-    except (OSError, ValueError, KeyError, TypeError, LookupError, NotImplementedError, FloatingPointError,
-            RuntimeError, RecursionError, ImportError) as e:  # one clear line
+    except (OSError, ValueError, KeyError, TypeError, LookupError, NotImplementedError, ArithmeticError,
+            RuntimeError, RecursionError, ImportError, MemoryError) as e:  # one clear line
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"vlmfo1 {args.cmd}: error: {msg}", file=sys.stderr)
         return 1
 
 
+def _check_sampling_args(args) -> None:
+    """The generation options, checked before any model is loaded (the model's own limits are checked after)."""
+    from .decoder import check_sampling
+    from .generation import check_repetition_penalty
+
+    check_sampling(0 if args.max_new_tokens is None else args.max_new_tokens, args.temperature, args.top_p,
+                   args.top_k, seed=args.seed)
+    if args.repetition_penalty is not None:
+        check_repetition_penalty(args.repetition_penalty)
+    if args.max_context is not None and args.max_context < 1:
+        raise ValueError(f"--max-context must be >= 1 (at most the checkpoint's max_position_embeddings), got "
+                         f"{args.max_context}")
+
+
 def _run(args) -> int:
+    if args.cmd in FO1_COMMANDS or args.cmd == "generate":
+        _check_sampling_args(args)
     if args.cmd in FO1_COMMANDS:
         return _fo1_task(args)
     if args.cmd == "generate":
@@ -162,6 +183,24 @@ def _run(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- FO1 tasks
 
+MAX_BOXES_NESTING = 8                 # {"boxes": [{"bbox": [...]}]} is 3 deep
+MAX_BOXES_FILE_BYTES = 256 * 2 ** 20
+
+
+def _json_depth(text: str) -> int:
+    """The deepest bracket nesting of a JSON text (brackets inside strings not counted), without parsing it."""
+    depth = best = 0
+    for m in _JSON_TOKENS.finditer(text):
+        c = m.group()
+        if c in "[{":
+            depth += 1
+            if depth > best:
+                best = depth
+        elif c in "]}":
+            depth -= 1
+    return best
+
+
 def read_boxes_file(path, box_format=None):
     """A boxes JSON file -> (boxes, box_format, scores). Layouts: a list of 4-number boxes; {"boxes": [...],
     "box_format": ..., "scores": [...]}; a list of COCO-style {"bbox": [x, y, w, h], "score": s} (xywh).
@@ -169,11 +208,25 @@ def read_boxes_file(path, box_format=None):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"boxes file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"boxes file is a folder: {path}")
+    size = os.path.getsize(path)
+    if size > MAX_BOXES_FILE_BYTES:
+        raise ValueError(f"{path}: {size} bytes is too big for a boxes file (at most {MAX_BOXES_FILE_BYTES})")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (not UTF-8: {e})") from None
+    depth = _json_depth(text)
+    if depth > MAX_BOXES_NESTING:
+        raise ValueError(f"{path}: JSON nested {depth} levels deep; a boxes file nests at most {MAX_BOXES_NESTING} "
+                         f"(e.g. {{\"boxes\": [[x1, y1, x2, y2], ...]}})")
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
     scores, fmt = None, None
     if isinstance(data, dict):
         if "boxes" not in data:

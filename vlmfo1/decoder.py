@@ -73,12 +73,101 @@ def _top(x: np.ndarray, m: int) -> np.ndarray:
     return idx[np.argsort(-x[idx], kind="stable")]
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
-    """The generation options every entry point accepts; called before any prefill or image work."""
-    if max_new_tokens < 0:
-        raise ValueError("max_new_tokens must be >= 0")
-    if temperature < 0 or not (0.0 < top_p <= 1.0) or top_k < 0:
-        raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+CONTEXT_CAP = 2 ** 20   # positions one request may ever use, whatever config.json's max_position_embeddings says
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def position_limit(config: "DecoderConfig") -> int:
+    """The most positions (prompt + new tokens) one request may use: the checkpoint's max_position_embeddings,
+    at most CONTEXT_CAP (2^20)."""
+    try:
+        n = int(config.max_position_embeddings)
+    except (TypeError, ValueError, OverflowError):
+        n = CONTEXT_CAP
+    return max(1, min(n, CONTEXT_CAP))
+
+
+def check_max_context(max_context, config: "DecoderConfig", default: int) -> int:
+    """The max_context load option: None -> `default` (at most the position limit), else an int in
+    [1, position_limit(config)]."""
+    limit = position_limit(config)
+    if max_context is None:
+        return min(int(default), limit)
+    if not _is_int(max_context):
+        raise TypeError(f"max_context must be an int in [1, {limit}], got {type(max_context).__name__} "
+                        f"{max_context!r}")
+    if not 1 <= max_context <= limit:
+        raise ValueError(f"max_context must be in [1, {limit}] (this checkpoint's max_position_embeddings, at most "
+                         f"2^20), got {max_context}")
+    return int(max_context)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, *, seed=None, stop_ids=None,
+                   vocab_size: Optional[int] = None, max_new_tokens_limit: int = CONTEXT_CAP) -> None:
+    """The generation options every entry point accepts; called before any prefill or image work. Each bad value
+    is a TypeError (wrong type) or ValueError (out of range) that names the option and its valid range."""
+    if not _is_int(max_new_tokens):
+        raise TypeError(f"max_new_tokens must be an int in [0, {max_new_tokens_limit}], got "
+                        f"{type(max_new_tokens).__name__} {max_new_tokens!r}")
+    if not 0 <= max_new_tokens <= max_new_tokens_limit:
+        raise ValueError(f"max_new_tokens must be in [0, {max_new_tokens_limit}] (the model's position limit), "
+                         f"got {max_new_tokens}")
+    for name, v in (("temperature", temperature), ("top_p", top_p)):
+        if not _is_real(v):
+            raise TypeError(f"{name} must be a number, got {type(v).__name__} {v!r}")
+        if not np.isfinite(float(v)):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not _is_int(top_k):
+        raise TypeError(f"top_k must be an int >= 0 (0 = no top-k), got {type(top_k).__name__} {top_k!r}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = no top-k), got {top_k}")
+    if seed is not None:
+        if not _is_int(seed):
+            raise TypeError(f"seed must be None or an int >= 0, got {type(seed).__name__} {seed!r}")
+        if seed < 0:
+            raise ValueError(f"seed must be None or an int >= 0, got {seed}")
+    if stop_ids is not None:
+        check_stop_ids(stop_ids, vocab_size)
+
+
+def check_stop_ids(stop_ids, vocab_size: Optional[int] = None) -> List[int]:
+    """stop_ids: a list (any iterable but a string) of token ids, each in [0, vocab_size)."""
+    if isinstance(stop_ids, (str, bytes, dict)) or _is_int(stop_ids) or not hasattr(stop_ids, "__iter__"):
+        raise TypeError(f"stop_ids must be a list of token ids (ints), got {type(stop_ids).__name__} {stop_ids!r}")
+    out = []
+    for t in stop_ids:
+        if not _is_int(t):
+            raise TypeError(f"stop_ids must hold token ids (ints), got {type(t).__name__} {t!r}")
+        if t < 0 or (vocab_size is not None and t >= vocab_size):
+            raise ValueError(f"stop id {t} is outside the vocabulary [0, {vocab_size})" if vocab_size is not None
+                             else f"stop id {t} is negative")
+        out.append(int(t))
+        if vocab_size is not None and len(out) > vocab_size:
+            raise ValueError(f"stop_ids holds more than {vocab_size} ids (the vocabulary size)")
+    return out
+
+
+def check_request_length(lm: "LanguageModel", n_prompt: int, max_new_tokens: int) -> None:
+    """A prompt of n_prompt positions must fit in the model's max_context, and prompt + max_new_tokens in its
+    position limit (max_position_embeddings, at most 2^20)."""
+    if n_prompt > lm.max_context:
+        raise ValueError(f"the prompt is {n_prompt} positions long, more than max_context {lm.max_context}: shorten "
+                         f"it, or load the model with a larger max_context (at most {lm.max_positions})")
+    if n_prompt + max_new_tokens > lm.max_positions:
+        raise ValueError(f"the prompt ({n_prompt} positions) + max_new_tokens ({max_new_tokens}) exceed the model's "
+                         f"{lm.max_positions} positions (max_position_embeddings): ask for at most "
+                         f"{lm.max_positions - n_prompt} new tokens")
 
 
 def _sample(logits: np.ndarray, temperature: float, top_p: float, top_k: int, rng: np.random.Generator,
@@ -135,7 +224,9 @@ def decode_stream(lm: "LanguageModel", session: "Session", logits: np.ndarray, m
     transformers' `input_ids` holds it (what the penalty and the n-gram ban look at, besides the generated ids);
     None = no prompt ids (only the generated ones count). In reference mode the greedy logits are rounded to bf16
     before the processors (ERRATA E2, E8)."""
-    check_sampling(max_new_tokens, temperature, top_p, top_k)
+    check_sampling(max_new_tokens, temperature, top_p, top_k, seed=seed, stop_ids=stop_ids,
+                   vocab_size=getattr(lm, "vocab_size", None),   # (any object with the LanguageModel attributes)
+                   max_new_tokens_limit=getattr(lm, "max_positions", CONTEXT_CAP))
     gen = (lm.generation if generation is None else generation).with_overrides(repetition_penalty)
     stops = set(lm.stop_ids if stop_ids is None else stop_ids)
     rng = np.random.default_rng(seed)
@@ -156,6 +247,27 @@ def decode_stream(lm: "LanguageModel", session: "Session", logits: np.ndarray, m
         if tok in stops or i == max_new_tokens - 1:
             return
         logits = session.step(tok)
+
+
+def check_ids(ids, vocab_size: int) -> np.ndarray:
+    """A prompt of token ids -> a 1-D int64 array: TypeError for a non-integer input, ValueError for an empty one
+    or an id outside [0, vocab_size)."""
+    if isinstance(ids, (str, bytes)):
+        raise TypeError("ids must be token ids (a list of ints), got a string: encode it with the tokenizer first")
+    try:
+        arr = np.asarray(ids)
+    except (ValueError, TypeError) as e:
+        raise TypeError(f"ids must be a 1-D list of token ids (ints): {e}") from None
+    if arr.ndim != 1:
+        raise ValueError(f"ids must be a 1-D sequence of token ids, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError("empty prompt: at least one token is needed")
+    if arr.dtype == object or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"token ids must be integers, got dtype {arr.dtype}")
+    if arr.min() < 0 or arr.max() >= vocab_size:
+        bad = arr[(arr < 0) | (arr >= vocab_size)][0]
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    return arr.astype(np.int64)
 
 
 class Session:
@@ -235,7 +347,8 @@ class LanguageModel:
         self.mode = mode
         self.compute = compute
         self.n_threads = n_threads
-        self.max_context = max_context
+        self.max_positions = position_limit(config)   # prompt + new tokens of one request, at most
+        self.max_context = check_max_context(max_context, config, 4096)   # the longest prompt; the default cache
         self._ckpt = checkpoint  # keeps the memory maps alive
         self._tensors = tensors
         self.stop_ids = sorted(set(config.eos_token_id) | set(generation_eos))
@@ -250,7 +363,7 @@ class LanguageModel:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: str, mode: str = "exact", compute: Optional[str] = None, dtype: Optional[str] = None,
-             n_threads: Optional[int] = None, max_context: int = 4096) -> "LanguageModel":
+             n_threads: Optional[int] = None, max_context: Optional[int] = None) -> "LanguageModel":
         """Load a checkpoint folder (config.json + model.safetensors or sharded safetensors).
 
         mode: "exact" or "reference" (see module doc). dtype: None keeps the stored dtype (F16 is
@@ -272,17 +385,20 @@ class LanguageModel:
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, raw_config: Dict, mode: str = "exact", compute: Optional[str] = None,
-                        dtype: Optional[str] = None, n_threads: Optional[int] = None, max_context: int = 4096,
+                        dtype: Optional[str] = None, n_threads: Optional[int] = None,
+                        max_context: Optional[int] = None,
                         generation_eos: Sequence[int] = (),
-                        generation: Optional[GenerationSettings] = None) -> "LanguageModel":
+                        generation: Optional[GenerationSettings] = None,
+                        default_context: int = 4096) -> "LanguageModel":
         check_options(mode, dtype, compute)
         config = DecoderConfig.from_dict(raw_config)
+        max_context = check_max_context(max_context, config, default_context)   # before any weight is read
         tensors, stored = _collect_tensors(ckpt, config, dtype)
         if compute is None:
             compute = "bf16" if stored == "bf16" else "f32"
         tensors["inv_freq"] = rope_inv_freq(config.head_dim, config.rope_theta, mode)
         n_threads = n_threads or default_threads()
-        return cls(config, tensors, mode, compute, int(n_threads), int(max_context), ckpt, generation_eos, generation)
+        return cls(config, tensors, mode, compute, int(n_threads), max_context, ckpt, generation_eos, generation)
 
     @property
     def vocab_size(self) -> int:
@@ -299,6 +415,12 @@ class LanguageModel:
         return total
 
     def session(self, max_context: Optional[int] = None, chunk: int = 512) -> Session:
+        """A new KV cache of max_context positions (default: the model's max_context; at most max_positions)."""
+        if max_context is not None and (not _is_int(max_context) or not 1 <= max_context <= self.max_positions):
+            raise ValueError(f"a session's max_context must be an int in [1, {self.max_positions}], got "
+                             f"{max_context!r}")
+        if not _is_int(chunk) or not 1 <= chunk <= CONTEXT_CAP:
+            raise ValueError(f"chunk must be an int in [1, {CONTEXT_CAP}], got {chunk!r}")
         return Session(self, max_context or self.max_context, self.n_threads, chunk)
 
     def embed(self, ids) -> np.ndarray:
@@ -312,13 +434,23 @@ class LanguageModel:
 
         repetition_penalty: None = the checkpoint's generation_config.json value (1.0 if absent); as in
         transformers it covers the prompt ids and the generated ids."""
-        check_sampling(max_new_tokens, temperature, top_p, top_k)
+        check_sampling(max_new_tokens, temperature, top_p, top_k, seed=seed, stop_ids=stop_ids,
+                       vocab_size=self.vocab_size, max_new_tokens_limit=self.max_positions)
         if repetition_penalty is not None:
             check_repetition_penalty(repetition_penalty)
-        s = session or self.session(max_context=max(self.max_context, len(ids) + max_new_tokens))
+        ids = check_ids(ids, self.vocab_size)
+        if session is not None:
+            if not isinstance(session, Session) or session.model is not self:
+                raise TypeError("session must be a Session of this model (model.session())")
+            if session.n_past + ids.size + max_new_tokens > session.max_context:
+                raise ValueError(f"the prompt ({ids.size} tokens) + max_new_tokens ({max_new_tokens}) do not fit in "
+                                 f"the session: {session.n_past} cached of its max_context {session.max_context}")
+        else:
+            check_request_length(self, ids.size, max_new_tokens)
+        s = session or self.session(max_context=max(self.max_context, ids.size + max_new_tokens))
         logits = s.prefill(ids)
         yield from decode_stream(self, s, logits, max_new_tokens, temperature, top_p, top_k, seed, stop_ids,
-                                 context_ids=[int(t) for t in np.asarray(ids).reshape(-1)],
+                                 context_ids=ids.tolist(),
                                  repetition_penalty=repetition_penalty)
 
     def generate(self, ids, max_new_tokens: int = 256, **kw) -> List[int]:

@@ -35,7 +35,8 @@ import numpy as np
 from .aux_image import AuxImageProcessor
 from .davit import DavitEncoder
 from .config_check import check_fo1
-from .decoder import LanguageModel, check_options, check_sampling, decode_stream, read_config, read_generation_eos
+from .decoder import (LanguageModel, check_options, check_request_length, check_sampling, decode_stream, read_config,
+                      read_generation_eos)
 from .fo1_prompt import (BRIEF_REGION_CAPTION_TEMPLATE, COUNT_TEMPLATE, DETAILED_REGION_CAPTION_TEMPLATE,
                          GROUNDING_TEMPLATE, IMAGE_INDEX, MAX_BOXES, OD_TEMPLATE, REC_TEMPLATE, REGION_INDEX,
                          REGION_OCR_TEMPLATE, REGION_REASONING_TEMPLATE, VISUAL_PROMPT_OD_TEMPLATE, check_boxes,
@@ -46,6 +47,7 @@ from .image import QwenImageProcessor, fo1_global_resize, load_image
 from .proposals import Proposals, as_boxes
 from .qwen_vl import splice_image
 from .results import COCO_CATEGORIES, FO1Result
+from .tokenizer import check_text
 from .safetensors import Checkpoint
 from .threads import default_threads
 from .vision import VisionTower
@@ -86,6 +88,8 @@ def _category_list(categories, what: str = "categories") -> List[str]:
             raise TypeError(f"{what} must be strings, got {type(bad[0]).__name__} {bad[0]!r}")
     else:
         raise TypeError(f"{what} must be a string or a list of strings, got {type(categories).__name__}")
+    for i, c in enumerate(names):
+        check_text(c, what if isinstance(categories, str) else f"{what}[{i}]")
     if any(not c.strip() for c in names):
         raise ValueError(f"{what}: empty name in {names!r}")
     return [c.strip() for c in names]
@@ -95,6 +99,7 @@ def _one_text(value, what: str) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{what} must be a string, got {type(value).__name__} {value!r}"
                         + (" (count takes one category; call it once per category)" if what == "category" else ""))
+    check_text(value, what)
     if not value.strip():
         raise ValueError(f"{what} is empty")
     return value
@@ -138,14 +143,16 @@ class VLMFO1:
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], dtype: Optional[str] = None,
                         threads: Optional[int] = None, mode: str = "reference", compute: Optional[str] = None,
-                        max_context: int = 8192, n_threads: Optional[int] = None) -> "VLMFO1":
+                        max_context: Optional[int] = None, n_threads: Optional[int] = None) -> "VLMFO1":
         """Load a VLM-FO1 checkpoint folder (the official layout: config.json, safetensors, tokenizer files).
 
         dtype: None keeps the stored weights (bf16 stays bf16, memory-mapped), "float32" / "bfloat16" convert.
         threads: worker threads (default: vlmfo1.threads.default_threads() — VLMFO1_NUM_THREADS or
         OMP_NUM_THREADS if set, else the CPUs this process may use). mode: "reference" (default) reproduces the
         official run's rounding (ERRATA E1/E2); "exact" is plain fp32 maths. compute: "bf16" / "f32" activations
-        with bf16 weights. n_threads: the older name of threads."""
+        with bf16 weights. n_threads: the older name of threads. max_context: the longest prompt (image and region
+        slots included) a request may have, an int in [1, max_position_embeddings (at most 2^20)]; default 8192 (or
+        the position limit when smaller). Prompt + max_new_tokens must fit in max_position_embeddings."""
         from .tokenizer import Tokenizer
 
         if threads is not None and n_threads is not None and threads != n_threads:
@@ -170,7 +177,7 @@ class VLMFO1:
                 raise KeyError("no VLM-FO1 region encoder in this checkpoint (no model.object_vp_extractor.* / "
                                "model.mm_projector_aux.* tensors)")
             generation = GenerationSettings.from_pretrained(path, kind="fo1")
-            decoder = LanguageModel.from_checkpoint(ckpt, raw, max_context=max_context,
+            decoder = LanguageModel.from_checkpoint(ckpt, raw, max_context=max_context, default_context=8192,
                                                     generation_eos=read_generation_eos(path), generation=generation,
                                                     **kw)
             vision = VisionTower.from_checkpoint(ckpt, raw, prefix=FO1_VISION_PREFIX, **kw)
@@ -186,7 +193,7 @@ class VLMFO1:
 
     @classmethod
     def load(cls, path, mode: str = "reference", compute: Optional[str] = None, dtype: Optional[str] = None,
-             n_threads: Optional[int] = None, max_context: int = 8192) -> "VLMFO1":
+             n_threads: Optional[int] = None, max_context: Optional[int] = None) -> "VLMFO1":
         """The older name of from_pretrained (same arguments, n_threads for threads)."""
         return cls.from_pretrained(path, dtype=dtype, threads=n_threads, mode=mode, compute=compute,
                                    max_context=max_context)
@@ -326,9 +333,12 @@ class VLMFO1:
         boxes used, prompt text)."""
         self._check_open()
         b = check_boxes(boxes, truncate=truncate_boxes)
-        if not isinstance(text, str):
-            raise TypeError(f"the prompt text must be a string, got {type(text).__name__}")
+        self._check_prompt_text(text)
         ids, prompt = prompt_ids(self.tokenizer, text, len(b))   # the text is checked before any image work
+        if len(ids) > self.decoder.max_context:   # the image placeholder is one id here, >= 1 position later
+            raise ValueError(f"the prompt is {len(ids)} tokens long before the image is added, more than max_context "
+                             f"{self.decoder.max_context}: shorten the text, or load the model with a larger "
+                             f"max_context (at most {self.decoder.max_positions})")
         if ids.count(IMAGE_INDEX) != 1:
             raise ValueError("the prompt must hold exactly one image")
         if self.image_token_id in ids:
@@ -341,6 +351,7 @@ class VLMFO1:
         image_tokens, (gh, gw), regions, _ = self.encode(image, b, trace=trace, timings=timings)
         full, emb, pos, delta = splice_image(self.decoder, ids, ids.index(IMAGE_INDEX), image_tokens, (gh, gw),
                                              self.image_token_id)
+        check_request_length(self.decoder, len(full), 0)
         limit = self.config.get("tokenizer_model_max_length")
         if limit and len(full) > int(limit):
             # the official model cuts the spliced embeddings (not the ids) at this length and then fails (ERRATA E7)
@@ -353,6 +364,7 @@ class VLMFO1:
     def _decode(self, ids, emb, pos, delta, max_new_tokens: int, sampling: dict,
                 timings: Dict[str, float]) -> Iterator[int]:
         dec = self.decoder
+        check_request_length(dec, len(ids), max_new_tokens)
         s = dec.session(max_context=max(dec.max_context, len(ids) + max_new_tokens))
         clock = time.perf_counter()
         logits = s.prefill_embeds(emb, pos)
@@ -372,7 +384,12 @@ class VLMFO1:
                    top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None, stop_ids=None,
                    truncate_boxes: bool = False, repetition_penalty: Optional[float] = None) -> Iterator[int]:
         """The new token ids of one request, one at a time (low level: boxes as [N, 4] xyxy pixels)."""
-        check_sampling(max_new_tokens, temperature, top_p, top_k)
+        self._check_open()
+        if stop_ids is not None and not isinstance(stop_ids, (str, bytes, dict)) and hasattr(stop_ids, "__iter__"):
+            stop_ids = list(stop_ids)
+        self._check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop_ids)
+        if repetition_penalty is not None:
+            check_repetition_penalty(repetition_penalty)
         ids, emb, pos, delta, _, _ = self.prepare(image, boxes, text, truncate_boxes)
         sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop_ids=stop_ids,
                         repetition_penalty=repetition_penalty)
@@ -391,12 +408,21 @@ class VLMFO1:
         """Everything a task call does; returns the FO1Result, or with stream=True an iterator of text pieces
         that ends with the FO1Result."""
         self._check_open()
-        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or
-                                           not isinstance(max_new_tokens, (int, np.integer))):
-            raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
-        check_sampling(0 if max_new_tokens is None else max_new_tokens, temperature, top_p, top_k)
+        if stop_ids is not None and not isinstance(stop_ids, (str, bytes, dict)) and hasattr(stop_ids, "__iter__"):
+            stop_ids = list(stop_ids)   # read once (a generator would be used up by the check)
+        self._check_sampling(0 if max_new_tokens is None else max_new_tokens, temperature, top_p, top_k, seed,
+                             stop_ids)
         if repetition_penalty is not None:
             check_repetition_penalty(repetition_penalty)
+        if not isinstance(truncate_boxes, (bool, np.bool_)):
+            raise TypeError(f"truncate_boxes must be True or False, got {truncate_boxes!r}")
+        # the text with the most region tags it can have: too long a text is refused before the image is read
+        try:
+            longest = make_text(MAX_BOXES)
+        except ValueError:   # a region index beyond every box: refused with the real box count below
+            longest = None
+        if longest is not None:
+            self._check_prompt_text(longest)
         timings: Dict[str, float] = {}
         clock = time.perf_counter()
         img = load_image(image)
@@ -410,10 +436,11 @@ class VLMFO1:
             raise ValueError(f"the prompt names <region{bad[0]}> but there are only {len(b)} boxes "
                              f"(valid: <region0>..<region{len(b) - 1}>)" if len(b) else
                              f"the prompt names <region{bad[0]}> but no boxes were given")
-        if max_new_tokens is None:
-            base, per_box, per_cat = MAX_NEW_TOKENS[task]
-            max_new_tokens = base + per_box * len(b) + per_cat * per_category
         ids, emb, pos, delta, _, _ = self.prepare(img, b, text, timings=timings)
+        if max_new_tokens is None:   # sized for the task, within the model's positions
+            base, per_box, per_cat = MAX_NEW_TOKENS[task]
+            max_new_tokens = min(base + per_box * len(b) + per_cat * per_category,
+                                 self.decoder.max_positions - len(ids))
         timings["preprocess"] += time.perf_counter() - clock - sum(timings.values())   # + loading and checks
         sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop_ids=stop_ids,
                         repetition_penalty=repetition_penalty)
@@ -446,6 +473,16 @@ class VLMFO1:
         for last in it:
             pass
         return last
+
+    def _check_sampling(self, max_new_tokens, temperature, top_p, top_k, seed, stop_ids) -> None:
+        check_sampling(max_new_tokens, temperature, top_p, top_k, seed=seed, stop_ids=stop_ids,
+                       vocab_size=self.decoder.vocab_size, max_new_tokens_limit=self.decoder.max_positions)
+
+    def _check_prompt_text(self, text) -> None:
+        """A str without lone surrogates that can fit in max_context (a lower bound on its token count, computed
+        without tokenizing, so a megabyte is refused at once)."""
+        check_text(text, "the prompt text")
+        self.tokenizer.check_length(text, self.decoder.max_context, "the prompt text")
 
     def _proposals(self, image, boxes, proposals, box_format, scores, image_id, size) -> Proposals:
         if proposals is not None:

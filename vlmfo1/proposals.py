@@ -34,7 +34,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Protocol, Union, runtime_checkable
 
@@ -58,6 +58,7 @@ __all__ = [
 
 BOX_FORMATS: tuple[str, ...] = ("xyxy", "xywh", "cxcywh", "xyxyn", "xywhn", "cxcywhn")
 _NORMALIZED = {"xyxyn", "xywhn", "cxcywhn"}
+MAX_PROPOSALS = 1_000_000   # boxes (or scores) one call accepts; more is refused before any conversion
 
 ImageLike = Any  # a path (str / os.PathLike), a PIL.Image.Image or an HxWxC array
 ImageSize = tuple[float, float]  # (width, height) in pixels
@@ -196,25 +197,48 @@ def _to_numeric_array(obj: Any, what: str, expected: str) -> np.ndarray:
     if _is_torch_tensor(obj):
         arr = obj.detach().cpu().float().numpy()  # bfloat16 / float16 / ints -> float32, no torch import
     else:
+        if isinstance(obj, Sized) and not isinstance(obj, np.ndarray) and len(obj) > MAX_PROPOSALS:
+            raise ValueError(f"{what} holds {len(obj)} entries; at most {MAX_PROPOSALS} are accepted")
         try:
             arr = np.asarray(obj)
         except ValueError as e:  # ragged nested lists
             raise ValueError(f"{what} must be {expected}; got a ragged sequence ({e})") from None
+        except OverflowError:   # a Python int beyond every NumPy integer and float64
+            raise ValueError(f"{what} must be {expected} of numbers within float64 range; got an integer too large "
+                             f"to convert") from None
+        except RecursionError:
+            raise ValueError(f"{what} must be {expected}; got a sequence nested too deeply") from None
     if arr.dtype == object or arr.dtype.kind in "USV":  # None, strings, ... inside the sequence
         bad = _first_non_number(obj)
+        if isinstance(bad, int) and not isinstance(bad, bool):
+            raise ValueError(f"{what} must be {expected} of numbers within float64 range; got an integer of "
+                             f"{bad.bit_length()} bits")
         if bad is not _NO_BAD_ELEMENT:
-            shown = repr(str(bad)) if isinstance(bad, str) else repr(bad)
+            shown = repr(str(bad)[:60]) if isinstance(bad, str) else _describe_value(bad)
             raise TypeError(f"{what} must be {expected} of numbers; got an element that is not a number: {shown}")
         try:
             arr = arr.astype(np.float64)
+        except OverflowError:
+            raise ValueError(f"{what} must be {expected} of numbers within float64 range; got an integer too large "
+                             f"to convert") from None
         except (TypeError, ValueError):
             raise TypeError(f"{what} must be {expected} of numbers; got dtype {arr.dtype}") from None
+    if arr.ndim >= 1 and arr.shape[0] > MAX_PROPOSALS:
+        raise ValueError(f"{what} holds {arr.shape[0]} entries; at most {MAX_PROPOSALS} are accepted")
     if arr.dtype.kind not in "iuf":  # bool, complex, datetime ...
         raise TypeError(f"{what} must be {expected} of numbers; got dtype {arr.dtype}")
     return arr.astype(np.float64)
 
 
 _NO_BAD_ELEMENT = object()
+
+
+def _describe_value(x: Any) -> str:
+    try:
+        r = repr(x)
+    except Exception:  # noqa: BLE001 - a repr that fails says nothing useful either
+        r = f"<{type(x).__name__}>"
+    return r if len(r) <= 80 else r[:77] + "..."
 
 
 def _first_non_number(obj: Any) -> Any:
@@ -228,7 +252,7 @@ def _first_non_number(obj: Any) -> Any:
                 return x
             try:
                 float(x)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 return x
         else:
             stack.extend(x)

@@ -16,11 +16,12 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .config_check import check_decoder, check_vision
-from .decoder import (LanguageModel, Session, check_options, check_sampling, decode_stream, default_threads,
-                      read_config, read_generation_eos)
+from .decoder import (LanguageModel, Session, check_options, check_request_length, check_sampling, decode_stream,
+                      default_threads, read_config, read_generation_eos)
 from .generation import GenerationSettings, check_repetition_penalty
 from .image import QwenImageProcessor, load_image
 from .safetensors import Checkpoint
+from .tokenizer import check_text
 from .vision import VisionTower
 
 IMAGE_PAD = "<|image_pad|>"
@@ -82,7 +83,9 @@ class QwenVL:
 
     @classmethod
     def load(cls, path: str, mode: str = "exact", compute: Optional[str] = None, dtype: Optional[str] = None,
-             n_threads: Optional[int] = None, max_context: int = 8192) -> "QwenVL":
+             n_threads: Optional[int] = None, max_context: Optional[int] = None) -> "QwenVL":
+        """max_context: the longest prompt (image tokens included), an int in [1, max_position_embeddings (at most
+        2^20)]; default 8192 (or the position limit when smaller)."""
         from .tokenizer import Tokenizer
 
         check_options(mode, dtype, compute)
@@ -94,7 +97,8 @@ class QwenVL:
         try:
             n_threads = n_threads or default_threads()
             dec = LanguageModel.from_checkpoint(ckpt, raw, mode=mode, compute=compute, dtype=dtype, n_threads=n_threads,
-                                                max_context=max_context, generation_eos=read_generation_eos(path),
+                                                max_context=max_context, default_context=8192,
+                                                generation_eos=read_generation_eos(path),
                                                 generation=GenerationSettings.from_pretrained(path, kind="qwen"))
             vis = VisionTower.from_checkpoint(ckpt, raw, mode=mode, compute=compute, dtype=dtype, n_threads=n_threads)
             tok = Tokenizer.from_pretrained(path)
@@ -121,11 +125,24 @@ class QwenVL:
 
     def prepare(self, image, text: str, system: Optional[str] = DEFAULT_SYSTEM, prompt: Optional[str] = None):
         """Token ids, input embeddings [L, hidden], M-RoPE positions [3, L] and the rope delta."""
-        tokens, (_, gh, gw) = self.encode_image(image)
-        ids = self.tokenizer.encode(prompt if prompt is not None else self.build_prompt(text, system))
+        if prompt is not None:
+            full_text = check_text(prompt, "prompt")
+        else:
+            check_text(text, "text")
+            if system is not None:
+                check_text(system, "system")
+            full_text = self.build_prompt(text, system)
+        limit = self.decoder.max_context
+        self.tokenizer.check_length(full_text, limit, "the prompt")   # at once, before tokenizing or image work
+        ids = self.tokenizer.encode(full_text)
+        if len(ids) > limit:
+            raise ValueError(f"the prompt is {len(ids)} tokens long before the image is added, more than max_context "
+                             f"{limit}: shorten it, or load the model with a larger max_context (at most "
+                             f"{self.decoder.max_positions})")
         pads = [i for i, t in enumerate(ids) if t == self.image_token_id]
         if len(pads) != 1:
             raise ValueError(f"the prompt must hold exactly one {IMAGE_PAD} placeholder, found {len(pads)}")
+        tokens, (_, gh, gw) = self.encode_image(image)
         return splice_image(self.decoder, ids, pads[0], tokens, (gh, gw), self.image_token_id)
 
     # ------------------------------------------------------------------ generation
@@ -135,13 +152,18 @@ class QwenVL:
                    repetition_penalty: Optional[float] = None) -> Iterator[int]:
         """repetition_penalty: None = generation_config.json's (as transformers); it covers the prompt ids (the
         image placeholder expanded to its <|image_pad|> run, as transformers' input_ids) and the generated ids."""
-        check_sampling(max_new_tokens, temperature, top_p, top_k)
+        dec = self.decoder
+        if stop_ids is not None and not isinstance(stop_ids, (str, bytes, dict)) and hasattr(stop_ids, "__iter__"):
+            stop_ids = list(stop_ids)
+        check_sampling(max_new_tokens, temperature, top_p, top_k, seed=seed, stop_ids=stop_ids,
+                       vocab_size=dec.vocab_size, max_new_tokens_limit=dec.max_positions)
         if repetition_penalty is not None:
             check_repetition_penalty(repetition_penalty)
         if session is not None and session.n_past:
             raise ValueError("the session must be empty (call reset())")
         ids, emb, pos, delta = self.prepare(image, text, system, prompt)
-        dec = self.decoder
+        if session is None:
+            check_request_length(dec, len(ids), max_new_tokens)
         s = session or dec.session(max_context=max(dec.max_context, len(ids) + max_new_tokens))
         if len(ids) + max_new_tokens > s.max_context:      # only a session passed in can be too small
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens exceed max_context {s.max_context}")

@@ -266,6 +266,25 @@ def _read_merges_txt(path: Path) -> List[Tuple[str, str]]:
 # Tokenizer
 
 
+_BYTE_CLASSES = (b"0123456789", b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", b" \t\n\r\x0b\x0c",
+                 bytes(range(0x80, 0x100)))   # digits, ASCII letters, whitespace, the bytes of non-ASCII characters
+
+
+def check_text(text, what: str = "the text") -> str:
+    """A str that is valid Unicode: TypeError for another type, ValueError naming the position of a lone
+    surrogate (e.g. from a bad decode with errors="surrogateescape"; it has no UTF-8 form)."""
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, got {type(text).__name__}")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{what} holds a lone surrogate {text[e.start]!r} (U+{ord(text[e.start]):04X}) at "
+                             f"position {e.start}: not valid Unicode (decode the input with errors='replace' or "
+                             f"fix its encoding)") from None
+    return text
+
+
 class Tokenizer:
     """Qwen2 byte-level BPE tokenizer (see module docstring).
 
@@ -355,6 +374,7 @@ class Tokenizer:
         self._id_to_added: Dict[int, AddedTokenSpec] = {s.id: s for s in specs}
         self._special_ids = frozenset(s.id for s in specs if s.special)
         self._id_bytes: Optional[Dict[int, bytes]] = None  # built lazily by decode
+        self._caps: Optional[Tuple[int, Tuple[int, ...]]] = None  # built lazily by min_tokens
 
     @classmethod
     def from_tiktoken(
@@ -630,9 +650,45 @@ class Tokenizer:
     # -- encode / decode ---------------------------------------------------------------------------------------
 
     def _prep(self, text: str) -> str:
-        if not isinstance(text, str):
-            raise TypeError(f"encode expects str, got {type(text).__name__}")
+        check_text(text, "the text")
         return unicodedata.normalize("NFC", text) if self.slow else text
+
+    def _class_caps(self) -> Tuple[int, Tuple[int, ...]]:
+        """(the most bytes one token covers, the most bytes of each of _BYTE_CLASSES one token covers), over the
+        base vocab and the added tokens: a text with B bytes of a class is at least B / cap tokens long."""
+        if self._caps is None:
+            longest, caps = 1, [0] * len(_BYTE_CLASSES)
+            for b in list(self._bytes_of().values()) + [s.content.encode("utf-8") for s in self._added.values()]:
+                longest = max(longest, len(b))
+                for k, cls in enumerate(_BYTE_CLASSES):
+                    n = len(b) - len(b.translate(None, cls))
+                    if n > caps[k]:
+                        caps[k] = n
+            self._caps = (longest, tuple(caps))
+        return self._caps
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text)), computed without tokenizing (linear, fast on megabytes): every token
+        covers at most as many bytes, and as many digits, letters, spaces, ... as the vocabulary's longest."""
+        check_text(text, "the text")
+        longest, caps = self._class_caps()
+        lows = []
+        for t in {text, unicodedata.normalize("NFC", text)}:   # what the BPE sees, with or without NFC
+            b = t.encode("utf-8")
+            low = -(-len(b) // longest)
+            for cls, cap in zip(_BYTE_CLASSES, caps):
+                if cap:
+                    low = max(low, -(-(len(b) - len(b.translate(None, cls))) // cap))
+            lows.append(low)
+        return min(lows)
+
+    def check_length(self, text: str, max_tokens: int, what: str = "the prompt") -> None:
+        """ValueError at once when `text` cannot fit in max_tokens tokens (by the min_tokens bound), before any
+        tokenizing; the exact count is the caller's check after encode."""
+        low = self.min_tokens(text)
+        if low > max_tokens:
+            raise ValueError(f"{what} is too long: {len(text)} characters are at least {low} tokens, more than the "
+                             f"{max_tokens} that fit (max_context)")
 
     def encode(self, text: str) -> List[int]:
         """Token ids of `text` (no BOS/EOS added; added tokens split out; NFC; Qwen2 BPE)."""
