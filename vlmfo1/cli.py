@@ -16,13 +16,12 @@ import os
 import shutil
 import sys
 import tempfile
-import re
 import time
 
 from . import __version__
+from .jsonsafe import nesting_depth
 
 # subcommand -> (task method, positional argument after IMAGE or None, uses --region)
-_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')   # strings (skipped) and brackets
 
 FO1_COMMANDS = {
     "detect": ("detect", "categories", False), "count": ("count", "category", False),
@@ -187,20 +186,6 @@ MAX_BOXES_NESTING = 8                 # {"boxes": [{"bbox": [...]}]} is 3 deep
 MAX_BOXES_FILE_BYTES = 256 * 2 ** 20
 
 
-def _json_depth(text: str) -> int:
-    """The deepest bracket nesting of a JSON text (brackets inside strings not counted), without parsing it."""
-    depth = best = 0
-    for m in _JSON_TOKENS.finditer(text):
-        c = m.group()
-        if c in "[{":
-            depth += 1
-            if depth > best:
-                best = depth
-        elif c in "]}":
-            depth -= 1
-    return best
-
-
 def read_boxes_file(path, box_format=None):
     """A boxes JSON file -> (boxes, box_format, scores). Layouts: a list of 4-number boxes; {"boxes": [...],
     "box_format": ..., "scores": [...]}; a list of COCO-style {"bbox": [x, y, w, h], "score": s} (xywh).
@@ -219,7 +204,7 @@ def read_boxes_file(path, box_format=None):
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not valid JSON (not UTF-8: {e})") from None
-    depth = _json_depth(text)
+    depth = nesting_depth(text)
     if depth > MAX_BOXES_NESTING:
         raise ValueError(f"{path}: JSON nested {depth} levels deep; a boxes file nests at most {MAX_BOXES_NESTING} "
                          f"(e.g. {{\"boxes\": [[x1, y1, x2, y2], ...]}})")

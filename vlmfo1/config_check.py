@@ -30,6 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .jsonsafe import nesting_depth
+
 __all__ = ["ConfigError", "ConfigKeyError", "parse_config_json", "read_config_file", "check_decoder", "check_vision",
            "check_davit", "check_hfre", "check_aux_aspect_ratio", "check_fo1", "LIMITS"]
 
@@ -118,7 +120,7 @@ def parse_config_json(data, file: str = FILE) -> Dict:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ConfigError("", f"not UTF-8 text ({e})", file=file) from None
-    depth = _nesting(text)
+    depth = nesting_depth(text)
     if depth > MAX_NESTING:
         raise ConfigError("", f"JSON nested {depth} levels deep (at most {MAX_NESTING} allowed)", file=file)
     try:
@@ -131,20 +133,6 @@ def parse_config_json(data, file: str = FILE) -> Dict:
         raise ConfigError("", "expected a JSON object at the top level", raw if not isinstance(raw, (list, dict))
                           else type(raw).__name__, file=file)
     return raw
-
-
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
-
-
-def _nesting(text: str) -> int:
-    """Maximum bracket depth outside strings (vectorised: no recursion, O(n))."""
-    if "[" not in text and "{" not in text:
-        return 0
-    b = np.frombuffer(_STRING.sub("", text).encode("utf-8", "surrogatepass"), dtype=np.uint8)
-    if b.size == 0:
-        return 0
-    d = ((b == 0x5B) | (b == 0x7B)).astype(np.int32) - ((b == 0x5D) | (b == 0x7D)).astype(np.int32)
-    return int(np.cumsum(d).max(initial=0))
 
 
 def read_config_file(path: str) -> Dict:

@@ -22,11 +22,12 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import re
 import struct
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
+
+from .jsonsafe import nesting_depth
 
 # safetensors dtype -> (numpy dtype used to hold the raw data, bytes per element)
 _DTYPES = {
@@ -97,22 +98,6 @@ def _kind(v) -> str:
     return "a list" if isinstance(v, list) else "an object" if isinstance(v, dict) else type(v).__name__
 
 
-# a JSON string, escapes included (unrolled loop: linear time, no backtracking)
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
-_OPEN = np.zeros(256, np.int8)
-_OPEN[[ord("["), ord("{")]] = 1
-_OPEN[[ord("]"), ord("}")]] = -1
-
-
-def _nesting_depth(raw: bytes) -> int:
-    """Deepest bracket nesting of a JSON text (brackets inside strings do not count), without parsing it."""
-    a = np.frombuffer(_JSON_STRING.sub(b'""', raw), np.uint8)
-    deepest, depth, chunk = 0, 0, 1 << 20
-    for i in range(0, a.size, chunk):
-        run = np.cumsum(_OPEN[a[i:i + chunk]], dtype=np.int64) + depth
-        if run.size:
-            deepest, depth = max(deepest, int(run.max())), int(run[-1])
-    return deepest
 
 
 def _load_json(raw: bytes, where: str, max_depth: int):
@@ -122,7 +107,7 @@ def _load_json(raw: bytes, where: str, max_depth: int):
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise SafetensorsError(f"{where} is not UTF-8 text ({e})") from None
-    depth = _nesting_depth(raw)
+    depth = nesting_depth(raw)
     if depth > max_depth:
         raise SafetensorsError(f"{where} nests JSON {depth} levels deep, more than the {max_depth} allowed "
                                f"(corrupt or hostile file)")
