@@ -34,11 +34,8 @@ def demo():
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from vlmfo1.fo1_checkpoint import write_random_fo1
-    p = tmp_path_factory.mktemp("wf") / "VLM-FO1_Qwen2.5-VL-3B-tiny"
-    write_random_fo1(str(p), size="tiny", tiktoken_path=str(TIKTOKEN))
-    return str(p)
+def ckpt(fo1_tiny_ckpt):
+    return fo1_tiny_ckpt             # the session's tiny checkpoint (conftest), written once
 
 
 @pytest.fixture(scope="module")
