@@ -293,16 +293,8 @@ class VLMFO1:
         t = trace if trace is not None else {}
         tm = timings if timings is not None else {}
         clock = time.perf_counter()
-        img = load_image(image)
-        b = check_boxes(boxes, truncate=truncate_boxes)
-        img, rx, ry = fo1_global_resize(img)
-        b_img = b * np.array([rx, ry, rx, ry], dtype=np.float64)
-        h_i, w_i = img.shape[:2]
-        pixel_values, grid_thw, _ = self.processor(img)
+        pixel_values, grid_thw, aux_px, boxes_a, boxes_q, b = self.preprocess(image, boxes, truncate_boxes)
         _, gh, gw = (int(v) for v in grid_thw)
-        if len(b):
-            aux_px, info = self.aux_processor(img)
-            boxes_a, boxes_q = map_boxes(b_img, (w_i, h_i), info["aux_size"], (14 * gw, 14 * gh))
         now = time.perf_counter()
         tm["preprocess"], clock = tm.get("preprocess", 0.0) + now - clock, now
 
@@ -326,6 +318,22 @@ class VLMFO1:
         t.update(aux_pixel_values=aux_px, davit_maps=aux_maps, boxes_aux=boxes_a, boxes_vt=boxes_q,
                  region_features=feats, region_tokens=regions)
         return image_tokens, (gh, gw), regions, b
+
+    def preprocess(self, image, boxes, truncate_boxes: bool = False):
+        """The front end of `encode` (no network runs): image + boxes -> (ViT pixel rows, grid (1, gh, gw), DaViT
+        pixels or None, boxes in DaViT input pixels, boxes in ViT input pixels, the checked boxes [N, 4])."""
+        img = load_image(image)
+        b = check_boxes(boxes, truncate=truncate_boxes)
+        img, rx, ry = fo1_global_resize(img)
+        b_img = b * np.array([rx, ry, rx, ry], dtype=np.float64)
+        h_i, w_i = img.shape[:2]
+        pixel_values, grid_thw, _ = self.processor(img)
+        _, gh, gw = (int(v) for v in grid_thw)
+        aux_px = boxes_a = boxes_q = None
+        if len(b):
+            aux_px, info = self.aux_processor(img)
+            boxes_a, boxes_q = map_boxes(b_img, (w_i, h_i), info["aux_size"], (14 * gw, 14 * gh))
+        return pixel_values, grid_thw, aux_px, boxes_a, boxes_q, b
 
     def prepare(self, image, boxes, text: str, truncate_boxes: bool = False, trace: Optional[dict] = None,
                 timings: Optional[Dict[str, float]] = None):
