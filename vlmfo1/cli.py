@@ -226,7 +226,27 @@ def read_boxes_file(path, box_format=None):
         fmt = fmt or "xywh"                                   # COCO-style dicts
     if box_format and fmt and box_format != fmt:
         raise ValueError(f"--box-format {box_format} contradicts the file's box format {fmt} ({path})")
-    return data, box_format or fmt or "xyxy", scores
+    fmt = box_format or fmt or "xyxy"
+    if _holds_bool(data) or _holds_bool(scores):
+        raise ValueError(f"{path}: boxes and scores must be numbers, not true/false")
+    import warnings
+
+    from .proposals import as_boxes
+    try:   # shape, numbers, format and score count, checked here so the error names the file (warnings come later)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            as_boxes(data, box_format=fmt, scores=scores, image_size=(1, 1) if fmt.endswith("n") else None)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{path}: {e}") from None
+    return data, fmt, scores
+
+
+def _holds_bool(v, depth: int = 0) -> bool:
+    if isinstance(v, bool):
+        return True
+    if isinstance(v, dict):
+        v = list(v.values())
+    return isinstance(v, list) and depth < MAX_BOXES_NESTING and any(_holds_bool(x, depth + 1) for x in v)
 
 
 def _fo1_task(args) -> int:

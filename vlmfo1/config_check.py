@@ -249,7 +249,7 @@ def _sub(raw: Dict, key: str, prefix: str = "") -> Optional[Dict]:
 def is_vl_config(raw: Dict) -> bool:
     """A Qwen2.5-VL / VLM-FO1 style config (its decoder needs M-RoPE)."""
     tc = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
-    types = {raw.get("model_type"), tc.get("model_type")}
+    types = [raw.get("model_type"), tc.get("model_type")]
     return (isinstance(raw.get("vision_config"), dict) or "mm_vision_tower" in raw
             or any(isinstance(t, str) and t in VL_MODEL_TYPES for t in types))
 

@@ -198,7 +198,7 @@ def _collect(ckpt: Checkpoint, c: DavitConfig, layout: str, p: str, dtype: Optio
         if mt and int(mt.group(1)) < 4:
             found[int(mt.group(1))] = max(found[int(mt.group(1))], int(mt.group(2)) + 1)
     if tuple(found) != tuple(c.depths):
-        raise ValueError(f"DaViT depths in the checkpoint {found} do not match the config {list(c.depths)}")
+        raise ValueError(f"DaViT depths in the checkpoint {found} do not match config.json's {list(c.depths)}")
 
     want: Dict[str, Tuple[str, Optional[tuple]]] = {}   # core name -> (checkpoint name, expected shape or None)
     mlp_hidden = []

@@ -494,7 +494,8 @@ def _collect_tensors(ckpt: Checkpoint, c: DecoderConfig, dtype: Optional[str]):
     """Map checkpoint names to the core's names, check presence and shapes, convert dtypes."""
     prefix = next((p for p in _PREFIXES if p + "embed_tokens.weight" in ckpt), None)
     if prefix is None:
-        raise KeyError("no decoder in this checkpoint: no '*embed_tokens.weight' tensor found (looked for "
+        raise KeyError(f"no decoder in checkpoint {getattr(ckpt, 'path', '')}: no '*embed_tokens.weight' tensor "
+                       f"found (looked for "
                        + ", ".join(p + "embed_tokens.weight" for p in _PREFIXES) + ")")
     H, Q, KV = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     I, V = c.intermediate_size, c.vocab_size

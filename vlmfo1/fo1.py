@@ -134,7 +134,8 @@ class VLMFO1:
         self.tokenizer, self.processor, self.aux_processor = tokenizer, processor, aux_processor
         self.config = raw_config
         self.path = path
-        self.image_token_id = int(raw_config.get("image_token_id", QWEN_IMAGE_TOKEN))
+        tok = raw_config.get("image_token_id")
+        self.image_token_id = QWEN_IMAGE_TOKEN if tok is None else int(tok)
         missing = [f"<region{i}>" for i in range(MAX_BOXES) if tokenizer.token_to_id(f"<region{i}>") is None]
         if missing:
             raise ValueError(f"the tokenizer lacks FO1's region tokens ({missing[0]} …): not a VLM-FO1 checkpoint?")

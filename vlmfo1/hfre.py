@@ -133,7 +133,7 @@ class _Tensors:
 
     def shape(self, name):
         if name not in self.ckpt:
-            raise KeyError(f"checkpoint is missing tensor '{name}'")
+            raise KeyError(f"checkpoint {getattr(self.ckpt, 'path', '')} is missing tensor '{name}'")
         return tuple(self.ckpt.info(name).shape)
 
     def get(self, name, shape=None, vector=False):
@@ -152,14 +152,14 @@ def _load_projector(T: _Tensors, prefix: str, n_layers: int, k_in: Optional[int]
     if n_layers == 0:
         extra = [k for k in T.ckpt.keys() if k.startswith(prefix)]
         if extra:
-            raise ValueError(f"projector type is identity but the checkpoint has {', '.join(sorted(extra)[:4])}")
+            raise ValueError(f"config.json's projector type is identity but the checkpoint has {', '.join(sorted(extra)[:4])}")
         return (k_in or 0), (k_in or 0)
     # 'linear' is a bare nn.Linear (weight, bias); mlp{k}x_gelu an nn.Sequential (0.*, 2.*, ...)
     if n_layers == -1 and not T.has(prefix + "weight") and T.has(prefix + "0.weight"):
-        raise ValueError(f"{prefix}*: the config's projector type is 'linear' but the checkpoint holds an MLP "
+        raise ValueError(f"{prefix}*: config.json's projector type is 'linear' but the checkpoint holds an MLP "
                          f"({prefix}0.weight)")
     if n_layers > 0 and not T.has(prefix + "0.weight") and T.has(prefix + "weight"):
-        raise ValueError(f"{prefix}*: the config's projector type is an MLP but the checkpoint holds a single "
+        raise ValueError(f"{prefix}*: config.json's projector type is an MLP but the checkpoint holds a single "
                          f"Linear ({prefix}weight)")
     keys = ["weight"] if n_layers == -1 else [f"{2 * i}.weight" for i in range(n_layers)]
     n_layers = abs(n_layers)
@@ -247,7 +247,7 @@ class HFRE:
             conv((fp + "simfp_3.0", fp + "simfp_3.1"), "fpn2", D)
             conv((fp + "simfp_4.1", fp + "simfp_4.2"), "fpn3", D)
         elif has_fpn:
-            raise ValueError(f"checkpoint has {fp}* tensors but mm_use_simpleFPN_for_vt is not set"
+            raise ValueError(f"checkpoint has {fp}* tensors but config.json does not set mm_use_simpleFPN_for_vt"
                              + ("" if flags["use_vt"] else " (or the vt branch is off)"))
         Da = sum(aux_dims) if flags["use_aux"] else 0
         Dv = (4 * F if flags["simple_fpn"] else c.n_full * D) if flags["use_vt"] else 0
@@ -265,7 +265,7 @@ class HFRE:
         if extra:
             raise ValueError("unexpected region-encoder tensors for this config.json: " + ", ".join(sorted(extra)[:6]))
         if Da + Dv != R:
-            raise ValueError(f"mm_region_hidden_size is {R} but the configured branches give {Da + Dv} "
+            raise ValueError(f"config.json: mm_region_hidden_size is {R} but the configured branches give {Da + Dv} "
                              f"(aux {Da} + vt {Dv})")
         if flags["pe"] and R % 8:
             raise ValueError(f"the bbox position embedding needs mm_region_hidden_size % 8 == 0, got {R}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import struct
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -100,6 +101,28 @@ def _kind(v) -> str:
 
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check_text(obj, where: str) -> None:
+    """Every key and string in a parsed JSON value is valid Unicode (no lone surrogate from a "\\udXXX" escape; the
+    safetensors library refuses those)."""
+    stack = [obj]
+    while stack:
+        v = stack.pop()
+        items = list(v.items()) if isinstance(v, dict) else [(None, x) for x in v] if isinstance(v, list) else []
+        for k, x in items:
+            for t in (k, x):
+                if isinstance(t, str):
+                    try:
+                        t.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise SafetensorsError(f"{where} holds a lone UTF-16 surrogate escape in {t[:40]!r}, which "
+                                               f"is not Unicode text") from None
+            if isinstance(x, (dict, list)):
+                stack.append(x)
+
+
 def _load_json(raw: bytes, where: str, max_depth: int):
     """Parse a JSON text safely: UTF-8, nesting at most max_depth (checked before parsing), no duplicate keys, no
     NaN/Infinity. Raises SafetensorsError starting with `where`."""
@@ -112,7 +135,10 @@ def _load_json(raw: bytes, where: str, max_depth: int):
         raise SafetensorsError(f"{where} nests JSON {depth} levels deep, more than the {max_depth} allowed "
                                f"(corrupt or hostile file)")
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        if _SURROGATE_ESCAPE.search(raw):   # "\ud800" escapes parse to strings that are not Unicode text
+            _check_text(obj, where)
+        return obj
     except _DuplicateKey as e:
         raise SafetensorsError(f"{where} has the key {e.key!r} twice") from None
     except RecursionError:
@@ -162,9 +188,10 @@ def _entry(path: str, name: str, e, data_len: int) -> Tuple[str, tuple, int, int
     elements = 1
     for s in shape:
         elements *= s or 1
-    if elements > _MAX_ELEMENTS:
-        raise SafetensorsError(f"{where}: shape {shape} has {elements} elements, more than any array can hold "
-                               f"(at most 2**63 - 1)")
+    if elements > _MAX_ELEMENTS:   # (zero dims are skipped: NumPy refuses such a shape even when it is empty)
+        what = (f"its other dimensions multiply to {elements}" if 0 in shape else f"it has {elements} elements")
+        raise SafetensorsError(f"{where}: shape {shape} is beyond what a NumPy array can hold: {what}, more than "
+                               f"2**63 - 1")
     elements = 0 if 0 in shape else elements
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int and o >= 0 for o in offsets):
         raise SafetensorsError(f"{where}: data_offsets is {json.dumps(offsets)[:80]}, expected [begin, end], two "
@@ -344,6 +371,7 @@ class Checkpoint:
 
     def __init__(self, path):
         path = os.fspath(path)
+        self.path = path
         self.files: Dict[str, SafetensorsFile] = {}
         self.index: Dict[str, TensorInfo] = {}
         if os.path.isfile(path):
@@ -442,7 +470,8 @@ def check_tensors(ckpt: "Checkpoint", want: Dict[str, Tuple[str, tuple]], what: 
     missing = [n for n, _ in want.values() if n not in ckpt]
     if missing:
         more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
-        raise KeyError(f"checkpoint is missing {what} tensors: " + ", ".join(missing[:10]) + more)
+        raise KeyError(f"checkpoint {getattr(ckpt, 'path', '')} is missing {what} tensors (does config.json match "
+                       f"the weights?): " + ", ".join(missing[:10]) + more)
     names = {n for n, _ in want.values()}
     unexpected = [k for k in ckpt.keys() if k not in names and is_own(k)]
     if unexpected:
