@@ -91,3 +91,58 @@ class OracleStandIn:
         text = self.answer(name, boxes)
         return parse_answer(text, np.asarray(boxes, dtype=np.float64).reshape(-1, 4), token_ids=[1] * len(text),
                             scores=scores, finish_reason="stop", task="detect_coco")
+
+
+# ---------------------------------------------------------------------------------------------- test data
+
+def write_proposals_jsonl(annotations, path, seed=0, max_boxes=100, per_gt=2, clutter=5):
+    """Proposals for every image of `annotations` in the official cocoVal2017_with_upn_score_0.3_0.8.jsonl layout
+    (test data, made up): per non-crowd ground-truth box `per_gt` jittered copies (some overlap it with IoU >= 0.5,
+    some do not), plus up to `clutter` random boxes; integer xyxy boxes, 2-decimal scores in [0.3, 1), sorted by
+    score descending, at most max_boxes. Boxes whose IoU with any ground truth is within 0.05 of 0.5 are left out,
+    so that "overlaps with IoU >= 0.5" means the same to every IoU implementation."""
+    from vlmfo1.fo1 import coco_detection_prompt
+
+    rng = np.random.default_rng(seed)
+    with open(annotations) as f:
+        ds = json.load(f)
+    gts = defaultdict(list)
+    for a in ds["annotations"]:
+        if not a.get("iscrowd"):
+            x, y, w, h = a["bbox"]
+            gts[a["image_id"]].append([x, y, x + w, y + h])
+    prompt = coco_detection_prompt()
+    with open(path, "w") as f:
+        for im in ds["images"]:
+            W, H = im["width"], im["height"]
+            gt = np.asarray(gts[im["id"]], dtype=np.float64).reshape(-1, 4)
+            cand = []
+            for x1, y1, x2, y2 in gt:
+                w, h = x2 - x1, y2 - y1
+                for _ in range(per_gt):
+                    d = rng.uniform(-0.3, 0.3, 4) * [w, h, w, h]
+                    cand.append([x1 + d[0], y1 + d[1], x2 + d[2], y2 + d[3]])
+            for _ in range(int(rng.integers(0, clutter + 1))):
+                x, y = rng.uniform(0, W - 20), rng.uniform(0, H - 20)
+                cand.append([x, y, x + rng.uniform(10, W - x), y + rng.uniform(10, H - y)])
+            boxes = []
+            for b in cand:
+                b = [int(np.clip(b[0], 0, W - 2)), int(np.clip(b[1], 0, H - 2)), int(np.clip(b[2], 0, W)),
+                     int(np.clip(b[3], 0, H))]
+                if b[2] <= b[0] + 1 or b[3] <= b[1] + 1:
+                    continue
+                if len(gt):
+                    iou = iou_xyxy([b], gt)[0]
+                    if np.any(np.abs(iou - 0.5) < 0.05):
+                        continue
+                    top = np.sort(iou)[::-1]
+                    if len(top) > 1 and top[1] >= 0.5 and top[0] - top[1] < 1e-3:
+                        continue
+                boxes.append(b)
+            scores = [round(float(s), 2) for s in rng.uniform(0.3, 0.9999, len(boxes))]
+            order = sorted(range(len(boxes)), key=lambda i: -scores[i])[:max_boxes]
+            f.write(json.dumps({"id": im["id"], "image": im["file_name"],
+                                "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": ""}],
+                                "bbox_list": [boxes[i] for i in order], "score_list": [scores[i] for i in order]})
+                    + "\n")
+    return path

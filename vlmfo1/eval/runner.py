@@ -69,7 +69,7 @@ class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C during a run: the records file is consistent; rerun the same command to resume."""
 
     def __init__(self, done: int, total: int, out_dir: str):
-        super().__init__(f"interrupted after {done} of {total} items; rerun the same command to resume "
+        super().__init__(f"interrupted with {done} of {total} items recorded; rerun the same command to resume "
                          f"({out_dir})")
         self.done, self.total, self.out_dir = done, total, out_dir
 
@@ -102,8 +102,9 @@ class ModelSpec:
         """What run.json records about the model (compared on resume)."""
         if self.kind == "path":
             return {"path": self.value, "fingerprint": _folder_fingerprint(self.value), "options": self.options}
-        if self.kind == "factory":
-            return {"factory": f"{getattr(self.value, '__module__', '?')}.{getattr(self.value, '__qualname__', repr(self.value))}"}
+        if self.kind == "factory":               # identified by its name only (not its arguments)
+            fn = getattr(self.value, "func", self.value)        # functools.partial
+            return {"factory": f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"}
         path = getattr(self.value, "path", None)
         ident: Dict[str, Any] = {"object": type(self.value).__name__}
         if isinstance(path, str) and os.path.isdir(path):
@@ -771,7 +772,7 @@ def run(evaluator: Evaluator, model, out_dir, *, workers: int = 1, threads: Opti
             if backend is not None:
                 backend.close()
                 backend = None
-            n_now = sum(1 for it in scope if done(it.key))
+            n_now = sum(1 for it in scope if it.key in entries)
             raise RunInterrupted(n_now, len(scope), out_dir) from None
         finally:
             if backend is not None:
