@@ -206,6 +206,15 @@ def test_loop_with_a_stand_in_model_equals_the_proposal_oracle(tiny_proposals, t
     assert pr["proposals"] == len(agnostic)
     assert abs(pr["AR@100"] - E.stats[8]) <= 1e-12 and abs(pr["AR@1"] - E.stats[6]) <= 1e-12
     assert abs(pr["recall@100_IoU0.50"] - E.eval["recall"][0, 0, 0, 2]) <= 1e-12
+    try:                                            # faster-coco-eval, when installed: the same numbers
+        import faster_coco_eval  # noqa: F401
+        records = {json.loads(x)["key"]: json.loads(x)["record"]
+                   for x in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()}
+        fast = CocoEvaluator(TINY_IMAGES, TINY_ANN, tiny_proposals, scorer="faster-coco-eval").score(records)
+        assert max(abs(x - y) for x, y in zip(fast["stats"], rep["stats"])) <= 1e-10
+        assert all(abs(fast["proposal_recall"][k] - v) <= 1e-10 for k, v in pr.items() if isinstance(v, float))
+    except ImportError:
+        pass
     # the official predictions file: the detections in COCO results format, scored by pycocotools as is
     exported = json.loads((tmp_path / "run" / "coco_results.json").read_text())
     assert len(exported) == len(dets)
