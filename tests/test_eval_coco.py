@@ -305,5 +305,15 @@ def test_proposals_for_unknown_and_missing_images(tiny_proposals, tmp_path):
         CocoEvaluator(TINY_IMAGES, TINY_ANN, other, oracle_proposals=True)
     with pytest.raises(ValueError, match="no proposals"):
         CocoEvaluator(TINY_IMAGES, TINY_ANN).items()
+    asked = [json.loads(x) for x in lines]
+    for r in asked:
+        r["conversations"][0]["value"] = "<image>\nPlease detect cat; dog in the image and return the object indexes."
+    other_q = tmp_path / "other_question.jsonl"
+    other_q.write_text("".join(json.dumps(r) + "\n" for r in asked))
+    with pytest.warns(RuntimeWarning, match=r"its records ask .*Please detect cat; dog.*not this evaluator's question"):
+        CocoEvaluator(TINY_IMAGES, TINY_ANN, other_q).items()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                   # the official question: no warning
+        CocoEvaluator(TINY_IMAGES, TINY_ANN, tiny_proposals).items()
     with pytest.raises(ValueError, match="unknown scorer"):
         CocoEvaluator(TINY_IMAGES, TINY_ANN, oracle_proposals=True, scorer="detectron")

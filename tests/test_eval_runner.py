@@ -310,6 +310,13 @@ def test_full_loop_tiny_checkpoint_kill_resume_and_workers(small_coco, fo1_tiny_
     assert preds[2]["error"].startswith("ImageDecodeError: ")
     assert rep["run"]["errors"] == 1 and rep["images"] == 3
 
+    from vlmfo1 import VLMFO1
+    with VLMFO1.from_pretrained(fo1_tiny_ckpt) as m:           # the same checkpoint, loaded: resumes (nothing to do)
+        again = run(CocoEvaluator(d["images"], d["ann"], d["props"], **common), m, a, limit=3, progress=False,
+                    summary=False)
+    assert again["run"]["ran_now"] == 1                        # only the failed image, tried again
+    assert lines(a / "predictions.jsonl") == preds
+
     b = tmp_path / "b"
     cmd = [sys.executable, "-m", "vlmfo1.cli", "eval", "coco", "--model", fo1_tiny_ckpt, "--images",
            str(d["images"]), "--annotations", str(d["ann"]), "--proposals", str(d["props"]), "--out", str(b),

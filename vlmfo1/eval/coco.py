@@ -221,7 +221,7 @@ def _quiet():
         log.setLevel(level)
 
 
-def _coco_gt(COCO, dataset: Mapping[str, Any], image_ids: Sequence[int]):
+def _coco_gt(COCO, dataset: Mapping[str, Any]):
     ds = {"images": [im for im in dataset["images"]], "annotations": list(dataset["annotations"]),
           "categories": list(dataset["categories"])}
     with _quiet():
@@ -375,6 +375,7 @@ class CocoEvaluator(Evaluator):
         from ..proposals import FO1EvalProposals, Proposals, ProposalsNotFoundError, as_boxes
 
         src = self._source()
+        self._check_question()
         by_name = isinstance(src, FO1EvalProposals)
         where = self.proposals if isinstance(self.proposals, str) else repr(src)
         missing: List[Dict[str, Any]] = []
@@ -407,6 +408,22 @@ class CocoEvaluator(Evaluator):
                               f"does not list (e.g. {extra[0]!r}): ignored", RuntimeWarning, stacklevel=3)
         self._props = out
         return out
+
+    def _check_question(self) -> None:
+        """The official jsonl carries the question it was made for: warn if it is not the prompt asked here."""
+        if not (isinstance(self.proposals, str) and self.proposals.endswith(".jsonl")):
+            return
+        with open(self.proposals, "r", encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+        try:
+            conv = json.loads(first).get("conversations")
+            q = conv[0]["value"] if isinstance(conv, list) and conv and isinstance(conv[0], dict) else None
+        except (ValueError, AttributeError, KeyError, TypeError):
+            return                                # the reader reports a malformed file
+        if isinstance(q, str) and q.replace("<image>", "").strip() != self.prompt:
+            warnings.warn(f"{self.proposals}: its records ask {q.strip()[:100]!r}..., not this evaluator's question "
+                          f"{self.prompt[:100]!r}... (built from the annotation file's categories)", RuntimeWarning,
+                          stacklevel=4)
 
     def items(self) -> List[Item]:
         if self._items is not None:
@@ -510,7 +527,7 @@ class CocoEvaluator(Evaluator):
         in_scope = set(scope)
         dets = self.detections(records, scope)
         scorer, COCO, COCOeval = _scorer_module(self.scorer)
-        gt = _coco_gt(COCO, ds, scope)
+        gt = _coco_gt(COCO, ds)
         answered = sum(1 for i in scope if str(i) in records)
         report: Dict[str, Any] = {
             "benchmark": "coco", "protocol": PROTOCOL, "scorer": scorer,

@@ -314,9 +314,14 @@ def _short(x: Any) -> str:
     return s if len(s) <= 80 else s[:77] + "..."
 
 
-def _comparable_model(ident: Mapping[str, Any]) -> Dict[str, Any]:
-    """The parts of a model identity that must match on resume (the folder path may move)."""
-    return {k: v for k, v in ident.items() if k != "path"}
+def _model_differences(now: Mapping[str, Any], before: Mapping[str, Any]) -> List[str]:
+    """A model identity must match on resume in what both identities know: the checkpoint fingerprint, the load
+    options, the factory's name (the folder path may move; a loaded model object does not know its load options)."""
+    out: List[str] = []
+    for k in ("fingerprint", "options", "factory"):
+        if now.get(k) is not None and before.get(k) is not None:
+            _differences(now[k], before[k], f"model.{k}", out)
+    return out
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
@@ -360,7 +365,7 @@ def _open_run(out_dir: str, meta: Dict[str, Any]) -> None:
         diffs.append(f"evaluator: {meta['evaluator']!r} now, {old.get('evaluator')!r} in the run folder")
     _differences(meta["settings"], old.get("settings"), "settings", diffs)
     if isinstance(old.get("model"), dict):
-        _differences(_comparable_model(meta["model"]), _comparable_model(old["model"]), "model", diffs)
+        diffs += _model_differences(meta["model"], old["model"])
     if diffs:
         more = f" (and {len(diffs) - 6} more)" if len(diffs) > 6 else ""
         raise ValueError(f"{out_dir} holds a run made with different settings: " + "; ".join(diffs[:6]) + more +
