@@ -4,7 +4,6 @@ sources, and bad inputs."""
 import functools
 import json
 import os
-import shutil
 import sys
 import warnings
 from collections import defaultdict

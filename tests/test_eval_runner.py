@@ -90,7 +90,9 @@ def test_a_run_records_every_item_once_and_a_failing_image_does_not_stop_it(data
     assert "record" not in bad and bad["error"].startswith("ImageDecodeError: cannot ")
     assert data["bad"] in bad["error"]
     assert all("record" in p for i, p in enumerate(preds) if i != 2)
-    assert all("seconds" in r for r in recs) and not any("seconds" in p for p in preds)
+    assert all("seconds" in r for r in recs) and not any("seconds" in p or "where" in p for p in preds)
+    where = next(r for r in recs if "error" in r)["where"]        # records.jsonl says where it was raised
+    assert "image.py:" in where and where.endswith(" in load_image"), where
     assert rep["run"]["errors"] == 1 and rep["run"]["records"] == 11 and rep["images"] == 12
     assert rep["images_missing"] == 1                            # the failed image counts as no detections
     assert json.loads((out / "report.json").read_text())["stats"] == rep["stats"]

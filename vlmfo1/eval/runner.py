@@ -12,7 +12,8 @@ The run folder (`out_dir`):
                      it (results do not depend on them).
   records.jsonl      append-only, one line per finished item, written by the parent process only and flushed +
                      fsync'd line by line: {"key": K, "record": {...}} or {"key": K, "error": "Type: message"},
-                     plus "warnings" (the item's Python warnings, when any) and "seconds". Lines of different items
+                     plus "warnings" (the item's Python warnings, when any), "seconds" and for errors "where" (the
+                     file and line that raised). Lines of different items
                      come in completion order (any order with several workers).
   predictions.jsonl  written when every item of the run has a line: one line per item in `items()` order, JSON with
                      sorted keys and no timings, so 1 worker, N workers (and Ray) give byte-identical files.
@@ -48,7 +49,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from collections import deque
@@ -168,8 +168,8 @@ def _one_line(text: str) -> str:
 
 
 def run_entry(evaluator: Evaluator, model, item: Item) -> Dict[str, Any]:
-    """Run one item: {"record": {...}} (checked to be plain JSON) or {"error": "Type: message"}, plus "warnings"
-    when the item raised Python warnings, and "seconds". Exceptions become error entries; KeyboardInterrupt and
+    """Run one item: {"record": {...}} (checked to be plain JSON) or {"error": "Type: message", "where":
+    "file:line in function"}, plus "warnings" when the item raised Python warnings, and "seconds". Exceptions become error entries; KeyboardInterrupt and
     SystemExit propagate."""
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -185,6 +185,12 @@ def run_entry(evaluator: Evaluator, model, item: Item) -> Dict[str, Any]:
             entry: Dict[str, Any] = {"record": rec}
         except Exception as e:  # noqa: BLE001 - every failure of one item becomes its error record
             entry = {"error": _one_line(f"{type(e).__name__}: {e}")}
+            tb = e.__traceback__
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            if tb is not None:                        # where it was raised (records.jsonl only, for debugging)
+                code = tb.tb_frame.f_code
+                entry["where"] = f"{code.co_filename}:{tb.tb_lineno} in {code.co_name}"
     if caught:
         msgs = list(dict.fromkeys(_one_line(f"{w.category.__name__}: {w.message}") for w in caught))
         entry["warnings"] = msgs[:MAX_WARNINGS]
