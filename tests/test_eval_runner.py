@@ -205,6 +205,8 @@ def test_argument_checks(data, tmp_path):
     with pytest.raises(ValueError, match="limit must be"):
         go(data, tmp_path / "r", limit=-1)
     assert not (tmp_path / "r").exists()                       # nothing written for a refused run
+    with pytest.raises(TypeError, match="picklable evaluator and model factory"):
+        go(data, tmp_path / "r", limit=1, workers=2, model=lambda threads=None: OracleStandIn(str(ANN)))
 
 
 # ---------------------------------------------------------------------------------------------- worker processes

@@ -468,10 +468,9 @@ def _worker_main(conn, evaluator: Evaluator, spec: ModelSpec, threads: Optional[
     try:
         model = load_model(spec, threads)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which stops the run
-        try:
+        with contextlib.suppress(Exception):
             conn.send(("failed", _one_line(f"{type(e).__name__}: {e}")))
-        finally:
-            return
+        return
     conn.send(("ready",))
     while True:
         try:
@@ -508,7 +507,13 @@ class _ProcessBackend(Backend):
         parent, child = self.ctx.Pipe(duplex=True)
         p = self.ctx.Process(target=_worker_main, args=(child, self.evaluator, self.spec, self.threads),
                              name=f"vlmfo1-eval-{w}", daemon=True)
-        p.start()
+        try:
+            p.start()
+        except Exception as e:  # noqa: BLE001 - e.g. a lambda or a local function cannot go to a process
+            parent.close()
+            child.close()
+            raise TypeError(f"worker processes need a picklable evaluator and model factory (defined at module "
+                            f"level): {type(e).__name__}: {e}") from None
         child.close()
         self.procs[w], self.conns[w], self.state[w] = p, parent, "starting"
 
