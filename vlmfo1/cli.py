@@ -4,6 +4,7 @@
     vlmfo1 count IMAGE person --model DIR --boxes boxes.json
     vlmfo1 refer IMAGE "the man in red" ... | ground IMAGE ... | reason IMAGE "question" ... | chat IMAGE "text"
     vlmfo1 caption IMAGE --region 3 [--detailed] ... | ocr IMAGE --region 3 ... | detect-like IMAGE --region 0 ...
+    vlmfo1 eval coco --model DIR --images DIR --annotations FILE --proposals FILE --out RUN_DIR [--workers N]
 
 Every error ends in one line `vlmfo1 CMD: error: ...` and exit status 1. Options that do not apply to a subcommand
 are rejected, not ignored.
@@ -46,6 +47,18 @@ def _add_model_args(p, default_mode: str, default_max_context: int) -> None:
     p.add_argument("--max-context", type=int, metavar="N",
                    help=f"the longest prompt in positions, 1..the checkpoint's max_position_embeddings (default "
                         f"{default_max_context}, or that limit when smaller)")
+
+
+def _add_eval_run_args(p) -> None:
+    """The runner's options, the same for every benchmark of `vlmfo1 eval`."""
+    _add_model_args(p, "reference", 8192)
+    p.add_argument("--out", required=True, metavar="RUN_DIR",
+                   help="the run folder (run.json, records.jsonl, predictions.jsonl, report.json); rerun to resume")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="worker processes, each with its own model (default 1); threads are split among them")
+    p.add_argument("--limit", type=int, metavar="K", help="only the first K items (scored on their own)")
+    p.add_argument("--ray", metavar="ADDRESS", help="run on a Ray cluster (address or 'auto'; not available yet)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_sampling_args(p, max_new_default) -> None:
@@ -123,6 +136,16 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--tiktoken", help="qwen.tiktoken to build the tokenizer files from (default: "
                                       "$VLMFO1_QWEN_TIKTOKEN, else ../shared/data/tokenizer/qwen.tiktoken)")
 
+    e = sub.add_parser("eval", help="run a benchmark (COCO, ...) end to end: resumable, with worker processes")
+    esub = e.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    from .eval.registry import EVALUATORS
+
+    for name, (cls, add_arguments) in EVALUATORS.items():
+        doc = (cls.__doc__ or name).strip().splitlines()[0]
+        p = esub.add_parser(name, help=doc, description=doc + " Rerunning the same command resumes the run.")
+        add_arguments(p)
+        _add_eval_run_args(p)
+
     d = sub.add_parser("demo", help="run the official quick-start example on a small random VLM-FO1 checkpoint")
     d.add_argument("--tiktoken", help="qwen.tiktoken (default: $VLMFO1_QWEN_TIKTOKEN, else "
                                       "../shared/data/tokenizer/qwen.tiktoken)")
@@ -143,12 +166,13 @@ def main(argv=None) -> int:
         args = ap.parse_args(argv)
     except SystemExit as e:          # --help / --version (0) or a usage error (1, one line already printed)
         return int(e.code or 0)
+    cmd = f"{args.cmd} {args.benchmark}" if args.cmd == "eval" else args.cmd
     try:
         return _run(args)
     except (OSError, ValueError, KeyError, TypeError, LookupError, NotImplementedError, ArithmeticError,
             RuntimeError, RecursionError, ImportError, MemoryError) as e:  # one clear line
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"vlmfo1 {args.cmd}: error: {msg}", file=sys.stderr)
+        print(f"vlmfo1 {cmd}: error: {msg}", file=sys.stderr)
         return 1
 
 
@@ -175,6 +199,8 @@ def _run(args) -> int:
         return _generate(args)
     if args.cmd == "random-checkpoint":
         return _random_checkpoint(args)
+    if args.cmd == "eval":
+        return _eval(args)
     if args.cmd == "demo":
         return _text_demo(args) if args.text else _fo1_demo(args)
     return 1
@@ -306,6 +332,38 @@ def _print_result(res) -> None:
     t = res.timings
     stages = ", ".join(f"{k} {v:.2f}" for k, v in t.items())
     print(f"[{len(res.token_ids)} tokens ({res.finish_reason}); {sum(t.values()):.2f} s: {stages}]", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------- benchmarks
+
+def _eval(args) -> int:
+    """vlmfo1 eval NAME: build the evaluator from the arguments and run it (resuming what --out holds)."""
+    import warnings
+
+    from .eval.registry import EVALUATORS
+    from .eval.runner import RunInterrupted, run
+
+    cmd = f"vlmfo1 eval {args.benchmark}"
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        print(f"{cmd}: warning: {message}", file=sys.stderr)
+
+    if args.max_context is not None and args.max_context < 1:
+        raise ValueError(f"--max-context must be >= 1, got {args.max_context}")
+    cls, _ = EVALUATORS[args.benchmark]
+    options = {"mode": args.mode, "dtype": args.dtype, "compute": args.compute, "max_context": args.max_context}
+    old = warnings.showwarning
+    warnings.showwarning = one_line
+    try:
+        evaluator = cls.from_args(args)
+        run(evaluator, args.model, args.out, workers=args.workers, threads=args.threads, limit=args.limit,
+            progress=not args.no_progress, ray=args.ray, model_options=options)
+    except RunInterrupted as e:
+        print(f"{cmd}: {e}", file=sys.stderr)
+        return 130
+    finally:
+        warnings.showwarning = old
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- Qwen text / VL

@@ -11,7 +11,7 @@ run resumable, the per-item error records, the progress bar, worker processes an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Sequence
 
 
 @dataclass(frozen=True)
@@ -51,3 +51,19 @@ class Evaluator:
         """JSON that identifies what this run asks and scores (input files with their sizes, prompts, options).
         The runner stores it with the run and refuses to resume a run made with different settings."""
         raise NotImplementedError
+
+    # ---- optional hooks with defaults (added with the runner; evaluators may override them)
+
+    def score_subset(self, records: Mapping[str, Dict[str, Any]], keys: Sequence[str]) -> Dict[str, Any]:
+        """The report over the items `keys` only: the runner calls this (with every key of `items()` when there is
+        no limit, the first K with `limit=K`). Items of `keys` without a record count as wrong / missing; items
+        outside `keys` are left out of the report. The default calls `score` with the records of `keys`, which is
+        right only when `keys` is every item (`score` counts over the whole benchmark): evaluators override it so
+        that a limited run is scored over its own items (CocoEvaluator restricts the ground truth to them)."""
+        wanted = set(keys)
+        return self.score({k: v for k, v in records.items() if k in wanted})
+
+    def export(self, records: Mapping[str, Dict[str, Any]], keys: Sequence[str], out_dir: str) -> List[str]:
+        """Write benchmark-specific files into the run folder after scoring (e.g. COCO's results JSON); return
+        their names. Default: nothing."""
+        return []
