@@ -159,6 +159,7 @@ class Expected:
     expression: str
     box: tuple          # xyxy, from the COCO bbox
     ref_id: int
+    ann_id: int
 
 
 def _refs_for_image(anns: List[dict], names: Dict[int, str]) -> List[tuple]:
@@ -222,7 +223,7 @@ def build(out_dir: str, coco_ann: str = COCO_ANN, images_dir: str = COCO_IMAGES)
             for s in sentences:
                 text = s["sent"].decode("utf-8") if isinstance(s["sent"], bytes) else str(s["sent"])
                 expected.append(Expected(f"sent{s['sent_id']}", split, im["file_name"], im["id"], text,
-                                         (x, y, x + w, y + h), ref_id))
+                                         (x, y, x + w, y + h), ref_id, ann["id"]))
             ref_id += 1
     folder = os.path.join(out_dir, "refcoco")
     os.makedirs(folder, exist_ok=True)
@@ -241,16 +242,12 @@ def write_mdetr(fix: Dict[str, Any], out_dir: str, split: str) -> str:
     """The MDETR conversion (scripts/fine-tuning/refexp_coco_format.py) of one split: finetune_refcoco_{split}.json,
     one image entry per expression with "caption" and "original_id", one annotation (the referent) each."""
     by_id = {a["id"]: a for a in fix["coco_annotations"]}
-    refs_by_id = {}
     images, annotations = [], []
     for e in fix["expected"]:
         if e.split != split:
             continue
-        refs_by_id.setdefault(e.ref_id, e)
         eid = len(images)
-        x1, y1, x2, y2 = e.box
-        ann = next(a for a in by_id.values() if a["image_id"] == e.image_id
-                   and tuple(a["bbox"]) == (x1, y1, x2 - x1, y2 - y1))
+        ann = by_id[e.ann_id]
         images.append({"file_name": e.file_name, "height": 0, "width": 0, "id": 1000 + eid, "original_id": e.image_id,
                        "caption": e.expression, "dataset_name": "refcoco", "tokens_negative": []})
         annotations.append({"area": ann["area"], "iscrowd": 0, "image_id": 1000 + eid, "category_id":
