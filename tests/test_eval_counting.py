@@ -257,3 +257,20 @@ def test_real_tiny_fo1_checkpoint(fo1_tiny_ckpt, tmp_path):
     report = ev.score(records)
     assert report["answered"] == 2
     shutil.rmtree(d)
+
+
+def test_evaluator_pickles_for_workers(tmp_path):
+    """A worker gets the evaluator by pickle, without the parsed file, and answers items the same."""
+    import pickle
+
+    with open(COUNTBENCH) as f:
+        data = json.load(f)[:4]
+    ev = CountBenchEvaluator(COUNTBENCH, images=images_dir(tmp_path, [r["image"] for r in data]), limit=4)
+    items = ev.items()
+    blob = pickle.dumps(ev)
+    assert len(blob) < 2000                       # the 487 records are not shipped
+    worker = pickle.loads(blob)
+    model = ScriptedCountingModel({r["image"]: f"{r['answer']} things" for r in data})
+    records = {it.key: worker.run_item(model, it) for it in items}
+    assert records == {it.key: ev.run_item(model, it) for it in items}
+    assert worker.score(records) == ev.score(records) and ev.score(records)["accuracy"] == 1.0

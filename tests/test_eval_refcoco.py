@@ -402,3 +402,18 @@ def test_real_tiny_fo1_checkpoint(fx, fo1_tiny_ckpt, tmp_path):
         assert all(0 <= i < rec["n_proposals"] for i in rec["picked"])
     report = ev.score(records)
     assert report["overall"]["answered"] == 2 and report["overall"]["proposal_recall"] == 1.0
+
+
+def test_evaluator_pickles_for_workers(fx):
+    """A worker gets the evaluator by pickle, without the parsed annotations, and answers items the same."""
+    import pickle
+
+    ev = RefCOCOEvaluator(fx["folder"], images=rf.COCO_IMAGES, proposals=fx["dets"], limit=20)
+    items = ev.items()
+    blob = pickle.dumps(ev)
+    worker = pickle.loads(blob)
+    assert worker._data is None and worker._items is None      # the proposal source travels as it is
+    model = ScriptedReferringModel(fx["expected"])
+    records = {it.key: worker.run_item(model, it) for it in items}
+    assert records == {it.key: ev.run_item(model, it) for it in items}
+    assert worker.score(records) == ev.score(records)

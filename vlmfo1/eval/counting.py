@@ -78,6 +78,12 @@ class CountingEvaluator(Evaluator):
         self._items: Optional[List[Item]] = None
         self._truth: Dict[str, int] = {}
 
+    def __getstate__(self) -> Dict[str, Any]:
+        """Pickled for worker processes without the parsed file (run_item needs only the item)."""
+        state = dict(self.__dict__)
+        state.update(_items=None, _truth={})
+        return state
+
     # ------------------------------------------------------------------ inputs
     def _read(self) -> List[Item]:
         data = read_json(self.path, f"{self.name} evaluation")
@@ -125,8 +131,8 @@ class CountingEvaluator(Evaluator):
         return list(self._items)
 
     def truth(self, key: str) -> int:
-        if not self._truth:
-            self.items()
+        """The true count of an item."""
+        self.items()                     # reads the file once (the truth comes with the items)
         return self._truth[key]
 
     # ------------------------------------------------------------------ one request

@@ -389,6 +389,13 @@ class RefCOCOEvaluator(Evaluator):
         self._items: Optional[List[Item]] = None
         self._splits: Optional[List[str]] = None
 
+    def __getstate__(self) -> Dict[str, Any]:
+        """Pickled for worker processes without the parsed annotations (run_item needs only the item and the
+        proposal source; a worker that asks for items() reads the files again, deterministically)."""
+        state = dict(self.__dict__)
+        state.update(_data=None, _items=None, _splits=None)
+        return state
+
     # ------------------------------------------------------------------ inputs
     def data(self) -> RefData:
         if self._data is None:
