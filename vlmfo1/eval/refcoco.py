@@ -361,8 +361,8 @@ class RefCOCOEvaluator(Evaluator):
         if oracle and proposals is not None:
             raise ValueError("give proposals= or oracle=True, not both")
         if not oracle and proposals is None:
-            raise ValueError("RefCOCO needs proposals: pass proposals= (a proposal source or file: the paper's protocol "
-                             "uses detector proposals) or oracle=True (the image's ground-truth boxes)")
+            raise ValueError("RefCOCO needs proposals: pass proposals= (a proposal source or file: the paper's "
+                             "protocol uses detector proposals) or oracle=True (the image's ground-truth boxes)")
         if not isinstance(iou_threshold, (int, float)) or isinstance(iou_threshold, bool) \
                 or not 0.0 < float(iou_threshold) <= 1.0:
             raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold!r}")
