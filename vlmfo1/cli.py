@@ -4,7 +4,8 @@
     vlmfo1 count IMAGE person --model DIR --boxes boxes.json
     vlmfo1 refer IMAGE "the man in red" ... | ground IMAGE ... | reason IMAGE "question" ... | chat IMAGE "text"
     vlmfo1 caption IMAGE --region 3 [--detailed] ... | ocr IMAGE --region 3 ... | detect-like IMAGE --region 0 ...
-    vlmfo1 eval coco --model DIR --images DIR --annotations FILE --proposals FILE --out RUN_DIR [--workers N]
+    vlmfo1 eval coco|refcoco|countbench|pixmocount --model DIR --images DIR --annotations FILE
+        [--proposals FILE | --oracle-proposals] --out RUN_DIR [--workers N] [--limit K] [--item-timeout SECONDS]
 
 Every error ends in one line `vlmfo1 CMD: error: ...` and exit status 1. Options that do not apply to a subcommand
 are rejected, not ignored.
@@ -57,6 +58,9 @@ def _add_eval_run_args(p) -> None:
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="worker processes, each with its own model (default 1); threads are split among them")
     p.add_argument("--limit", type=int, metavar="K", help="only the first K items (scored on their own)")
+    p.add_argument("--item-timeout", type=float, metavar="SECONDS",
+                   help="kill a worker that spends longer on one item and retry the item once, then record it as "
+                        "failed (WorkerTimeout); items then run in worker processes (default: no limit)")
     p.add_argument("--ray", metavar="ADDRESS", help="run on a Ray cluster (address or 'auto'; not available yet)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -136,7 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--tiktoken", help="qwen.tiktoken to build the tokenizer files from (default: "
                                       "$VLMFO1_QWEN_TIKTOKEN, else ../shared/data/tokenizer/qwen.tiktoken)")
 
-    e = sub.add_parser("eval", help="run a benchmark (COCO, ...) end to end: resumable, with worker processes")
+    e = sub.add_parser("eval", help="run a benchmark (COCO, RefCOCO, CountBench, PixmoCount) end to end: resumable, "
+                                    "with worker processes")
     esub = e.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     from .eval.registry import EVALUATORS
 
@@ -357,7 +362,7 @@ def _eval(args) -> int:
     try:
         evaluator = cls.from_args(args)
         run(evaluator, args.model, args.out, workers=args.workers, threads=args.threads, limit=args.limit,
-            progress=not args.no_progress, ray=args.ray, model_options=options)
+            progress=not args.no_progress, ray=args.ray, model_options=options, item_timeout=args.item_timeout)
     except RunInterrupted as e:
         print(f"{cmd}: {e}", file=sys.stderr)
         return 130

@@ -59,7 +59,8 @@ class Evaluator:
         no limit, the first K with `limit=K`). Items of `keys` without a record count as wrong / missing; items
         outside `keys` are left out of the report. The default calls `score` with the records of `keys`, which is
         right only when `keys` is every item (`score` counts over the whole benchmark): evaluators override it so
-        that a limited run is scored over its own items (CocoEvaluator restricts the ground truth to them)."""
+        that a limited run is scored over its own items (every evaluator of vlmfo1.eval does: CocoEvaluator restricts
+        the ground truth to them, RefCocoEvaluator and the counting evaluators count over them)."""
         wanted = set(keys)
         return self.score({k: v for k, v in records.items() if k in wanted})
 

@@ -44,7 +44,6 @@ error. The annotation's "area" is taken as given (COCOeval's area ranges); a mis
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import math
@@ -55,6 +54,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .base import Evaluator, Item
+from .sources import file_info, max_proposals_opt
 
 PROTOCOL = "VLM-FO1 COCO detection (official eval_coco.py; spec fo1_architecture.md 6.2)"
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -77,15 +77,6 @@ RESULTS_FILE = "coco_results.json"
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-
-def file_info(path: str) -> Dict[str, Any]:
-    """A file's name, size and sha256 (what run.json compares on resume; the folder it sits in may move)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return {"name": os.path.basename(path), "bytes": os.path.getsize(path), "sha256": h.hexdigest()}
-
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
@@ -292,15 +283,12 @@ class CocoEvaluator(Evaluator):
             raise ValueError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
         if max_new_tokens is not None and (not _is_int(max_new_tokens) or max_new_tokens < 1):
             raise ValueError(f"max_new_tokens must be a positive int or None, got {max_new_tokens!r}")
-        if not _is_int(max_proposals) or not 1 <= max_proposals <= 100:
-            raise ValueError(f"max_proposals must be an int in [1, 100] (FO1 takes at most 100 boxes), got "
-                             f"{max_proposals!r}")
         self.images = None if images is None else os.fspath(images)
         self.annotations = os.fspath(annotations)
         self.proposals = os.fspath(proposals) if isinstance(proposals, (str, os.PathLike)) else proposals
         self.oracle_proposals = bool(oracle_proposals)
         self.max_new_tokens = None if max_new_tokens is None else int(max_new_tokens)
-        self.max_proposals = int(max_proposals)
+        self.max_proposals = max_proposals_opt(max_proposals)
         self.scorer = scorer
         self.proposal_recall = bool(proposal_recall)
         self._ann: Optional[Dict[str, Any]] = None

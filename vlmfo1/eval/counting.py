@@ -1,9 +1,11 @@
 """CountBench and PixmoCount: how many objects VLM-FO1 counts among the UPN proposals of the official files, scored
 exactly as the official `evaluation/eval_countbench.py` (spec fo1_architecture.md §6.3).
 
-    from vlmfo1.eval.counting import CountBenchEvaluator, PixmoCountEvaluator
-    ev = CountBenchEvaluator("countbench_with_upn_score_0.3_0.8.json", images="countbench_images/")
-    ev = PixmoCountEvaluator("fo1_eval/", images="pixmo_images/")     # a folder holding the official file
+    from vlmfo1.eval import CountBenchEvaluator, PixmoCountEvaluator, run
+    ev = CountBenchEvaluator("countbench_images/", "fo1_eval/countbench_with_upn_score_0.3_0.8.json")
+    ev = PixmoCountEvaluator("pixmo_images/", "fo1_eval/")     # a folder holding the official file
+    run(ev, "/path/to/VLM-FO1_Qwen2.5-VL-3B-v01", "runs/pixmocount", workers=2)
+    vlmfo1 eval countbench --model DIR --images DIR --annotations countbench_with_upn_score_0.3_0.8.json --out RUN
 
 Data: the official files (`countbench_with_upn_score_0.3_0.8.json`, 487 items; `pixmoCount_with_upn_score_0.3_0.8.json`,
 529 items): a JSON list of {"question", "answer" (int), "image" (a file name: "image_K.jpg", "00000-K.jpg"),
@@ -13,12 +15,13 @@ is missing fails alone (FileNotFoundError from run_item, recorded by the runner)
 
 Request per item: the file's question verbatim (484 of the CountBench questions and all PixmoCount ones are the
 counting template with "in the image?"; three CountBench questions are free-form), the file's boxes (and scores) as
-the proposals (or `proposals=`, any proposal source), greedy. `max_new_tokens`: None gives 64 + 2 per box, as
+the proposals (or `proposals=`, any proposal source; at most `max_proposals`, default 100, the first ones), greedy. `max_new_tokens`: None gives 64 + 2 per box, as
 `model.count` sizes it (the official script passes 4096; an answer is a few dozen tokens).
 
 Scoring (§6.3, `count_from_answer`): remove every `<region\\d+>` from the answer, take the first match of
 `(?<!region)\\d+` as the count (none: 0), exact match with "answer". Accuracy = correct / items; an item without a
-record (failed or not run) counts as wrong. The confusion table has one row per true count in the file and one
+record (failed or not run) counts as wrong; a run limited to its first K items (`run(..., limit=K)`) is scored over
+those K (`score_subset`). The confusion table has one row per true count in the file and one
 column per predicted count 0..10, predictions above 10 in one column ">10" (the files' counts are 2..10, so every
 prediction above 10 is wrong the same way), and a column "none" for items without a record.
 """
@@ -27,12 +30,12 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from ..proposals import Proposals, _record_proposals
 from .base import Evaluator, Item
-from .sources import (check_coverage, describe_source, file_info, limit_opt, lookup, max_new_tokens_opt, open_source,
-                      read_json)
+from .sources import (check_coverage, describe_source, file_info, lookup, max_new_tokens_opt, max_proposals_opt,
+                      open_source, read_json)
 
 __all__ = ["count_from_answer", "CountingEvaluator", "CountBenchEvaluator", "PixmoCountEvaluator", "CONFUSION_MAX"]
 
@@ -51,17 +54,18 @@ def count_from_answer(text: str) -> int:
 class CountingEvaluator(Evaluator):
     """A counting benchmark in the official FO1 evaluation-file layout (see the module docstring).
 
+    images: the folder of the benchmark's images (file names as in the file; users bring them).
     annotations: the JSON file, or a folder that holds `default_file`.
-    images: the folder of the benchmark's images (file names as in the file).
     proposals: None uses the file's boxes and scores; a proposal source (or file) replaces them.
-    max_new_tokens: None -> 64 + 2 per box. truncate_boxes: keep the first 100 proposals. limit: the first items only.
+    max_new_tokens: None -> 64 + 2 per box; max_proposals: the first N proposals (default 100, FO1's limit).
+    A run of the first K items only is `run(..., limit=K)`, scored over those K (`score_subset`).
     """
 
     name = "counting"
     default_file: Optional[str] = None
 
-    def __init__(self, annotations, images, *, proposals: Any = None, max_new_tokens: Optional[int] = None,
-                 truncate_boxes: bool = False, limit: Optional[int] = None) -> None:
+    def __init__(self, images, annotations, proposals: Any = None, *, max_new_tokens: Optional[int] = None,
+                 max_proposals: int = 100) -> None:
         path = os.fspath(annotations)
         if os.path.isdir(path):
             if self.default_file is None:
@@ -69,12 +73,12 @@ class CountingEvaluator(Evaluator):
             path = os.path.join(path, self.default_file)
         self.path = path
         if images is None:
-            raise ValueError(f"{self.name}: pass images= (the folder of the benchmark's images; users bring them)")
+            raise ValueError(f"{self.name}: pass images= (--images: the folder of the benchmark's images; users bring "
+                             "them)")
         self.images = os.path.abspath(os.fspath(images))
         self.source = open_source(proposals)
         self.max_new_tokens = max_new_tokens_opt(max_new_tokens)
-        self.truncate_boxes = bool(truncate_boxes)
-        self.limit = limit_opt(limit)
+        self.max_proposals = max_proposals_opt(max_proposals)
         self._items: Optional[List[Item]] = None
         self._truth: Dict[str, int] = {}
 
@@ -122,9 +126,8 @@ class CountingEvaluator(Evaluator):
         if self._items is None:
             items = self._read()
             if not os.path.isdir(self.images):
-                raise FileNotFoundError(f"{self.name}: images folder not found: {self.images}")
-            if self.limit is not None:
-                items = items[:self.limit]
+                raise FileNotFoundError(f"images folder not found: {self.images}" if not os.path.exists(self.images)
+                                        else f"the images folder is a file: {self.images}")
             if self.source is not None:
                 check_coverage(self.source, ((it.image, None) for it in items), self.path)
             self._items = items
@@ -141,9 +144,7 @@ class CountingEvaluator(Evaluator):
             p = Proposals(item.task["boxes"], item.task["scores"])
         else:
             p = lookup(self.source, item.image, None)
-        if self.truncate_boxes and len(p) > 100:
-            p = p[:100]
-        return p
+        return p[:self.max_proposals] if len(p) > self.max_proposals else p
 
     def run_item(self, model, item: Item) -> Dict[str, Any]:
         if not os.path.isfile(item.image):
@@ -160,13 +161,23 @@ class CountingEvaluator(Evaluator):
 
     # ------------------------------------------------------------------ scoring
     def score(self, records: Mapping[str, Dict[str, Any]]) -> Dict[str, Any]:
-        items = self.items()
+        """The report over every item of the file (items without a record count as wrong)."""
+        return self.score_subset(records, [it.key for it in self.items()])
+
+    def score_subset(self, records: Mapping[str, Dict[str, Any]], keys: Sequence[str]) -> Dict[str, Any]:
+        """The report over the items `keys` only (a limited run); those without a record count as wrong."""
+        by_key = {it.key: it for it in self.items()}
+        scope = []
+        for k in dict.fromkeys(keys):
+            if k not in by_key:
+                raise ValueError(f"{k!r} is not an image of {self.path}")
+            scope.append(by_key[k])
         columns = [str(c) for c in range(CONFUSION_MAX + 1)] + [f">{CONFUSION_MAX}", "none"]
-        truths = sorted({self._truth[it.key] for it in items})
+        truths = sorted({self._truth[it.key] for it in scope})
         table = {t: [0] * len(columns) for t in truths}
         per = {t: [0, 0] for t in truths}                  # true count -> [items, correct]
         correct = answered = no_number = 0
-        for it in items:
+        for it in scope:
             t = self._truth[it.key]
             rec = records.get(it.key)
             per[t][0] += 1
@@ -182,17 +193,21 @@ class CountingEvaluator(Evaluator):
             if pred == t:
                 correct += 1
                 per[t][1] += 1
-        n = len(items)
-        return {"benchmark": self.name, "metric": "accuracy", "items": n, "answered": answered,
-                "missing": n - answered, "correct": correct, "accuracy": correct / n if n else 0.0,
-                "no_number": no_number,
-                "per_count": {str(t): {"items": c[0], "correct": c[1], "accuracy": c[1] / c[0] if c[0] else 0.0}
+        n = len(scope)
+        return {"benchmark": self.name, "metric": "accuracy", "items": n, "of_items": len(by_key),
+                "answered": answered, "missing": n - answered, "correct": correct,
+                "accuracy": correct / n if n else None, "no_number": no_number,
+                "per_count": {str(t): {"items": c[0], "correct": c[1], "accuracy": c[1] / c[0] if c[0] else None}
                               for t, c in per.items()},
                 "confusion": {"rows": "true count", "columns": columns, "counts": {str(t): table[t] for t in truths}}}
 
     def summary(self, report: Mapping[str, Any]) -> str:
-        lines = [f"{report['benchmark']}: accuracy {100 * report['accuracy']:.2f}% ({report['correct']}/"
-                 f"{report['items']}; {report['answered']} answered, {report['missing']} without a record, "
+        acc = report["accuracy"]
+        limited = report.get("of_items", report["items"]) > report["items"]
+        lines = [f"{report['benchmark']}: accuracy " + ("-" if acc is None else f"{100 * acc:.2f}%")
+                 + f" ({report['correct']}/{report['items']}"
+                 + (f", the first {report['items']} of {report['of_items']} items" if limited else "")
+                 + f"; {report['answered']} answered, {report['missing']} without a record, "
                  f"{report['no_number']} answers without a number counted as 0)",
                  "", "true \\ predicted"]
         cols = report["confusion"]["columns"]
@@ -205,20 +220,42 @@ class CountingEvaluator(Evaluator):
         return "\n".join(lines)
 
     def settings(self) -> Dict[str, Any]:
-        return {"benchmark": self.name, "annotations": file_info(self.path), "images": self.images,
+        return {"benchmark": self.name, "annotations": file_info(self.path),
                 "prompt": "the question of each record, verbatim",
                 "proposals": ({"kind": "the file's bboxes and scores"} if self.source is None
                               else describe_source(self.source)),
                 "max_new_tokens": self.max_new_tokens if self.max_new_tokens is not None else "64 + 2 per box",
-                "truncate_boxes": self.truncate_boxes, "limit": self.limit,
+                "max_proposals": self.max_proposals,
                 "scoring": "strip <region\\d+>, first (?<!region)\\d+ else 0, exact match"}
+
+    # ------------------------------------------------------------------ the command line (vlmfo1 eval countbench)
+    @classmethod
+    def add_arguments(cls, p) -> None:
+        p.add_argument("--images", required=True, metavar="DIR",
+                       help="the folder of the benchmark's images (the file names of the annotation file)")
+        p.add_argument("--annotations", required=True, metavar="FILE",
+                       help=f"the official {cls.default_file} (or the folder holding it)")
+        p.add_argument("--proposals", metavar="FILE",
+                       help="proposals of the images instead of the annotation file's own UPN boxes (any proposal file "
+                            "keyed by the image file name)")
+        p.add_argument("--max-new-tokens", type=int, metavar="N",
+                       help="answer length cap (default: sized by the task, 64 + 2 per proposal)")
+        p.add_argument("--max-proposals", type=int, default=100, metavar="N",
+                       help="proposals per image, the first N (default 100, FO1's limit)")
+
+    @classmethod
+    def from_args(cls, args) -> "CountingEvaluator":
+        return cls(args.images, args.annotations, args.proposals, max_new_tokens=args.max_new_tokens,
+                   max_proposals=args.max_proposals)
 
 
 class CountBenchEvaluator(CountingEvaluator):
+    """CountBench accuracy of VLM-FO1 counting among the official file's UPN proposals (spec 6.3)."""
     name = "countbench"
     default_file = "countbench_with_upn_score_0.3_0.8.json"
 
 
 class PixmoCountEvaluator(CountingEvaluator):
+    """PixmoCount accuracy of VLM-FO1 counting among the official file's UPN proposals (spec 6.3)."""
     name = "pixmocount"
     default_file = "pixmoCount_with_upn_score_0.3_0.8.json"

@@ -1,15 +1,18 @@
 """RefCOCO / RefCOCO+ / RefCOCOg referring expression comprehension: Acc@0.5 per split, with VLM-FO1 picking one of
 the proposals for each expression.
 
-    from vlmfo1.eval.refcoco import RefCOCOEvaluator
-    ev = RefCOCOEvaluator("data/refcoco", images="coco/train2014", proposals="my_detections.json")
-    ev = RefCOCOEvaluator("data/refcocog", split_by="umd", images=..., oracle=True)   # GT boxes as proposals
+    from vlmfo1.eval import RefCocoEvaluator, run
+    ev = RefCocoEvaluator("coco/train2014", "data/refcoco", "my_detections.json")
+    ev = RefCocoEvaluator("coco/train2014", "data", dataset="refcocog", split_by="umd", oracle_proposals=True)
+    run(ev, "/path/to/VLM-FO1_Qwen2.5-VL-3B-v01", "runs/refcocog-umd", workers=2)
+    vlmfo1 eval refcoco --model DIR --images train2014 --annotations data --dataset refcoco+ --proposals FILE --out RUN
 
 Annotation forms read (`annotations=`; a list of files is read as one benchmark):
 
 1. The refer toolkit layout users download (lichengunc/refer): a folder `refcoco/` (or `refcoco+/`, `refcocog/`)
    holding `refs(unc).p` (refcocog: `refs(umd).p` and/or `refs(google).p`; pick with `split_by=`) and
-   `instances.json`; or the path of the `refs(...).p` file itself (instances.json next to it, or `instances=`). The
+   `instances.json`; or the refer data root holding those folders, with `dataset=` naming one; or the path of the
+   `refs(...).p` file itself (instances.json next to it, or `instances=`). The
    pickle is a Python 2 protocol-2 list of refs {"ref_id", "ann_id", "image_id", "split", "sentences": [{"sent",
    "sent_id", ...}], ...}; it is read by `vlmfo1.eval.safe_pickle` (plain data only, never code). The referent's box
    is its COCO annotation's bbox in instances.json.
@@ -23,6 +26,9 @@ Annotation forms read (`annotations=`; a list of files is read as one benchmark)
    (the Qwen-VL files' layout) unless `box_format=` says otherwise ("xywh" for COCO-style boxes). The split is the
    record's "split", else the file name's `_val` / `_testA` / ... suffix, else `split=`, else the file stem.
 
+Dataset: `dataset=` ("refcoco", "refcoco+", "refcocog") picks the folder of a refer data root and names the benchmark
+in the report; a refer folder with one of those names must be the one named (a mislabelled report is refused).
+
 Splits: `splits=` names the splits to report (default: every split present except train, in the order val, testA,
 testB, testC, test). Membership follows the refer toolkit's getRefIds: "testA" means every ref whose split
 contains "A" (testA, testAB), "test" every ref whose split contains "test" (so refcoco's "test" is testA + testB),
@@ -31,10 +37,11 @@ expression once.
 
 Proposals: `proposals=` (a proposal source from vlmfo1.proposals, or a proposal file path: the COCO .jsonl layout,
 COCO detection results, ...; looked up by the COCO image id, else by file name) — the protocol of the VLM-FO1 paper
-uses detector proposals — or `oracle=True`: the image's ground-truth boxes (its non-crowd COCO annotations in file
+uses detector proposals — or `oracle_proposals=True`: the image's ground-truth boxes (its non-crowd COCO annotations in file
 order, the referent always included) from instances.json (forms 2 and 3 need `instances=`, a COCO annotation file
 such as instances_train2014.json). A proposal file must have an entry for every image (checked before any model
-work).
+work). At most `max_proposals` (default 100, FO1's limit) per expression: the source's first ones (a COCO results
+file is sorted by score).
 
 Prompt: the REC template ("Please detect {expression} in this image. Answer the question with object indexes.",
 `model.refer`), greedy.
@@ -49,6 +56,8 @@ Scoring (decided here; the official repository has no RefCOCO evaluator):
     intersection and union for every overlap wider and taller than 1 pixel; it differs only for boxes that overlap
     by 1 pixel or less, which never reach IoU 0.5 unless a box is about 2 pixels wide;
   * Acc@0.5 = correct / expressions of the split; expressions without a record (failed or not run) count as wrong;
+    a run limited to its first K expressions (`run(..., limit=K)`) is scored over those K (`score_subset`), a split
+    with none of them has no accuracy (None);
   * the proposal-recall ceiling: the fraction of expressions for which some proposal the model was shown has
     IoU >= 0.5 with the referent (no answer can do better); computed from the records (expressions without a
     record count as not covered).
@@ -67,12 +76,13 @@ from ..fo1_prompt import REC_TEMPLATE
 from ..proposals import BoxFormatWarning, Proposals, _int_id, as_boxes
 from .base import Evaluator, Item
 from .safe_pickle import load_plain
-from .sources import (box_iou, check_coverage, describe_source, file_info, limit_opt, lookup, max_new_tokens_opt,
-                      open_source, read_json, read_jsonl, xywh_to_xyxy)
+from .sources import (box_iou, check_coverage, describe_source, file_info, lookup, max_new_tokens_opt,
+                      max_proposals_opt, open_source, read_json, read_jsonl, xywh_to_xyxy)
 
-__all__ = ["RefCOCOEvaluator", "read_refs", "in_split", "SPLIT_ORDER"]
+__all__ = ["RefCocoEvaluator", "read_refs", "in_split", "SPLIT_ORDER", "DATASETS"]
 
 SPLIT_ORDER = ("val", "testA", "testB", "testC", "test")
+DATASETS = ("refcoco", "refcoco+", "refcocog")      # the refer toolkit's folder names
 _TEXT_KEYS = ("sent", "expression", "sentence", "caption", "text")
 _IMAGE_KEYS = ("image", "file_name", "image_path", "img_path")
 _SPLIT_SUFFIX = re.compile(r"_(train|val|testA|testB|testC|testAB|testBC|testAC|test)$")
@@ -160,16 +170,23 @@ def _refs_files(folder: str) -> Dict[str, str]:
     return out
 
 
-def _read_refer(path: str, split_by: Optional[str], instances: Optional[str]) -> RefData:
+def _read_refer(path: str, split_by: Optional[str], instances: Optional[str],
+                dataset: Optional[str] = None) -> RefData:
     if os.path.isdir(path):
         found = _refs_files(path)
         if not found:
+            roots = [d for d in DATASETS if os.path.isdir(os.path.join(path, d))]
+            if dataset is not None and dataset in roots:
+                return _read_refer(os.path.join(path, dataset), split_by, instances, dataset)
+            if roots:
+                raise ValueError(f"{path}: a refer data root (it holds {', '.join(r + '/' for r in roots)}): choose "
+                                 f"one with dataset= (--dataset)" + (f"; it has no {dataset}/" if dataset else ""))
             raise ValueError(f"{path}: no refs(<split_by>).p file in this folder (the refer toolkit layout: "
                              f"refcoco/refs(unc).p + refcoco/instances.json)")
         if split_by is None:
             if len(found) > 1:
                 raise ValueError(f"{path}: holds {', '.join(os.path.basename(f) for f in found.values())}: choose "
-                                 f"one with split_by= ({' or '.join(repr(k) for k in found)})")
+                                 f"one with split_by= (--split-by) ({' or '.join(repr(k) for k in found)})")
             split_by = next(iter(found))
         if split_by not in found:
             raise ValueError(f"{path}: no refs({split_by}).p (found: {', '.join(found) or 'none'})")
@@ -178,10 +195,13 @@ def _read_refer(path: str, split_by: Optional[str], instances: Optional[str]) ->
         refs_path, folder = path, os.path.dirname(os.path.abspath(path))
         m = _REFS_NAME.match(os.path.basename(path))
         split_by = split_by or (m.group(1) if m else None)
+    name = os.path.basename(os.path.normpath(os.path.abspath(folder)))
+    if dataset is not None and name in DATASETS and name != dataset:
+        raise ValueError(f"{refs_path}: the refs of {name}, not of {dataset} (dataset= / --dataset)")
     inst_path = instances or os.path.join(folder, "instances.json")
     if not os.path.isfile(inst_path):
         raise FileNotFoundError(f"{refs_path}: its instances.json is missing (looked for {inst_path}; pass "
-                                f"instances=)")
+                                f"instances= (--instances))")
     refs = load_plain(refs_path)
     inst = read_json(inst_path, "RefCOCO instances")
     images, anns, per_image = _coco_index(inst, inst_path)
@@ -218,9 +238,8 @@ def _read_refer(path: str, split_by: Optional[str], instances: Optional[str]) ->
             sid = s.get("sent_id")
             key = f"sent{sid}" if isinstance(sid, int) else f"ref{ref.get('ref_id', i)}-{j}"
             exprs.append(RefExpr(key, split, image["file_name"], ref["image_id"], text.strip(), box))
-    dataset = os.path.basename(os.path.normpath(folder)) or "refcoco"
     gt = _oracle_boxes(per_image, inst_path, referents)
-    return RefData("refer pickle", dataset, split_by, exprs, [refs_path, inst_path], gt,
+    return RefData("refer pickle", dataset or name or "refcoco", split_by, exprs, [refs_path, inst_path], gt,
                    {k: v["file_name"] for k, v in images.items()})
 
 
@@ -286,8 +305,10 @@ def _read_expression_list(path: str, records: list, split: Optional[str], box_fo
 
 def read_refs(annotations: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]], *,
               split_by: Optional[str] = None, instances: Optional[Union[str, os.PathLike]] = None,
-              split: Optional[str] = None, box_format: str = "xyxy") -> RefData:
+              split: Optional[str] = None, box_format: str = "xyxy", dataset: Optional[str] = None) -> RefData:
     """Read the referring expressions of one or several annotation files (see the module docstring)."""
+    if dataset is not None and (not isinstance(dataset, str) or not dataset.strip()):
+        raise ValueError(f"dataset must be a name such as {', '.join(DATASETS)}, got {dataset!r}")
     paths = [annotations] if isinstance(annotations, (str, os.PathLike)) else list(annotations)
     if not paths:
         raise ValueError("annotations: give at least one file or folder")
@@ -297,7 +318,7 @@ def read_refs(annotations: Union[str, os.PathLike, Sequence[Union[str, os.PathLi
         if not os.path.exists(p):
             raise FileNotFoundError(f"RefCOCO annotations not found: {p}")
         if os.path.isdir(p) or _REFS_NAME.match(os.path.basename(p)) or p.endswith((".p", ".pkl", ".pickle")):
-            parts.append(_read_refer(p, split_by, inst))
+            parts.append(_read_refer(p, split_by, inst, dataset))
         elif p.endswith(".jsonl"):
             parts.append(_read_expression_list(p, read_jsonl(p, "RefCOCO expressions"), split, box_format))
         else:
@@ -318,6 +339,8 @@ def read_refs(annotations: Union[str, os.PathLike, Sequence[Union[str, os.PathLi
             raise ValueError(f"annotations mix forms ({out.form} and {other.form}); evaluate them separately")
         out = RefData(out.form, out.dataset, out.split_by, out.exprs + other.exprs, out.files + other.files,
                       out.gt_boxes, out.images_by_id)
+    if dataset is not None:
+        out.dataset = dataset
     seen: Dict[str, int] = {}
     for e in out.exprs:
         seen[e.key] = seen.get(e.key, 0) + 1
@@ -336,33 +359,40 @@ def _describe(obj: Any) -> str:
 
 # ----------------------------------------------------------------------------------------------- the evaluator
 
-class RefCOCOEvaluator(Evaluator):
-    """RefCOCO / RefCOCO+ / RefCOCOg Acc@0.5 (see the module docstring for the forms, splits and scoring).
+class RefCocoEvaluator(Evaluator):
+    """RefCOCO / RefCOCO+ / RefCOCOg Acc@0.5 of VLM-FO1 picking one proposal per referring expression.
 
-    annotations: a refer-toolkit folder or refs(...).p, an MDETR finetune_*.json, or a .jsonl/.json expression list
-        (or a list of files of one form).
+    See the module doc for the annotation forms, splits and scoring.
+
     images: the folder of the COCO images (train2014 for RefCOCO/+/g); for expression lists with usable paths it may
         be None (paths relative to the list file's folder).
-    splits: the splits to report (default: every non-train split present).
-    proposals: a proposal source or a proposal file; or oracle=True (the image's GT boxes).
+    annotations: a refer-toolkit folder, its data root (with `dataset`) or a refs(...).p, an MDETR finetune_*.json,
+        or a .jsonl/.json expression list (or a list of files of one form).
+    proposals: a proposal source or a proposal file; or oracle_proposals=True (the image's ground-truth boxes).
+    dataset: refcoco, refcoco+ or refcocog (picks the folder of a refer data root; names the report).
+    splits: the splits to report (default: every non-train split present); split_by: the refs file (unc, umd,
+        google) when a folder holds several.
     instances: the COCO annotation file for oracle boxes of forms 2 and 3 (and a refs file in another folder).
+    split: the split label of an MDETR / expression-list file whose name does not carry one.
     box_format: of an expression list's "bbox" (default "xyxy").
-    max_new_tokens: None sizes it per request as model.refer does (32 + 2 per box); truncate_boxes: keep the first
-        100 proposals (the official code fails beyond 100). limit: only the first `limit` expressions.
+    max_new_tokens: None sizes it per request as model.refer does (32 + 2 per box); max_proposals: the first N
+        proposals (default 100, FO1's limit).
+    A run of the first K expressions only is `run(..., limit=K)`, scored over those K (`score_subset`).
     """
 
     name = "refcoco"
 
-    def __init__(self, annotations, images=None, *, splits: Optional[Sequence[str]] = None,
-                 split_by: Optional[str] = None, proposals: Any = None, oracle: bool = False,
-                 instances=None, split: Optional[str] = None, box_format: str = "xyxy",
-                 iou_threshold: float = 0.5, max_new_tokens: Optional[int] = None, truncate_boxes: bool = False,
-                 limit: Optional[int] = None) -> None:
-        if oracle and proposals is not None:
-            raise ValueError("give proposals= or oracle=True, not both")
-        if not oracle and proposals is None:
-            raise ValueError("RefCOCO needs proposals: pass proposals= (a proposal source or file: the paper's "
-                             "protocol uses detector proposals) or oracle=True (the image's ground-truth boxes)")
+    def __init__(self, images, annotations, proposals: Any = None, *, oracle_proposals: bool = False,
+                 dataset: Optional[str] = None, splits: Optional[Sequence[str]] = None,
+                 split_by: Optional[str] = None, instances=None, split: Optional[str] = None,
+                 box_format: str = "xyxy", iou_threshold: float = 0.5, max_new_tokens: Optional[int] = None,
+                 max_proposals: int = 100) -> None:
+        if oracle_proposals and proposals is not None:
+            raise ValueError("give proposals or oracle_proposals, not both")
+        if not oracle_proposals and proposals is None:
+            raise ValueError("RefCOCO needs proposals: pass proposals= (--proposals: a proposal source or file; the "
+                             "paper's protocol uses detector proposals) or oracle_proposals=True (--oracle-proposals: "
+                             "the image's ground-truth boxes)")
         if not isinstance(iou_threshold, (int, float)) or isinstance(iou_threshold, bool) \
                 or not 0.0 < float(iou_threshold) <= 1.0:
             raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold!r}")
@@ -374,17 +404,17 @@ class RefCOCOEvaluator(Evaluator):
                 raise ValueError(f"splits must be a list of split names, got {splits!r}")
         self.annotations = annotations
         self.images = None if images is None else os.path.abspath(os.fspath(images))
+        self.dataset = dataset
         self.requested_splits = splits
         self.split_by = split_by
-        self.oracle = bool(oracle)
+        self.oracle_proposals = bool(oracle_proposals)
         self.source = open_source(proposals)
         self.instances = None if instances is None else os.fspath(instances)
         self.split = split
         self.box_format = box_format
         self.iou_threshold = float(iou_threshold)
         self.max_new_tokens = max_new_tokens_opt(max_new_tokens)
-        self.truncate_boxes = bool(truncate_boxes)
-        self.limit = limit_opt(limit)
+        self.max_proposals = max_proposals_opt(max_proposals)
         self._data: Optional[RefData] = None
         self._items: Optional[List[Item]] = None
         self._splits: Optional[List[str]] = None
@@ -400,7 +430,7 @@ class RefCOCOEvaluator(Evaluator):
     def data(self) -> RefData:
         if self._data is None:
             self._data = read_refs(self.annotations, split_by=self.split_by, instances=self.instances,
-                                   split=self.split, box_format=self.box_format)
+                                   split=self.split, box_format=self.box_format, dataset=self.dataset)
         return self._data
 
     @property
@@ -428,7 +458,8 @@ class RefCOCOEvaluator(Evaluator):
         if self.images is not None:
             return os.path.join(self.images, os.path.basename(e.image))
         if data.form != "expression list":
-            raise ValueError(f"{self._where()}: pass images= (the folder of the COCO images, e.g. train2014)")
+            raise ValueError(f"{self._where()}: pass images= (--images: the folder of the COCO images, e.g. "
+                             "train2014)")
         if os.path.isabs(e.image):
             return e.image
         return os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(data.files[0])), e.image))
@@ -437,8 +468,8 @@ class RefCOCOEvaluator(Evaluator):
         if data.gt_boxes is not None:
             return data.gt_boxes
         if self.instances is None:
-            raise ValueError(f"{self._where()}: oracle=True needs the images' COCO annotations: pass instances= (e.g. "
-                             "instances_train2014.json)")
+            raise ValueError(f"{self._where()}: oracle proposals need the images' COCO annotations: pass instances= "
+                             "(--instances; e.g. instances_train2014.json)")
         inst = read_json(self.instances, "COCO annotation")
         _, _, per_image = _coco_index(inst, self.instances)
         data.gt_boxes = _oracle_boxes(per_image, self.instances, {})
@@ -450,9 +481,10 @@ class RefCOCOEvaluator(Evaluator):
         data = self.data()
         splits = self.splits
         chosen = [e for e in data.exprs if any(in_split(e.split, s) for s in splits)]
-        if self.limit is not None:
-            chosen = chosen[:self.limit]
-        oracle = self._oracle_index(data) if self.oracle else None
+        if self.images is not None and data.form != "expression list" and not os.path.isdir(self.images):
+            raise FileNotFoundError(f"images folder not found: {self.images}" if not os.path.exists(self.images)
+                                    else f"the images folder is a file: {self.images}")
+        oracle = self._oracle_index(data) if self.oracle_proposals else None
         items = []
         for e in chosen:
             task: Dict[str, Any] = {"expression": e.expression, "gt": list(e.box), "split": e.split}
@@ -469,14 +501,12 @@ class RefCOCOEvaluator(Evaluator):
 
     # ------------------------------------------------------------------ one request
     def proposals_for(self, item: Item) -> Proposals:
-        """The proposals the model is shown for `item` (at most 100 when truncate_boxes)."""
-        if self.oracle:
+        """The proposals the model is shown for `item`: the first max_proposals of the source."""
+        if self.oracle_proposals:
             p = Proposals(np.asarray(item.task["boxes"], dtype=np.float64).reshape(-1, 4))
         else:
             p = lookup(self.source, item.image, item.image_id)
-        if self.truncate_boxes and len(p) > 100:
-            p = p[:100]
-        return p
+        return p[:self.max_proposals] if len(p) > self.max_proposals else p
 
     def run_item(self, model, item: Item) -> Dict[str, Any]:
         if not os.path.isfile(item.image):
@@ -497,10 +527,21 @@ class RefCOCOEvaluator(Evaluator):
 
     # ------------------------------------------------------------------ scoring
     def score(self, records: Mapping[str, Dict[str, Any]]) -> Dict[str, Any]:
-        items = self.items()
+        """The report over every expression of the reported splits (those without a record count as wrong)."""
+        return self.score_subset(records, [it.key for it in self.items()])
+
+    def score_subset(self, records: Mapping[str, Dict[str, Any]], keys: Sequence[str]) -> Dict[str, Any]:
+        """The report over the expressions `keys` only (a limited run): per split and overall, those without a record
+        count as wrong; a split with none of them has accuracy None."""
+        by_key = {it.key: it for it in self.items()}
+        scope = []
+        for k in dict.fromkeys(keys):
+            if k not in by_key:
+                raise ValueError(f"{k!r} is not an expression of {self._where()} (splits {', '.join(self.splits)})")
+            scope.append(by_key[k])
         thr = self.iou_threshold
         outcome: Dict[str, Tuple[bool, bool, bool, bool]] = {}   # key -> (answered, picked, correct, covered)
-        for it in items:
+        for it in scope:
             rec = records.get(it.key)
             if rec is None:
                 outcome[it.key] = (False, False, False, False)
@@ -517,20 +558,20 @@ class RefCOCOEvaluator(Evaluator):
             correct = sum(outcome[k][2] for k in keys)
             covered = sum(outcome[k][3] for k in keys)
             return {"expressions": n, "answered": answered, "missing": n - answered, "no_pick": answered - picked,
-                    "correct": correct, "accuracy": correct / n if n else 0.0,
-                    "proposal_recall": covered / n if n else 0.0}
+                    "correct": correct, "accuracy": correct / n if n else None,
+                    "proposal_recall": covered / n if n else None}
 
-        per_split = {s: tally([it.key for it in items if in_split(it.task["split"], s)]) for s in self.splits}
+        per_split = {s: tally([it.key for it in scope if in_split(it.task["split"], s)]) for s in self.splits}
         data = self.data()
         return {"benchmark": self.name, "metric": f"Acc@{thr:g}", "dataset": data.dataset, "split_by": data.split_by,
                 "form": data.form, "iou_threshold": thr, "proposals": self._proposal_text(),
-                "splits": per_split, "overall": tally([it.key for it in items])}
+                "of_expressions": len(by_key), "splits": per_split, "overall": tally([it.key for it in scope])}
 
     def _proposal_text(self) -> str:
-        if self.oracle:
+        if self.oracle_proposals:
             return "oracle: the image's ground-truth boxes"
         d = describe_source(self.source)
-        return f"{d['kind']}({os.path.basename(d['path'])})" if "path" in d else d["kind"]
+        return f"{d['kind']}({d['name']})" if "name" in d else d["kind"]
 
     def summary(self, report: Mapping[str, Any]) -> str:
         title = (f"{report['dataset']}" + (f" ({report['split_by']})" if report.get("split_by") else "")
@@ -539,9 +580,15 @@ class RefCOCOEvaluator(Evaluator):
                f"{'proposal ceiling':>17}"
         lines = [title, head, "-" * len(head)]
         rows = list(report["splits"].items()) + [("overall", report["overall"])]
+
+        def pct(x: Optional[float], width: int) -> str:
+            return f"{'-':>{width}} " if x is None else f"{100 * x:>{width}.2f}%"
         for name, r in rows:
             lines.append(f"{name:<10} {r['expressions']:>11} {r['answered']:>9} {r['no_pick']:>8} "
-                         f"{100 * r['accuracy']:>8.2f}% {100 * r['proposal_recall']:>16.2f}%")
+                         f"{pct(r['accuracy'], 8)} {pct(r['proposal_recall'], 16)}")
+        n, total = report["overall"]["expressions"], report.get("of_expressions", report["overall"]["expressions"])
+        if n < total:
+            lines.append(f"the first {n} of the {total} expressions (a limited run); '-' = no expression of the split")
         if report["overall"]["missing"]:
             lines.append(f"{report['overall']['missing']} expressions without a record (failed or not run) count as "
                          f"wrong and not covered")
@@ -550,10 +597,46 @@ class RefCOCOEvaluator(Evaluator):
     def settings(self) -> Dict[str, Any]:
         data = self.data()
         return {"benchmark": self.name, "form": data.form, "dataset": data.dataset, "split_by": data.split_by,
-                "files": [file_info(f) for f in data.files], "images": self.images, "splits": self.splits,
-                "prompt": REC_TEMPLATE, "proposals": ({"kind": "oracle"} if self.oracle
+                "files": [file_info(f) for f in data.files], "splits": self.splits,
+                "prompt": REC_TEMPLATE, "proposals": ({"kind": "oracle"} if self.oracle_proposals
                                                       else describe_source(self.source)),
                 "instances": None if self.instances is None else file_info(self.instances),
                 "box_format": self.box_format if data.form == "expression list" else None,
                 "iou_threshold": self.iou_threshold, "max_new_tokens": self.max_new_tokens,
-                "truncate_boxes": self.truncate_boxes, "limit": self.limit, "prediction": "first picked region"}
+                "max_proposals": self.max_proposals, "prediction": "first picked region"}
+
+    # ------------------------------------------------------------------ the command line (vlmfo1 eval refcoco)
+    @staticmethod
+    def add_arguments(p) -> None:
+        p.add_argument("--images", required=True, metavar="DIR", help="the folder of the COCO images (train2014)")
+        p.add_argument("--annotations", required=True, nargs="+", metavar="FILE",
+                       help="the refer toolkit folder (refcoco/ with refs(unc).p + instances.json), its data root "
+                            "with --dataset, a refs(...).p, MDETR finetune_*.json or .jsonl expression lists")
+        g = p.add_mutually_exclusive_group(required=True)
+        g.add_argument("--proposals", metavar="FILE",
+                       help="proposals of the images: a COCO detection-results JSON of any detector (sorted by score), "
+                            "or the official COCO .jsonl layout")
+        g.add_argument("--oracle-proposals", action="store_true",
+                       help="use each image's ground-truth boxes as the proposals (an upper-bound diagnostic)")
+        p.add_argument("--dataset", choices=DATASETS,
+                       help="which of the refer data root's folders to read; names the report")
+        p.add_argument("--splits", "--split", nargs="+", metavar="SPLIT", dest="splits",
+                       help="the splits to report (default: every split but train: val, testA, testB / val, test)")
+        p.add_argument("--split-by", metavar="NAME", help="the refs file when there are several: unc, umd, google")
+        p.add_argument("--instances", metavar="FILE",
+                       help="COCO instances JSON for --oracle-proposals with the JSON forms (instances_train2014.json)")
+        p.add_argument("--box-format", choices=["xyxy", "xywh"], default="xyxy",
+                       help="the boxes of an expression list (default xyxy)")
+        p.add_argument("--iou-threshold", type=float, default=0.5, metavar="T", help="correct at IoU >= T (0.5)")
+        p.add_argument("--max-new-tokens", type=int, metavar="N",
+                       help="answer length cap (default: sized by the task, 32 + 2 per proposal)")
+        p.add_argument("--max-proposals", type=int, default=100, metavar="N",
+                       help="proposals per expression, the first N (default 100, FO1's limit)")
+
+    @classmethod
+    def from_args(cls, args) -> "RefCocoEvaluator":
+        ann = args.annotations[0] if len(args.annotations) == 1 else args.annotations
+        return cls(args.images, ann, args.proposals, oracle_proposals=args.oracle_proposals, dataset=args.dataset,
+                   splits=args.splits, split_by=args.split_by, instances=args.instances, box_format=args.box_format,
+                   iou_threshold=args.iou_threshold, max_new_tokens=args.max_new_tokens,
+                   max_proposals=args.max_proposals)

@@ -36,9 +36,14 @@ Execution (one code path for every backend, so a Ray backend only has to provide
   - a worker that dies (killed, crashed) has the unanswered rest of its chunk put back at the front of the queue;
     the item it was running is tried at most `max_attempts` times (default 2) and then gets an error record
     ("worker died ... while running this item"); a new worker takes the dead one's place. Deaths outside an item
-    (e.g. while loading the model) are bounded too (RuntimeError after workers + 2).
+    (e.g. while loading the model) are bounded too (RuntimeError after workers + 2);
+  - `item_timeout` (seconds, default None = no limit): a worker process that has not answered its current item
+    within it is killed and replaced, and the item is retried like one that killed its worker (at most
+    `max_attempts` tries, then an error record "WorkerTimeout: ..."). It needs a worker process (a hung item
+    cannot be stopped inside this process), so with item_timeout even workers=1 runs in one worker process.
 Backends: `_InlineBackend` (workers=1: this process, the given model object or one loaded from the path) and
-`_ProcessBackend` (workers=N: N spawned processes, each loading its own model with `threads` threads). `ray=` is
+`_ProcessBackend` (workers=N, or item_timeout: N spawned processes, each loading its own model with `threads`
+threads). `ray=` is
 reserved for the Ray backend (not implemented yet: a ValueError says so).
 """
 from __future__ import annotations
@@ -407,6 +412,8 @@ class Backend:
       ("result", w, key, entry)   one item finished (entry as run_entry makes it), in chunk order;
       ("done", w)                 worker w finished its chunk and is idle again;
       ("died", w, reason)         worker w is gone (its unanswered items are the scheduler's to retry);
+      ("timeout", w, reason)      worker w was killed because its current item took longer than item_timeout
+                                  (handled like "died"; only backends that enforce a timeout send it);
       ("failed", w, message)      worker w could not load the model (the run stops with this message).
     `replace(w)` starts a new worker in a dead one's place; `close()` stops everything (also on errors)."""
 
@@ -491,7 +498,8 @@ def _worker_main(conn, evaluator: Evaluator, spec: ModelSpec, threads: Optional[
 class _ProcessBackend(Backend):
     """N spawned processes, each with its own model (loaded from the path with `threads` threads)."""
 
-    def __init__(self, evaluator: Evaluator, spec: ModelSpec, threads: Optional[int], n: int):
+    def __init__(self, evaluator: Evaluator, spec: ModelSpec, threads: Optional[int], n: int,
+                 item_timeout: Optional[float] = None):
         if spec.kind == "object":
             raise ValueError("a loaded model cannot be sent to worker processes (it is memory-mapped C state): pass "
                              "its checkpoint folder path with workers > 1")
@@ -502,6 +510,9 @@ class _ProcessBackend(Backend):
         self.procs: List[Any] = [None] * n
         self.conns: List[Any] = [None] * n
         self.state: List[str] = ["new"] * n          # new, starting, idle, busy, dead
+        self.item_timeout = item_timeout
+        self.started: List[Optional[float]] = [None] * n   # when worker w's current item started (monotonic)
+        self.unanswered = [0] * n                           # items of worker w's chunk without a result yet
 
     def _spawn(self, w: int) -> None:
         parent, child = self.ctx.Pipe(duplex=True)
@@ -526,6 +537,7 @@ class _ProcessBackend(Backend):
 
     def submit(self, w: int, items: List[Item]) -> None:
         self.state[w] = "busy"
+        self.started[w], self.unanswered[w] = time.monotonic(), len(items)
         try:
             self.conns[w].send(list(items))
         except (BrokenPipeError, OSError):
@@ -542,8 +554,11 @@ class _ProcessBackend(Backend):
                     self.state[w] = "idle"
                 elif kind == "result":
                     events.append(("result", w, msg[1], msg[2]))
+                    self.unanswered[w] -= 1
+                    self.started[w] = time.monotonic() if self.unanswered[w] > 0 else None
                 elif kind == "done":
                     self.state[w] = "idle"
+                    self.started[w] = None
                     events.append(("done", w))
                 elif kind == "failed":
                     self.state[w] = "dead"
@@ -562,6 +577,11 @@ class _ProcessBackend(Backend):
         for w in live:
             handles[self.conns[w]] = w
             handles[self.procs[w].sentinel] = w
+        if self.item_timeout is not None:           # wake up for the first item deadline
+            due = [self.started[w] + self.item_timeout for w in live if self.state[w] == "busy"
+                   and self.started[w] is not None]
+            if due:
+                timeout = max(0.0, min(timeout, min(due) - time.monotonic()))
         ready = wait(list(handles), timeout)
         events: List[tuple] = []
         for w in sorted({handles[h] for h in ready}):
@@ -576,7 +596,27 @@ class _ProcessBackend(Backend):
                 reason = (f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}")
                 self.state[w] = "dead"
                 events.append(("died", w, reason))
+        if self.item_timeout is not None:
+            self._kill_overdue(events)
         return events
+
+    def _kill_overdue(self, events: List[tuple]) -> None:
+        """Kill the busy workers whose current item has run longer than item_timeout (a "timeout" event each)."""
+        for w in range(self.n):
+            if self.state[w] != "busy" or self.started[w] is None:
+                continue
+            if time.monotonic() - self.started[w] <= self.item_timeout:
+                continue
+            self._messages(w, events)                 # an answer that came in meanwhile counts
+            if self.state[w] != "busy" or self.started[w] is None \
+                    or time.monotonic() - self.started[w] <= self.item_timeout:
+                continue
+            p = self.procs[w]
+            p.kill()
+            p.join(timeout=5)
+            self.state[w] = "dead"
+            self.started[w] = None
+            events.append(("timeout", w, f"no answer within {self.item_timeout:g} s; the worker process was killed"))
 
     def replace(self, w: int) -> None:
         with contextlib.suppress(Exception):
@@ -636,14 +676,16 @@ def _schedule(backend: Backend, chunks: List[List[Item]], write: Callable[[str, 
                 inflight.pop(w, None)
             elif kind == "failed":
                 raise RuntimeError(f"a worker could not load the model: {ev[2]}")
-            elif kind == "died":
+            elif kind in ("died", "timeout"):
                 left = inflight.pop(w, [])
                 if left:
                     first = left[0]
                     attempts[first.key] = attempts.get(first.key, 0) + 1
                     if attempts[first.key] >= max_attempts:
+                        n = attempts[first.key]
                         write(first.key, {"error": f"WorkerDied: the worker process died ({ev[2]}) while running "
-                                                   f"this item, {attempts[first.key]} times"})
+                                                   f"this item, {n} times" if kind == "died" else
+                                                   f"WorkerTimeout: this item timed out ({ev[2]}), {n} times"})
                         left = left[1:]
                     if left:
                         pending.appendleft(left)
@@ -691,7 +733,7 @@ def _check_int(name: str, v: Any, lo: int, allow_none: bool = False) -> None:
 def run(evaluator: Evaluator, model, out_dir, *, workers: int = 1, threads: Optional[int] = None,
         limit: Optional[int] = None, progress=True, ray: Optional[str] = None, retry_errors: bool = True,
         chunk_size: Optional[int] = None, max_attempts: int = 2, model_options: Optional[Mapping[str, Any]] = None,
-        summary: bool = True) -> Dict[str, Any]:
+        summary: bool = True, item_timeout: Optional[float] = None) -> Dict[str, Any]:
     """Run `evaluator` with `model`, recording into `out_dir`; resumes what is there. Returns the report.
 
     model: a checkpoint folder (each worker loads VLMFO1.from_pretrained(path, threads=..., **model_options)), a
@@ -700,6 +742,8 @@ def run(evaluator: Evaluator, model, out_dir, *, workers: int = 1, threads: Opti
     workers; with workers=1 the model's default). limit: the first `limit` items only (scored on their own).
     progress: a tqdm bar (True / False / a dict of tqdm options). ray: a Ray address (not implemented yet).
     retry_errors: run items whose last attempt failed again (default). summary: print the summary table.
+    item_timeout: seconds a worker may spend on one item before it is killed and the item retried (then recorded
+    as a WorkerTimeout error); runs the items in worker processes (even with workers=1). Default: no limit.
     See the module doc for the files, the resume rules and how workers are handled."""
     if ray is not None:
         raise ValueError(f"the Ray backend (ray={ray!r}) is not implemented yet: use workers=N on one machine")
@@ -710,11 +754,15 @@ def run(evaluator: Evaluator, model, out_dir, *, workers: int = 1, threads: Opti
     _check_int("limit", limit, 0, allow_none=True)
     _check_int("chunk_size", chunk_size, 1, allow_none=True)
     _check_int("max_attempts", max_attempts, 1)
+    if item_timeout is not None and (isinstance(item_timeout, bool) or not isinstance(item_timeout, (int, float))
+                                     or not 0 < item_timeout < math.inf):
+        raise ValueError(f"item_timeout must be a positive number of seconds or None, got {item_timeout!r}")
     out_dir = os.fspath(out_dir)
     spec = ModelSpec.of(model, model_options)
-    if spec.kind == "object" and workers > 1:
-        raise ValueError("a loaded model cannot be shared with worker processes: pass its checkpoint folder path "
-                         "(each worker loads it, memory-mapped) or use workers=1")
+    if spec.kind == "object" and (workers > 1 or item_timeout is not None):
+        raise ValueError("a loaded model cannot be shared with worker processes (workers > 1, or item_timeout, "
+                         "which runs the items in a worker process): pass its checkpoint folder path (each worker "
+                         "loads it, memory-mapped) or use workers=1 without item_timeout")
     t_start = time.perf_counter()
 
     items = list(evaluator.items())                  # validates the inputs before anything else
@@ -780,8 +828,8 @@ def run(evaluator: Evaluator, model, out_dir, *, workers: int = 1, threads: Opti
             if todo:
                 cs = chunk_size or _default_chunk_size(len(todo), workers)
                 chunks = [todo[i:i + cs] for i in range(0, len(todo), cs)]
-                backend = (_InlineBackend(evaluator, spec, per_worker_threads) if workers == 1 else
-                           _ProcessBackend(evaluator, spec, per_worker_threads, workers))
+                backend = (_InlineBackend(evaluator, spec, per_worker_threads) if workers == 1 and item_timeout is None
+                           else _ProcessBackend(evaluator, spec, per_worker_threads, workers, item_timeout))
                 backend.start()
                 _schedule(backend, chunks, write, max_attempts)
         except KeyboardInterrupt:

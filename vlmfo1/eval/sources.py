@@ -1,7 +1,9 @@
 """Input files and proposal sources for the evaluators: bounded JSON reading, file identities for `settings()`,
-proposal lookup for one item, a pre-check that a proposal file covers every image, and box IoU."""
+proposal lookup for one item, a pre-check that a proposal file covers every image, box IoU and the option checks the
+evaluators share."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -20,9 +22,14 @@ FILE_SOURCES = (FO1EvalProposals, CocoJsonlProposals, CocoResultsProposals)
 
 
 def file_info(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """{"path": absolute path, "bytes": size} — how settings() names an input file."""
-    p = os.path.abspath(os.fspath(path))
-    return {"path": p, "bytes": os.path.getsize(p)}
+    """A file's name, size and sha256: how settings() names an input file (what run.json compares on resume; the
+    folder the file sits in may move, its content may not change)."""
+    path = os.fspath(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"name": os.path.basename(path), "bytes": os.path.getsize(path), "sha256": h.hexdigest()}
 
 
 def read_json(path: Union[str, os.PathLike], what: str, max_bytes: int = MAX_JSON_BYTES) -> Any:
@@ -166,9 +173,8 @@ def max_new_tokens_opt(value: Optional[int]) -> Optional[int]:
     return int(value)
 
 
-def limit_opt(value: Optional[int]) -> Optional[int]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"limit must be an int >= 0 or None, got {value!r}")
+def max_proposals_opt(value: Any) -> int:
+    """The proposals per request, the first N of the source (FO1 takes at most 100 boxes)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= 100:
+        raise ValueError(f"max_proposals must be an int in [1, 100] (FO1 takes at most 100 boxes), got {value!r}")
     return int(value)
