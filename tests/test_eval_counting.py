@@ -4,21 +4,26 @@ The model is a scripted stand-in (`ScriptedCountingModel`, a test double that on
 per item it answers one of the templates in ANSWERS, whose predicted count under the §6.3 rule is written out by
 hand here (region tags are not numbers, "region5" is not a number but "region55" holds a 5, no number means 0,
 "07" is 7, the first number wins). The expected accuracy and confusion table are computed here from the file's true
-counts and those hand-written predictions, and must equal the evaluator's. A couple of items also go through the
-real tiny random FO1 checkpoint.
-
-Items are driven by `drive` (a plain loop with the runner's record / error semantics) until vlmfo1.eval.runner lands.
+counts and those hand-written predictions, and must equal the report of a run through the real runner
+(vlmfo1.eval.run), limited to the first items of the file (scored over those alone). The CLI runs the real tiny random
+FO1 checkpoint on a few items, is killed mid-run and resumes; bad inputs through the CLI are one line.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from vlmfo1.eval.counting import (CountBenchEvaluator, CountingEvaluator, PixmoCountEvaluator, count_from_answer)
+from vlmfo1.cli import main as cli_main
+from vlmfo1.eval import CountBenchEvaluator, CountingEvaluator, PixmoCountEvaluator, run
+from vlmfo1.eval.counting import count_from_answer
 from vlmfo1.fo1_prompt import parse_answer
 from vlmfo1.proposals import CallableProposals
 
@@ -27,20 +32,23 @@ FO1_EVAL = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data"
 COUNTBENCH = os.path.join(FO1_EVAL, "countbench_with_upn_score_0.3_0.8.json")
 PIXMO = os.path.join(FO1_EVAL, "pixmoCount_with_upn_score_0.3_0.8.json")
 COCO_IMAGES = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data", "coco_tiny", "val2017")
+ROOT = Path(HERE).parent
 
 if not os.path.isfile(COUNTBENCH):
     pytest.skip("the official fo1_eval files are not here", allow_module_level=True)
 
 
-def drive(ev, model):
-    """Every item through run_item, as the runner does: a record (JSON round trip) or an error per key."""
-    records, errors = {}, {}
-    for it in ev.items():
-        try:
-            records[it.key] = json.loads(json.dumps(ev.run_item(model, it)))
-        except Exception as e:  # noqa: BLE001 - the runner records any exception of one item
-            errors[it.key] = f"{type(e).__name__}: {e}"
-    return records, errors
+def lines(path):
+    return [json.loads(s) for s in Path(path).read_text().splitlines() if s.strip()]
+
+
+def go(ev, model, out, **kw):
+    """A run with the real runner: (report, records, errors), the records and errors read back from the run
+    folder's predictions.jsonl."""
+    report = run(ev, model, out, progress=False, summary=False, **kw)
+    preds = lines(Path(out) / "predictions.jsonl")
+    return (report, {p["key"]: p["record"] for p in preds if "record" in p},
+            {p["key"]: p["error"] for p in preds if "error" in p})
 
 
 # (answer template with {t} = the true count, predicted count as a function of t) — predictions written out by hand
@@ -97,7 +105,7 @@ def test_count_rule_table():
 def test_items_mirror_the_file(cls, path, n, tmp_path):
     with open(path) as f:
         data = json.load(f)
-    ev = cls(FO1_EVAL, images=images_dir(tmp_path, []))          # a folder: the official file name is used
+    ev = cls(images_dir(tmp_path, []), FO1_EVAL)                 # a folder: the official file name is used
     items = ev.items()
     assert len(items) == n == len(data)
     for it, rec in zip(items, data):
@@ -110,8 +118,8 @@ def test_items_mirror_the_file(cls, path, n, tmp_path):
     assert [it.key for it in ev.items()] == [it.key for it in items]
     s = ev.settings()
     json.dumps(s)
-    assert s["annotations"] == {"path": os.path.abspath(path), "bytes": os.path.getsize(path)}
-    assert s["benchmark"] == cls.name
+    assert s["annotations"]["name"] == os.path.basename(path) and s["annotations"]["bytes"] == os.path.getsize(path)
+    assert s["benchmark"] == cls.name and s["max_proposals"] == 100 and "limit" not in s and "images" not in s
 
 
 def test_countbench_accuracy_and_confusion_equal_the_independent_values(tmp_path):
@@ -119,7 +127,7 @@ def test_countbench_accuracy_and_confusion_equal_the_independent_values(tmp_path
         data = json.load(f)[:60]
     names = [r["image"] for r in data]
     absent = set(names[7:10])                                      # the user lacks three images
-    ev = CountBenchEvaluator(COUNTBENCH, images=images_dir(tmp_path, names, skip=absent), limit=60)
+    ev = CountBenchEvaluator(images_dir(tmp_path, names, skip=absent), COUNTBENCH)
     answers, predicted = {}, {}
     for i, r in enumerate(data):
         template, pred = ANSWERS[i % len(ANSWERS)]
@@ -127,10 +135,10 @@ def test_countbench_accuracy_and_confusion_equal_the_independent_values(tmp_path
         answers[r["image"]] = template.format(t=t, u=t + 1, v=t + 5)
         predicted[r["image"]] = pred(t)
     model = ScriptedCountingModel(answers)
-    records, errors = drive(ev, model)
-    assert set(errors) == absent
+    report, records, errors = go(ev, model, tmp_path / "run", limit=60)    # the first 60 of the 487, alone
+    assert set(errors) == absent and report["run"]["errors"] == 3
     assert all(e.startswith("FileNotFoundError: image not found") for e in errors.values())
-    report = ev.score(records)
+    assert report["of_items"] == 487 and len(model.calls) == 57
 
     truth = {r["image"]: r["answer"] for r in data}
     answered = [n for n in names if n not in absent]
@@ -168,25 +176,34 @@ def test_countbench_accuracy_and_confusion_equal_the_independent_values(tmp_path
         assert call["scores"] == r["scores"]
         assert call["max_new_tokens"] == 64 + 2 * len(r["bboxes"])
     text = ev.summary(report)
-    assert text.splitlines()[0].startswith(f"countbench: accuracy {100 * correct / 60:.2f}% ({correct}/60")
+    assert text.splitlines()[0].startswith(f"countbench: accuracy {100 * correct / 60:.2f}% ({correct}/60, the first "
+                                           f"60 of 487 items;")
     assert ">10" in text and "none" in text
+    assert ev.score_subset(records, names) == {k: v for k, v in report.items() if k != "run"}
+    whole = ev.score(records)                      # the whole file: the 427 items not run count as wrong
+    assert whole["items"] == 487 and whole["correct"] == correct and whole["missing"] == 430
+    assert whole["accuracy"] == correct / 487
+    assert ev.score_subset({}, [])["accuracy"] is None
+    with pytest.raises(ValueError, match="is not an image of"):
+        ev.score_subset(records, ["no_such_image.jpg"])
 
 
 def test_pixmocount_without_scores_and_options(tmp_path):
     with open(PIXMO) as f:
         data = json.load(f)[:5]
     names = [r["image"] for r in data]
-    ev = PixmoCountEvaluator(PIXMO, images=images_dir(tmp_path, names), limit=5, max_new_tokens=9)
+    ev = PixmoCountEvaluator(images_dir(tmp_path, names), PIXMO, max_new_tokens=9)
     model = ScriptedCountingModel({r["image"]: f"{r['answer']}" for r in data})
-    records, errors = drive(ev, model)
+    report, records, errors = go(ev, model, tmp_path / "a", limit=5)
     assert not errors
-    assert ev.score(records)["accuracy"] == 1.0
+    assert report["accuracy"] == 1.0 and report["items"] == 5
     assert all(c["scores"] is None and c["max_new_tokens"] == 9 for c in model.calls.values())
-    # proposals from another source replace the file's boxes
-    src = CallableProposals(lambda image: [[1, 2, 30, 40], [5, 5, 50, 60]])
-    ev = PixmoCountEvaluator(PIXMO, images=images_dir(tmp_path, names), limit=5, proposals=src)
-    drive(ev, model)
+    # proposals from another source replace the file's boxes; max_proposals keeps the first N
+    src = CallableProposals(lambda image: [[1, 2, 30, 40], [5, 5, 50, 60], [7, 7, 70, 70]])
+    ev = PixmoCountEvaluator(images_dir(tmp_path, names), PIXMO, src, max_proposals=2)
+    go(ev, model, tmp_path / "b", limit=5)
     assert all(c["boxes"] == [[1, 2, 30, 40], [5, 5, 50, 60]] for c in model.calls.values())
+    assert all(c["max_new_tokens"] == 64 + 2 * 2 for c in model.calls.values())
     assert ev.settings()["proposals"]["kind"] == "CallableProposals"
 
 
@@ -199,7 +216,7 @@ def test_malformed_files_refused_before_any_work(tmp_path):
         p = tmp_path / "bad.json"
         p.write_text(raw if raw is not None else json.dumps(records))
         with pytest.raises(ValueError, match=match) as e:
-            CountBenchEvaluator(str(p), images=imgs).items()
+            CountBenchEvaluator(imgs, str(p)).items()
         assert str(p) in str(e.value)
 
     def edit(i, **kw):
@@ -226,37 +243,97 @@ def test_malformed_files_refused_before_any_work(tmp_path):
     bad(edit(0, scores=[0.5]), r"record 0 \(image_0.jpg\).*scores")
     bad(None, "nested", raw="[" * 100 + "]" * 100)
     with pytest.raises(FileNotFoundError):
-        CountBenchEvaluator(str(tmp_path / "missing.json"), images=imgs).items()
+        CountBenchEvaluator(imgs, str(tmp_path / "missing.json")).items()
     with pytest.raises(FileNotFoundError, match="images folder not found"):
-        CountBenchEvaluator(COUNTBENCH, images=str(tmp_path / "no-images")).items()
+        CountBenchEvaluator(str(tmp_path / "no-images"), COUNTBENCH).items()
     with pytest.raises(ValueError, match="images="):
-        CountBenchEvaluator(COUNTBENCH, images=None)
+        CountBenchEvaluator(None, COUNTBENCH)
     with pytest.raises(ValueError, match="a folder"):
-        CountingEvaluator(FO1_EVAL, images=imgs)
+        CountingEvaluator(imgs, FO1_EVAL)
+    with pytest.raises(ValueError, match=r"max_proposals must be an int in \[1, 100\]"):
+        CountBenchEvaluator(imgs, COUNTBENCH, max_proposals=101)
 
 
-def test_real_tiny_fo1_checkpoint(fo1_tiny_ckpt, tmp_path):
-    """Two CountBench items through the real engine (random weights; coco_tiny pictures shrunk to 160x120 stand
-    in for the CountBench images, whose boxes are then clamped)."""
+def _env():
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+
+
+def test_cli_tiny_checkpoint_kill_and_resume(fo1_tiny_ckpt, tmp_path):
+    """`vlmfo1 eval countbench` with the real tiny random FO1 checkpoint on the first 3 items (coco_tiny pictures
+    shrunk to 160x120 stand in for the CountBench images, whose boxes are then clamped): an uninterrupted in-process
+    run, then the CLI SIGKILLed after its first record and rerun — byte-identical predictions."""
     from PIL import Image
-
-    from vlmfo1 import VLMFO1
 
     d = tmp_path / "images"
     d.mkdir()
-    for i, name in enumerate(sorted(os.listdir(COCO_IMAGES))[:2]):
+    for i, name in enumerate(sorted(os.listdir(COCO_IMAGES))[:3]):
         with Image.open(os.path.join(COCO_IMAGES, name)) as im:
             im.convert("RGB").resize((160, 120)).save(d / f"image_{i}.jpg")
-    ev = CountBenchEvaluator(COUNTBENCH, images=str(d), limit=2, max_new_tokens=8)
-    with VLMFO1.from_pretrained(fo1_tiny_ckpt, threads=2) as model:
-        records, errors = drive(ev, model)
-    assert not errors and sorted(records) == ["image_0.jpg", "image_1.jpg"]
+    t0 = time.perf_counter()
+    a = tmp_path / "a"
+    ev = CountBenchEvaluator(d, COUNTBENCH, max_new_tokens=8)
+    report, records, errors = go(ev, fo1_tiny_ckpt, a, limit=3, threads=2)
+    t_a = time.perf_counter() - t0
+    assert not errors and list(records) == ["image_0.jpg", "image_1.jpg", "image_2.jpg"]
     for key, rec in records.items():
         assert isinstance(rec["answer"], str) and rec["count"] == count_from_answer(rec["answer"])
         assert rec["finish_reason"] in ("stop", "length")
-    report = ev.score(records)
-    assert report["answered"] == 2
-    shutil.rmtree(d)
+    assert report["answered"] == 3 and report["items"] == 3
+
+    b = tmp_path / "b"
+    cmd = [sys.executable, "-m", "vlmfo1.cli", "eval", "countbench", "--model", fo1_tiny_ckpt, "--images", str(d),
+           "--annotations", FO1_EVAL, "--out", str(b), "--limit", "3", "--threads", "2", "--max-new-tokens", "8",
+           "--no-progress"]
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, cwd=str(ROOT), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    rec = b / "records.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and p.poll() is None:
+        if rec.exists() and rec.read_bytes().count(b"\n") >= 1:
+            break
+        time.sleep(0.01)
+    assert p.poll() is None, p.communicate()                   # still running: the kill is mid-run
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    n_killed = rec.read_bytes().count(b"\n")
+    assert 1 <= n_killed < 3 and not (b / "predictions.jsonl").exists()
+    r = subprocess.run(cmd, cwd=str(ROOT), env=_env(), capture_output=True, text=True, timeout=300)
+    t_b = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("countbench: accuracy ") and "the first 3 of 487 items" in r.stdout
+    assert len(lines(rec)) == 3 and len({x["key"] for x in lines(rec)}) == 3
+    assert (b / "predictions.jsonl").read_bytes() == (a / "predictions.jsonl").read_bytes()
+    print(f"[countbench CLI] in-process 3 items {t_a:.1f} s; CLI killed after {n_killed} record(s) and resumed "
+          f"{t_b:.1f} s; predictions identical")
+
+
+@pytest.fixture(scope="module")
+def empty_model(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("not_fo1"))
+
+
+@pytest.mark.parametrize("bench", ["countbench", "pixmocount"])
+@pytest.mark.parametrize("case", ["missing annotations", "malformed annotations", "images folder missing",
+                                  "model not FO1"])
+def test_cli_bad_inputs_are_one_line(tmp_path, capsys, bench, case, empty_model):
+    ann, images = FO1_EVAL, tmp_path / "images"
+    images.mkdir()
+    if case == "missing annotations":
+        ann, want = tmp_path / f"{bench}.json", f"{bench} evaluation file not found"
+    elif case == "malformed annotations":
+        ann = tmp_path / f"{bench}.json"
+        ann.write_text('[{"question": "How many dogs are there in the image?", "answer": 3, "image": "a.jpg"}]')
+        want = "record 0: missing 'bboxes'"
+    elif case == "images folder missing":
+        images, want = tmp_path / "no_images", "images folder not found"
+    else:
+        want = "config.json not found"
+    out = tmp_path / "out"
+    code = cli_main(["eval", bench, "--model", empty_model, "--images", str(images), "--annotations", str(ann),
+                     "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith(f"vlmfo1 eval {bench}: error: ") and want in err[0], err
+    assert not out.exists()                                    # refused before the run folder is made
 
 
 def test_evaluator_pickles_for_workers(tmp_path):
@@ -265,12 +342,14 @@ def test_evaluator_pickles_for_workers(tmp_path):
 
     with open(COUNTBENCH) as f:
         data = json.load(f)[:4]
-    ev = CountBenchEvaluator(COUNTBENCH, images=images_dir(tmp_path, [r["image"] for r in data]), limit=4)
-    items = ev.items()
+    ev = CountBenchEvaluator(images_dir(tmp_path, [r["image"] for r in data]), COUNTBENCH)
+    items = ev.items()[:4]
     blob = pickle.dumps(ev)
     assert len(blob) < 2000                       # the 487 records are not shipped
     worker = pickle.loads(blob)
     model = ScriptedCountingModel({r["image"]: f"{r['answer']} things" for r in data})
     records = {it.key: worker.run_item(model, it) for it in items}
     assert records == {it.key: ev.run_item(model, it) for it in items}
-    assert worker.score(records) == ev.score(records) and ev.score(records)["accuracy"] == 1.0
+    keys = [it.key for it in items]
+    assert worker.score_subset(records, keys) == ev.score_subset(records, keys)
+    assert ev.score_subset(records, keys)["accuracy"] == 1.0
