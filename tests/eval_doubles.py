@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections import defaultdict
 
 import numpy as np
@@ -40,9 +41,11 @@ class OracleStandIn:
 
     die_once: file names on which the worker process SIGKILLs itself the first time (a marker file in
     `marker_dir` remembers it across processes); die_always: file names on which it always does;
+    hang_once / hang_always: file names on which it sleeps `hang_seconds` (a hung worker), the first time / always;
     interrupt_after: raise KeyboardInterrupt on the N-th call (Ctrl-C in the middle of a run)."""
 
-    def __init__(self, annotations, threads=None, die_once=(), die_always=(), marker_dir=None, interrupt_after=None):
+    def __init__(self, annotations, threads=None, die_once=(), die_always=(), marker_dir=None, interrupt_after=None,
+                 hang_once=(), hang_always=(), hang_seconds=60.0):
         with open(annotations) as f:
             ds = json.load(f)
         names = {c["id"]: c["name"] for c in ds["categories"]}
@@ -59,6 +62,7 @@ class OracleStandIn:
             self.gt[k] = (np.asarray(boxes[k], dtype=np.float64), labels[k])
         self.threads = threads
         self.die_once, self.die_always = set(die_once), set(die_always)
+        self.hang_once, self.hang_always, self.hang_seconds = set(hang_once), set(hang_always), hang_seconds
         self.marker_dir, self.interrupt_after = marker_dir, interrupt_after
         self.calls = 0
         self.path = None
@@ -87,6 +91,13 @@ class OracleStandIn:
             if not os.path.exists(marker):
                 open(marker, "w").close()
                 os.kill(os.getpid(), signal.SIGKILL)
+        if name in self.hang_always:
+            time.sleep(self.hang_seconds)
+        if name in self.hang_once:
+            marker = os.path.join(self.marker_dir, name + ".hung")
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                time.sleep(self.hang_seconds)
         load_image(image)                       # decode, as the real model does
         text = self.answer(name, boxes)
         return parse_answer(text, np.asarray(boxes, dtype=np.float64).reshape(-1, 4), token_ids=[1] * len(text),

@@ -221,6 +221,39 @@ def test_loop_with_a_stand_in_model_equals_the_proposal_oracle(tiny_proposals, t
 
 
 @needs_tiny
+def test_a_limited_run_is_scored_over_its_own_images(tiny_proposals, tmp_path):
+    """run(limit=K) scores the first K images alone: equal to pycocotools on an annotation file that holds only those
+    images (the other images are not counted as images without detections)."""
+    ev = CocoEvaluator(TINY_IMAGES, TINY_ANN, tiny_proposals, scorer="pycocotools")
+    rep = run(ev, functools.partial(OracleStandIn, str(TINY_ANN)), tmp_path / "run", limit=10, progress=False,
+              summary=False)
+    ds = json.loads(TINY_ANN.read_text())
+    ids = [im["id"] for im in ds["images"][:10]]
+    sub = dict(ds, images=ds["images"][:10], annotations=[a for a in ds["annotations"] if a["image_id"] in ids])
+    sub_path = tmp_path / "first10.json"
+    sub_path.write_text(json.dumps(sub))
+    dets, agnostic = oracle_reference(TINY_ANN, tiny_proposals)
+    ref = reference_stats(sub_path, [d for d in dets if d["image_id"] in ids])
+    err = float(np.max(np.abs(np.asarray(rep["stats"]) - ref.stats)))
+    assert err <= 1e-12 and rep["images"] == 10 and rep["images_missing"] == 0, err
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(sub_path))
+        E = COCOeval(gt, gt.loadRes([d for d in agnostic if d["image_id"] in ids]), "bbox")
+        E.params.useCats = 0
+        E.evaluate()
+        E.accumulate()
+        E.summarize()
+    assert abs(rep["proposal_recall"]["AR@100"] - E.stats[8]) <= 1e-12
+    assert sum(r["gt"] for r in rep["per_category"]) == sum(not a.get("iscrowd") for a in sub["annotations"])
+    records = {p["key"]: p["record"] for p in map(json.loads, (tmp_path / "run" / "predictions.jsonl").read_text()
+                                                  .splitlines())}
+    whole = ev.score(records)                      # the whole file: the 70 images not run have no detections
+    assert whole["images"] == 80 and whole["images_missing"] == 70 and whole["stats"][0] < rep["stats"][0]
+
+
+@needs_tiny
 def test_coco_results_file_as_proposals(tiny_proposals, tmp_path):
     """A detector's COCO results file as the proposal source: sorted by score, the first max_proposals, a listed
     image without detections gets no proposals and is recorded without asking the model."""

@@ -244,6 +244,40 @@ def test_an_item_that_always_kills_its_worker_is_reported(data, tmp_path):
     assert rep["run"]["errors"] == 2 and all("record" in p for i, p in enumerate(preds) if i not in (1, 2))
 
 
+def test_a_hung_worker_is_killed_after_item_timeout(data, reference_run, tmp_path):
+    """item_timeout: a worker that does not answer an item within it is killed and replaced; the item is tried again
+    (here it answers the second time) or, after max_attempts, gets a WorkerTimeout error record. The stand-in hangs
+    for 60 s: the run must end well before that."""
+    out = tmp_path / "run"
+    marker = tmp_path / "markers"
+    marker.mkdir()
+    names = data["names"]
+    t0 = time.monotonic()
+    rep = go(data, out, limit=12, workers=2, chunk_size=3, item_timeout=4,
+             model=stand_in(hang_once=[names[4]], hang_always=[names[7]], marker_dir=str(marker)))
+    elapsed = time.monotonic() - t0
+    assert os.listdir(marker) == [names[4] + ".hung"]
+    preds = lines(out / "predictions.jsonl")
+    ref = lines(reference_run[0] / "predictions.jsonl")
+    assert preds[7]["error"] == ("WorkerTimeout: this item timed out (no answer within 4 s; the worker process was "
+                                 "killed), 2 times")
+    assert preds[:7] + preds[8:] == ref[:7] + ref[8:]          # the item that hung once answered on its retry
+    assert rep["run"]["errors"] == 2 and len(lines(out / "records.jsonl")) == 12
+    assert elapsed < 45, elapsed
+
+    # workers=1 with a timeout runs in one worker process (a hung item cannot be stopped in this one)
+    out1 = tmp_path / "run1"
+    t0 = time.monotonic()
+    rep = go(data, out1, limit=6, item_timeout=4, model=stand_in(hang_once=[names[1]], marker_dir=str(marker)))
+    assert time.monotonic() - t0 < 30 and (marker / (names[1] + ".hung")).exists()
+    assert lines(out1 / "predictions.jsonl") == ref[:6] and rep["run"]["errors"] == 1   # the bad image only
+    with pytest.raises(ValueError, match="item_timeout, which runs the items in a worker process"):
+        go(data, tmp_path / "r", model=OracleStandIn(str(ANN)), item_timeout=5)
+    for bad in (0, -1, float("nan"), float("inf"), "5", True):
+        with pytest.raises(ValueError, match="item_timeout must be a positive number of seconds"):
+            go(data, tmp_path / "r", item_timeout=bad)
+
+
 # ---------------------------------------------------------------------------------------------- not a FO1 folder
 
 def test_a_model_folder_that_is_not_fo1(data, tmp_path, capsys):
