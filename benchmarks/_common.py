@@ -217,6 +217,31 @@ def _write_stamp(path, info):
         json.dump(info, f)
 
 
+def fo1_checkpoint_path(workdir: str, size: str, seed: int = 0) -> str:
+    """Where the benchmarks keep a random VLM-FO1 checkpoint (the official loader needs "vlm-fo1" and "qwen2.5-vl"
+    in the folder name)."""
+    return os.path.join(workdir, f"VLM-FO1_Qwen2.5-VL-3B-random-{size}-seed{seed}")
+
+
+def fo1_random_checkpoint(workdir: str, size: str, seed: int = 0, log=print) -> str:
+    """A random VLM-FO1 checkpoint (vlmfo1.fo1_checkpoint.write_random_fo1; "full" = the real shapes, ~4.15 B
+    parameters, ~8.3 GB bf16), written once into `workdir` and reused (a stamp marks a complete one)."""
+    import shutil
+
+    from vlmfo1.fo1_checkpoint import write_random_fo1
+
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = fo1_checkpoint_path(workdir, size, seed)
+    if not os.path.isfile(os.path.join(ckpt, _STAMP)):
+        shutil.rmtree(ckpt, ignore_errors=True)
+        log(f"writing random {size} checkpoint to {ckpt} (once)")
+        t0 = time.perf_counter()
+        write_random_fo1(ckpt, size=size, seed=seed)
+        _write_stamp(ckpt, {"size": size, "seed": seed})
+        log(f"  done in {time.perf_counter() - t0:.0f} s")
+    return ckpt
+
+
 def kv_cache_bytes(cfg: dict, n_positions: int, bytes_per_elem: int = 4) -> int:
     hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * hd * n_positions * bytes_per_elem

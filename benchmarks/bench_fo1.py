@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -60,7 +59,6 @@ DEFAULT_IMAGE = "000000404484.jpg"     # 320 x 240, 4:3 like 1000 x 750
 ENGINES = ["official-fp32", "official-bf16", "vlmfo1-bf16", "vlmfo1-f32"]
 DEFAULT_ENGINES = "official-fp32,official-bf16,vlmfo1-bf16"
 STAGES = ["prep", "vit", "davit", "hfre", "prefill", "decode"]
-_STAMP = ".vlmfo1_bench_complete"
 
 
 def _log(msg):
@@ -72,25 +70,15 @@ def _log(msg):
 
 def checkpoint_path(a) -> str:
     # the official loader needs "vlm-fo1" and "qwen2.5-vl" in the folder name (builder.py)
-    return os.path.join(a.workdir, f"VLM-FO1_Qwen2.5-VL-3B-random-{a.size}-seed{a.seed}")
+    return C.fo1_checkpoint_path(a.workdir, a.size, a.seed)
 
 
 def prepare(a) -> dict:
     import numpy as np
     from PIL import Image
     from vlmfo1.fo1 import coco_detection_prompt
-    from vlmfo1.fo1_checkpoint import write_random_fo1
 
-    os.makedirs(a.workdir, exist_ok=True)
-    ckpt = checkpoint_path(a)
-    if not os.path.isfile(os.path.join(ckpt, _STAMP)):
-        shutil.rmtree(ckpt, ignore_errors=True)
-        _log(f"writing random {a.size} checkpoint to {ckpt} (once)")
-        t0 = time.perf_counter()
-        write_random_fo1(ckpt, size=a.size, seed=a.seed)
-        with open(os.path.join(ckpt, _STAMP), "w") as f:
-            json.dump({"size": a.size, "seed": a.seed}, f)
-        _log(f"  done in {time.perf_counter() - t0:.0f} s")
+    ckpt = C.fo1_random_checkpoint(a.workdir, a.size, a.seed, log=_log)
     n_bytes = sum(os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt) if f.endswith(".safetensors"))
 
     ann = json.load(open(os.path.join(DATA, "annotations", "instances_val2017.json")))
