@@ -226,12 +226,14 @@ def main() -> int:
                     r["overhead_vs_processes_s_per_image"] = (r["wall_s"] - base["wall_s"]) / a.images
                 results.append(r)
 
+    load_end = os.getloadavg()
     lines = [f"command: {command.strip()}",
              f"vlmfo1 eval coco on the first {a.images} coco_tiny images (as they are, ~640 x 480), {a.boxes} "
              f"proposals per image, the 80-category question, {a.max_new_tokens} new tokens (greedy); random {a.size} "
              f"checkpoint ({setup['checkpoint_bytes'] / GIB:.2f} GiB of weights); {os.cpu_count()} CPUs, load average "
-             f"{load[0]:.1f} at the start; median of {a.reps} run(s), each in a fresh process, model load and worker "
-             "start included", "", table(a, setup, results), ""]
+             f"{load[0]:.1f} at the start, {load_end[0]:.1f} at the end (1-minute; other jobs on the machine count in "
+             f"it); median of {a.reps} run(s), each in a fresh process, model load and worker start included", "",
+             table(a, setup, results), ""]
     for r in results:
         if "overhead_vs_processes_s_per_image" in r:
             lines.append(f"Ray overhead, {r['workers']} worker(s): {r['overhead_vs_processes_s_per_image']:+.3f} s "

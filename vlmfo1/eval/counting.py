@@ -15,8 +15,9 @@ is missing fails alone (FileNotFoundError from run_item, recorded by the runner)
 
 Request per item: the file's question verbatim (484 of the CountBench questions and all PixmoCount ones are the
 counting template with "in the image?"; three CountBench questions are free-form), the file's boxes (and scores) as
-the proposals (or `proposals=`, any proposal source; at most `max_proposals`, default 100, the first ones), greedy. `max_new_tokens`: None gives 64 + 2 per box, as
-`model.count` sizes it (the official script passes 4096; an answer is a few dozen tokens).
+the proposals (or `proposals=`, any proposal source; at most `max_proposals`, default 100, the first ones), greedy.
+`max_new_tokens`: None gives 64 + 2 per box, as `model.count` sizes it (the official script passes 4096; an answer is
+a few dozen tokens).
 
 Scoring (§6.3, `count_from_answer`): remove every `<region\\d+>` from the answer, take the first match of
 `(?<!region)\\d+` as the count (none: 0), exact match with "answer". Accuracy = correct / items; an item without a

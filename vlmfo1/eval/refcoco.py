@@ -37,8 +37,8 @@ expression once.
 
 Proposals: `proposals=` (a proposal source from vlmfo1.proposals, or a proposal file path: the COCO .jsonl layout,
 COCO detection results, ...; looked up by the COCO image id, else by file name) — the protocol of the VLM-FO1 paper
-uses detector proposals — or `oracle_proposals=True`: the image's ground-truth boxes (its non-crowd COCO annotations in file
-order, the referent always included) from instances.json (forms 2 and 3 need `instances=`, a COCO annotation file
+uses detector proposals — or `oracle_proposals=True`: the image's ground-truth boxes (its non-crowd COCO annotations
+in file order, the referent always included) from instances.json (forms 2 and 3 need `instances=`, a COCO annotation file
 such as instances_train2014.json). A proposal file must have an entry for every image (checked before any model
 work). At most `max_proposals` (default 100, FO1's limit) per expression: the source's first ones (a COCO results
 file is sorted by score).

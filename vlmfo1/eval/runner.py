@@ -43,8 +43,7 @@ Execution (one code path for every backend, so a Ray backend only has to provide
     cannot be stopped inside this process), so with item_timeout even workers=1 runs in one worker process.
 Backends: `_InlineBackend` (workers=1: this process, the given model object or one loaded from the path) and
 `_ProcessBackend` (workers=N, or item_timeout: N spawned processes, each loading its own model with `threads`
-threads). `ray=` is
-reserved for the Ray backend (not implemented yet: a ValueError says so).
+threads). `ray=` is reserved for the Ray backend (not implemented yet: a ValueError says so).
 """
 from __future__ import annotations
 
