@@ -404,6 +404,25 @@ class LanguageModel:
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
+    def close(self) -> None:
+        """Drop the weights: the checkpoint's memory maps and file descriptors are released now (or, for arrays
+        something else still holds, e.g. a live session, when the last of them goes). The model is unusable after.
+        Idempotent; `with LanguageModel.load(path) as lm:` closes on exit."""
+        ckpt, self._ckpt = self._ckpt, None
+        self._core, self._tensors = None, {}
+        if ckpt is not None and hasattr(ckpt, "close"):
+            ckpt.close()
+
+    def __enter__(self) -> "LanguageModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._core is None:
+            raise RuntimeError("this LanguageModel was closed; load it again with LanguageModel.load(path)")
+
     @property
     def weight_bytes(self) -> int:
         """Bytes of all weights as the engine holds them (mapped or converted)."""
@@ -421,9 +440,11 @@ class LanguageModel:
                              f"{max_context!r}")
         if not _is_int(chunk) or not 1 <= chunk <= CONTEXT_CAP:
             raise ValueError(f"chunk must be an int in [1, {CONTEXT_CAP}], got {chunk!r}")
+        self._check_open()
         return Session(self, max_context or self.max_context, self.n_threads, chunk)
 
     def embed(self, ids) -> np.ndarray:
+        self._check_open()
         return self._core.embed(np.asarray(ids, dtype=np.int32))
 
     # ------------------------------------------------------------------ generation
@@ -434,6 +455,7 @@ class LanguageModel:
 
         repetition_penalty: None = the checkpoint's generation_config.json value (1.0 if absent); as in
         transformers it covers the prompt ids and the generated ids."""
+        self._check_open()
         check_sampling(max_new_tokens, temperature, top_p, top_k, seed=seed, stop_ids=stop_ids,
                        vocab_size=self.vocab_size, max_new_tokens_limit=self.max_positions)
         if repetition_penalty is not None:

@@ -110,6 +110,29 @@ class QwenVL:
             raise
         return cls(dec, vis, tok, proc, image_token_id)
 
+    def close(self) -> None:
+        """Drop the weights: the checkpoint's memory maps and file descriptors are released now (or, for arrays
+        something else still holds, when the last of them goes). The model is unusable after. Idempotent."""
+        parts = [p for p in (self.decoder, self.vision) if p is not None]
+        self.decoder = self.vision = None
+        for p in parts:
+            if hasattr(p, "close"):
+                p.close()
+            else:
+                ck = getattr(p, "_ckpt", None)
+                if ck is not None and hasattr(ck, "close"):
+                    ck.close()
+
+    def __enter__(self) -> "QwenVL":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self.decoder is None:
+            raise RuntimeError("this QwenVL model was closed; load it again with QwenVL.load(path)")
+
     # ------------------------------------------------------------------ prompt and embeddings
     def build_prompt(self, text: str, system: Optional[str] = DEFAULT_SYSTEM) -> str:
         """The stock Qwen2.5-VL chat prompt with one image placeholder before the text."""
@@ -119,12 +142,14 @@ class QwenVL:
 
     def encode_image(self, image) -> Tuple[np.ndarray, Tuple[int, int, int]]:
         """Image (path, PIL image or uint8 array) -> merged image tokens [M, hidden] and grid_thw."""
+        self._check_open()
         arr = load_image(image)
         pixel_values, grid_thw, _ = self.processor(arr)
         return self.vision(pixel_values, grid_thw), tuple(int(v) for v in grid_thw)
 
     def prepare(self, image, text: str, system: Optional[str] = DEFAULT_SYSTEM, prompt: Optional[str] = None):
         """Token ids, input embeddings [L, hidden], M-RoPE positions [3, L] and the rope delta."""
+        self._check_open()
         if prompt is not None:
             full_text = check_text(prompt, "prompt")
         else:
@@ -152,6 +177,7 @@ class QwenVL:
                    repetition_penalty: Optional[float] = None) -> Iterator[int]:
         """repetition_penalty: None = generation_config.json's (as transformers); it covers the prompt ids (the
         image placeholder expanded to its <|image_pad|> run, as transformers' input_ids) and the generated ids."""
+        self._check_open()
         dec = self.decoder
         if stop_ids is not None and not isinstance(stop_ids, (str, bytes, dict)) and hasattr(stop_ids, "__iter__"):
             stop_ids = list(stop_ids)
