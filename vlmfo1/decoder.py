@@ -27,7 +27,7 @@ from ._native import core
 from .config_check import check_decoder, read_config_file
 from .generation import GenerationSettings, check_repetition_penalty
 from .safetensors import Checkpoint, check_tensors, round_bf16, stored_kind, weight
-from .threads import default_threads  # noqa: F401  (re-exported: vision, davit, hfre import it from here)
+from .threads import check_threads, default_threads  # noqa: F401  (re-exported to vision, davit, hfre)
 
 MODES = ("exact", "reference")
 
@@ -370,6 +370,8 @@ class LanguageModel:
         widened to F32), or "float32" / "bfloat16" to convert. compute: "f32" or "bf16" (how activations
         meet bf16 weights; default "bf16" when weights are bf16). The logits processors of the folder's
         generation_config.json (e.g. repetition_penalty) are applied as transformers applies them (`generation`)."""
+        check_options(mode, dtype, compute)
+        n_threads = check_threads(n_threads)
         path = os.fspath(path)
         raw = read_config(path)
         check_decoder(raw)        # before the weights are opened
@@ -391,14 +393,14 @@ class LanguageModel:
                         generation: Optional[GenerationSettings] = None,
                         default_context: int = 4096) -> "LanguageModel":
         check_options(mode, dtype, compute)
+        n_threads = check_threads(n_threads)
         config = DecoderConfig.from_dict(raw_config)
         max_context = check_max_context(max_context, config, default_context)   # before any weight is read
         tensors, stored = _collect_tensors(ckpt, config, dtype)
         if compute is None:
             compute = "bf16" if stored == "bf16" else "f32"
         tensors["inv_freq"] = rope_inv_freq(config.head_dim, config.rope_theta, mode)
-        n_threads = n_threads or default_threads()
-        return cls(config, tensors, mode, compute, int(n_threads), max_context, ckpt, generation_eos, generation)
+        return cls(config, tensors, mode, compute, n_threads, max_context, ckpt, generation_eos, generation)
 
     @property
     def vocab_size(self) -> int:

@@ -16,8 +16,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .config_check import check_decoder, check_vision
-from .decoder import (LanguageModel, Session, check_options, check_request_length, check_sampling, decode_stream,
-                      default_threads, read_config, read_generation_eos)
+from .decoder import (LanguageModel, Session, check_options, check_request_length, check_sampling, check_threads,
+                      decode_stream, read_config, read_generation_eos)
 from .generation import GenerationSettings, check_repetition_penalty
 from .image import QwenImageProcessor, load_image
 from .safetensors import Checkpoint
@@ -89,13 +89,13 @@ class QwenVL:
         from .tokenizer import Tokenizer
 
         check_options(mode, dtype, compute)
+        n_threads = check_threads(n_threads)
         path = os.fspath(path)
         raw = read_config(path)
         check_decoder(raw)        # both parts of config.json, before either tower is loaded
         check_vision(raw)
         ckpt = Checkpoint(path)
         try:
-            n_threads = n_threads or default_threads()
             dec = LanguageModel.from_checkpoint(ckpt, raw, mode=mode, compute=compute, dtype=dtype, n_threads=n_threads,
                                                 max_context=max_context, default_context=8192,
                                                 generation_eos=read_generation_eos(path),
