@@ -185,8 +185,12 @@ class QwenVL:
                        vocab_size=dec.vocab_size, max_new_tokens_limit=dec.max_positions)
         if repetition_penalty is not None:
             check_repetition_penalty(repetition_penalty)
-        if session is not None and session.n_past:
-            raise ValueError("the session must be empty (call reset())")
+        if session is not None:
+            if not isinstance(session, Session) or session.model is not dec:
+                raise TypeError(f"session must be None or a Session of this model's decoder (vl.decoder.session()), "
+                                f"got {type(session).__name__}")
+            if session.n_past:
+                raise ValueError("the session must be empty (call reset())")
         ids, emb, pos, delta = self.prepare(image, text, system, prompt)
         if session is None:
             check_request_length(dec, len(ids), max_new_tokens)
@@ -206,4 +210,6 @@ class QwenVL:
         return list(self.stream_ids(image, text, **kw))
 
     def generate(self, image, text: str, skip_special_tokens: bool = True, **kw) -> str:
+        if not isinstance(skip_special_tokens, (bool, np.bool_)):
+            raise TypeError(f"skip_special_tokens must be True or False, got {skip_special_tokens!r}")
         return self.tokenizer.decode(self.generate_ids(image, text, **kw), skip_special_tokens=skip_special_tokens)
