@@ -9,7 +9,8 @@ Validation (`read_header`): header length within the file and at most 100,000,00
 a few levels deep (checked before parsing, so hostile nesting cannot exhaust the stack), no duplicate keys, an object
 of tensor name -> {"dtype": known name, "shape": [non-negative ints], "data_offsets": [begin, end] ints} with an
 optional "__metadata__" object of str -> str, end - begin == dtype size x elements, and offsets that tile the data
-section exactly (sorted, no gap, no overlap, no trailing bytes). `model.safetensors.index.json` must map tensor names
+section exactly (sorted, no gap, no overlap, no trailing bytes). Shapes NumPy cannot hold (more than its 64
+dimensions, or more than 2**63 - 1 elements even with a zero dimension) are refused although the library takes them. `model.safetensors.index.json` must map tensor names
 to plain shard file names inside the folder. Every violation raises SafetensorsError (a ValueError) naming the file,
 the tensor and what was expected; a missing shard raises FileNotFoundError.
 
@@ -59,6 +60,20 @@ _MAX_INDEX = 100_000_000        # bytes of model.safetensors.index.json
 _MAX_HEADER_DEPTH = 64          # a valid header nests 3 deep ({name: {"shape": [...]}}); the library allows 128
 _MAX_INDEX_DEPTH = 64           # the index's "metadata" is free-form
 _MAX_ELEMENTS = 2**63 - 1       # NumPy's limit for one array
+
+
+def _numpy_max_dims() -> int:
+    """NumPy's limit on an array's number of dimensions (64 since NumPy 2.0, 32 before)."""
+    for n in (64, 32):
+        try:
+            np.empty((1,) * n, np.uint8)
+            return n
+        except ValueError:
+            continue
+    return 32
+
+
+_MAX_DIMS = _numpy_max_dims()
 _INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -185,6 +200,9 @@ def _entry(path: str, name: str, e, data_len: int) -> Tuple[str, tuple, int, int
     if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
         raise SafetensorsError(f"{where}: shape is {json.dumps(shape)[:80]}, expected a list of non-negative "
                                f"integers")
+    if len(shape) > _MAX_DIMS:     # the library has no such limit: a deviation NumPy forces (as for sizes below)
+        raise SafetensorsError(f"{where}: shape has {len(shape)} dimensions, beyond what a NumPy array can hold "
+                               f"(at most {_MAX_DIMS})")
     elements = 1
     for s in shape:
         elements *= s or 1

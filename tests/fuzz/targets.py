@@ -11,9 +11,10 @@ Targets (the input is the bytes of one file):
 
 A case's expectation: "refuse" (a clean refusal is required), "accept", "not_changed" (refused, or accepted with
 bit-identical outputs: a hostile value may be ignored but must never change the model silently), "oracle" (agree
-with the `safetensors` library: both refuse, or both accept with identical bytes) or "any" (accepted or cleanly
-refused). Every target fails a case on a crash, a hang or an unclear exception (anything but a ValueError,
-KeyError or TypeError subclass or a missing-file error with a message that names the file or folder it read).
+with the `safetensors` library: both refuse, or both accept with identical bytes; vlmfo1 may refuse a shape NumPy
+cannot hold, NUMPY_LIMIT) or "any" (accepted or cleanly refused). Every target fails a case on a crash, a hang or an
+unclear exception (anything but a ValueError, KeyError or TypeError subclass or a missing-file error with a message
+that names the file or folder it read).
 """
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ BOXES_IMAGE_WH = (640, 480)
 NAMES = {"safetensors": ("case.safetensors",), "qwen2_config": ("config.json",), "fo1_config": ("config.json",),
          "index": ("model.safetensors.index.json", "index"), "image": ("case.img", "image"),
          "boxes": ("case.json", "box")}   # after the file is read, a message about the boxes is clear
+
+
+# vlmfo1 refuses shapes NumPy cannot hold, which the safetensors library (it makes no arrays) accepts: the one
+# documented way its verdict may differ from the library's (vlmfo1/safetensors.py)
+NUMPY_LIMIT = "beyond what a NumPy array can hold"
 
 
 class Unclear(Exception):
@@ -255,6 +261,8 @@ def judge(expect: str, target: str, outcome: str, harness: "Harness | None" = No
         if not (accepted or refused):
             return outcome
         ok, lib = safetensors_oracle(data)
+        if ok and refused and NUMPY_LIMIT in outcome:
+            return ""   # a documented deviation: a shape NumPy cannot hold (too many dimensions or elements)
         if ok and refused:
             return f"wrong refusal (the safetensors library accepts it): {outcome}"
         if not ok and accepted:
