@@ -8,6 +8,9 @@ Targets (the input is the bytes of one file):
   index         model.safetensors.index.json of the sharded tiny Qwen2; as qwen2_config
   image         an image file, through the FO1 front end (decode, resize, both processors, box mapping)
   boxes         a --boxes JSON file, through the CLI reader and the FO1 proposal checks
+  config_check  config.json of a VLM-FO1 checkpoint through the schema check alone (vlmfo1/config_check.py, no
+                weights loaded): the fast target of benchmarks/fuzz_coverage.py; its saved findings go to
+                corpus/fo1_config/ and replay there through the full load
 
 A case's expectation: "refuse" (a clean refusal is required), "accept", "not_changed" (refused, or accepted with
 bit-identical outputs: a hostile value may be ignored but must never change the model silently), "oracle" (agree
@@ -34,7 +37,8 @@ BOXES_IMAGE_WH = (640, 480)
 # file names the refusal message must mention, per target (a message that names neither file nor key is unclear)
 NAMES = {"safetensors": ("case.safetensors",), "qwen2_config": ("config.json",), "fo1_config": ("config.json",),
          "index": ("model.safetensors.index.json", "index"), "image": ("case.img", "image"),
-         "boxes": ("case.json", "box")}   # after the file is read, a message about the boxes is clear
+         "boxes": ("case.json", "box"),   # after the file is read, a message about the boxes is clear
+         "config_check": ("config.json",)}
 
 
 # vlmfo1 refuses shapes NumPy cannot hold, which the safetensors library (it makes no arrays) accepts: the one
@@ -190,6 +194,16 @@ class Harness:
             if a.shape != b.shape or not np.array_equal(a, b):
                 raise Changed(f"{what} differ from the base checkpoint")
         return "same outputs"
+
+    def t_config_check(self, data: bytes):
+        from vlmfo1.config_check import check_fo1, read_config_file
+        d = os.path.join(self.scratch, "config_check")
+        os.makedirs(d, exist_ok=True)
+        p = os.path.join(d, "config.json")
+        with open(p, "wb") as f:
+            f.write(data)
+        check_fo1(read_config_file(p))
+        return ""
 
     def t_image(self, data: bytes):
         p = self._file("case.img", data)
