@@ -10,9 +10,12 @@ a few levels deep (checked before parsing, so hostile nesting cannot exhaust the
 of tensor name -> {"dtype": known name, "shape": [non-negative ints], "data_offsets": [begin, end] ints} with an
 optional "__metadata__" object of str -> str, end - begin == dtype size x elements, and offsets that tile the data
 section exactly (sorted, no gap, no overlap, no trailing bytes). Shapes NumPy cannot hold (more than its 64
-dimensions, or more than 2**63 - 1 elements even with a zero dimension) are refused although the library takes them. `model.safetensors.index.json` must map tensor names
-to plain shard file names inside the folder. Every violation raises SafetensorsError (a ValueError) naming the file,
-the tensor and what was expected; a missing shard raises FileNotFoundError.
+dimensions, or more than 2**63 - 1 elements even with a zero dimension) are refused although the library takes them,
+and so is a key twice in the header (the library keeps the last of two well-formed entries of one tensor name, and
+the last value of a metadata key): such a header reads differently in different JSON parsers.
+`model.safetensors.index.json` must map tensor names to plain shard file names inside the folder. Every violation
+raises SafetensorsError (a ValueError) naming the file, the tensor and what was expected; a missing shard raises
+FileNotFoundError.
 
 No object here references its owner, so a checkpoint's mappings and file descriptors are released by reference
 counting alone as soon as the last array viewing them goes; Checkpoint.close() releases what no array still uses,

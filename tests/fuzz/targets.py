@@ -15,9 +15,9 @@ Targets (the input is the bytes of one file):
 A case's expectation: "refuse" (a clean refusal is required), "accept", "not_changed" (refused, or accepted with
 bit-identical outputs: a hostile value may be ignored but must never change the model silently), "oracle" (agree
 with the `safetensors` library: both refuse, or both accept with identical bytes; vlmfo1 may refuse a shape NumPy
-cannot hold, NUMPY_LIMIT) or "any" (accepted or cleanly refused). Every target fails a case on a crash, a hang or an
-unclear exception (anything but a ValueError, KeyError or TypeError subclass or a missing-file error with a message
-that names the file or folder it read).
+cannot hold or a duplicate key: DEVIATIONS) or "any" (accepted or cleanly refused). Every target fails a case on a
+crash, a hang or an unclear exception (anything but a ValueError, KeyError or TypeError subclass or a missing-file
+error with a message that names the file or folder it read).
 """
 from __future__ import annotations
 
@@ -41,9 +41,16 @@ NAMES = {"safetensors": ("case.safetensors",), "qwen2_config": ("config.json",),
          "config_check": ("config.json",)}
 
 
-# vlmfo1 refuses shapes NumPy cannot hold, which the safetensors library (it makes no arrays) accepts: the one
-# documented way its verdict may differ from the library's (vlmfo1/safetensors.py)
-NUMPY_LIMIT = "beyond what a NumPy array can hold"
+# The documented ways vlmfo1's verdict on a safetensors file may differ from the library's (vlmfo1/safetensors.py):
+# refusals, found in the full message of vlmfo1's error, of files the library accepts.
+DEVIATIONS = {
+    # shapes NumPy cannot hold (more than its 64 dimensions, or elements past 2**63 - 1 beside a zero dimension);
+    # the library makes no arrays
+    "beyond what a NumPy array can hold": "a shape NumPy cannot hold",
+    # a key twice in the header JSON (two tensors of one name, a metadata key twice): the library keeps the last
+    # tensor entry if every one is well formed; vlmfo1 refuses the ambiguous header
+    "safetensors header has the key": "a duplicate JSON key",
+}
 
 
 class Unclear(Exception):
@@ -128,11 +135,13 @@ class Harness:
     def run(self, target: str, data: bytes) -> str:
         """-> "accepted" or "refused: <message>"; raises Unclear / Changed / anything unexpected."""
         fn = getattr(self, "t_" + target)
+        self.last_error = None
         try:
             detail = fn(data)
         except (Unclear, Changed):
             raise
         except CLEAN as exc:
+            self.last_error = exc     # the whole message (the outcome keeps 300 characters of it)
             msg = str(exc)
             if not msg.strip():
                 raise Unclear(f"{type(exc).__name__} with an empty message") from exc
@@ -275,8 +284,9 @@ def judge(expect: str, target: str, outcome: str, harness: "Harness | None" = No
         if not (accepted or refused):
             return outcome
         ok, lib = safetensors_oracle(data)
-        if ok and refused and NUMPY_LIMIT in outcome:
-            return ""   # a documented deviation: a shape NumPy cannot hold (too many dimensions or elements)
+        full = str(getattr(harness, "last_error", None) or outcome)
+        if ok and refused and any(m in full for m in DEVIATIONS):
+            return ""   # a documented deviation
         if ok and refused:
             return f"wrong refusal (the safetensors library accepts it): {outcome}"
         if not ok and accepted:
