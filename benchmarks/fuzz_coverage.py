@@ -955,7 +955,8 @@ def main(argv=None) -> int:
     cmd = "python benchmarks/fuzz_coverage.py " + " ".join(sys.argv[1:] if argv is None else argv)
     targets = list(dict.fromkeys(args.target or TARGETS))
     t0 = time.monotonic()
-    fo1 = os.path.abspath(fo1_checkpoint(args.fo1))
+    # the FO1 checkpoint: the model of the image and boxes targets, the base config.json of the config target
+    fo1 = os.path.abspath(fo1_checkpoint(args.fo1)) if set(targets) - {"safetensors"} else ""
     tmp = None
     if args.workdir is None:
         tmp = tempfile.mkdtemp(prefix="vlmfo1-fuzzcov-")
