@@ -27,7 +27,7 @@ from ._native import core
 from .config_check import check_decoder, read_config_file
 from .generation import GenerationSettings, check_repetition_penalty
 from .safetensors import Checkpoint, check_tensors, round_bf16, stored_kind, weight
-from .threads import default_threads  # noqa: F401  (re-exported: vision, davit, hfre import it from here)
+from .threads import check_threads, default_threads  # noqa: F401  (re-exported to vision, davit, hfre)
 
 MODES = ("exact", "reference")
 
@@ -370,6 +370,8 @@ class LanguageModel:
         widened to F32), or "float32" / "bfloat16" to convert. compute: "f32" or "bf16" (how activations
         meet bf16 weights; default "bf16" when weights are bf16). The logits processors of the folder's
         generation_config.json (e.g. repetition_penalty) are applied as transformers applies them (`generation`)."""
+        check_options(mode, dtype, compute)
+        n_threads = check_threads(n_threads)
         path = os.fspath(path)
         raw = read_config(path)
         check_decoder(raw)        # before the weights are opened
@@ -391,18 +393,37 @@ class LanguageModel:
                         generation: Optional[GenerationSettings] = None,
                         default_context: int = 4096) -> "LanguageModel":
         check_options(mode, dtype, compute)
+        n_threads = check_threads(n_threads)
         config = DecoderConfig.from_dict(raw_config)
         max_context = check_max_context(max_context, config, default_context)   # before any weight is read
         tensors, stored = _collect_tensors(ckpt, config, dtype)
         if compute is None:
             compute = "bf16" if stored == "bf16" else "f32"
         tensors["inv_freq"] = rope_inv_freq(config.head_dim, config.rope_theta, mode)
-        n_threads = n_threads or default_threads()
-        return cls(config, tensors, mode, compute, int(n_threads), max_context, ckpt, generation_eos, generation)
+        return cls(config, tensors, mode, compute, n_threads, max_context, ckpt, generation_eos, generation)
 
     @property
     def vocab_size(self) -> int:
         return self.config.vocab_size
+
+    def close(self) -> None:
+        """Drop the weights: the checkpoint's memory maps and file descriptors are released now (or, for arrays
+        something else still holds, e.g. a live session, when the last of them goes). The model is unusable after.
+        Idempotent; `with LanguageModel.load(path) as lm:` closes on exit."""
+        ckpt, self._ckpt = self._ckpt, None
+        self._core, self._tensors = None, {}
+        if ckpt is not None and hasattr(ckpt, "close"):
+            ckpt.close()
+
+    def __enter__(self) -> "LanguageModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._core is None:
+            raise RuntimeError("this LanguageModel was closed; load it again with LanguageModel.load(path)")
 
     @property
     def weight_bytes(self) -> int:
@@ -421,9 +442,11 @@ class LanguageModel:
                              f"{max_context!r}")
         if not _is_int(chunk) or not 1 <= chunk <= CONTEXT_CAP:
             raise ValueError(f"chunk must be an int in [1, {CONTEXT_CAP}], got {chunk!r}")
+        self._check_open()
         return Session(self, max_context or self.max_context, self.n_threads, chunk)
 
     def embed(self, ids) -> np.ndarray:
+        self._check_open()
         return self._core.embed(np.asarray(ids, dtype=np.int32))
 
     # ------------------------------------------------------------------ generation
@@ -434,6 +457,7 @@ class LanguageModel:
 
         repetition_penalty: None = the checkpoint's generation_config.json value (1.0 if absent); as in
         transformers it covers the prompt ids and the generated ids."""
+        self._check_open()
         check_sampling(max_new_tokens, temperature, top_p, top_k, seed=seed, stop_ids=stop_ids,
                        vocab_size=self.vocab_size, max_new_tokens_limit=self.max_positions)
         if repetition_penalty is not None:

@@ -165,7 +165,8 @@ def load_image(src: Any, apply_exif: bool = False, high_bit_depth: str = "clip")
             raise ImageDecodeError(f"cannot decode image file {path}: {exc}") from exc.__cause__
         except Image.DecompressionBombError as exc:
             raise ValueError(f"image file {path} is too large for Pillow's safety limit: {exc}") from exc
-        except (OSError, SyntaxError, EOFError) as exc:  # UnidentifiedImageError is an OSError
+        except (OSError, SyntaxError, EOFError, ValueError) as exc:  # UnidentifiedImageError is an OSError;
+            # Pillow's parsers raise ValueError too while Image.open reads the header (a PNG with a truncated IHDR)
             raise ImageDecodeError(f"cannot read image file {path}: {exc}") from exc
     if isinstance(src, Image.Image):
         if apply_exif:

@@ -16,8 +16,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .config_check import check_decoder, check_vision
-from .decoder import (LanguageModel, Session, check_options, check_request_length, check_sampling, decode_stream,
-                      default_threads, read_config, read_generation_eos)
+from .decoder import (LanguageModel, Session, check_options, check_request_length, check_sampling, check_threads,
+                      decode_stream, read_config, read_generation_eos)
 from .generation import GenerationSettings, check_repetition_penalty
 from .image import QwenImageProcessor, load_image
 from .safetensors import Checkpoint
@@ -89,13 +89,13 @@ class QwenVL:
         from .tokenizer import Tokenizer
 
         check_options(mode, dtype, compute)
+        n_threads = check_threads(n_threads)
         path = os.fspath(path)
         raw = read_config(path)
         check_decoder(raw)        # both parts of config.json, before either tower is loaded
         check_vision(raw)
         ckpt = Checkpoint(path)
         try:
-            n_threads = n_threads or default_threads()
             dec = LanguageModel.from_checkpoint(ckpt, raw, mode=mode, compute=compute, dtype=dtype, n_threads=n_threads,
                                                 max_context=max_context, default_context=8192,
                                                 generation_eos=read_generation_eos(path),
@@ -110,6 +110,29 @@ class QwenVL:
             raise
         return cls(dec, vis, tok, proc, image_token_id)
 
+    def close(self) -> None:
+        """Drop the weights: the checkpoint's memory maps and file descriptors are released now (or, for arrays
+        something else still holds, when the last of them goes). The model is unusable after. Idempotent."""
+        parts = [p for p in (self.decoder, self.vision) if p is not None]
+        self.decoder = self.vision = None
+        for p in parts:
+            if hasattr(p, "close"):
+                p.close()
+            else:
+                ck = getattr(p, "_ckpt", None)
+                if ck is not None and hasattr(ck, "close"):
+                    ck.close()
+
+    def __enter__(self) -> "QwenVL":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self.decoder is None:
+            raise RuntimeError("this QwenVL model was closed; load it again with QwenVL.load(path)")
+
     # ------------------------------------------------------------------ prompt and embeddings
     def build_prompt(self, text: str, system: Optional[str] = DEFAULT_SYSTEM) -> str:
         """The stock Qwen2.5-VL chat prompt with one image placeholder before the text."""
@@ -119,12 +142,14 @@ class QwenVL:
 
     def encode_image(self, image) -> Tuple[np.ndarray, Tuple[int, int, int]]:
         """Image (path, PIL image or uint8 array) -> merged image tokens [M, hidden] and grid_thw."""
+        self._check_open()
         arr = load_image(image)
         pixel_values, grid_thw, _ = self.processor(arr)
         return self.vision(pixel_values, grid_thw), tuple(int(v) for v in grid_thw)
 
     def prepare(self, image, text: str, system: Optional[str] = DEFAULT_SYSTEM, prompt: Optional[str] = None):
         """Token ids, input embeddings [L, hidden], M-RoPE positions [3, L] and the rope delta."""
+        self._check_open()
         if prompt is not None:
             full_text = check_text(prompt, "prompt")
         else:
@@ -152,6 +177,7 @@ class QwenVL:
                    repetition_penalty: Optional[float] = None) -> Iterator[int]:
         """repetition_penalty: None = generation_config.json's (as transformers); it covers the prompt ids (the
         image placeholder expanded to its <|image_pad|> run, as transformers' input_ids) and the generated ids."""
+        self._check_open()
         dec = self.decoder
         if stop_ids is not None and not isinstance(stop_ids, (str, bytes, dict)) and hasattr(stop_ids, "__iter__"):
             stop_ids = list(stop_ids)
@@ -159,8 +185,12 @@ class QwenVL:
                        vocab_size=dec.vocab_size, max_new_tokens_limit=dec.max_positions)
         if repetition_penalty is not None:
             check_repetition_penalty(repetition_penalty)
-        if session is not None and session.n_past:
-            raise ValueError("the session must be empty (call reset())")
+        if session is not None:
+            if not isinstance(session, Session) or session.model is not dec:
+                raise TypeError(f"session must be None or a Session of this model's decoder (vl.decoder.session()), "
+                                f"got {type(session).__name__}")
+            if session.n_past:
+                raise ValueError("the session must be empty (call reset())")
         ids, emb, pos, delta = self.prepare(image, text, system, prompt)
         if session is None:
             check_request_length(dec, len(ids), max_new_tokens)
@@ -180,4 +210,6 @@ class QwenVL:
         return list(self.stream_ids(image, text, **kw))
 
     def generate(self, image, text: str, skip_special_tokens: bool = True, **kw) -> str:
+        if not isinstance(skip_special_tokens, (bool, np.bool_)):
+            raise TypeError(f"skip_special_tokens must be True or False, got {skip_special_tokens!r}")
         return self.tokenizer.decode(self.generate_ids(image, text, **kw), skip_special_tokens=skip_special_tokens)

@@ -9,9 +9,14 @@ Validation (`read_header`): header length within the file and at most 100,000,00
 a few levels deep (checked before parsing, so hostile nesting cannot exhaust the stack), no duplicate keys, an object
 of tensor name -> {"dtype": known name, "shape": [non-negative ints], "data_offsets": [begin, end] ints} with an
 optional "__metadata__" object of str -> str, end - begin == dtype size x elements, and offsets that tile the data
-section exactly (sorted, no gap, no overlap, no trailing bytes). `model.safetensors.index.json` must map tensor names
-to plain shard file names inside the folder. Every violation raises SafetensorsError (a ValueError) naming the file,
-the tensor and what was expected; a missing shard raises FileNotFoundError.
+section exactly (sorted, no gap, no overlap, no trailing bytes). Shapes NumPy cannot hold (more than its 64
+dimensions, or more than 2**63 - 1 bytes counting the non-zero dimensions, as NumPy counts even an empty array) are
+refused although the library takes them, and so is a key twice in the header (the library keeps the last of two
+well-formed entries of one tensor name, and the last value of a metadata key): such a header reads differently in
+different JSON parsers.
+`model.safetensors.index.json` must map tensor names to plain shard file names inside the folder. Every violation
+raises SafetensorsError (a ValueError) naming the file, the tensor and what was expected; a missing shard raises
+FileNotFoundError.
 
 No object here references its owner, so a checkpoint's mappings and file descriptors are released by reference
 counting alone as soon as the last array viewing them goes; Checkpoint.close() releases what no array still uses,
@@ -58,7 +63,21 @@ _MAX_HEADER = 100_000_000       # bytes, the `safetensors` library's limit
 _MAX_INDEX = 100_000_000        # bytes of model.safetensors.index.json
 _MAX_HEADER_DEPTH = 64          # a valid header nests 3 deep ({name: {"shape": [...]}}); the library allows 128
 _MAX_INDEX_DEPTH = 64           # the index's "metadata" is free-form
-_MAX_ELEMENTS = 2**63 - 1       # NumPy's limit for one array
+_MAX_NBYTES = 2**63 - 1         # NumPy's limit for one array: elements (zero dimensions skipped) x item size
+
+
+def _numpy_max_dims() -> int:
+    """NumPy's limit on an array's number of dimensions (64 since NumPy 2.0, 32 before)."""
+    for n in (64, 32):
+        try:
+            np.empty((1,) * n, np.uint8)
+            return n
+        except ValueError:
+            continue
+    return 32
+
+
+_MAX_DIMS = _numpy_max_dims()
 _INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -185,13 +204,17 @@ def _entry(path: str, name: str, e, data_len: int) -> Tuple[str, tuple, int, int
     if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
         raise SafetensorsError(f"{where}: shape is {json.dumps(shape)[:80]}, expected a list of non-negative "
                                f"integers")
+    if len(shape) > _MAX_DIMS:     # the library has no such limit: a deviation NumPy forces (as for sizes below)
+        raise SafetensorsError(f"{where}: shape has {len(shape)} dimensions, beyond what a NumPy array can hold "
+                               f"(at most {_MAX_DIMS})")
     elements = 1
     for s in shape:
         elements *= s or 1
-    if elements > _MAX_ELEMENTS:   # (zero dims are skipped: NumPy refuses such a shape even when it is empty)
+    item = _DTYPES[dtype][1] if dtype in _DTYPES else 1     # (sub-byte dtypes are never made into arrays)
+    if elements * item > _MAX_NBYTES:   # zero dims are skipped: NumPy refuses such a shape even when it is empty
         what = (f"its other dimensions multiply to {elements}" if 0 in shape else f"it has {elements} elements")
-        raise SafetensorsError(f"{where}: shape {shape} is beyond what a NumPy array can hold: {what}, more than "
-                               f"2**63 - 1")
+        raise SafetensorsError(f"{where}: shape {shape} is beyond what a NumPy array can hold: {what}, x {item} "
+                               f"bytes each is more than 2**63 - 1 bytes")
     elements = 0 if 0 in shape else elements
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int and o >= 0 for o in offsets):
         raise SafetensorsError(f"{where}: data_offsets is {json.dumps(offsets)[:80]}, expected [begin, end], two "

@@ -7,6 +7,7 @@ limited to 2 CPUs on a 64-core host gets 2, not 64.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 from typing import Optional
@@ -72,3 +73,21 @@ def default_threads() -> int:
         if n is not None:
             return min(n, 256)
     return min(available_cpus(), 256)
+
+
+MAX_THREADS = 256   # the C core's limit per pool
+
+
+def check_threads(n_threads, what: str = "n_threads") -> int:
+    """A thread-count load option: None -> default_threads(); else an int in [1, MAX_THREADS]. A bool, float or
+    string is a TypeError and an int out of range a ValueError, both naming the option (never silently the default,
+    truncated, or a pool of a million threads at the first request)."""
+    if n_threads is None:
+        return default_threads()
+    if isinstance(n_threads, bool) or not isinstance(n_threads, numbers.Integral):
+        raise TypeError(f"{what} must be None or an int in [1, {MAX_THREADS}], got {type(n_threads).__name__} "
+                        f"{n_threads!r}")
+    if not 1 <= n_threads <= MAX_THREADS:
+        raise ValueError(f"{what} must be in [1, {MAX_THREADS}] (None = the CPUs this process may use), got "
+                         f"{n_threads}")
+    return int(n_threads)

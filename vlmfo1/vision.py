@@ -16,7 +16,7 @@ import numpy as np
 
 from ._native import core
 from .config_check import check_vision
-from .decoder import check_options, default_threads, rope_inv_freq
+from .decoder import check_options, check_threads, rope_inv_freq
 from .safetensors import Checkpoint, check_tensors, stored_kind, weight
 
 _PREFIXES = ("model.vision_tower.image_tower.", "model.visual.", "visual.", "vision_tower.")
@@ -76,6 +76,7 @@ class VisionTower:
                         dtype: Optional[str] = None, n_threads: Optional[int] = None,
                         prefix: Optional[str] = None) -> "VisionTower":
         check_options(mode, dtype, compute)
+        n_threads = check_threads(n_threads)
         config = VisionConfig.from_dict(raw_config)
         if prefix is None:
             prefix = next((p for p in _PREFIXES if p + "patch_embed.proj.weight" in ckpt), None)
@@ -86,7 +87,7 @@ class VisionTower:
         if compute is None:
             compute = "bf16" if stored == "bf16" else "f32"
         tensors["inv_freq"] = vision_inv_freq(config.head_dim, config.rope_theta, mode)
-        return cls(config, tensors, mode, compute, int(n_threads or default_threads()), ckpt)
+        return cls(config, tensors, mode, compute, n_threads, ckpt)
 
     @property
     def n_full(self) -> int:
