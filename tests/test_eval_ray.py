@@ -257,6 +257,33 @@ def test_ray_kill_of_an_actor_then_ctrl_c_of_the_driver_then_resume(cluster, dat
     assert len(recs) == n + rep["run"]["ran_now"] and len({r["key"] for r in recs if "record" in r}) == 11
 
 
+def test_an_item_that_takes_too_long_kills_its_actor(cluster, data):
+    """RayBackend(item_timeout=T) at the Backend level: an item slower than T -> its actor is killed and a
+    ("timeout", w, reason) event says so (the scheduler retries it like a death); the chunk's other items are the
+    scheduler's again (no result for them)."""
+    from vlmfo1.eval.ray_backend import RayBackend
+    from vlmfo1.eval.runner import ModelSpec
+
+    items = evaluator(data).items()[:2]
+    b = RayBackend(evaluator(data), ModelSpec.of(functools.partial(SlowStandIn, str(ANN), delay=60)), 1, 1,
+                   cluster["address"], item_timeout=1.0)
+    try:
+        b.start()
+        deadline = time.monotonic() + 60
+        while not b.idle() and time.monotonic() < deadline:
+            assert b.poll(0.2) == []
+        assert b.idle() == [0]
+        t0 = time.monotonic()
+        b.submit(0, items)
+        events = []
+        while not events and time.monotonic() < deadline:
+            events = b.poll(0.5)
+        assert events == [("timeout", 0, "no answer within 1 s; the Ray actor was killed")]
+        assert 1.0 < time.monotonic() - t0 < 10 and b.state[0] == "dead" and b.actors[0] is None
+    finally:
+        b.close()
+
+
 # ---------------------------------------------------------------------------------------------- the CLI, real model
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,9 @@ the process backend, so a Ray run gives byte-identical files):
     its chunk put back in the queue and a replacement actor is started; the item it was running is tried at most
     `max_attempts` times, as with worker processes. An actor found dead before it started a chunk (killed while
     idle) does not count against the chunk's items: a new actor takes the chunk (at most workers + 2 times);
+  - `item_timeout` (seconds, RayBackend(item_timeout=...), the process backend's option): an actor whose current item
+    has run longer is killed, a ("timeout", w, reason) event, which the scheduler treats like a death (retried up to
+    `max_attempts`, then a WorkerTimeout error record);
   - a model that cannot be loaded (or an evaluator / factory that an actor cannot import) stops the run with the
     actor's error; Ctrl-C or any error kills the actors (`ray.kill`) and disconnects the driver if it connected.
 
@@ -145,12 +148,12 @@ class RayBackend(Backend):
     construction, which connects to the cluster."""
 
     def __init__(self, evaluator: Evaluator, spec: ModelSpec, threads: Optional[int], workers: Optional[int],
-                 address: str, max_workers: Optional[int] = None):
+                 address: str, max_workers: Optional[int] = None, item_timeout: Optional[float] = None):
         if spec.kind == "object":
             raise ValueError("Ray actors load the model themselves: pass the checkpoint folder path (memory-mapped "
                              "on each node), not a loaded model")
         ray = _import_ray(address)
-        self.ray, self.address = ray, address
+        self.ray, self.address, self.item_timeout = ray, address, item_timeout
         self.owns_connection = False
         if not ray.is_initialized():
             ray.init(address=address, logging_level=logging.WARNING)
@@ -180,6 +183,7 @@ class RayBackend(Backend):
         self.waiting: List[Optional[List[Item]]] = [None] * self.n   # the chunk of an actor that is (re)starting
         self.ping_ref: List[Any] = [None] * self.n
         self.calls: List[Deque[Tuple[Item, Any]]] = [deque() for _ in range(self.n)]
+        self.item_started: List[float] = [0.0] * self.n   # when the actor's current item began (about)
         self.generation = [0] * self.n
         self.silent_deaths, self.silent_budget = 0, self.n + 2
 
@@ -231,6 +235,7 @@ class RayBackend(Backend):
         self.ping_ref[w] = actor.ping.remote()            # answered => the actor was alive when the chunk began
         self.calls[w] = deque((it, actor.run.remote(it)) for it in items)
         self.state[w] = "busy"
+        self.item_started[w] = time.monotonic()
 
     def start(self) -> None:
         for w in range(self.n):
@@ -332,6 +337,7 @@ class RayBackend(Backend):
                 return
             calls.popleft()
             self.ping_ref[w] = None
+            self.item_started[w] = time.monotonic()
             events.append(("result", w, item.key, entry))
         self.state[w] = "idle"
         events.append(("done", w))
@@ -347,6 +353,11 @@ class RayBackend(Backend):
         if not watch:
             time.sleep(min(timeout, 0.05))
             return []
+        if self.item_timeout is not None:              # wake up for the first item deadline
+            due = [self.item_started[w] + self.item_timeout for w in range(self.n)
+                   if self.state[w] == "busy" and self.calls[w]]
+            if due:
+                timeout = max(0.0, min(timeout, min(due) - time.monotonic()))
         ray.wait(watch, num_returns=1, timeout=timeout)
         events: List[tuple] = []
         for w in range(self.n):
@@ -356,6 +367,11 @@ class RayBackend(Backend):
                     self._check_ready(w, events)
             if self.state[w] == "busy":
                 self._drain(w, events)
+            if (self.item_timeout is not None and self.state[w] == "busy" and self.calls[w]
+                    and time.monotonic() - self.item_started[w] > self.item_timeout):
+                self._kill(w)                          # its unanswered items go back to the scheduler
+                self.calls[w], self.ping_ref[w], self.state[w] = deque(), None, "dead"
+                events.append(("timeout", w, f"no answer within {self.item_timeout:g} s; the Ray actor was killed"))
         return events
 
     # ---- the end
