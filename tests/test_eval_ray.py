@@ -15,6 +15,7 @@ import _thread
 import faulthandler
 import functools
 import importlib.util
+import inspect
 import json
 import os
 import secrets
@@ -282,6 +283,22 @@ def test_an_item_that_takes_too_long_kills_its_actor(cluster, data):
         assert 1.0 < time.monotonic() - t0 < 10 and b.state[0] == "dead" and b.actors[0] is None
     finally:
         b.close()
+
+
+@pytest.mark.skipif("item_timeout" not in inspect.signature(run).parameters
+                    or "hang_always" not in inspect.signature(OracleStandIn).parameters,
+                    reason="this runner has no item_timeout (it comes with the process backend's, branch wt-evali)")
+def test_item_timeout_through_run(cluster, data, reference, tmp_path):
+    """run(ray=..., item_timeout=T) (once the runner has item_timeout): an item that always hangs is killed after T
+    and tried twice -> a WorkerTimeout error record; every other item as in one process."""
+    names = data["names"]
+    model = functools.partial(OracleStandIn, str(ANN), hang_always=[names[5]])
+    rep = go(data, tmp_path / "run", model, limit=8, ray=cluster["address"], workers=2, threads=1, chunk_size=2,
+             item_timeout=2)
+    preds, ref = lines(tmp_path / "run" / "predictions.jsonl"), lines(reference / "predictions.jsonl")[:8]
+    assert preds[5]["error"] == ("WorkerTimeout: this item timed out (no answer within 2 s; the Ray actor was "
+                                 "killed), 2 times")
+    assert preds[:5] + preds[6:] == ref[:5] + ref[6:] and rep["run"]["errors"] == 2
 
 
 # ---------------------------------------------------------------------------------------------- the CLI, real model
