@@ -55,13 +55,16 @@ def _add_eval_run_args(p) -> None:
     _add_model_args(p, "reference", 8192)
     p.add_argument("--out", required=True, metavar="RUN_DIR",
                    help="the run folder (run.json, records.jsonl, predictions.jsonl, report.json); rerun to resume")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="worker processes, each with its own model (default 1); threads are split among them")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="worker processes, each with its own model (default 1); threads are split among them. With "
+                        "--ray: the number of Ray actors (default: one per slot of --threads CPUs)")
     p.add_argument("--limit", type=int, metavar="K", help="only the first K items (scored on their own)")
     p.add_argument("--item-timeout", type=float, metavar="SECONDS",
                    help="kill a worker that spends longer on one item and retry the item once, then record it as "
                         "failed (WorkerTimeout); items then run in worker processes (default: no limit)")
-    p.add_argument("--ray", metavar="ADDRESS", help="run on a Ray cluster (address or 'auto'; not available yet)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="run on a Ray cluster (HOST:PORT or 'auto'; pip install 'vlmfo1[ray]'): one actor per slot, "
+                        "each loading the model from --model, which every node must see at the same path")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -37,13 +37,14 @@ Execution (one code path for every backend, so a Ray backend only has to provide
     the item it was running is tried at most `max_attempts` times (default 2) and then gets an error record
     ("worker died ... while running this item"); a new worker takes the dead one's place. Deaths outside an item
     (e.g. while loading the model) are bounded too (RuntimeError after workers + 2);
-  - `item_timeout` (seconds, default None = no limit): a worker process that has not answered its current item
-    within it is killed and replaced, and the item is retried like one that killed its worker (at most
+  - `item_timeout` (seconds, default None = no limit): a worker process (or Ray actor) that has not answered its
+    current item within it is killed and replaced, and the item is retried like one that killed its worker (at most
     `max_attempts` tries, then an error record "WorkerTimeout: ..."). It needs a worker process (a hung item
     cannot be stopped inside this process), so with item_timeout even workers=1 runs in one worker process.
-Backends: `_InlineBackend` (workers=1: this process, the given model object or one loaded from the path) and
+Backends: `_InlineBackend` (workers=1: this process, the given model object or one loaded from the path),
 `_ProcessBackend` (workers=N, or item_timeout: N spawned processes, each loading its own model with `threads`
-threads). `ray=` is reserved for the Ray backend (not implemented yet: a ValueError says so).
+threads) and `RayBackend` (ray="ADDRESS" or "auto": actors on a Ray cluster, one per slot of `threads` CPUs or
+`workers` of them; see vlmfo1/eval/ray_backend.py).
 """
 from __future__ import annotations
 
@@ -729,7 +730,7 @@ def _check_int(name: str, v: Any, lo: int, allow_none: bool = False) -> None:
 
 # ---------------------------------------------------------------------------------------------- run
 
-def run(evaluator: Evaluator, model, out_dir, *, workers: int = 1, threads: Optional[int] = None,
+def run(evaluator: Evaluator, model, out_dir, *, workers: Optional[int] = None, threads: Optional[int] = None,
         limit: Optional[int] = None, progress=True, ray: Optional[str] = None, retry_errors: bool = True,
         chunk_size: Optional[int] = None, max_attempts: int = 2, model_options: Optional[Mapping[str, Any]] = None,
         summary: bool = True, item_timeout: Optional[float] = None) -> Dict[str, Any]:
@@ -737,18 +738,19 @@ def run(evaluator: Evaluator, model, out_dir, *, workers: int = 1, threads: Opti
 
     model: a checkpoint folder (each worker loads VLMFO1.from_pretrained(path, threads=..., **model_options)), a
     loaded model (workers=1 only), or a factory `factory(threads=T)` returning a model (tests).
-    workers: processes (each its own model); threads: threads per worker (default: the CPUs split evenly among the
-    workers; with workers=1 the model's default). limit: the first `limit` items only (scored on their own).
-    progress: a tqdm bar (True / False / a dict of tqdm options). ray: a Ray address (not implemented yet).
+    workers: processes (each its own model; default 1); threads: threads per worker (default: the CPUs split evenly
+    among the workers; with workers=1 the model's default). limit: the first `limit` items only (scored on their own).
+    progress: a tqdm bar (True / False / a dict of tqdm options). ray: a Ray cluster address or "auto" (Ray actors
+    instead of processes; workers: the number of actors, default one per slot of `threads` CPUs; see ray_backend).
     retry_errors: run items whose last attempt failed again (default). summary: print the summary table.
     item_timeout: seconds a worker may spend on one item before it is killed and the item retried (then recorded
     as a WorkerTimeout error); runs the items in worker processes (even with workers=1). Default: no limit.
     See the module doc for the files, the resume rules and how workers are handled."""
-    if ray is not None:
-        raise ValueError(f"the Ray backend (ray={ray!r}) is not implemented yet: use workers=N on one machine")
     if not isinstance(evaluator, Evaluator):
         raise TypeError(f"evaluator must be a vlmfo1.eval.Evaluator, got {type(evaluator).__name__}")
-    _check_int("workers", workers, 1)
+    _check_int("workers", workers, 1, allow_none=True)
+    if ray is not None and (not isinstance(ray, str) or not ray.strip()):
+        raise ValueError(f"ray must be a Ray cluster address or 'auto', got {ray!r}")
     _check_int("threads", threads, 1, allow_none=True)
     _check_int("limit", limit, 0, allow_none=True)
     _check_int("chunk_size", chunk_size, 1, allow_none=True)
@@ -758,10 +760,17 @@ def run(evaluator: Evaluator, model, out_dir, *, workers: int = 1, threads: Opti
         raise ValueError(f"item_timeout must be a positive number of seconds or None, got {item_timeout!r}")
     out_dir = os.fspath(out_dir)
     spec = ModelSpec.of(model, model_options)
-    if spec.kind == "object" and (workers > 1 or item_timeout is not None):
+    if spec.kind == "object" and ray is not None:
+        raise ValueError("Ray actors load the model themselves: pass the checkpoint folder path (memory-mapped on "
+                         "each node), not a loaded model")
+    if spec.kind == "object" and ((workers or 1) > 1 or item_timeout is not None):
         raise ValueError("a loaded model cannot be shared with worker processes (workers > 1, or item_timeout, "
                          "which runs the items in a worker process): pass its checkpoint folder path (each worker "
                          "loads it, memory-mapped) or use workers=1 without item_timeout")
+    if ray is not None:
+        from .ray_backend import check_ray
+
+        check_ray()                                   # before anything is written
     t_start = time.perf_counter()
 
     items = list(evaluator.items())                  # validates the inputs before anything else
@@ -774,7 +783,8 @@ def run(evaluator: Evaluator, model, out_dir, *, workers: int = 1, threads: Opti
         raise ValueError(f"{type(evaluator).__name__}.items(): the key {dup!r} appears twice")
     scope = items if limit is None else items[:limit]
     spec.precheck()
-    per_worker_threads = _split_threads(workers, threads)
+    n_workers = workers or 1
+    per_worker_threads = _split_threads(n_workers, threads) if ray is None else threads
     meta = {"format": RUN_FORMAT, "evaluator": evaluator.name, "settings": _json_norm(evaluator.settings()),
             "model": _json_norm(spec.identity())}
     try:
@@ -825,10 +835,18 @@ def run(evaluator: Evaluator, model, out_dir, *, workers: int = 1, threads: Opti
         backend: Optional[Backend] = None
         try:
             if todo:
-                cs = chunk_size or _default_chunk_size(len(todo), workers)
+                if ray is not None:
+                    from .ray_backend import RayBackend
+
+                    backend = RayBackend(evaluator, spec, threads, workers, ray, max_workers=len(todo),
+                                         item_timeout=item_timeout)
+                    n_workers, per_worker_threads = backend.n, backend.threads
+                else:
+                    backend = (_InlineBackend(evaluator, spec, per_worker_threads)
+                               if n_workers == 1 and item_timeout is None else
+                               _ProcessBackend(evaluator, spec, per_worker_threads, n_workers, item_timeout))
+                cs = chunk_size or _default_chunk_size(len(todo), n_workers)
                 chunks = [todo[i:i + cs] for i in range(0, len(todo), cs)]
-                backend = (_InlineBackend(evaluator, spec, per_worker_threads) if workers == 1 and item_timeout is None
-                           else _ProcessBackend(evaluator, spec, per_worker_threads, workers, item_timeout))
                 backend.start()
                 _schedule(backend, chunks, write, max_attempts)
         except KeyboardInterrupt:
@@ -859,7 +877,7 @@ def run(evaluator: Evaluator, model, out_dir, *, workers: int = 1, threads: Opti
             "out_dir": os.path.abspath(out_dir), "items": len(scope), "of_items": len(items), "limit": limit,
             "records": len(records), "errors": len(failed),
             "error_examples": [{"key": k, "error": e} for k, e in failed[:10]],
-            "ran_now": len(todo), "workers": workers, "threads_per_worker": per_worker_threads,
+            "ran_now": len(todo), "workers": n_workers, "threads_per_worker": per_worker_threads,
             "seconds": round(time.perf_counter() - t_start, 3),
             "items_per_second_now": round(len(todo) / elapsed_items, 4) if todo and elapsed_items > 0 else None,
             "mean_item_seconds": round(sum(seconds) / len(seconds), 4) if seconds else None,
