@@ -157,3 +157,22 @@ def write_proposals_jsonl(annotations, path, seed=0, max_boxes=100, per_gt=2, cl
                                 "bbox_list": [boxes[i] for i in order], "score_list": [scores[i] for i in order]})
                     + "\n")
     return path
+
+
+def kill_after_first_record(cmd, out, env, cwd, timeout=120):
+    """Start `cmd` (a `vlmfo1 eval` run into the folder `out`), SIGKILL it once records.jsonl has a complete line (so
+    the kill is mid-run) and return how many lines the file then has."""
+    import subprocess
+    from pathlib import Path
+
+    p = subprocess.Popen(cmd, cwd=str(cwd), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    rec = Path(out) / "records.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and p.poll() is None:
+        if rec.exists() and rec.read_bytes().count(b"\n") >= 1:
+            break
+        time.sleep(0.01)
+    assert p.poll() is None, p.communicate()                   # still running: the kill is mid-run
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    return rec.read_bytes().count(b"\n")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from eval_doubles import kill_after_first_record  # noqa: E402  (test doubles, tests only)
 from vlmfo1.cli import main as cli_main
 from vlmfo1.eval import CountBenchEvaluator, CountingEvaluator, PixmoCountEvaluator, run
 from vlmfo1.eval.counting import count_from_answer
@@ -285,17 +285,8 @@ def test_cli_tiny_checkpoint_kill_and_resume(fo1_tiny_ckpt, tmp_path):
            "--annotations", FO1_EVAL, "--out", str(b), "--limit", "3", "--threads", "2", "--max-new-tokens", "8",
            "--no-progress"]
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, cwd=str(ROOT), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     rec = b / "records.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and p.poll() is None:
-        if rec.exists() and rec.read_bytes().count(b"\n") >= 1:
-            break
-        time.sleep(0.01)
-    assert p.poll() is None, p.communicate()                   # still running: the kill is mid-run
-    p.send_signal(signal.SIGKILL)
-    p.wait(timeout=30)
-    n_killed = rec.read_bytes().count(b"\n")
+    n_killed = kill_after_first_record(cmd, b, _env(), ROOT)
     assert 1 <= n_killed < 3 and not (b / "predictions.jsonl").exists()
     r = subprocess.run(cmd, cwd=str(ROOT), env=_env(), capture_output=True, text=True, timeout=300)
     t_b = time.perf_counter() - t0

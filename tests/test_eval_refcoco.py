@@ -16,7 +16,6 @@ import functools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import eval_doubles  # noqa: E402  (test doubles, tests only)
 import refcoco_fixture as rf
 from vlmfo1.cli import main as cli_main
 from vlmfo1.eval import RefCocoEvaluator, run
@@ -456,19 +456,8 @@ def _env():
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
 
 
-def kill_after_first_record(cmd, out, timeout=120):
-    """Start the CLI, SIGKILL it once records.jsonl has a complete line (mid-run); the number of lines then."""
-    p = subprocess.Popen(cmd, cwd=str(ROOT), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    rec = Path(out) / "records.jsonl"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and p.poll() is None:
-        if rec.exists() and rec.read_bytes().count(b"\n") >= 1:
-            break
-        time.sleep(0.01)
-    assert p.poll() is None, p.communicate()                   # still running: the kill is mid-run
-    p.send_signal(signal.SIGKILL)
-    p.wait(timeout=30)
-    return rec.read_bytes().count(b"\n")
+def kill_after_first_record(cmd, out):
+    return eval_doubles.kill_after_first_record(cmd, out, _env(), ROOT)
 
 
 def test_cli_tiny_checkpoint_kill_and_resume(fx, fo1_tiny_ckpt, tmp_path):

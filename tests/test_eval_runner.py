@@ -7,7 +7,6 @@ import functools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from eval_doubles import OracleStandIn, write_proposals_jsonl  # noqa: E402  (test doubles, tests only)
+from eval_doubles import OracleStandIn, kill_after_first_record, write_proposals_jsonl  # noqa: E402  (test doubles, tests only)
 
 pytest.importorskip("pycocotools")
 
@@ -361,17 +360,8 @@ def test_full_loop_tiny_checkpoint_kill_resume_and_workers(small_coco, fo1_tiny_
            "--limit", "3", "--threads", "2", "--max-new-tokens", "6", "--max-proposals", "8", "--scorer",
            "pycocotools", "--no-progress"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    p = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     rec = b / "records.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and p.poll() is None:
-        if rec.exists() and rec.read_bytes().count(b"\n") >= 1:
-            break
-        time.sleep(0.01)
-    assert p.poll() is None, p.communicate()                   # still running: the kill is mid-run
-    p.send_signal(signal.SIGKILL)
-    p.wait(timeout=30)
-    n_killed = rec.read_bytes().count(b"\n")
+    n_killed = kill_after_first_record(cmd, b, env, ROOT)
     assert 1 <= n_killed < 3 and not (b / "predictions.jsonl").exists()
     r = subprocess.run(cmd, cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
