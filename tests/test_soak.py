@@ -59,14 +59,21 @@ pytestmark = [
                        reason="shared data not found"),
 ]
 
-THREADS, PER_THREAD = 8, 25       # the concurrency test: 8 Python threads x 25 requests
+# Under .ci/sanitize (libasan preloaded) RSS and the /proc/self/maps line count measure ASan's allocator, not our
+# releases: its quarantine keeps up to 256 MB of freed blocks and it maps and unmaps regions of its own (measured there:
+# RSS +4.6% over the 200 requests, 546..553 maps lines over load cycles). Those two checks are skipped under ASan; the
+# checkpoint mappings and descriptors, the expected errors and the concurrency results are checked as always. The ASan
+# build is also ~10x slower: fewer requests per thread, longer deadlines.
+SANITIZED = os.path.exists("/proc/self/maps") and "libasan" in Path("/proc/self/maps").read_text()
+
+THREADS, PER_THREAD = 8, 3 if SANITIZED else 25   # the concurrency test: 8 Python threads x 25 requests (3 under ASan)
 N_REQUESTS = 200                  # the request soak
 N_CYCLES = 100                    # load/release cycles per model
 N_FAILED = 100                    # failed loads per model
 WARMUP_REQUESTS = 20
 WARMUP_CYCLES = 20
 RSS_GROWTH = 0.01                 # < 1% after warm-up
-TIMEOUT = 420                     # seconds of wall time per workload (all run at once on a busy 2-core machine)
+TIMEOUT = 1800 if SANITIZED else 420   # seconds of wall time per workload (all run at once on a busy 2-core machine)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -312,9 +319,9 @@ def test_no_leak_over_200_requests(soak, request):
                      f"{_mb(anon1)} ({100 * ga:+.3f}%); "
                      f"fds {sorted({x['fds'] for x in s[w:]})}, maps lines {sorted({x['maps'] for x in s[w:]})}")
     assert r["n"] == N_REQUESTS and len(r["tasks"]) == 9 and r["boxes"] == [0, 1, 2, 3, 5, 7]
-    assert g < RSS_GROWTH and ga < RSS_GROWTH
+    assert SANITIZED or (g < RSS_GROWTH and ga < RSS_GROWTH)
     assert {x["fds"] for x in s[w:]} == {s[w]["fds"]}
-    assert {x["maps"] for x in s[w:]} == {s[w]["maps"]}
+    assert SANITIZED or {x["maps"] for x in s[w:]} == {s[w]["maps"]}
 
 
 def _check_cycles(request, name, r):
@@ -335,8 +342,8 @@ def _check_cycles(request, name, r):
     assert all(x["ckpt_maps"] == 0 and x["ckpt_fds"] == 0 for x in r["closed"]), "close() left files mapped/open"
     assert all(x["ckpt_maps"] == 0 and x["ckpt_fds"] == 0 for x in s), "a released model left its files mapped/open"
     assert {x["fds"] for x in s} == {s[0]["fds"]}, "descriptors leaked"
-    assert {x["maps"] for x in s[w:]} == {s[w]["maps"]}, "mappings leaked"
-    assert g < RSS_GROWTH
+    assert SANITIZED or {x["maps"] for x in s[w:]} == {s[w]["maps"]}, "mappings leaked"
+    assert SANITIZED or g < RSS_GROWTH
 
 
 def test_no_leak_fo1_load_cycles(soak, request):
@@ -373,6 +380,6 @@ def test_failed_loads_leave_nothing_behind(soak, request):
             assert exc in got_types and part in msg, f"{path}: expected {exc} with {part!r}, got {got_types}: {msg}"
         assert r["n"] == N_FAILED
         assert {x["fds"] for x in s} == {s[0]["fds"]}
-        assert {x["maps"] for x in s} == {s[0]["maps"]}
+        assert SANITIZED or {x["maps"] for x in s} == {s[0]["maps"]}
         assert {x["ckpt_maps"] for x in s} == {0}
-        assert g < RSS_GROWTH
+        assert SANITIZED or g < RSS_GROWTH
