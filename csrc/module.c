@@ -330,6 +330,54 @@ static PyObject *Qwen2State_truncate(Qwen2State *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* save_kv(n) -> float32 [n_layers, 2, n_kv_heads, n, head_dim]: the cached K/V of positions [0, n) */
+static PyObject *Qwen2State_save_kv(Qwen2State *self, PyObject *arg) {
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (!self->s) { PyErr_SetString(PyExc_RuntimeError, "state is not initialised"); return NULL; }
+    if (n < 0 || n > vlm_qwen2_state_len(self->s))
+        return PyErr_Format(PyExc_ValueError, "save_kv: %ld positions asked, the context holds %d", n,
+                            vlm_qwen2_state_len(self->s));
+    const vlm_qwen2 *m = &self->model->m;
+    npy_intp d[5] = {m->cfg.n_layers, 2, m->cfg.n_kv_heads, n, m->cfg.head_dim};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(5, d, NPY_FLOAT32);
+    if (!out) return NULL;
+    if (acquire(self)) { Py_DECREF(out); return NULL; }
+    vlm_err err = {{0}};
+    vlm_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = vlm_qwen2_state_save(m, self->s, (int)n, PyArray_DATA(out), &err);
+    Py_END_ALLOW_THREADS
+    atomic_store(&self->busy, 0);
+    if (st != VLM_OK) { Py_DECREF(out); return raise_status(st, &err); }
+    return (PyObject *)out;
+}
+
+/* load_kv(kv): the context becomes the saved prefix (kv as save_kv returns it) */
+static PyObject *Qwen2State_load_kv(Qwen2State *self, PyObject *arg) {
+    if (!self->s) { PyErr_SetString(PyExc_RuntimeError, "state is not initialised"); return NULL; }
+    const vlm_qwen2 *m = &self->model->m;
+    PyArrayObject *kv = (PyArrayObject *)PyArray_FROM_OTF(arg, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
+    if (!kv) return NULL;
+    if (PyArray_NDIM(kv) != 5 || PyArray_DIM(kv, 0) != m->cfg.n_layers || PyArray_DIM(kv, 1) != 2 ||
+        PyArray_DIM(kv, 2) != m->cfg.n_kv_heads || PyArray_DIM(kv, 4) != m->cfg.head_dim ||
+        PyArray_DIM(kv, 3) > INT_MAX) {
+        Py_DECREF(kv);
+        return PyErr_Format(PyExc_ValueError, "load_kv: expected a float32 array [%d, 2, %d, n, %d] from save_kv",
+                            m->cfg.n_layers, m->cfg.n_kv_heads, m->cfg.head_dim);
+    }
+    if (acquire(self)) { Py_DECREF(kv); return NULL; }
+    vlm_err err = {{0}};
+    vlm_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = vlm_qwen2_state_load(m, self->s, PyArray_DATA(kv), (int)PyArray_DIM(kv, 3), &err);
+    Py_END_ALLOW_THREADS
+    atomic_store(&self->busy, 0);
+    Py_DECREF(kv);
+    if (st != VLM_OK) return raise_status(st, &err);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Qwen2State_get_len(Qwen2State *self, void *c) { return PyLong_FromLong(self->s ? vlm_qwen2_state_len(self->s) : 0); }
 static PyObject *Qwen2State_get_max(Qwen2State *self, void *c) { return PyLong_FromLong(self->s ? vlm_qwen2_state_max(self->s) : 0); }
 static PyObject *Qwen2State_get_nbytes(Qwen2State *self, void *c) {
@@ -340,6 +388,9 @@ static PyMethodDef Qwen2State_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))Qwen2State_forward, METH_VARARGS | METH_KEYWORDS,
      "forward(ids, embeds, positions, logits=1) -> logits of the last token (1), all new tokens (2) or None (0)"},
     {"truncate", (PyCFunction)Qwen2State_truncate, METH_O, "truncate(n): keep the first n cached tokens"},
+    {"save_kv", (PyCFunction)Qwen2State_save_kv, METH_O,
+     "save_kv(n) -> float32 [n_layers, 2, n_kv_heads, n, head_dim]: the cached K/V of the first n positions"},
+    {"load_kv", (PyCFunction)Qwen2State_load_kv, METH_O, "load_kv(kv): continue from a prefix saved by save_kv"},
     {NULL}};
 
 static PyGetSetDef Qwen2State_getset[] = {

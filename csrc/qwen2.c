@@ -124,6 +124,41 @@ vlm_status vlm_qwen2_state_truncate(vlm_qwen2_state *s, int n, vlm_err *err) {
     return VLM_OK;
 }
 
+size_t vlm_qwen2_kv_floats(const vlm_qwen2 *m, int n) {
+    return (size_t)m->cfg.n_layers * 2 * kv_dim(&m->cfg) * (size_t)(n > 0 ? n : 0);
+}
+
+/* Copy rows [0, n) of every (layer, k|v, head) between the cache and a packed snapshot. */
+static void kv_copy(const vlm_qwen2 *m, const vlm_qwen2_state *s, int n, float *packed, int to_cache) {
+    const vlm_qwen2_config *c = &m->cfg;
+    const size_t D = c->head_dim, rows = (size_t)n * D;
+    for (int l = 0; l < c->n_layers; l++)
+        for (int kv = 0; kv < 2; kv++) {
+            float *cache = (kv ? s->vcache : s->kcache) + (size_t)l * kv_dim(c) * s->max_ctx;
+            for (int g = 0; g < c->n_kv_heads; g++, packed += rows) {
+                float *row0 = cache + (size_t)g * s->max_ctx * D;
+                if (to_cache) memcpy(row0, packed, rows * sizeof(float));
+                else memcpy(packed, row0, rows * sizeof(float));
+            }
+        }
+}
+
+vlm_status vlm_qwen2_state_save(const vlm_qwen2 *m, const vlm_qwen2_state *s, int n, float *out, vlm_err *err) {
+    if (n < 0 || n > s->n_past)
+        return vlm_fail(err, VLM_ERR_ARG, "cannot save %d positions of a context holding %d", n, s->n_past);
+    kv_copy(m, s, n, out, 0);
+    return VLM_OK;
+}
+
+vlm_status vlm_qwen2_state_load(const vlm_qwen2 *m, vlm_qwen2_state *s, const float *kv, int n, vlm_err *err) {
+    if (n < 0 || n > s->max_ctx)
+        return vlm_fail(err, VLM_ERR_STATE, "a saved prefix of %d positions does not fit in max_context %d", n,
+                        s->max_ctx);
+    kv_copy(m, s, n, (float *)kv, 1);
+    s->n_past = n;
+    return VLM_OK;
+}
+
 static void embed_rows(const vlm_qwen2 *m, const int32_t *ids, int T, float *out) {
     size_t H = m->cfg.hidden;
     for (int t = 0; t < T; t++) {

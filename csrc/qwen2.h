@@ -56,6 +56,14 @@ size_t vlm_qwen2_state_bytes(const vlm_qwen2_state *s);
 vlm_status vlm_qwen2_forward(const vlm_qwen2 *m, vlm_qwen2_state *s, const int32_t *ids, const float *embeds,
                              const int32_t *pos, int T, float *logits, int logits_all, vlm_err *err);
 
+/* Prefix snapshots (prefix caching): the cached K and V rows of positions [0, n) of every layer, as
+ * [n_layers][2 (k, v)][n_kv_heads][n][head_dim] floats. save copies them out of s (n <= its length); load
+ * writes them into s and sets its length to n (n <= its max_context), so that a state continues exactly as
+ * the one saved would have. Neither touches the weights; s is used by one thread at a time as always. */
+size_t vlm_qwen2_kv_floats(const vlm_qwen2 *m, int n);
+vlm_status vlm_qwen2_state_save(const vlm_qwen2 *m, const vlm_qwen2_state *s, int n, float *out, vlm_err *err);
+vlm_status vlm_qwen2_state_load(const vlm_qwen2 *m, vlm_qwen2_state *s, const float *kv, int n, vlm_err *err);
+
 /* out[T][hidden] = embedding rows of ids (for splicing image/region embeddings in Python). */
 vlm_status vlm_qwen2_embed(const vlm_qwen2 *m, const int32_t *ids, int T, float *out, vlm_err *err);
 

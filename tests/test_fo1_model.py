@@ -50,8 +50,8 @@ def test_detect_on_coco(fo1):
 
 def test_region_tokens_depend_on_their_box(fo1):
     img, boxes = coco_case(1)
-    _, _, regions, _ = fo1.encode(img, boxes)
-    _, _, regions2, _ = fo1.encode(img, boxes[::-1])
+    _, _, regions, _ = fo1.encode_features(img, boxes)
+    _, _, regions2, _ = fo1.encode_features(img, boxes[::-1])
     assert regions.shape == (len(boxes), fo1.decoder.config.hidden_size)
     np.testing.assert_allclose(regions2[::-1], regions, rtol=1e-5, atol=1e-5)
 

@@ -1,9 +1,11 @@
 """vlmfo1 — fast CPU inference for the VLM-FO1 vision-language model (C core, thin Python layer).
 
 VLMFO1 (VLM-FO1: detection and region understanding over proposal boxes; FO1 is its older name), QwenVL (plain
-Qwen2.5-VL), LanguageModel (the Qwen2.5 decoder) and Tokenizer; FO1Result and the proposal helpers. torch and
+Qwen2.5-VL), LanguageModel (the Qwen2.5 decoder) and Tokenizer; FO1Result and the proposal helpers; EncodedImage
+(VLMFO1.encode: one image, many questions), Conversation and ImageCache. torch and
 transformers are never imported here.
 """
+from .context import Conversation, EncodedImage, ImageCache  # noqa: F401
 from .decoder import DecoderConfig, LanguageModel, Session  # noqa: F401
 from .fo1 import FO1, TASKS, VLMFO1  # noqa: F401
 from .proposals import (BOX_FORMATS, CallableProposals, CocoJsonlProposals, CocoResultsProposals,  # noqa: F401

@@ -324,11 +324,22 @@ class Session:
         pos = self._text_positions(ids.size) if positions is None else positions
         return self._state.forward(ids.astype(np.int32), None, pos, 2 if all_logits else 1)
 
-    def prefill_embeds(self, embeds: np.ndarray, positions: np.ndarray, all_logits: bool = False) -> np.ndarray:
-        """Append ready-made input embeddings [T, hidden] with explicit [3, T] M-RoPE positions."""
+    def prefill_embeds(self, embeds: np.ndarray, positions: np.ndarray, all_logits: bool = False,
+                       logits: bool = True) -> Optional[np.ndarray]:
+        """Append ready-made input embeddings [T, hidden] with explicit [3, T] M-RoPE positions. logits=False: no
+        output head at all (returns None; a prefix whose next token is not sampled)."""
         embeds = np.ascontiguousarray(embeds, dtype=np.float32)
         self._check(embeds.shape[0] if embeds.ndim == 2 else 0)
-        return self._state.forward(None, embeds, positions, 2 if all_logits else 1)
+        return self._state.forward(None, embeds, positions, (2 if all_logits else 1) if logits else 0)
+
+    def snapshot(self) -> np.ndarray:
+        """The KV cache of every cached position, float32 [layers, 2, kv_heads, n_past, head_dim] (a copy)."""
+        return self._state.save_kv(self.n_past)
+
+    def restore(self, kv: np.ndarray, rope_delta: int = 0) -> None:
+        """Continue from a snapshot: the cache becomes exactly the one `snapshot` copied."""
+        self._state.load_kv(kv)
+        self.rope_delta = int(rope_delta)
 
     def step(self, token_id: int) -> np.ndarray:
         """Append one token and return the next-token logits."""

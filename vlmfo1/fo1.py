@@ -25,8 +25,10 @@ One request, as the official pipeline runs it (spec fo1_architecture.md §1, ERR
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import threading
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
@@ -35,12 +37,13 @@ import numpy as np
 from .aux_image import AuxImageProcessor
 from .davit import DavitEncoder
 from .config_check import check_fo1
+from .context import Conversation, EncodedImage, ImageCache, image_key
 from .decoder import (LanguageModel, check_options, check_request_length, check_sampling, decode_stream, read_config,
                       read_generation_eos)
 from .fo1_prompt import (BRIEF_REGION_CAPTION_TEMPLATE, COUNT_TEMPLATE, DETAILED_REGION_CAPTION_TEMPLATE,
                          GROUNDING_TEMPLATE, IMAGE_INDEX, MAX_BOXES, OD_TEMPLATE, REC_TEMPLATE, REGION_INDEX,
-                         REGION_OCR_TEMPLATE, REGION_REASONING_TEMPLATE, VISUAL_PROMPT_OD_TEMPLATE, check_boxes,
-                         parse_answer, prompt_ids, region_tags)
+                         REGION_OCR_TEMPLATE, REGION_REASONING_TEMPLATE, VISUAL_PROMPT_OD_TEMPLATE, IM_END_ID,
+                         check_boxes, parse_answer, prompt_ids, region_tags)
 from .hfre import HFRE, map_boxes
 from .generation import GenerationSettings, check_repetition_penalty
 from .image import QwenImageProcessor, fo1_global_resize, load_image
@@ -129,7 +132,10 @@ class VLMFO1:
 
     def __init__(self, decoder: LanguageModel, vision: VisionTower, davit: DavitEncoder, hfre: HFRE, tokenizer,
                  processor: QwenImageProcessor, aux_processor: AuxImageProcessor, raw_config: dict,
-                 path: Optional[str] = None):
+                 path: Optional[str] = None, image_cache: int = 0):
+        self.image_cache = ImageCache(image_cache)   # LRU of EncodedImages for the task methods (0 bytes: off)
+        self._sessions: List = []                     # idle KV caches, reused by the next request
+        self._sessions_lock = threading.Lock()
         self.decoder, self.vision, self.davit, self.hfre = decoder, vision, davit, hfre
         self.tokenizer, self.processor, self.aux_processor = tokenizer, processor, aux_processor
         self.config = raw_config
@@ -144,7 +150,8 @@ class VLMFO1:
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], dtype: Optional[str] = None,
                         threads: Optional[int] = None, mode: str = "reference", compute: Optional[str] = None,
-                        max_context: Optional[int] = None, n_threads: Optional[int] = None) -> "VLMFO1":
+                        max_context: Optional[int] = None, n_threads: Optional[int] = None,
+                        image_cache: int = 0) -> "VLMFO1":
         """Load a VLM-FO1 checkpoint folder (the official layout: config.json, safetensors, tokenizer files).
 
         dtype: None keeps the stored weights (bf16 stays bf16, memory-mapped), "float32" / "bfloat16" convert.
@@ -153,11 +160,15 @@ class VLMFO1:
         official run's rounding (ERRATA E1/E2); "exact" is plain fp32 maths. compute: "bf16" / "f32" activations
         with bf16 weights. n_threads: the older name of threads. max_context: the longest prompt (image and region
         slots included) a request may have, an int in [1, max_position_embeddings (at most 2^20)]; default 8192 (or
-        the position limit when smaller). Prompt + max_new_tokens must fit in max_position_embeddings."""
+        the position limit when smaller). Prompt + max_new_tokens must fit in max_position_embeddings.
+        image_cache: bytes for an LRU of encoded images (vision features + the KV cache of the shared prompt
+        prefix, ~73 KiB per prefix position at 3B): a task on an image and boxes seen before then skips the vision
+        towers and the prefix prefill (default 0: off; `model.image_cache.max_bytes` changes it later)."""
         from .tokenizer import Tokenizer
 
         if threads is not None and n_threads is not None and threads != n_threads:
             raise ValueError("give threads= or n_threads=, not both")
+        ImageCache(image_cache)   # checked before anything is loaded
         threads = threads if threads is not None else n_threads
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
                                     or not 1 <= threads <= 256):
@@ -190,7 +201,7 @@ class VLMFO1:
         except BaseException:
             ckpt.close()  # a failed load releases the mappings and descriptors it opened
             raise
-        return cls(decoder, vision, davit, hfre, tok, proc, aux, raw, path=path)
+        return cls(decoder, vision, davit, hfre, tok, proc, aux, raw, path=path, image_cache=image_cache)
 
     @classmethod
     def load(cls, path, mode: str = "reference", compute: Optional[str] = None, dtype: Optional[str] = None,
@@ -262,6 +273,9 @@ class VLMFO1:
         ckpts = {id(c): c for c in (getattr(p, "_ckpt", None) for p in (self.decoder, self.vision, self.davit))
                  if c is not None and hasattr(c, "close")}
         self.decoder = self.vision = self.davit = self.hfre = None
+        self.image_cache.clear()
+        with self._sessions_lock:
+            self._sessions.clear()
         for c in ckpts.values():
             c.close()
 
@@ -283,9 +297,10 @@ class VLMFO1:
             " or a Ray actor whose __init__ loads it (README: 'Many images, many processes').")
 
     # ------------------------------------------------------------------ one request, low level
-    def encode(self, image, boxes, truncate_boxes: bool = False, trace: Optional[dict] = None,
-               timings: Optional[Dict[str, float]] = None):
-        """Image + boxes -> (image tokens [M, hidden], (gh, gw), region tokens [N, hidden], boxes used).
+    def encode_features(self, image, boxes, truncate_boxes: bool = False, trace: Optional[dict] = None,
+                        timings: Optional[Dict[str, float]] = None):
+        """The vision side of a request: image + boxes ([N, 4] xyxy pixels) -> (image tokens [M, hidden], (gh, gw),
+        region tokens [N, hidden], boxes used). `encode` wraps it with the prefix prefill.
 
         trace: a dict that receives the named intermediates (pixel values, boxes in aux and Qwen space,
         DaViT and ViT maps, region features), for debugging and the golden tests. timings: a dict that
@@ -342,8 +357,17 @@ class VLMFO1:
         boxes used, prompt text)."""
         self._check_open()
         b = check_boxes(boxes, truncate=truncate_boxes)
+        ids, prompt = self._prompt(text, len(b))        # the text is checked before any image work
+        if trace is not None:
+            trace["input_ids"] = list(ids)
+        image_tokens, grid_hw, regions, _ = self.encode_features(image, b, trace=trace, timings=timings)
+        full, emb, pos, delta = self._expand(ids, image_tokens, grid_hw, regions)
+        return full, emb, pos, delta, b, prompt
+
+    def _prompt(self, text: str, n_boxes: int):
+        """The prompt ids (placeholders not expanded) and text for a user text and n_boxes region slots, checked."""
         self._check_prompt_text(text)
-        ids, prompt = prompt_ids(self.tokenizer, text, len(b))   # the text is checked before any image work
+        ids, prompt = prompt_ids(self.tokenizer, text, n_boxes)
         if len(ids) > self.decoder.max_context:   # the image placeholder is one id here, >= 1 position later
             raise ValueError(f"the prompt is {len(ids)} tokens long before the image is added, more than max_context "
                              f"{self.decoder.max_context}: shorten the text, or load the model with a larger "
@@ -352,13 +376,15 @@ class VLMFO1:
             raise ValueError("the prompt must hold exactly one image")
         if self.image_token_id in ids:
             raise ValueError("the prompt text must not contain <|image_pad|>: the image is placed by the prompt builder")
-        if ids.count(REGION_INDEX) != len(b):
+        if ids.count(REGION_INDEX) != n_boxes:
             raise ValueError("the prompt text must not contain the <regionfeat> marker: region slots are placed by "
                              "the prompt builder (refer to boxes with <regionK>)")
-        if trace is not None:
-            trace["input_ids"] = list(ids)
-        image_tokens, (gh, gw), regions, _ = self.encode(image, b, trace=trace, timings=timings)
-        full, emb, pos, delta = splice_image(self.decoder, ids, ids.index(IMAGE_INDEX), image_tokens, (gh, gw),
+        return ids, prompt
+
+    def _expand(self, ids, image_tokens, grid_hw, regions):
+        """Prompt ids with placeholders -> (ids, input embeddings [L, hidden], M-RoPE positions [3, L], rope delta)
+        with the image tokens and region tokens in their slots."""
+        full, emb, pos, delta = splice_image(self.decoder, ids, ids.index(IMAGE_INDEX), image_tokens, tuple(grid_hw),
                                              self.image_token_id)
         check_request_length(self.decoder, len(full), 0)
         limit = self.config.get("tokenizer_model_max_length")
@@ -368,47 +394,157 @@ class VLMFO1:
                              f"checkpoint's tokenizer_model_max_length is {int(limit)}: use a smaller image, fewer "
                              f"boxes or a shorter text")
         emb[[i for i, t in enumerate(full) if t == REGION_INDEX]] = regions
-        return full, emb, pos, delta, b, prompt
+        return full, emb, pos, delta
 
-    def _decode(self, ids, emb, pos, delta, max_new_tokens: int, sampling: dict,
-                timings: Dict[str, float]) -> Iterator[int]:
+    # ------------------------------------------------------------------ KV caches, reused across requests
+    def _acquire_session(self, need: int):
+        """An idle KV cache with room for `need` positions (or a new one): reused across requests so that a request
+        does not allocate a KV cache and start threads (see _release_session)."""
+        with self._sessions_lock:
+            for i, s in enumerate(self._sessions):
+                if s.max_context >= need:
+                    return self._sessions.pop(i)
         dec = self.decoder
-        check_request_length(dec, len(ids), max_new_tokens)
-        s = dec.session(max_context=max(dec.max_context, len(ids) + max_new_tokens))
-        clock = time.perf_counter()
-        logits = s.prefill_embeds(emb, pos)
-        s.rope_delta = delta
-        now = time.perf_counter()
-        timings["prefill"], clock = now - clock, now
-        timings["decode"] = 0.0
-        # the penalty (if asked for) sees the prompt's real ids, as the official computation with its negative
-        # placeholder ids skipped (the official run itself fails on them; vlmfo1/generation.py)
-        context = [t for t in ids if t >= 0 and t != self.image_token_id]
-        for tok in decode_stream(dec, s, logits, max_new_tokens, context_ids=context, **sampling):
-            timings["decode"] = time.perf_counter() - clock
-            yield tok
-        timings["decode"] = time.perf_counter() - clock
+        return dec.session(max_context=max(dec.max_context, need))
 
+    def _release_session(self, s) -> None:
+        s.reset()
+        with self._sessions_lock:
+            if self.decoder is not None and len(self._sessions) < _IDLE_SESSIONS:
+                self._sessions.append(s)
+
+    @contextlib.contextmanager
+    def _session(self, need: int):
+        s = self._acquire_session(need)
+        try:
+            yield s
+        finally:
+            self._release_session(s)
+
+    # ------------------------------------------------------------------ encoded images (prefix caching)
+    def encode(self, image, boxes=None, *, proposals=None, box_format: Optional[str] = None, scores=None,
+               image_id=None, truncate_boxes: bool = False) -> EncodedImage:
+        """Run the vision side once and prefill the prompt prefix every task shares; ask the result any number of
+        tasks: `ctx = model.encode(img, boxes=b); ctx.detect("dog"); ctx.count("dog"); ctx.chat("…")`. Each task
+        then prefills only its own text (answers bit-identical to `model.detect(img, "dog", boxes=b)` etc.).
+        Boxes as the task methods take them (boxes= in any form with box_format=/scores=, or proposals=); no boxes
+        at all is allowed (questions about the whole image). With an image cache (image_cache=) the result is
+        also kept there for the task methods to find."""
+        self._check_open()
+        _check_flag(truncate_boxes, "truncate_boxes")
+        timings: Dict[str, float] = {}
+        clock = time.perf_counter()
+        img = load_image(image)
+        h, w = img.shape[:2]
+        if boxes is None and proposals is None:
+            boxes = []
+        props = self._proposals(image, boxes, proposals, box_format, scores, image_id, (w, h))
+        b = check_boxes(props.boxes, truncate=truncate_boxes)
+        sc = None if props.scores is None else np.asarray(props.scores, dtype=np.float64)[:len(b)]
+        source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else img
+        key = image_key(img, b) if self.image_cache.max_bytes else None
+        ctx = self.image_cache.get(key) if key is not None else None
+        if ctx is None:
+            ctx = self._encode_new(img, source, b, sc, timings, clock, prefix=True)
+            if key is not None:
+                self.image_cache.put(key, ctx)
+        return ctx
+
+    def _encode_new(self, img, source, b, sc, timings, clock, prefix: bool) -> EncodedImage:
+        image_tokens, grid_hw, regions, _ = self.encode_features(img, b, timings=timings)
+        timings["preprocess"] += time.perf_counter() - clock - sum(timings.values())   # + loading and checks
+        ctx = EncodedImage(self, img, source, b, sc, image_tokens, grid_hw, regions, timings)
+        if prefix:
+            t0 = time.perf_counter()
+            ids, _ = prompt_ids(self.tokenizer, "", len(b))
+            with self._session(1) as s:
+                ctx._prefill_prefix(s, ids)
+            ctx.encode_timings["prefix"] = time.perf_counter() - t0
+        return ctx
+
+    def _context(self, img, source, b, sc, timings, clock) -> EncodedImage:
+        """The EncodedImage of one task call: from the image cache, or encoded now (kept there when it is on)."""
+        key = image_key(img, b) if self.image_cache.max_bytes else None
+        ctx = self.image_cache.get(key) if key is not None else None
+        if ctx is not None:
+            timings.update(vit=0.0, davit=0.0, hfre=0.0)
+            timings["preprocess"] = time.perf_counter() - clock
+            return ctx
+        ctx = self._encode_new(img, source, b, sc, timings, clock, prefix=key is not None)
+        if key is not None:
+            self.image_cache.put(key, ctx)
+        return ctx
+
+    # ------------------------------------------------------------------ one request, low level
     def stream_ids(self, image, boxes, text: str, max_new_tokens: int = 512, temperature: float = 0.0,
                    top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None, stop_ids=None,
                    truncate_boxes: bool = False, repetition_penalty: Optional[float] = None) -> Iterator[int]:
         """The new token ids of one request, one at a time (low level: boxes as [N, 4] xyxy pixels)."""
         self._check_open()
-        if stop_ids is not None and not isinstance(stop_ids, (str, bytes, dict)) and hasattr(stop_ids, "__iter__"):
-            stop_ids = list(stop_ids)
-        self._check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop_ids)
-        if repetition_penalty is not None:
-            check_repetition_penalty(repetition_penalty)
-        ids, emb, pos, delta, _, _ = self.prepare(image, boxes, text, truncate_boxes)
-        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop_ids=stop_ids,
-                        repetition_penalty=repetition_penalty)
-        yield from self._decode(ids, emb, pos, delta, max_new_tokens, sampling, {})
+        gen = self._check_generation(max_new_tokens, temperature, top_p, top_k, seed, stop_ids, repetition_penalty)
+        b = check_boxes(boxes, truncate=truncate_boxes)
+        ids, _ = self._prompt(text, len(b))
+        img = load_image(image)
+        ctx = self._encode_new(img, img, b, None, {}, time.perf_counter(), prefix=False)
+        yield from self._tokens(ctx, ids, gen, {})
 
     def generate(self, image, boxes, text: str, truncate_boxes: bool = False, **kw) -> FO1Result:
         """Run one free prompt (low level: boxes as [N, 4] xyxy pixels; `chat` is the full-featured form)."""
         return self.chat(image, text, boxes=boxes, truncate_boxes=truncate_boxes, **kw)
 
+    def _tokens(self, ctx: EncodedImage, ids, gen: dict, timings: Dict[str, float],
+                session=None) -> Iterator[int]:
+        """Prefill the prompt `ids` (placeholders) on ctx — the cached prefix restored, or prefilled first — then
+        decode. gen: the checked generation options (max_new_tokens set)."""
+        dec = self.decoder
+        n_prompt = len(ids) - 1 + len(ctx.image_tokens)
+        check_request_length(dec, n_prompt, gen["max_new_tokens"])
+        with contextlib.ExitStack() as stack:
+            s = session if session is not None else stack.enter_context(self._session(n_prompt + gen["max_new_tokens"]))
+            clock = time.perf_counter()
+            full, logits = ctx._start(s, ids)
+            now = time.perf_counter()
+            timings["prefill"], clock = now - clock, now
+            timings["decode"] = 0.0
+            # the penalty (if asked for) sees the prompt's real ids, as the official computation with its negative
+            # placeholder ids skipped (the official run itself fails on them; vlmfo1/generation.py)
+            context = [t for t in full if t >= 0 and t != self.image_token_id]
+            sampling = {k: v for k, v in gen.items() if k != "max_new_tokens"}
+            for tok in decode_stream(dec, s, logits, gen["max_new_tokens"], context_ids=context, **sampling):
+                timings["decode"] = time.perf_counter() - clock
+                yield tok
+            timings["decode"] = time.perf_counter() - clock
+
     # ------------------------------------------------------------------ one request, every option
+    def _check_generation(self, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop_ids=None,
+                          repetition_penalty=None) -> dict:
+        if stop_ids is not None and not isinstance(stop_ids, (str, bytes, dict)) and hasattr(stop_ids, "__iter__"):
+            stop_ids = list(stop_ids)   # read once (a generator would be used up by the check)
+        check_sampling(0 if max_new_tokens is None else max_new_tokens, temperature, top_p, top_k, seed=seed,
+                       stop_ids=stop_ids, vocab_size=self.decoder.vocab_size,
+                       max_new_tokens_limit=self.decoder.max_positions)
+        if repetition_penalty is not None:
+            check_repetition_penalty(repetition_penalty)
+        return dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                    stop_ids=stop_ids, repetition_penalty=repetition_penalty)
+
+    def _check_longest(self, make_text: Callable[[int], str]) -> None:
+        """The text with the most region tags it can have: too long a text is refused before the image is read."""
+        try:
+            longest = make_text(MAX_BOXES)
+        except ValueError:   # a region index beyond every box: refused with the real box count later
+            return
+        self._check_prompt_text(longest)
+
+    def _task_text(self, make_text: Callable[[int], str], n_boxes: int) -> str:
+        text = make_text(n_boxes)
+        bad = [int(k) for k in _REGION_REF.findall(text) if int(k) >= n_boxes]
+        if bad:
+            raise ValueError(f"the prompt names <region{bad[0]}> but there are only {n_boxes} boxes "
+                             f"(valid: <region0>..<region{n_boxes - 1}>)" if n_boxes else
+                             f"the prompt names <region{bad[0]}> but no boxes were given")
+        return text
+
     def _request(self, task: str, image, make_text: Callable[[int], str], per_category: int, boxes, *,
                  proposals=None, box_format: Optional[str] = None, scores=None, image_id=None, truncate_boxes: bool = False,
                  max_new_tokens: Optional[int] = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
@@ -417,21 +553,9 @@ class VLMFO1:
         """Everything a task call does; returns the FO1Result, or with stream=True an iterator of text pieces
         that ends with the FO1Result."""
         self._check_open()
-        if stop_ids is not None and not isinstance(stop_ids, (str, bytes, dict)) and hasattr(stop_ids, "__iter__"):
-            stop_ids = list(stop_ids)   # read once (a generator would be used up by the check)
-        self._check_sampling(0 if max_new_tokens is None else max_new_tokens, temperature, top_p, top_k, seed,
-                             stop_ids)
-        if repetition_penalty is not None:
-            check_repetition_penalty(repetition_penalty)
-        if not isinstance(truncate_boxes, (bool, np.bool_)):
-            raise TypeError(f"truncate_boxes must be True or False, got {truncate_boxes!r}")
-        # the text with the most region tags it can have: too long a text is refused before the image is read
-        try:
-            longest = make_text(MAX_BOXES)
-        except ValueError:   # a region index beyond every box: refused with the real box count below
-            longest = None
-        if longest is not None:
-            self._check_prompt_text(longest)
+        gen = self._check_generation(max_new_tokens, temperature, top_p, top_k, seed, stop_ids, repetition_penalty)
+        _check_flag(truncate_boxes, "truncate_boxes")
+        self._check_longest(make_text)
         timings: Dict[str, float] = {}
         clock = time.perf_counter()
         img = load_image(image)
@@ -439,30 +563,44 @@ class VLMFO1:
         props = self._proposals(image, boxes, proposals, box_format, scores, image_id, (w, h))
         b = check_boxes(props.boxes, truncate=truncate_boxes)
         sc = None if props.scores is None else np.asarray(props.scores, dtype=np.float64)[:len(b)]
-        text = make_text(len(b))
-        bad = [int(k) for k in _REGION_REF.findall(text) if int(k) >= len(b)]
-        if bad:
-            raise ValueError(f"the prompt names <region{bad[0]}> but there are only {len(b)} boxes "
-                             f"(valid: <region0>..<region{len(b) - 1}>)" if len(b) else
-                             f"the prompt names <region{bad[0]}> but no boxes were given")
-        ids, emb, pos, delta, _, _ = self.prepare(img, b, text, timings=timings)
-        if max_new_tokens is None:   # sized for the task, within the model's positions
-            base, per_box, per_cat = MAX_NEW_TOKENS[task]
-            max_new_tokens = min(base + per_box * len(b) + per_cat * per_category,
-                                 self.decoder.max_positions - len(ids))
-        timings["preprocess"] += time.perf_counter() - clock - sum(timings.values())   # + loading and checks
-        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop_ids=stop_ids,
-                        repetition_penalty=repetition_penalty)
-        stops = set(self.decoder.stop_ids if stop_ids is None else stop_ids)
+        text = self._task_text(make_text, len(b))
+        ids, _ = self._prompt(text, len(b))
         source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else img
-        fields = dict(task=task, prompt=text, image_size=(w, h), timings=timings, image=source)
+        ctx = self._context(img, source, b, sc, timings, clock)
+        return self._answer(ctx, task, ids, text, per_category, gen, timings, b, sc, source, (w, h), progress, stream)
+
+    def _request_encoded(self, ctx: EncodedImage, task: str, make_text: Callable[[int], str], per_category: int, *,
+                         max_new_tokens: Optional[int] = None, temperature: float = 0.0, top_p: float = 1.0,
+                         top_k: int = 0, seed: Optional[int] = None, stop_ids=None,
+                         repetition_penalty: Optional[float] = None, progress=None, stream: bool = False):
+        """A task on an EncodedImage: the same request with the vision side and the prompt prefix reused."""
+        self._check_open()
+        if ctx.model is not self:
+            raise ValueError("this EncodedImage was made by another model")
+        gen = self._check_generation(max_new_tokens, temperature, top_p, top_k, seed, stop_ids, repetition_penalty)
+        self._check_longest(make_text)
+        clock = time.perf_counter()
+        text = self._task_text(make_text, len(ctx.boxes))
+        ids, _ = self._prompt(text, len(ctx.boxes))
+        timings = dict(preprocess=time.perf_counter() - clock, vit=0.0, davit=0.0, hfre=0.0)
+        return self._answer(ctx, task, ids, text, per_category, gen, timings, ctx.boxes, ctx.scores, ctx.source,
+                            ctx.image_size, progress, stream)
+
+    def _answer(self, ctx, task, ids, text, per_category, gen, timings, b, sc, source, size, progress, stream):
+        """Decode the answer of one prompt on ctx and parse it (or stream it)."""
+        if gen["max_new_tokens"] is None:   # sized for the task, within the model's positions
+            base, per_box, per_cat = MAX_NEW_TOKENS[task]
+            gen["max_new_tokens"] = min(base + per_box * len(b) + per_cat * per_category,
+                                        self.decoder.max_positions - (len(ids) - 1 + len(ctx.image_tokens)))
+        stops = set(self.decoder.stop_ids if gen["stop_ids"] is None else gen["stop_ids"])
+        fields = dict(task=task, prompt=text, image_size=size, timings=timings, image=source)
 
         def run():
             toks: List[int] = []
-            bar = _progress_bar(progress, max_new_tokens, task)
+            bar = _progress_bar(progress, gen["max_new_tokens"], task)
 
             def tokens():
-                for tok in self._decode(ids, emb, pos, delta, max_new_tokens, sampling, timings):
+                for tok in self._tokens(ctx, ids, gen, timings):
                     toks.append(tok)
                     if bar is not None:
                         bar.update(1)
@@ -483,9 +621,86 @@ class VLMFO1:
             pass
         return last
 
-    def _check_sampling(self, max_new_tokens, temperature, top_p, top_k, seed, stop_ids) -> None:
-        check_sampling(max_new_tokens, temperature, top_p, top_k, seed=seed, stop_ids=stop_ids,
-                       vocab_size=self.decoder.vocab_size, max_new_tokens_limit=self.decoder.max_positions)
+    # ------------------------------------------------------------------ multi-turn chat on an EncodedImage
+    def _converse(self, conv: Conversation, text: str, max_new_tokens: Optional[int] = None, temperature: float = 0.0,
+                  top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None, stop_ids=None,
+                  repetition_penalty: Optional[float] = None, progress=None):
+        self._check_open()
+        ctx = conv.ctx
+        gen = self._check_generation(max_new_tokens, temperature, top_p, top_k, seed, stop_ids, repetition_penalty)
+        t = _one_text(text, "text")
+        self._task_text(lambda n: t, len(ctx.boxes))
+        if not conv._lock.acquire(blocking=False):
+            raise RuntimeError("this conversation is answering in another thread; one turn at a time")
+        try:
+            if conv._session is None:            # the first turn: the one-turn chat prompt
+                ids, _ = self._prompt(t, len(ctx.boxes))
+                feed = None
+            else:                                # later turns: the answer's last token + the next user turn
+                self._check_prompt_text(t)
+                end = [] if conv._pending and conv._pending[-1] == IM_END_ID else [IM_END_ID]
+                feed = conv._pending + end + self.tokenizer.encode(
+                    "\n<|im_start|>user\n" + t + "<|im_end|>\n<|im_start|>assistant\n")
+                ids = conv._ids + feed
+            n_prompt = len(ids) - 1 + len(ctx.image_tokens)
+            if gen["max_new_tokens"] is None:
+                gen["max_new_tokens"] = min(MAX_NEW_TOKENS["chat"][0], self.decoder.max_positions - n_prompt)
+            check_request_length(self.decoder, n_prompt, gen["max_new_tokens"])
+            if conv._session is not None and n_prompt + gen["max_new_tokens"] > conv._session.max_context:
+                raise ValueError(f"the conversation would reach {n_prompt + gen['max_new_tokens']} positions, more "
+                                 f"than its KV cache holds ({conv._session.max_context}); start a new conversation or "
+                                 "ask for fewer max_new_tokens")
+        except BaseException:
+            conv._lock.release()
+            raise
+        return self._turn(conv, ids, feed, t, gen, progress)
+
+    def _turn(self, conv: Conversation, ids, feed, text, gen, progress):
+        ctx, dec = conv.ctx, self.decoder
+        timings = dict(preprocess=0.0, vit=0.0, davit=0.0, hfre=0.0)
+        stops = set(dec.stop_ids if gen["stop_ids"] is None else gen["stop_ids"])
+        toks: List[int] = []
+        try:
+            if conv._session is None:
+                conv._session = self._acquire_session(dec.max_context)
+                inner = self._tokens(ctx, ids, gen, timings, session=conv._session)
+            else:
+                inner = self._continue(conv._session, feed, ids, gen, timings)
+            bar = _progress_bar(progress, gen["max_new_tokens"], "chat")
+
+            def tokens():
+                for tok in inner:
+                    toks.append(tok)
+                    if bar is not None:
+                        bar.update(1)
+                    yield tok
+            try:
+                yield from self.tokenizer.incremental_decoder()(tokens())
+            finally:
+                if bar is not None:
+                    bar.close()
+                conv._ids, conv._pending = ids + toks[:-1], toks[-1:]   # the last token is not in the KV cache yet
+            finish = "stop" if toks and toks[-1] in stops else "length"
+            res = parse_answer(self.tokenizer.decode(toks).strip(), ctx.boxes, toks, scores=ctx.scores,
+                               finish_reason=finish, task="chat", prompt=text, image_size=ctx.image_size,
+                               timings=timings, image=ctx.source)
+            conv.turns.append(res)
+            yield res
+        finally:
+            conv._lock.release()
+
+    def _continue(self, s, feed, ids, gen, timings) -> Iterator[int]:
+        clock = time.perf_counter()
+        logits = s.prefill(np.asarray(feed, dtype=np.int64))
+        now = time.perf_counter()
+        timings["prefill"], clock = now - clock, now
+        timings["decode"] = 0.0
+        context = [t for t in ids if t >= 0 and t != self.image_token_id]
+        sampling = {k: v for k, v in gen.items() if k != "max_new_tokens"}
+        for tok in decode_stream(self.decoder, s, logits, gen["max_new_tokens"], context_ids=context, **sampling):
+            timings["decode"] = time.perf_counter() - clock
+            yield tok
+        timings["decode"] = time.perf_counter() - clock
 
     def _check_prompt_text(self, text) -> None:
         """A str without lone surrogates that can fit in max_context (a lower bound on its token count, computed
@@ -508,63 +723,82 @@ class VLMFO1:
         return as_boxes(boxes, box_format=box_format, image_size=size, scores=scores)
 
     # ------------------------------------------------------------------ tasks
+    @staticmethod
+    def _prompt_for(task: str, *args):
+        """A task's arguments -> (the text for n boxes, a function of n; the number of categories), checked."""
+        if task in ("detect", "detect_coco"):
+            arg = args[0] if args else None
+            cats = _category_list(COCO_CATEGORIES if arg is None and task == "detect_coco" else arg)
+            if task == "detect":
+                return (lambda n: OD_TEMPLATE.format(", ".join(cats))), len(cats)
+            return (lambda n: coco_detection_prompt(cats)), len(cats)
+        if task == "count":
+            cat = _one_text(args[0], "category")
+            return (lambda n: COUNT_TEMPLATE.format(cat)), 1
+        if task == "refer":
+            e = _one_text(args[0], "expression")
+            return (lambda n: REC_TEMPLATE.format(e)), 0
+        if task == "ground":
+            return (lambda n: GROUNDING_TEMPLATE), 0
+        if task in ("describe_region", "describe_region_detailed", "read_region", "detect_like"):
+            idx = _indices(args[0])
+            t = {"describe_region": BRIEF_REGION_CAPTION_TEMPLATE, "read_region": REGION_OCR_TEMPLATE,
+                 "describe_region_detailed": DETAILED_REGION_CAPTION_TEMPLATE,
+                 "detect_like": VISUAL_PROMPT_OD_TEMPLATE}[task]
+            return (lambda n: t.format(region_tags(idx, n))), 0
+        if task == "reason":
+            q = _one_text(args[0], "question")
+            return (lambda n: REGION_REASONING_TEMPLATE.format(q)), 0
+        if task == "chat":
+            t = _one_text(args[0], "text")
+            return (lambda n: t), 0
+        raise ValueError(f"unknown task {task!r}")
+
     def detect(self, image, categories: Union[str, Sequence[str]], boxes=None, **kw):
         """Object detection among the proposals (the official OD template). Several categories are joined with
         ", " as the official demo does ("person, dog")."""
-        cats = _category_list(categories)
-        return self._request("detect", image, lambda n: OD_TEMPLATE.format(", ".join(cats)), len(cats), boxes,
-                             **kw)
+        return self._request("detect", image, *self._prompt_for("detect", categories), boxes, **kw)
 
     def detect_coco(self, image, boxes=None, categories: Sequence[str] = COCO_CATEGORIES, **kw):
         """The official COCO evaluation prompt: every category, "; "-separated (spec §6.2); result.to_coco()."""
-        cats = _category_list(categories)
-        return self._request("detect_coco", image, lambda n: coco_detection_prompt(cats), len(cats), boxes, **kw)
+        return self._request("detect_coco", image, *self._prompt_for("detect_coco", categories), boxes, **kw)
 
     def count(self, image, category: str, boxes=None, **kw):
         """How many `category` (one name) there are: the wording of the official counting data ("in the image?").
         result.count is the number (the CountBench rule), result.boxes the objects it located."""
-        cat = _one_text(category, "category")
-        return self._request("count", image, lambda n: COUNT_TEMPLATE.format(cat), 1, boxes, **kw)
+        return self._request("count", image, *self._prompt_for("count", category), boxes, **kw)
 
     def refer(self, image, expression: str, boxes=None, **kw):
         """Referring expression comprehension: the boxes that `expression` describes."""
-        e = _one_text(expression, "expression")
-        return self._request("refer", image, lambda n: REC_TEMPLATE.format(e), 0, boxes, **kw)
+        return self._request("refer", image, *self._prompt_for("refer", expression), boxes, **kw)
 
     def ground(self, image, boxes=None, **kw):
         """A brief caption with every mentioned object grounded to its boxes."""
-        return self._request("ground", image, lambda n: GROUNDING_TEMPLATE, 0, boxes, **kw)
+        return self._request("ground", image, *self._prompt_for("ground"), boxes, **kw)
 
     def describe_region(self, image, index, boxes=None, detailed: bool = False, **kw):
         """A brief (or detailed) caption of one region or several (index: an int or a list of ints)."""
-        idx = _indices(index)
-        t = DETAILED_REGION_CAPTION_TEMPLATE if detailed else BRIEF_REGION_CAPTION_TEMPLATE
-        return self._request("describe_region_detailed" if detailed else "describe_region", image,
-                             lambda n: t.format(region_tags(idx, n)), 0, boxes, **kw)
+        task = "describe_region_detailed" if detailed else "describe_region"
+        return self._request(task, image, *self._prompt_for(task, index), boxes, **kw)
 
     def read_region(self, image, index, boxes=None, **kw):
         """OCR of one region or several (index: an int or a list of ints)."""
-        idx = _indices(index)
-        return self._request("read_region", image, lambda n: REGION_OCR_TEMPLATE.format(region_tags(idx, n)), 0,
-                             boxes, **kw)
+        return self._request("read_region", image, *self._prompt_for("read_region", index), boxes, **kw)
 
     def detect_like(self, image, reference_indices, boxes=None, **kw):
         """Visual-prompt detection: every other box of the same category as the reference region(s)."""
-        idx = _indices(reference_indices)
-        return self._request("detect_like", image, lambda n: VISUAL_PROMPT_OD_TEMPLATE.format(region_tags(idx, n)),
-                             0, boxes, **kw)
+        return self._request("detect_like", image, *self._prompt_for("detect_like", reference_indices), boxes, **kw)
 
     def reason(self, image, question: str, boxes=None, **kw):
         """Region reasoning: <think>…</think><answer>…</answer> with the regions that support the answer."""
-        q = _one_text(question, "question")
-        return self._request("reason", image, lambda n: REGION_REASONING_TEMPLATE.format(q), 0, boxes, **kw)
+        return self._request("reason", image, *self._prompt_for("reason", question), boxes, **kw)
 
     def chat(self, image, text: str, boxes=None, **kw):
         """A free prompt; refer to boxes as <region0>, <region1>, … (each must name a given box)."""
-        t = _one_text(text, "text")
+        made = self._prompt_for("chat", text)
         if boxes is None and kw.get("proposals") is None:
             boxes = []                           # a question about the whole image needs no boxes
-        return self._request("chat", image, lambda n: t, 0, boxes, **kw)
+        return self._request("chat", image, *made, boxes, **kw)
 
     # ------------------------------------------------------------------ streaming, many images
     def stream(self, task: str, image, *args, **kw) -> Iterator[Union[str, FO1Result]]:
@@ -576,6 +810,11 @@ class VLMFO1:
         if not isinstance(task, str) or task not in TASKS:
             raise ValueError(f"unknown task {task!r}; the tasks are: {', '.join(TASKS)}")
         return getattr(self, task)
+
+    def _task_on(self, ctx: EncodedImage, task: str):
+        if not isinstance(task, str) or task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; the tasks are: {', '.join(TASKS)}")
+        return getattr(ctx, task)
 
     def imap(self, task: str, images: Sequence, *args, boxes=None, scores=None, proposals=None, image_ids=None,
              progress=True, **kw) -> Iterator[FO1Result]:
@@ -615,6 +854,12 @@ class VLMFO1:
 
 
 FO1 = VLMFO1   # the older name
+_IDLE_SESSIONS = 4   # idle KV caches a model keeps for reuse (one per thread that ran requests at once, up to this)
+
+
+def _check_flag(value, name: str) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def _progress_bar(progress, total: int, desc: str, unit: str = "tok"):
