@@ -7,19 +7,11 @@
  * Two implementations of the inner tiles: AVX-512 intrinsics (D a multiple of 16), and plain C for
  * every other CPU or head size. Softmax is fp32 with max subtraction, as in torch. */
 #include "attention.h"
-#include "gemm.h"
 #include "simd.h"
 
 #include <math.h>
 #include <string.h>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FA_X86 1
-#include <immintrin.h>
-#define TGT512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))
-#else
-#define FA_X86 0
-#endif
 
 /* ---------------------------------------------------------------- generic tiles */
 
@@ -50,9 +42,9 @@ static void pv_tile_generic(float *o, const float *p, int R, const float *v, int
 }
 
 /* ---------------------------------------------------------------- AVX-512 tiles */
-#if FA_X86
+#if VLM_X86
 /* 4 rows x 64 keys per step: 16 accumulators, one kt row (4 vectors) loaded per d. */
-static inline __attribute__((always_inline)) TGT512 void s_tile4_512(float *s, const float *qs, int nr, const float *kt,
+static inline VLM_INLINE VLM_TGT_AVX512 void s_tile4_512(float *s, const float *qs, int nr, const float *kt,
                                                                        int ldkt, int D) {
     __m512 acc[4][4];
     for (int r = 0; r < 4; r++)
@@ -73,7 +65,7 @@ static inline __attribute__((always_inline)) TGT512 void s_tile4_512(float *s, c
         for (int c = 0; c < 4; c++) _mm512_storeu_ps(s + (size_t)r * FA_KB + 16 * c, acc[r][c]);
 }
 
-static TGT512 void s_tile_512(float *s, const float *qs, int R, const float *kt, int ldkt, int kb, int D) {
+static VLM_TGT_AVX512 void s_tile_512(float *s, const float *qs, int R, const float *kt, int ldkt, int kb, int D) {
     (void)kb;  /* kt is padded to a multiple of FA_KB columns */
     int r = 0;
     for (; r + 4 <= R; r += 4) s_tile4_512(s + (size_t)r * FA_KB, qs + (size_t)r * D, 4, kt, ldkt, D);
@@ -86,7 +78,7 @@ static TGT512 void s_tile_512(float *s, const float *qs, int R, const float *kt,
 }
 
 /* 4 rows x 64 output columns per step: 16 accumulators, one v row chunk (4 vectors) per key. */
-static inline __attribute__((always_inline)) TGT512 void pv_tile4_512(float *o, const float *p, int nr, const float *v,
+static inline VLM_INLINE VLM_TGT_AVX512 void pv_tile4_512(float *o, const float *p, int nr, const float *v,
                                                                         int ldv, int kb, int D, int c0, int nc) {
     __m512 acc[4][4];
     for (int r = 0; r < nr; r++)
@@ -104,7 +96,7 @@ static inline __attribute__((always_inline)) TGT512 void pv_tile4_512(float *o, 
         for (int c = 0; c < nc; c++) _mm512_storeu_ps(o + (size_t)r * D + c0 + 16 * c, acc[r][c]);
 }
 
-static TGT512 void pv_tile_512(float *o, const float *p, int R, const float *v, int ldv, int kb, int D) {
+static VLM_TGT_AVX512 void pv_tile_512(float *o, const float *p, int R, const float *v, int ldv, int kb, int D) {
     for (int c0 = 0; c0 < D; c0 += 64) {
         int nc = (D - c0) / 16 < 4 ? (D - c0) / 16 : 4;
         int r = 0;
@@ -124,7 +116,7 @@ static TGT512 void pv_tile_512(float *o, const float *p, int R, const float *v, 
 }
 
 /* One row of a score block: new running max, exp(s - max) in place (0 past `valid`), their sum. */
-static TGT512 void soft_row_512(float *sr, int valid, int kb, float *m, float *sum_out) {
+static VLM_TGT_AVX512 void soft_row_512(float *sr, int valid, int kb, float *m, float *sum_out) {
     __m512 vmx = _mm512_set1_ps(*m);
     for (int j = 0; j < valid; j += 16) {
         __mmask16 k = valid - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (valid - j)) - 1);
@@ -160,7 +152,7 @@ typedef void (*s_tile_fn)(float *, const float *, int, const float *, int, int, 
 typedef void (*pv_tile_fn)(float *, const float *, int, const float *, int, int, int);
 
 static int use_512(int D) {
-#if FA_X86
+#if VLM_X86
     return vlm_cpu_has_avx512() && D % 16 == 0;
 #else
     (void)D;
@@ -198,7 +190,7 @@ void vlm_flash_rows(float *out, int ldo, const float *q, int ldq, int R, const f
     s_tile_fn s_tile = s_tile_generic;
     pv_tile_fn pv_tile = pv_tile_generic;
     void (*soft_row)(float *, int, int, float *, float *) = soft_row_generic;
-#if FA_X86
+#if VLM_X86
     if (use_512(D)) { s_tile = s_tile_512; pv_tile = pv_tile_512; soft_row = soft_row_512; }
 #endif
     float *s = ws, *qs = s + (size_t)R * FA_KB, *o = qs + (size_t)R * D;

@@ -243,10 +243,8 @@ static void gelu_generic(float *x, size_t lo, size_t hi) {
     for (size_t i = lo; i < hi; i++) x[i] = gelu1(x[i]);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define DV_TGT512 __attribute__((target("avx512f,avx512dq,fma")))
-static DV_TGT512 void gelu_512(float *x, size_t lo, size_t hi) {
+#if VLM_X86
+static VLM_TGT_AVX512 void gelu_512(float *x, size_t lo, size_t hi) {
     const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f), sgn = _mm512_set1_ps(-0.0f);
     size_t i = lo;
     for (; i + 16 <= hi; i += 16) {

@@ -35,11 +35,9 @@ vlm_status vlm_matmul(vlm_pool *pool, float *out, int64_t ldo, const float *x, i
                       void *scratch, size_t scratch_size, vlm_err *err);
 size_t vlm_matmul_scratch_size(int64_t m, const vlm_weight *w, vlm_compute cmode, int n_threads);
 
-/* CPU features found at run time, and a name of the kernel family in use ("avx512bf16", "avx512",
- * "avx2", "generic"), for logs and benchmarks. */
+/* The name of the kernel family in use ("avx512bf16", "avx512", "avx2", "generic": vlm_cpu_isa(), cpu.h),
+ * for logs and benchmarks. */
 const char *vlm_gemm_kernel_name(void);
-/* AVX-512 F/BW/VL/DQ usable (and not capped by VLM_GEMM_ISA): the one CPU check every kernel family uses. */
-int vlm_cpu_has_avx512(void);
 /* Keep OpenBLAS single-threaded (vlm_matmul calls it again before every sgemm; the pool supplies
  * the parallelism). */
 void vlm_blas_single_thread(void);

@@ -20,12 +20,6 @@
 #include <stdatomic.h>
 #include <string.h>
 
-#if defined(__GNUC__) && !defined(__clang__)
-#define NO_CONTRACT __attribute__((optimize("fp-contract=off")))
-#else
-#define NO_CONTRACT
-#endif
-
 #define POOL_CH 128          /* channels per pooling work item */
 #define MAX_GROUPS (VLM_HFRE_AUX_LEVELS + 4)
 static const double fpn_stride[4] = {3.5, 7, 14, 28};
@@ -128,7 +122,7 @@ static void plan_layout(hfre_plan *p, const vlm_hfre *m, const int aux_hw[][2], 
 
 /* RoIAlign sample weights along one axis, accumulated into w[0 .. len): bilinear weights of the
  * S*grid sample positions start + p*bin + (i + .5)*bin/grid, exactly torchvision's float32 formulas. */
-NO_CONTRACT static long axis_weights(double *w, int len, float a1, float a2, float scale, int S) {
+VLM_NO_CONTRACT static long axis_weights(double *w, int len, float a1, float a2, float scale, int S) {
     float st = a1 * scale, en = a2 * scale;
     float ext = en - st;
     if (ext < 1.0f) ext = 1.0f;
@@ -154,7 +148,7 @@ NO_CONTRACT static long axis_weights(double *w, int len, float a1, float a2, flo
 }
 
 /* PyTorch's bilinear source index (align_corners=False) of output index d: i0, i1, lambda0, lambda1. */
-NO_CONTRACT static void up_index(int in, int out, int d, int *i0, int *i1, float *l0, float *l1) {
+VLM_NO_CONTRACT static void up_index(int in, int out, int d, int *i0, int *i1, float *l0, float *l1) {
     float scale = (float)in / (float)out;
     float src = scale * ((float)d + 0.5f) - 0.5f;
     if (src < 0) src = 0;
@@ -563,7 +557,7 @@ static void region_ln(float *v, int C, const vlm_hfre_ln *ln) {
 
 /* out[R] += [E(cy) | E(cx) | E(w) | E(h)], d = R/4, E(v)[k] = sin / cos (v*2pi / 10000^(2*(k/2)/d)),
  * with the reference's float32 steps (normalize, w = x2 - x1, cx = x1 + w/2). */
-NO_CONTRACT static void add_pe(float *o, int R, const float *bx, float Wn, float Hn, const float *dim_t) {
+VLM_NO_CONTRACT static void add_pe(float *o, int R, const float *bx, float Wn, float Hn, const float *dim_t) {
     float x1 = bx[0] / Wn, y1 = bx[1] / Hn, x2 = bx[2] / Wn, y2 = bx[3] / Hn;
     float w = x2 - x1, h = y2 - y1;
     float cx = x1 + w / 2, cy = y1 + h / 2;
