@@ -57,21 +57,13 @@ vlm_status vlm_davit_stage_sizes(const vlm_davit *m, int H, int W, int hs[VLM_DA
 
 /* ---------------------------------------------------------------- validation */
 
-static vlm_status check_w(const vlm_weight *w, int n, int k, const char *what, int s, int j, vlm_err *err) {
-    if (!w->data || !w->bias) return vlm_fail(err, VLM_ERR_KEY, "davit stage %d block %d: missing %s weight or bias", s, j, what);
-    if (w->n != n || w->k != k)
-        return vlm_fail(err, VLM_ERR_SHAPE, "davit stage %d block %d: %s has shape [%lld, %lld], expected [%d, %d]", s, j,
-                        what, (long long)w->n, (long long)w->k, n, k);
-    return VLM_OK;
-}
-
 static vlm_status check_half(const vlm_davit_half *h, int C, int I, const char *kind, int s, int j, vlm_err *err) {
     if (!h->dw1 || !h->dw1_b || !h->dw2 || !h->dw2_b || !h->ln1 || !h->ln1_b || !h->ln2 || !h->ln2_b)
         return vlm_fail(err, VLM_ERR_KEY, "davit stage %d block %d: missing %s conv or norm tensors", s, j, kind);
-    VLM_TRY(check_w(&h->qkv, 3 * C, C, "qkv", s, j, err));
-    VLM_TRY(check_w(&h->proj, C, C, "proj", s, j, err));
-    VLM_TRY(check_w(&h->fc1, I, C, "fc1", s, j, err));
-    VLM_TRY(check_w(&h->fc2, C, I, "fc2", s, j, err));
+    VLM_TRY(vlm_check_weight(&h->qkv, 3 * C, C, 1, err, "davit stage %d block %d: %s qkv", s, j, kind));
+    VLM_TRY(vlm_check_weight(&h->proj, C, C, 1, err, "davit stage %d block %d: %s proj", s, j, kind));
+    VLM_TRY(vlm_check_weight(&h->fc1, I, C, 1, err, "davit stage %d block %d: %s fc1", s, j, kind));
+    VLM_TRY(vlm_check_weight(&h->fc2, C, I, 1, err, "davit stage %d block %d: %s fc2", s, j, kind));
     return VLM_OK;
 }
 
@@ -90,12 +82,7 @@ vlm_status vlm_davit_validate(const vlm_davit *m, vlm_err *err) {
         if (s == 0 && c->prenorm[0])
             return vlm_fail(err, VLM_ERR_ARG, "davit: a LayerNorm before the first patch embedding is not supported "
                                               "(the reference never applies it to an image)");
-        if (!m->conv[s].data || !m->conv[s].bias)
-            return vlm_fail(err, VLM_ERR_KEY, "davit: missing convs.%d weight or bias", s);
-        int K = Cin * c->kernel[s] * c->kernel[s];
-        if (m->conv[s].n != C || m->conv[s].k != K)
-            return vlm_fail(err, VLM_ERR_SHAPE, "davit: convs.%d has shape [%lld, %lld], expected [%d, %d]", s,
-                            (long long)m->conv[s].n, (long long)m->conv[s].k, C, K);
+        VLM_TRY(vlm_check_weight(&m->conv[s], C, Cin * c->kernel[s] * c->kernel[s], 1, err, "davit: convs.%d", s));
         if (!m->norm[s] || !m->norm_b[s]) return vlm_fail(err, VLM_ERR_KEY, "davit: missing convs.%d norm", s);
         if (c->depth[s] && !m->blocks[s]) return vlm_fail(err, VLM_ERR_KEY, "davit: missing blocks of stage %d", s);
         for (int j = 0; j < c->depth[s]; j++) {
@@ -121,11 +108,6 @@ typedef struct {
     void *mm; size_t mm_size;
 } dv_scratch;
 
-static size_t mm_need(size_t cur, int64_t m, const vlm_weight *w, vlm_compute cm, int nth) {
-    size_t z = vlm_matmul_scratch_size(m, w, cm, nth);
-    return z > cur ? z : cur;
-}
-
 static size_t carve(dv_scratch *S, const vlm_davit *m, const int hs[], const int ws[], int nth, char *base) {
     const vlm_davit_config *c = &m->cfg;
     size_t t = 0, col = 0, xn = 0, qkv = 0, att = 0, h = 0, A = 0, per = 0, mm = 0;
@@ -146,14 +128,14 @@ static size_t carve(dv_scratch *S, const vlm_davit *m, const int hs[], const int
         UP(per, D * (size_t)vlm_flash_kt_stride((int)n) + n * D + vlm_flash_workspace_floats(c->window, (int)D) + 64);
         UP(per, d * d + 64);
 #undef UP
-        mm = mm_need(mm, (int64_t)cr, &m->conv[s], c->compute, nth);
+        mm = vlm_matmul_scratch_max(mm, (int64_t)cr, &m->conv[s], c->compute, nth);
         for (int j = 0; j < c->depth[s]; j++) {
             const vlm_davit_half *hv[2] = {&m->blocks[s][j].spatial, &m->blocks[s][j].channel};
             for (int k = 0; k < 2; k++) {
-                mm = mm_need(mm, (int64_t)rows, &hv[k]->qkv, c->compute, nth);  /* bounds the q/k and v views */
-                mm = mm_need(mm, (int64_t)rows, &hv[k]->proj, c->compute, nth);
-                mm = mm_need(mm, (int64_t)ch, &hv[k]->fc1, c->compute, nth);
-                mm = mm_need(mm, (int64_t)ch, &hv[k]->fc2, c->compute, nth);
+                mm = vlm_matmul_scratch_max(mm, (int64_t)rows, &hv[k]->qkv, c->compute, nth);  /* bounds the q/k and v views */
+                mm = vlm_matmul_scratch_max(mm, (int64_t)rows, &hv[k]->proj, c->compute, nth);
+                mm = vlm_matmul_scratch_max(mm, (int64_t)ch, &hv[k]->fc1, c->compute, nth);
+                mm = vlm_matmul_scratch_max(mm, (int64_t)ch, &hv[k]->fc2, c->compute, nth);
             }
         }
     }
@@ -433,11 +415,8 @@ typedef struct {
     const vlm_davit *m;
     vlm_pool *pool;
     dv_scratch S;
-    vlm_err *err;
+    vlm_mm_ctx mm;
 } dv_run;
-
-#define MM(out, ldo, x, ldx, rows, w, acc) \
-    VLM_TRY(vlm_matmul(r->pool, out, ldo, x, ldx, rows, w, r->m->cfg.compute, acc, r->S.mm, r->S.mm_size, r->err))
 
 /* x [Ho*Wo][C] = conv(in) + bias, im2col in chunks of rows. */
 static vlm_status conv_embed(dv_run *r, int s, float *x, const float *in, int chan_last, int Hi, int Wi, int Ho, int Wo) {
@@ -449,7 +428,7 @@ static vlm_status conv_embed(dv_run *r, int s, float *x, const float *in, int ch
         col_ctx cc = {r->S.col, in, chan_last, Hi, Wi, s ? c->dim[s - 1] : c->in_chans, c->kernel[s], c->stride[s],
                       c->pad[s], Wo, r0, nr};
         vlm_pool_run(r->pool, col_task, &cc);
-        MM(x + (size_t)r0 * w->n, w->n, r->S.col, w->k, nr, w, 0);
+        VLM_TRY(vlm_mm(&r->mm, x + (size_t)r0 * w->n, w->n, r->S.col, w->k, nr, w, 0));
     }
     return VLM_OK;
 }
@@ -464,10 +443,10 @@ static vlm_status window_attention(dv_run *r, int s, float *x, const vlm_davit_h
         long nb = (long)rows * W;
         float *xb = x + (size_t)y0 * W * C;
         vlm_layernorm(r->pool, r->S.xn, xb, B->ln1, B->ln1_b, c->eps, nb, C);
-        MM(r->S.qkv, 3 * C, r->S.xn, C, nb, &B->qkv, 0);
+        VLM_TRY(vlm_mm(&r->mm, r->S.qkv, 3 * C, r->S.xn, C, nb, &B->qkv, 0));
         win_ctx wc = {r->S.att, r->S.qkv, B->qkv.bias, rows, W, C, c->heads[s], win, scale, r->S.thr, r->S.per_thread};
         vlm_pool_run(r->pool, win_task, &wc);
-        MM(xb, C, r->S.att, C, nb, &B->proj, 1);
+        VLM_TRY(vlm_mm(&r->mm, xb, C, r->S.att, C, nb, &B->proj, 1));
     }
     return VLM_OK;
 }
@@ -489,7 +468,7 @@ static vlm_status channel_attention(dv_run *r, int s, float *x, const vlm_davit_
     for (long t0 = 0; t0 < N; t0 += step) {
         long nr = N - t0 < step ? N - t0 : step;
         vlm_layernorm(r->pool, r->S.xn, x + (size_t)t0 * C, B->ln1, B->ln1_b, c->eps, nr, C);
-        MM(r->S.qkv, 2 * C, r->S.xn, C, nr, &wqk, 0);
+        VLM_TRY(vlm_mm(&r->mm, r->S.qkv, 2 * C, r->S.xn, C, nr, &wqk, 0));
         chA_ctx ac = {r->S.A, r->S.qkv, nr, C, d, G, scale, r->S.thr, r->S.per_thread};
         vlm_pool_run(r->pool, chA_task, &ac);
     }
@@ -498,10 +477,10 @@ static vlm_status channel_attention(dv_run *r, int s, float *x, const vlm_davit_
         long nr = N - t0 < step ? N - t0 : step;
         float *xb = x + (size_t)t0 * C;
         vlm_layernorm(r->pool, r->S.xn, xb, B->ln1, B->ln1_b, c->eps, nr, C);
-        MM(r->S.qkv, C, r->S.xn, C, nr, &wv, 0);
+        VLM_TRY(vlm_mm(&r->mm, r->S.qkv, C, r->S.xn, C, nr, &wv, 0));
         chV_ctx vc = {r->S.att, r->S.qkv, r->S.At, nr, C, d, G};
         vlm_pool_run(r->pool, chV_task, &vc);
-        MM(xb, C, r->S.att, C, nr, &B->proj, 1);
+        VLM_TRY(vlm_mm(&r->mm, xb, C, r->S.att, C, nr, &B->proj, 1));
     }
     return VLM_OK;
 }
@@ -515,10 +494,10 @@ static vlm_status mlp(dv_run *r, int s, float *x, const vlm_davit_half *B, long 
         long nr = N - t0 < step ? N - t0 : step;
         float *xb = x + (size_t)t0 * C;
         vlm_layernorm(r->pool, r->S.xn, xb, B->ln2, B->ln2_b, c->eps, nr, C);
-        MM(r->S.h, I, r->S.xn, C, nr, &B->fc1, 0);
+        VLM_TRY(vlm_mm(&r->mm, r->S.h, I, r->S.xn, C, nr, &B->fc1, 0));
         gelu_ctx gc = {r->S.h, (size_t)nr * I};
         vlm_pool_run(r->pool, gelu_task, &gc);
-        MM(xb, C, r->S.h, I, nr, &B->fc2, 1);
+        VLM_TRY(vlm_mm(&r->mm, xb, C, r->S.h, I, nr, &B->fc2, 1));
     }
     return VLM_OK;
 }
@@ -529,11 +508,12 @@ vlm_status vlm_davit_forward(const vlm_davit *m, vlm_pool *pool, const float *pi
     int hs[VLM_DAVIT_STAGES], ws[VLM_DAVIT_STAGES];
     if (!pixels || !out) return vlm_fail(err, VLM_ERR_ARG, "davit: NULL pixels or outputs");
     VLM_TRY(vlm_davit_stage_sizes(m, H, W, hs, ws, err));
-    dv_run run = {.m = m, .pool = pool, .err = err}, *r = &run;
+    dv_run run = {.m = m, .pool = pool}, *r = &run;
     size_t need = carve(&r->S, m, hs, ws, vlm_pool_size(pool), NULL);
     if (!scratch || scratch_size < need)
         return vlm_fail(err, VLM_ERR_ARG, "davit scratch too small: %zu < %zu bytes", scratch_size, need);
     carve(&r->S, m, hs, ws, vlm_pool_size(pool), scratch);
+    r->mm = (vlm_mm_ctx){pool, c->compute, r->S.mm, r->S.mm_size, err};
 
     const float *in = pixels;  /* stage input: the image [Ci][H][W], then the previous map [H][W][C] */
     int Hi = H, Wi = W, Ci = c->in_chans, chan_last = 0;

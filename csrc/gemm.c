@@ -74,6 +74,21 @@
 
 const char *vlm_gemm_kernel_name(void) { return vlm_isa_name(vlm_cpu_isa()); }
 
+vlm_status vlm_check_weight(const vlm_weight *w, int64_t n, int64_t k, int need_bias, vlm_err *err, const char *fmt,
+                            ...) {
+    char name[128];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof name, fmt, ap);
+    va_end(ap);
+    if (!w->data) return vlm_fail(err, VLM_ERR_KEY, "%s: missing weight", name);
+    if (need_bias && !w->bias) return vlm_fail(err, VLM_ERR_KEY, "%s: missing bias", name);
+    if (w->n != n || w->k != k)
+        return vlm_fail(err, VLM_ERR_SHAPE, "%s has shape [%lld, %lld], expected [%lld, %lld]", name, (long long)w->n,
+                        (long long)w->k, (long long)n, (long long)k);
+    return VLM_OK;
+}
+
 const char *vlm_blas_info(void) {
     static char buf[512];
     const char *core = scipy_openblas_get_corename();

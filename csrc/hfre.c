@@ -38,15 +38,6 @@ int vlm_hfre_vt_dim(const vlm_hfre *m) {
     return m->cfg.simple_fpn ? 4 * m->cfg.fpn_c : m->cfg.n_vt * m->cfg.vt_c;
 }
 
-static vlm_status check_w(const vlm_weight *w, int64_t n, int64_t k, int bias, const char *name, vlm_err *err) {
-    if (!w->data) return vlm_fail(err, VLM_ERR_KEY, "hfre: missing %s", name);
-    if (w->n != n || w->k != k)
-        return vlm_fail(err, VLM_ERR_SHAPE, "hfre: %s has shape [%lld, %lld], expected [%lld, %lld]", name,
-                        (long long)w->n, (long long)w->k, (long long)n, (long long)k);
-    if (bias && !w->bias) return vlm_fail(err, VLM_ERR_KEY, "hfre: missing bias of %s", name);
-    return VLM_OK;
-}
-
 vlm_status vlm_hfre_validate(const vlm_hfre *m, vlm_err *err) {
     const vlm_hfre_config *c = &m->cfg;
     if (c->S < 1 || c->S > 1024) return vlm_fail(err, VLM_ERR_ARG, "hfre: roi output size %d out of range", c->S);
@@ -62,17 +53,14 @@ vlm_status vlm_hfre_validate(const vlm_hfre *m, vlm_err *err) {
             int D = c->vt_c, F = c->fpn_c, D2 = D / 2, D4 = D / 4;
             if (F <= 0 || D % 4) return vlm_fail(err, VLM_ERR_ARG, "hfre: SimpleFP needs D %% 4 == 0 and F > 0");
             const vlm_fpn_stage *s = m->fpn;
-            VLM_TRY(check_w(&s[0].ct1, 4 * D2, D, 1, "simfp_1.0", err));
-            VLM_TRY(check_w(&s[0].ct2, 4 * D4, D2, 1, "simfp_1.3", err));
+            VLM_TRY(vlm_check_weight(&s[0].ct1, 4 * D2, D, 1, err, "hfre: simfp_1.0"));
+            VLM_TRY(vlm_check_weight(&s[0].ct2, 4 * D4, D2, 1, err, "hfre: simfp_1.3"));
             if (!s[0].ln0.w || !s[0].ln0.b) return vlm_fail(err, VLM_ERR_KEY, "hfre: missing simfp_1.1 (LayerNorm)");
-            VLM_TRY(check_w(&s[1].ct1, 4 * D2, D, 1, "simfp_2.0", err));
+            VLM_TRY(vlm_check_weight(&s[1].ct1, 4 * D2, D, 1, err, "hfre: simfp_2.0"));
             const int cin[4] = {D4, D2, D, D};
             for (int l = 0; l < 4; l++) {
-                char nm[32];
-                snprintf(nm, sizeof nm, "simfp_%d 1x1 conv", l + 1);
-                VLM_TRY(check_w(&s[l].c1, F, cin[l], 0, nm, err));
-                snprintf(nm, sizeof nm, "simfp_%d 3x3 conv", l + 1);
-                VLM_TRY(check_w(&s[l].c3, 9 * (int64_t)F, F, 0, nm, err));
+                VLM_TRY(vlm_check_weight(&s[l].c1, F, cin[l], 0, err, "hfre: simfp_%d 1x1 conv", l + 1));
+                VLM_TRY(vlm_check_weight(&s[l].c3, 9 * (int64_t)F, F, 0, err, "hfre: simfp_%d 3x3 conv", l + 1));
                 if (!s[l].ln1.w || !s[l].ln1.b || !s[l].ln3.w || !s[l].ln3.b)
                     return vlm_fail(err, VLM_ERR_KEY, "hfre: missing a conv LayerNorm of simfp_%d", l + 1);
             }
@@ -479,9 +467,6 @@ size_t vlm_hfre_scratch_size(const vlm_hfre *m, const int aux_hw[VLM_HFRE_AUX_LE
 
 /* ---------------------------------------------------------------- SimpleFP level */
 
-#define MM(out, ldo, x, ldx, rows, w, acc) \
-    VLM_TRY(vlm_matmul(pool, out, ldo, x, ldx, rows, w, c->compute, acc, s->mm, s->mm_size, err))
-
 /* Computes FPN level l from the ViT map x [gh][gw][D]; returns the map (pitch W+2 pixels, F channels)
  * in *res with its size. */
 static vlm_status fpn_level(const vlm_hfre *m, vlm_pool *pool, hfre_scratch *s, int l, const float *x, int gh, int gw,
@@ -490,14 +475,15 @@ static vlm_status fpn_level(const vlm_hfre *m, vlm_pool *pool, hfre_scratch *s, 
     const vlm_fpn_stage *st = &m->fpn[l];
     const int D = c->vt_c, F = c->fpn_c, D2 = D / 2, D4 = D / 4;
     const long n = (long)gh * gw;
+    const vlm_mm_ctx mm = {pool, c->compute, s->mm, s->mm_size, err};
     long H, W;
     int cin;
     float *Pin, *Pmid, *Out;
     if (l == 0) {
         H = 4L * gh; W = 4L * gw; cin = D4;
-        MM(s->A, 4 * D2, x, D, n, &st->ct1, 0);                       /* [n][(a,b,o)] */
+        VLM_TRY(vlm_mm(&mm, s->A, 4 * D2, x, D, n, &st->ct1, 0));                       /* [n][(a,b,o)] */
         ln_grid(pool, s->A, 1, 4 * n, 1, D2, &st->ln0, 1e-6f, 1);    /* LN + GELU per (pixel, a, b) */
-        MM(s->B, 4 * D4, s->A, D2, 4 * n, &st->ct2, 0);               /* [(pix,a,b)][(a2,b2,o)] */
+        VLM_TRY(vlm_mm(&mm, s->B, 4 * D4, s->A, D2, 4 * n, &st->ct2, 0));               /* [(pix,a,b)][(a2,b2,o)] */
         Pin = s->A; Pmid = s->B; Out = s->A;
         scat_ctx sc = {Pin, s->B, 2 * gh, 2 * gw, D4, 1};
         /* P_in (A) is written from T2 (B): different buffers */
@@ -505,7 +491,7 @@ static vlm_status fpn_level(const vlm_hfre *m, vlm_pool *pool, hfre_scratch *s, 
         zero_border(Pin, H, W, cin);
     } else if (l == 1) {
         H = 2L * gh; W = 2L * gw; cin = D2;
-        MM(s->A, 4 * D2, x, D, n, &st->ct1, 0);
+        VLM_TRY(vlm_mm(&mm, s->A, 4 * D2, x, D, n, &st->ct1, 0));
         Pin = s->B; Pmid = s->A; Out = s->B;
         scat_ctx sc = {Pin, s->A, gh, gw, D2, 0};
         vlm_pool_run(pool, scat_task, &sc);
@@ -525,7 +511,7 @@ static vlm_status fpn_level(const vlm_hfre *m, vlm_pool *pool, hfre_scratch *s, 
     }
     const size_t pitch = (size_t)W + 2;
     /* 1x1 conv over the whole padded grid: the zero border stays zero (no bias); LN on the interior */
-    MM(Pmid, F, Pin, cin, (int64_t)((H + 2) * pitch), &st->c1, 0);
+    VLM_TRY(vlm_mm(&mm, Pmid, F, Pin, cin, (int64_t)((H + 2) * pitch), &st->c1, 0));
     ln_grid(pool, Pmid + (pitch + 1) * F, pitch, H, W, F, &st->ln1, 1e-6f, 0);
     /* 3x3 conv, padding 1: Out[p] = sum_{ky,kx} Pmid[p + ky*pitch + kx] . W_tap, p over H rows of the
      * padded pitch (the last two columns of each row are junk and never read) */
@@ -535,7 +521,7 @@ static vlm_status fpn_level(const vlm_hfre *m, vlm_pool *pool, hfre_scratch *s, 
         vlm_weight tap = st->c3;
         tap.n = F;
         tap.data = (const char *)st->c3.data + (size_t)t * F * F * esz;
-        MM(Out, F, Pmid + ((size_t)(t / 3) * pitch + t % 3) * F, F, rows, &tap, t > 0);
+        VLM_TRY(vlm_mm(&mm, Out, F, Pmid + ((size_t)(t / 3) * pitch + t % 3) * F, F, rows, &tap, t > 0));
     }
     ln_grid(pool, Out, pitch, H, W, F, &st->ln3, 1e-6f, 0);
     *res = Out;
@@ -671,10 +657,7 @@ vlm_status vlm_mlp_validate(const vlm_mlp *p, vlm_err *err) {
         return vlm_fail(err, VLM_ERR_ARG, "projector: %d layers (1..%d supported)", p->n_layers, VLM_MLP_MAX_LAYERS);
     for (int i = 0; i < p->n_layers; i++) {
         const vlm_weight *w = &p->layers[i];
-        if (!w->data || !w->bias) return vlm_fail(err, VLM_ERR_KEY, "projector: layer %d lacks its weight or bias", i);
-        if (i > 0 && w->k != p->layers[i - 1].n)
-            return vlm_fail(err, VLM_ERR_SHAPE, "projector: layer %d takes %lld inputs but layer %d gives %lld", i,
-                            (long long)w->k, i - 1, (long long)p->layers[i - 1].n);
+        VLM_TRY(vlm_check_weight(w, w->n, i > 0 ? p->layers[i - 1].n : w->k, 1, err, "projector: layer %d", i));
     }
     return VLM_OK;
 }

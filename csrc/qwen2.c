@@ -25,16 +25,6 @@ struct vlm_qwen2_state {
 static int kv_dim(const vlm_qwen2_config *c) { return c->n_kv_heads * c->head_dim; }
 static int q_dim(const vlm_qwen2_config *c) { return c->n_heads * c->head_dim; }
 
-static vlm_status check_weight(const vlm_weight *w, int64_t n, int64_t k, int bias, const char *name, int layer,
-                               vlm_err *err) {
-    if (!w->data) return vlm_fail(err, VLM_ERR_KEY, "layer %d: missing weight %s", layer, name);
-    if (w->n != n || w->k != k)
-        return vlm_fail(err, VLM_ERR_SHAPE, "layer %d: %s has shape [%lld, %lld], expected [%lld, %lld]", layer, name,
-                        (long long)w->n, (long long)w->k, (long long)n, (long long)k);
-    if (bias && !w->bias) return vlm_fail(err, VLM_ERR_KEY, "layer %d: missing bias of %s", layer, name);
-    return VLM_OK;
-}
-
 vlm_status vlm_qwen2_validate(const vlm_qwen2 *m, vlm_err *err) {
     const vlm_qwen2_config *c = &m->cfg;
     if (c->hidden <= 0 || c->n_layers <= 0 || c->n_heads <= 0 || c->n_kv_heads <= 0 || c->head_dim <= 0 ||
@@ -46,16 +36,16 @@ vlm_status vlm_qwen2_validate(const vlm_qwen2 *m, vlm_err *err) {
         c->mrope[0] + c->mrope[1] + c->mrope[2] != c->head_dim / 2)
         return vlm_fail(err, VLM_ERR_ARG, "mrope_section must sum to head_dim/2 = %d", c->head_dim / 2);
     if (!m->embed || !m->norm || !m->inv_freq || !m->layers) return vlm_fail(err, VLM_ERR_KEY, "missing global weights");
-    VLM_TRY(check_weight(&m->lm_head, c->vocab, c->hidden, 0, "lm_head", -1, err));
+    VLM_TRY(vlm_check_weight(&m->lm_head, c->vocab, c->hidden, 0, err, "lm_head"));
     for (int l = 0; l < c->n_layers; l++) {
         const vlm_qwen2_layer *L = &m->layers[l];
-        VLM_TRY(check_weight(&L->wq, q_dim(c), c->hidden, 1, "q_proj", l, err));
-        VLM_TRY(check_weight(&L->wk, kv_dim(c), c->hidden, 1, "k_proj", l, err));
-        VLM_TRY(check_weight(&L->wv, kv_dim(c), c->hidden, 1, "v_proj", l, err));
-        VLM_TRY(check_weight(&L->wo, c->hidden, q_dim(c), 0, "o_proj", l, err));
-        VLM_TRY(check_weight(&L->wg, c->inter, c->hidden, 0, "gate_proj", l, err));
-        VLM_TRY(check_weight(&L->wu, c->inter, c->hidden, 0, "up_proj", l, err));
-        VLM_TRY(check_weight(&L->wd, c->hidden, c->inter, 0, "down_proj", l, err));
+        VLM_TRY(vlm_check_weight(&L->wq, q_dim(c), c->hidden, 1, err, "layer %d: q_proj", l));
+        VLM_TRY(vlm_check_weight(&L->wk, kv_dim(c), c->hidden, 1, err, "layer %d: k_proj", l));
+        VLM_TRY(vlm_check_weight(&L->wv, kv_dim(c), c->hidden, 1, err, "layer %d: v_proj", l));
+        VLM_TRY(vlm_check_weight(&L->wo, c->hidden, q_dim(c), 0, err, "layer %d: o_proj", l));
+        VLM_TRY(vlm_check_weight(&L->wg, c->inter, c->hidden, 0, err, "layer %d: gate_proj", l));
+        VLM_TRY(vlm_check_weight(&L->wu, c->inter, c->hidden, 0, err, "layer %d: up_proj", l));
+        VLM_TRY(vlm_check_weight(&L->wd, c->hidden, c->inter, 0, err, "layer %d: down_proj", l));
         if (!L->ln1 || !L->ln2) return vlm_fail(err, VLM_ERR_KEY, "layer %d: missing layernorm weight", l);
     }
     return VLM_OK;
@@ -150,15 +140,13 @@ vlm_status vlm_qwen2_embed(const vlm_qwen2 *m, const int32_t *ids, int T, float 
     return VLM_OK;
 }
 
-#define MM(out, ldo, x, ldx, rows, w, acc) \
-    VLM_TRY(vlm_matmul(s->pool, out, ldo, x, ldx, rows, w, c->compute, acc, s->mm_scratch, s->mm_scratch_size, err))
-
 /* One chunk of T <= s->chunk tokens whose residual stream is already in s->x. */
 static vlm_status forward_chunk(const vlm_qwen2 *m, vlm_qwen2_state *s, int T, float *logits, int logits_all,
                                 vlm_err *err) {
     const vlm_qwen2_config *c = &m->cfg;
     const int H = c->hidden, Q = q_dim(c), KVd = kv_dim(c), D = c->head_dim, I = c->inter;
     const float scale = 1.0f / sqrtf((float)D);
+    const vlm_mm_ctx mm = {s->pool, c->compute, s->mm_scratch, s->mm_scratch_size, err};
     vlm_rope_table(s->cs, s->sn, s->pos, m->inv_freq, c->mrope, T, D);
 
     for (int l = 0; l < c->n_layers; l++) {
@@ -167,9 +155,9 @@ static vlm_status forward_chunk(const vlm_qwen2 *m, vlm_qwen2_state *s, int T, f
         float *vc = s->vcache + (size_t)l * KVd * s->max_ctx;
 
         vlm_rmsnorm(s->pool, s->xn, s->x, L->ln1, c->eps, T, H);
-        MM(s->q, Q, s->xn, H, T, &L->wq, 0);
-        MM(s->k, KVd, s->xn, H, T, &L->wk, 0);
-        MM(s->v, KVd, s->xn, H, T, &L->wv, 0);
+        VLM_TRY(vlm_mm(&mm, s->q, Q, s->xn, H, T, &L->wq, 0));
+        VLM_TRY(vlm_mm(&mm, s->k, KVd, s->xn, H, T, &L->wk, 0));
+        VLM_TRY(vlm_mm(&mm, s->v, KVd, s->xn, H, T, &L->wv, 0));
         vlm_rope_apply(s->pool, s->q, Q, s->cs, s->sn, T, c->n_heads, D);
         vlm_rope_apply(s->pool, s->k, KVd, s->cs, s->sn, T, c->n_kv_heads, D);
         for (int t = 0; t < T; t++)               /* append to the cache: [t][g][D] -> [g][pos][D] */
@@ -180,22 +168,22 @@ static vlm_status forward_chunk(const vlm_qwen2 *m, vlm_qwen2_state *s, int T, f
             }
         vlm_attention(s->pool, s->att, Q, s->q, Q, kc, vc, s->max_ctx, s->n_past, T, c->n_heads, c->n_kv_heads, D,
                       scale, s->attn_scratch);
-        MM(s->x, H, s->att, Q, T, &L->wo, 1);      /* x += att · Woᵀ */
+        VLM_TRY(vlm_mm(&mm, s->x, H, s->att, Q, T, &L->wo, 1));      /* x += att · Woᵀ */
 
         vlm_rmsnorm(s->pool, s->xn, s->x, L->ln2, c->eps, T, H);
-        MM(s->g, I, s->xn, H, T, &L->wg, 0);
-        MM(s->u, I, s->xn, H, T, &L->wu, 0);
+        VLM_TRY(vlm_mm(&mm, s->g, I, s->xn, H, T, &L->wg, 0));
+        VLM_TRY(vlm_mm(&mm, s->u, I, s->xn, H, T, &L->wu, 0));
         vlm_silu_mul(s->pool, s->g, s->u, T, I);
-        MM(s->x, H, s->g, I, T, &L->wd, 1);        /* x += mlp */
+        VLM_TRY(vlm_mm(&mm, s->x, H, s->g, I, T, &L->wd, 1));        /* x += mlp */
     }
     s->n_past += T;
     if (!logits) return VLM_OK;
     if (logits_all) {
         vlm_rmsnorm(s->pool, s->xn, s->x, m->norm, c->eps, T, H);
-        MM(logits, c->vocab, s->xn, H, T, &m->lm_head, 0);
+        VLM_TRY(vlm_mm(&mm, logits, c->vocab, s->xn, H, T, &m->lm_head, 0));
     } else {
         vlm_rmsnorm(s->pool, s->xn, s->x + (size_t)(T - 1) * H, m->norm, c->eps, 1, H);
-        MM(logits, c->vocab, s->xn, H, 1, &m->lm_head, 0);
+        VLM_TRY(vlm_mm(&mm, logits, c->vocab, s->xn, H, 1, &m->lm_head, 0));
     }
     return VLM_OK;
 }

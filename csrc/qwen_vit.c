@@ -51,29 +51,17 @@ vlm_status vlm_vit_validate(const vlm_vit *m, vlm_err *err) {
     if (c->window % (c->patch * c->merge))
         return vlm_fail(err, VLM_ERR_ARG, "window_size must be a multiple of patch_size * spatial_merge_size");
     const int D = c->hidden, I = c->inter, D4 = 4 * D;
-    struct { const vlm_weight *w; int n, k, bias; const char *name; } chk[] = {
-        {&m->patch_embed, D, c->in_dim, 0, "patch_embed"}, {&m->merger1, D4, D4, 1, "merger.mlp.0"},
-        {&m->merger2, c->out_hidden, D4, 1, "merger.mlp.2"}};
-    for (int i = 0; i < 3; i++) {
-        if (!chk[i].w->data) return vlm_fail(err, VLM_ERR_KEY, "vision: missing %s", chk[i].name);
-        if (chk[i].w->n != chk[i].n || chk[i].w->k != chk[i].k)
-            return vlm_fail(err, VLM_ERR_SHAPE, "vision: %s has shape [%lld, %lld], expected [%d, %d]", chk[i].name,
-                            (long long)chk[i].w->n, (long long)chk[i].w->k, chk[i].n, chk[i].k);
-        if (chk[i].bias && !chk[i].w->bias) return vlm_fail(err, VLM_ERR_KEY, "vision: missing bias of %s", chk[i].name);
-    }
+    VLM_TRY(vlm_check_weight(&m->patch_embed, D, c->in_dim, 0, err, "vision: patch_embed"));
+    VLM_TRY(vlm_check_weight(&m->merger1, D4, D4, 1, err, "vision: merger.mlp.0"));
+    VLM_TRY(vlm_check_weight(&m->merger2, c->out_hidden, D4, 1, err, "vision: merger.mlp.2"));
     if (!m->merger_ln || !m->inv_freq || !m->blocks) return vlm_fail(err, VLM_ERR_KEY, "vision: missing tensors");
     for (int l = 0; l < c->depth; l++) {
         const vlm_vit_block *B = &m->blocks[l];
-        struct { const vlm_weight *w; int n, k; const char *name; } bw[] = {
-            {&B->qkv, 3 * D, D, "attn.qkv"}, {&B->proj, D, D, "attn.proj"}, {&B->gate, I, D, "mlp.gate_proj"},
-            {&B->up, I, D, "mlp.up_proj"}, {&B->down, D, I, "mlp.down_proj"}};
-        for (int i = 0; i < 5; i++) {
-            if (!bw[i].w->data || !bw[i].w->bias)
-                return vlm_fail(err, VLM_ERR_KEY, "vision block %d: missing %s weight or bias", l, bw[i].name);
-            if (bw[i].w->n != bw[i].n || bw[i].w->k != bw[i].k)
-                return vlm_fail(err, VLM_ERR_SHAPE, "vision block %d: %s has shape [%lld, %lld], expected [%d, %d]", l,
-                                bw[i].name, (long long)bw[i].w->n, (long long)bw[i].w->k, bw[i].n, bw[i].k);
-        }
+        VLM_TRY(vlm_check_weight(&B->qkv, 3 * D, D, 1, err, "vision block %d: attn.qkv", l));
+        VLM_TRY(vlm_check_weight(&B->proj, D, D, 1, err, "vision block %d: attn.proj", l));
+        VLM_TRY(vlm_check_weight(&B->gate, I, D, 1, err, "vision block %d: mlp.gate_proj", l));
+        VLM_TRY(vlm_check_weight(&B->up, I, D, 1, err, "vision block %d: mlp.up_proj", l));
+        VLM_TRY(vlm_check_weight(&B->down, D, I, 1, err, "vision block %d: mlp.down_proj", l));
         if (!B->ln1 || !B->ln2) return vlm_fail(err, VLM_ERR_KEY, "vision block %d: missing norm weights", l);
     }
     return VLM_OK;
@@ -151,9 +139,6 @@ static void gelu_erf(float *x, size_t n) {
     for (size_t i = 0; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678118654752f));
 }
 
-#define MM(out, ldo, x, ldx, rows, w, acc) \
-    VLM_TRY(vlm_matmul(pool, out, ldo, x, ldx, rows, w, c->compute, acc, s.mm, s.mm_size, err))
-
 vlm_status vlm_vit_forward(const vlm_vit *m, vlm_pool *pool, const float *pixels, int gh, int gw, float *out,
                            float *feats, void *scratch, size_t scratch_size, vlm_err *err) {
     const vlm_vit_config *c = &m->cfg;
@@ -165,6 +150,7 @@ vlm_status vlm_vit_forward(const vlm_vit *m, vlm_pool *pool, const float *pixels
     if (!scratch || scratch_size < need)
         return vlm_fail(err, VLM_ERR_ARG, "vision scratch too small: %zu < %zu bytes", scratch_size, need);
     carve(&s, m, gh, gw, nth, scratch);
+    const vlm_mm_ctx mm = {pool, c->compute, s.mm, s.mm_size, err};
 
     const int N = gh * gw, U = N / 4, D = c->hidden, H = c->n_heads, hd = D / H, I = c->inter;
     vit_layout L = {.N = N, .U = U, .lh = gh / 2, .lw = gw / 2, .widx = s.widx, .cu_win = s.cu_win};
@@ -183,7 +169,7 @@ vlm_status vlm_vit_forward(const vlm_vit *m, vlm_pool *pool, const float *pixels
     int sec[3] = {hd / 4, hd / 4, 0};
     vlm_rope_table(s.cs, s.sn, s.pos, m->inv_freq, sec, N, hd);
 
-    MM(s.xn, D, pixels, c->in_dim, N, &m->patch_embed, 0);
+    VLM_TRY(vlm_mm(&mm, s.xn, D, pixels, c->in_dim, N, &m->patch_embed, 0));
     perm_ctx pc = {s.x, s.xn, L.widx, D, U};
     vlm_pool_run(pool, perm_task, &pc);
 
@@ -193,17 +179,17 @@ vlm_status vlm_vit_forward(const vlm_vit *m, vlm_pool *pool, const float *pixels
         const vlm_vit_block *B = &m->blocks[l];
         int full = c->fullatt[l];
         vlm_rmsnorm(pool, s.xn, s.x, B->ln1, c->eps, N, D);
-        MM(s.qkv, 3 * D, s.xn, D, N, &B->qkv, 0);
+        VLM_TRY(vlm_mm(&mm, s.qkv, 3 * D, s.xn, D, N, &B->qkv, 0));
         vlm_rope_apply(pool, s.qkv, 3 * D, s.cs, s.sn, N, H, hd);          /* q */
         vlm_rope_apply(pool, s.qkv + D, 3 * D, s.cs, s.sn, N, H, hd);      /* k */
         vlm_segment_attention(pool, s.att, s.qkv, full ? L.cu_full : L.cu_win, full ? 1 : L.n_win, H, hd, scale,
                               s.attn_scratch, full ? N : L.max_win);
-        MM(s.x, D, s.att, D, N, &B->proj, 1);
+        VLM_TRY(vlm_mm(&mm, s.x, D, s.att, D, N, &B->proj, 1));
         vlm_rmsnorm(pool, s.xn, s.x, B->ln2, c->eps, N, D);
-        MM(s.g, I, s.xn, D, N, &B->gate, 0);
-        MM(s.u, I, s.xn, D, N, &B->up, 0);
+        VLM_TRY(vlm_mm(&mm, s.g, I, s.xn, D, N, &B->gate, 0));
+        VLM_TRY(vlm_mm(&mm, s.u, I, s.xn, D, N, &B->up, 0));
         vlm_silu_mul(pool, s.g, s.u, N, I);
-        MM(s.x, D, s.g, I, N, &B->down, 1);
+        VLM_TRY(vlm_mm(&mm, s.x, D, s.g, I, N, &B->down, 1));
         if (full && feats) {  /* window order -> raster patch order */
             float *dst = feats + (size_t)f * N * D;
             for (int k = 0; k < U; k++) {
@@ -218,9 +204,9 @@ vlm_status vlm_vit_forward(const vlm_vit *m, vlm_pool *pool, const float *pixels
     }
     /* merger: RMSNorm per patch, 4 consecutive patches -> one 4D row, Linear, GELU, Linear */
     vlm_rmsnorm(pool, s.xn, s.x, m->merger_ln, c->eps, N, D);
-    MM(s.h1, 4 * D, s.xn, 4 * D, U, &m->merger1, 0);
+    VLM_TRY(vlm_mm(&mm, s.h1, 4 * D, s.xn, 4 * D, U, &m->merger1, 0));
     gelu_erf(s.h1, (size_t)U * 4 * D);
-    MM(s.o2, c->out_hidden, s.h1, 4 * D, U, &m->merger2, 0);
+    VLM_TRY(vlm_mm(&mm, s.o2, c->out_hidden, s.h1, 4 * D, U, &m->merger2, 0));
     for (int k = 0; k < U; k++)
         memcpy(out + (size_t)L.widx[k] * c->out_hidden, s.o2 + (size_t)k * c->out_hidden, c->out_hidden * sizeof(float));
     return VLM_OK;
