@@ -11,6 +11,7 @@
  * count, and every output element is computed by one thread in a fixed order, so results are the same
  * for any pool size. All scratch comes from one caller-provided block. */
 #include "davit.h"
+#include "arena.h"
 #include "attention.h"
 #include "ops.h"
 #include "simd.h"
@@ -108,6 +109,7 @@ typedef struct {
     void *mm; size_t mm_size;
 } dv_scratch;
 
+/* Lays the scratch block out (a sizing pass when base is NULL); returns its bytes. */
 static size_t carve(dv_scratch *S, const vlm_davit *m, const int hs[], const int ws[], int nth, char *base) {
     const vlm_davit_config *c = &m->cfg;
     size_t t = 0, col = 0, xn = 0, qkv = 0, att = 0, h = 0, A = 0, per = 0, mm = 0;
@@ -140,22 +142,20 @@ static size_t carve(dv_scratch *S, const vlm_davit *m, const int hs[], const int
         }
     }
     per = vlm_align_up(per, 16);
-    size_t off = 0;
-#define TAKE(ptr, count) do { if (base) (ptr) = (float *)(base + off); off += vlm_align_up((count) * sizeof(float), VLM_ALIGN); } while (0)
-    TAKE(S->t, t);
-    TAKE(S->col, col);
-    TAKE(S->xn, xn);
-    TAKE(S->qkv, qkv);
-    TAKE(S->att, att);
-    TAKE(S->h, h);
-    TAKE(S->A, A);
-    TAKE(S->At, A);
-    TAKE(S->thr, (size_t)nth * per);
-#undef TAKE
+    vlm_arena a = {base, 0};
+    VLM_ARENA_TAKE(&a, S->t, t);
+    VLM_ARENA_TAKE(&a, S->col, col);
+    VLM_ARENA_TAKE(&a, S->xn, xn);
+    VLM_ARENA_TAKE(&a, S->qkv, qkv);
+    VLM_ARENA_TAKE(&a, S->att, att);
+    VLM_ARENA_TAKE(&a, S->h, h);
+    VLM_ARENA_TAKE(&a, S->A, A);
+    VLM_ARENA_TAKE(&a, S->At, A);
+    VLM_ARENA_TAKE(&a, S->thr, (size_t)nth * per);
     S->per_thread = per;
-    if (base) { S->mm = base + off; S->mm_size = mm; }
-    off += vlm_align_up(mm, VLM_ALIGN);
-    return off;
+    S->mm = vlm_arena_take(&a, mm);
+    S->mm_size = mm;
+    return a.off;
 }
 
 size_t vlm_davit_scratch_size(const vlm_davit *m, int H, int W, int n_threads) {

@@ -12,6 +12,7 @@
  * Sample coordinates and interpolation weights are computed with the reference's float32
  * expressions and without FMA contraction. */
 #include "hfre.h"
+#include "arena.h"
 
 #include "ops.h"
 #include "simd.h"
@@ -418,45 +419,42 @@ static size_t fpn_mm_size(const vlm_hfre *m, int gh, int gw, int nth, size_t *bu
     size_t mm = 0;
     const vlm_weight *ws[] = {&m->fpn[0].ct1, &m->fpn[0].ct2, &m->fpn[1].ct1};
     const int64_t ms[] = {(int64_t)n, 4 * (int64_t)n, (int64_t)n};
-    for (int i = 0; i < 3; i++) { size_t z = vlm_matmul_scratch_size(ms[i], ws[i], c->compute, nth); if (z > mm) mm = z; }
+    for (int i = 0; i < 3; i++) mm = vlm_matmul_scratch_max(mm, ms[i], ws[i], c->compute, nth);
     for (int l = 0; l < 4; l++) {
-        size_t z = vlm_matmul_scratch_size((int64_t)(Hp[l] * Wp[l]), &m->fpn[l].c1, c->compute, nth);
-        if (z > mm) mm = z;
+        mm = vlm_matmul_scratch_max(mm, (int64_t)(Hp[l] * Wp[l]), &m->fpn[l].c1, c->compute, nth);
         vlm_weight tap = m->fpn[l].c3;
         tap.n = c->fpn_c;
-        z = vlm_matmul_scratch_size((int64_t)((Hp[l] - 2) * Wp[l]), &tap, c->compute, nth);
-        if (z > mm) mm = z;
+        mm = vlm_matmul_scratch_max(mm, (int64_t)((Hp[l] - 2) * Wp[l]), &tap, c->compute, nth);
     }
     return mm;
 }
 
+/* Lays the scratch block out (a sizing pass when base is NULL); returns its bytes. */
 static size_t carve(hfre_scratch *s, const vlm_hfre *m, const int aux_hw[][2], int gh, int gw, int N, int nth,
                     char *base) {
-    size_t off = 0;
-#define TAKE(ptr, type, count) do { if (base) (ptr) = (type *)(base + off); off += vlm_align_up((size_t)(count) * sizeof(type), VLM_ALIGN); } while (0)
+    vlm_arena a = {base, 0};
     plan_layout(&s->plan, m, aux_hw, gh, gw, N);
     int mh = 1, mw = 1;
     for (int g = 0; g < s->plan.n_groups; g++) {
         if (s->plan.H[g] > mh) mh = s->plan.H[g];
         if (s->plan.W[g] > mw) mw = s->plan.W[g];
     }
-    TAKE(s->plan.wts, float, (size_t)N * s->plan.per_box);
-    TAKE(s->plan.span, int, (size_t)N * s->plan.n_groups * 4);
-    TAKE(s->dy, double, mh);
-    TAKE(s->dx, double, mw);
-    TAKE(s->ey, double, mh);
-    TAKE(s->ex, double, mw);
-    TAKE(s->tmp, float, (size_t)nth * 2 * POOL_CH);
-    TAKE(s->dim_t, float, m->cfg.R / 4 + 1);
-    size_t a = 0, b = 0, mm = 0;
-    if (m->cfg.use_vt && m->cfg.simple_fpn) mm = fpn_mm_size(m, gh, gw, nth, &a, &b);
-    TAKE(s->A, float, a);
-    TAKE(s->B, float, b);
-    if (base) { s->mm = base + off; s->mm_size = mm; }
-    off += vlm_align_up(mm, VLM_ALIGN);
-#undef TAKE
-    s->total = off;
-    return off;
+    VLM_ARENA_TAKE(&a, s->plan.wts, (size_t)N * s->plan.per_box);
+    VLM_ARENA_TAKE(&a, s->plan.span, (size_t)N * s->plan.n_groups * 4);
+    VLM_ARENA_TAKE(&a, s->dy, mh);
+    VLM_ARENA_TAKE(&a, s->dx, mw);
+    VLM_ARENA_TAKE(&a, s->ey, mh);
+    VLM_ARENA_TAKE(&a, s->ex, mw);
+    VLM_ARENA_TAKE(&a, s->tmp, (size_t)nth * 2 * POOL_CH);
+    VLM_ARENA_TAKE(&a, s->dim_t, m->cfg.R / 4 + 1);
+    size_t A = 0, B = 0, mm = 0;
+    if (m->cfg.use_vt && m->cfg.simple_fpn) mm = fpn_mm_size(m, gh, gw, nth, &A, &B);
+    VLM_ARENA_TAKE(&a, s->A, A);
+    VLM_ARENA_TAKE(&a, s->B, B);
+    s->mm = vlm_arena_take(&a, mm);
+    s->mm_size = mm;
+    s->total = a.off;
+    return a.off;
 }
 
 size_t vlm_hfre_scratch_size(const vlm_hfre *m, const int aux_hw[VLM_HFRE_AUX_LEVELS][2], int gh, int gw, int N,
@@ -662,15 +660,27 @@ vlm_status vlm_mlp_validate(const vlm_mlp *p, vlm_err *err) {
     return VLM_OK;
 }
 
-size_t vlm_mlp_scratch_size(const vlm_mlp *p, int64_t m, int n_threads) {
-    size_t mx = 0, mm = 0;
+/* Lays the projector scratch out (a sizing pass when base is NULL): two ping-pong activation buffers
+ * (none for one layer) and the matmul scratch; returns its bytes. */
+static size_t mlp_carve(const vlm_mlp *p, int64_t m, int n_threads, char *base, float *bufs[2], vlm_mm_ctx *mm) {
+    size_t mx = 0, z = 0;
     for (int i = 0; i < p->n_layers; i++) {
         if ((size_t)p->layers[i].n > mx) mx = (size_t)p->layers[i].n;
-        size_t z = vlm_matmul_scratch_size(m, &p->layers[i], p->compute, n_threads);
-        if (z > mm) mm = z;
+        z = vlm_matmul_scratch_max(z, m, &p->layers[i], p->compute, n_threads);
     }
-    size_t buf = p->n_layers > 1 ? vlm_align_up((size_t)m * mx * sizeof(float), VLM_ALIGN) : 0;
-    return 2 * buf + vlm_align_up(mm, VLM_ALIGN);
+    vlm_arena a = {base, 0};
+    size_t buf = p->n_layers > 1 ? (size_t)m * mx : 0;
+    VLM_ARENA_TAKE(&a, bufs[0], buf);
+    VLM_ARENA_TAKE(&a, bufs[1], buf);
+    mm->scratch = vlm_arena_take(&a, z);
+    mm->scratch_size = z;
+    return a.off;
+}
+
+size_t vlm_mlp_scratch_size(const vlm_mlp *p, int64_t m, int n_threads) {
+    float *bufs[2];
+    vlm_mm_ctx mm;
+    return mlp_carve(p, m, n_threads, NULL, bufs, &mm);
 }
 
 typedef struct { float *x; size_t n; } gelu_ctx;
@@ -693,17 +703,14 @@ vlm_status vlm_mlp_forward(const vlm_mlp *p, vlm_pool *pool, float *out, const f
     size_t need = vlm_mlp_scratch_size(p, m, vlm_pool_size(pool));
     if (need && (!scratch || scratch_size < need))
         return vlm_fail(err, VLM_ERR_ARG, "projector: scratch too small: %zu < %zu bytes", scratch_size, need);
-    size_t mx = 0;
-    for (int i = 0; i < p->n_layers; i++) if ((size_t)p->layers[i].n > mx) mx = (size_t)p->layers[i].n;
-    size_t buf = p->n_layers > 1 ? vlm_align_up((size_t)m * mx * sizeof(float), VLM_ALIGN) : 0;
-    float *bufs[2] = {(float *)scratch, (float *)((char *)scratch + buf)};
-    void *mm = (char *)scratch + 2 * buf;
-    size_t mm_size = scratch_size - 2 * buf;
+    float *bufs[2];
+    vlm_mm_ctx mm = {pool, p->compute, NULL, 0, err};
+    mlp_carve(p, m, vlm_pool_size(pool), scratch, bufs, &mm);
     const float *in = x;
     for (int i = 0; i < p->n_layers; i++) {
         const vlm_weight *w = &p->layers[i];
         float *dst = i == p->n_layers - 1 ? out : bufs[i & 1];
-        VLM_TRY(vlm_matmul(pool, dst, w->n, in, w->k, m, w, p->compute, 0, mm, mm_size, err));
+        VLM_TRY(vlm_mm(&mm, dst, w->n, in, w->k, m, w, 0));
         if (i < p->n_layers - 1) {
             gelu_ctx g = {dst, (size_t)m * w->n};
             vlm_pool_run(pool, gelu_task, &g);

@@ -5,6 +5,7 @@
  * causal GQA attention over the cache, o projection added to the residual, RMSNorm, SwiGLU MLP added
  * to the residual. The lm_head runs only for the rows whose logits were asked for. */
 #include "qwen2.h"
+#include "arena.h"
 #include "ops.h"
 
 #include <math.h>
@@ -51,13 +52,40 @@ vlm_status vlm_qwen2_validate(const vlm_qwen2 *m, vlm_err *err) {
     return VLM_OK;
 }
 
-static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
+/* Lays the state block out (a sizing pass when a->base is NULL): both caches, the activations of a
+ * `chunk`-token chunk, the attention and matmul scratch. */
+static void state_carve(vlm_qwen2_state *s, const vlm_qwen2 *m, int n_threads, vlm_arena *a) {
+    const vlm_qwen2_config *c = &m->cfg;
+    size_t kv = (size_t)c->n_layers * kv_dim(c) * (size_t)s->max_ctx;
+    size_t H = (size_t)c->hidden, Q = q_dim(c), K = kv_dim(c), I = c->inter, Tc = s->chunk, half = c->head_dim / 2;
+    VLM_ARENA_TAKE(a, s->kcache, kv);
+    VLM_ARENA_TAKE(a, s->vcache, kv);
+    VLM_ARENA_TAKE(a, s->x, Tc * H);
+    VLM_ARENA_TAKE(a, s->xn, Tc * H);
+    VLM_ARENA_TAKE(a, s->q, Tc * Q);
+    VLM_ARENA_TAKE(a, s->k, Tc * K);
+    VLM_ARENA_TAKE(a, s->v, Tc * K);
+    VLM_ARENA_TAKE(a, s->att, Tc * Q);
+    VLM_ARENA_TAKE(a, s->g, Tc * I);
+    VLM_ARENA_TAKE(a, s->u, Tc * I);
+    VLM_ARENA_TAKE(a, s->cs, Tc * half);
+    VLM_ARENA_TAKE(a, s->sn, Tc * half);
+    VLM_ARENA_TAKE(a, s->attn_scratch,
+                   (size_t)n_threads * vlm_attention_scratch_floats(c->n_heads, c->n_kv_heads, c->head_dim, s->max_ctx));
+    VLM_ARENA_TAKE(a, s->pos, 3 * Tc);
+    /* matmul scratch: the largest of all projections at m = chunk */
+    size_t mm = 0;
+    const vlm_qwen2_layer *L = &m->layers[0];
+    const vlm_weight *ws[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->wg, &L->wu, &L->wd, &m->lm_head};
+    for (int i = 0; i < 8; i++) mm = vlm_matmul_scratch_max(mm, s->chunk, ws[i], c->compute, n_threads);
+    s->mm_scratch = vlm_arena_take(a, mm);
+    s->mm_scratch_size = vlm_align_up(mm, VLM_ALIGN);
+}
 
 vlm_status vlm_qwen2_state_create(const vlm_qwen2 *m, int max_ctx, int chunk, int n_threads,
                                   vlm_qwen2_state **out, vlm_err *err) {
     *out = NULL;
     VLM_TRY(vlm_qwen2_validate(m, err));
-    const vlm_qwen2_config *c = &m->cfg;
     if (max_ctx <= 0) return vlm_fail(err, VLM_ERR_ARG, "max_context must be positive");
     if (chunk <= 0) chunk = 512;
     if (chunk > max_ctx) chunk = max_ctx;
@@ -65,32 +93,14 @@ vlm_status vlm_qwen2_state_create(const vlm_qwen2 *m, int max_ctx, int chunk, in
     vlm_qwen2_state *s = calloc(1, sizeof *s);
     if (!s) return vlm_fail(err, VLM_ERR_NOMEM, "out of memory");
     s->max_ctx = max_ctx; s->chunk = chunk;
-
-    size_t kv = (size_t)c->n_layers * kv_dim(c) * (size_t)max_ctx;
-    /* matmul scratch: the largest of all projections at m = chunk */
-    size_t mm = 0;
-    const vlm_qwen2_layer *L = &m->layers[0];
-    const vlm_weight *ws[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->wg, &L->wu, &L->wd, &m->lm_head};
-    for (int i = 0; i < 8; i++) mm = max_sz(mm, vlm_matmul_scratch_size(chunk, ws[i], c->compute, n_threads));
-    mm = vlm_align_up(mm, VLM_ALIGN);
-
-    size_t H = (size_t)c->hidden, Q = q_dim(c), K = kv_dim(c), I = c->inter, Tc = chunk, half = c->head_dim / 2;
-    size_t sizes[] = {Tc * H, Tc * H, Tc * Q, Tc * K, Tc * K, Tc * Q, Tc * I, Tc * I, Tc * half, Tc * half,
-                      (size_t)n_threads * vlm_attention_scratch_floats(c->n_heads, c->n_kv_heads, c->head_dim, max_ctx)};
-    float **ptrs[] = {&s->x, &s->xn, &s->q, &s->k, &s->v, &s->att, &s->g, &s->u, &s->cs, &s->sn, &s->attn_scratch};
-    size_t total = 2 * vlm_align_up(kv * sizeof(float), VLM_ALIGN) + mm + vlm_align_up(3 * Tc * sizeof(int32_t), VLM_ALIGN);
-    for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) total += vlm_align_up(sizes[i] * sizeof(float), VLM_ALIGN);
-    s->block = aligned_alloc(VLM_ALIGN, vlm_align_up(total, VLM_ALIGN));
+    vlm_arena a = {NULL, 0};
+    state_carve(s, m, n_threads, &a);
+    size_t total = a.off;
+    s->block = aligned_alloc(VLM_ALIGN, total);
     if (!s->block) { free(s); return vlm_fail(err, VLM_ERR_NOMEM, "cannot allocate %.1f MB of state", total / 1e6); }
     s->block_size = total;
-    char *p = s->block;
-    s->kcache = (float *)p; p += vlm_align_up(kv * sizeof(float), VLM_ALIGN);
-    s->vcache = (float *)p; p += vlm_align_up(kv * sizeof(float), VLM_ALIGN);
-    for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) {
-        *ptrs[i] = (float *)p; p += vlm_align_up(sizes[i] * sizeof(float), VLM_ALIGN);
-    }
-    s->pos = (int32_t *)p; p += vlm_align_up(3 * Tc * sizeof(int32_t), VLM_ALIGN);
-    s->mm_scratch = p; s->mm_scratch_size = mm;
+    a = (vlm_arena){s->block, 0};
+    state_carve(s, m, n_threads, &a);
     s->pool = vlm_pool_create(n_threads);
     if (!s->pool) { free(s->block); free(s); return vlm_fail(err, VLM_ERR_NOMEM, "cannot start %d threads", n_threads); }
     *out = s;

@@ -5,6 +5,7 @@
  * added to the residual. Patch merger (RMSNorm, 4 tokens -> 1, Linear-GELU-Linear) and the inverse
  * window order at the end. All scratch comes from one caller-provided block. */
 #include "qwen_vit.h"
+#include "arena.h"
 #include "ops.h"
 
 #include <math.h>
@@ -82,41 +83,35 @@ typedef struct {
     size_t total;
 } vit_scratch;
 
+/* Lays the scratch block out (a sizing pass when base is NULL); returns its bytes. */
 static size_t carve(vit_scratch *s, const vlm_vit *m, int gh, int gw, int n_threads, char *base) {
     const vlm_vit_config *c = &m->cfg;
     size_t N = (size_t)gh * gw, U = N / 4, D = c->hidden, I = c->inter, hd = D / c->n_heads;
-    size_t off = 0;
-#define TAKE(ptr, type, count) do { if (base) (ptr) = (type *)(base + off); off += vlm_align_up((count) * sizeof(type), VLM_ALIGN); } while (0)
-    TAKE(s->x, float, N * D);
-    TAKE(s->xn, float, N * D);
-    TAKE(s->qkv, float, N * 3 * D);
-    TAKE(s->att, float, N * D);
-    TAKE(s->g, float, N * I);
-    TAKE(s->u, float, N * I);
-    TAKE(s->cs, float, N * hd / 2);
-    TAKE(s->sn, float, N * hd / 2);
-    TAKE(s->h1, float, U * 4 * D);
-    TAKE(s->o2, float, U * (size_t)c->out_hidden);
-    TAKE(s->attn_scratch, float, (size_t)n_threads * vlm_segment_attention_scratch_floats((int)N, (int)hd));
-    TAKE(s->widx, int, U);
-    TAKE(s->cu_win, int, U + 2);
-    TAKE(s->pos, int32_t, 3 * N);
+    vlm_arena a = {base, 0};
+    VLM_ARENA_TAKE(&a, s->x, N * D);
+    VLM_ARENA_TAKE(&a, s->xn, N * D);
+    VLM_ARENA_TAKE(&a, s->qkv, N * 3 * D);
+    VLM_ARENA_TAKE(&a, s->att, N * D);
+    VLM_ARENA_TAKE(&a, s->g, N * I);
+    VLM_ARENA_TAKE(&a, s->u, N * I);
+    VLM_ARENA_TAKE(&a, s->cs, N * hd / 2);
+    VLM_ARENA_TAKE(&a, s->sn, N * hd / 2);
+    VLM_ARENA_TAKE(&a, s->h1, U * 4 * D);
+    VLM_ARENA_TAKE(&a, s->o2, U * (size_t)c->out_hidden);
+    VLM_ARENA_TAKE(&a, s->attn_scratch, (size_t)n_threads * vlm_segment_attention_scratch_floats((int)N, (int)hd));
+    VLM_ARENA_TAKE(&a, s->widx, U);
+    VLM_ARENA_TAKE(&a, s->cu_win, U + 2);
+    VLM_ARENA_TAKE(&a, s->pos, 3 * N);
     size_t mm = 0;
     const vlm_vit_block *B = &m->blocks[0];
     const vlm_weight *ws[] = {&m->patch_embed, &B->qkv, &B->proj, &B->gate, &B->up, &B->down};
-    for (int i = 0; i < 6; i++) {
-        size_t z = vlm_matmul_scratch_size((int64_t)N, ws[i], c->compute, n_threads);
-        mm = z > mm ? z : mm;
-    }
-    size_t z1 = vlm_matmul_scratch_size((int64_t)U, &m->merger1, c->compute, n_threads);
-    size_t z2 = vlm_matmul_scratch_size((int64_t)U, &m->merger2, c->compute, n_threads);
-    mm = z1 > mm ? z1 : mm;
-    mm = z2 > mm ? z2 : mm;
-    if (base) { s->mm = base + off; s->mm_size = mm; }
-    off += vlm_align_up(mm, VLM_ALIGN);
-#undef TAKE
-    s->total = off;
-    return off;
+    for (int i = 0; i < 6; i++) mm = vlm_matmul_scratch_max(mm, (int64_t)N, ws[i], c->compute, n_threads);
+    mm = vlm_matmul_scratch_max(mm, (int64_t)U, &m->merger1, c->compute, n_threads);
+    mm = vlm_matmul_scratch_max(mm, (int64_t)U, &m->merger2, c->compute, n_threads);
+    s->mm = vlm_arena_take(&a, mm);
+    s->mm_size = mm;
+    s->total = a.off;
+    return a.off;
 }
 
 size_t vlm_vit_scratch_size(const vlm_vit *m, int gh, int gw, int n_threads) {
