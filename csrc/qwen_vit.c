@@ -130,10 +130,6 @@ static void perm_task(void *p, int ith, int nth) {
         memcpy(c->y + (size_t)4 * k * c->D, c->x + (size_t)4 * c->widx[k] * c->D, (size_t)4 * c->D * sizeof(float));
 }
 
-static void gelu_erf(float *x, size_t n) {
-    for (size_t i = 0; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678118654752f));
-}
-
 vlm_status vlm_vit_forward(const vlm_vit *m, vlm_pool *pool, const float *pixels, int gh, int gw, float *out,
                            float *feats, void *scratch, size_t scratch_size, vlm_err *err) {
     const vlm_vit_config *c = &m->cfg;
@@ -200,7 +196,7 @@ vlm_status vlm_vit_forward(const vlm_vit *m, vlm_pool *pool, const float *pixels
     /* merger: RMSNorm per patch, 4 consecutive patches -> one 4D row, Linear, GELU, Linear */
     vlm_rmsnorm(pool, s.xn, s.x, m->merger_ln, c->eps, N, D);
     VLM_TRY(vlm_mm(&mm, s.h1, 4 * D, s.xn, 4 * D, U, &m->merger1, 0));
-    gelu_erf(s.h1, (size_t)U * 4 * D);
+    vlm_gelu_erf(pool, s.h1, (size_t)U * 4 * D);
     VLM_TRY(vlm_mm(&mm, s.o2, c->out_hidden, s.h1, 4 * D, U, &m->merger2, 0));
     for (int k = 0; k < U; k++)
         memcpy(out + (size_t)L.widx[k] * c->out_hidden, s.o2 + (size_t)k * c->out_hidden, c->out_hidden * sizeof(float));
