@@ -1,25 +1,21 @@
-/* attention.c — blocked ("flash") attention kernel shared by the decoder and the vision tower.
+/* attention.c — the attention ops (see ops.h): causal GQA over the KV cache (decoder), segment attention
+ * (ViT window / full attention), DaViT's window attention and channel attention; and the blocked
+ * ("flash") kernel under the first three.
  *
- * vlm_flash_rows computes softmax(q kᵀ · scale) v for R query rows against n keys, one block of
+ * flash_rows computes softmax(q kᵀ · scale) v for R query rows against n keys, one block of
  * FA_KB keys at a time with an online softmax (running max and sum per row), so no score row longer
  * than FA_KB is ever stored and every key/value block is reused by all R rows while it sits in L1/L2.
  * Row r sees keys j < lim[r] (lim non-decreasing in r: causal masks; all equal: no mask).
  * Two implementations of the inner tiles: AVX-512 intrinsics (D a multiple of 16), and plain C for
  * every other CPU or head size. Softmax is fp32 with max subtraction, as in torch. */
-#include "attention.h"
-#include "gemm.h"
+#include "ops.h"
 #include "simd.h"
 
 #include <math.h>
 #include <string.h>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FA_X86 1
-#include <immintrin.h>
-#define TGT512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))
-#else
-#define FA_X86 0
-#endif
+#define FA_KB 64   /* keys per block */
+#define FA_QB 64   /* query rows per work item (callers' choice; R may be anything) */
 
 /* ---------------------------------------------------------------- generic tiles */
 
@@ -50,9 +46,9 @@ static void pv_tile_generic(float *o, const float *p, int R, const float *v, int
 }
 
 /* ---------------------------------------------------------------- AVX-512 tiles */
-#if FA_X86
+#if VLM_X86
 /* 4 rows x 64 keys per step: 16 accumulators, one kt row (4 vectors) loaded per d. */
-static inline __attribute__((always_inline)) TGT512 void s_tile4_512(float *s, const float *qs, int nr, const float *kt,
+static inline VLM_INLINE VLM_TGT_AVX512 void s_tile4_512(float *s, const float *qs, int nr, const float *kt,
                                                                        int ldkt, int D) {
     __m512 acc[4][4];
     for (int r = 0; r < 4; r++)
@@ -73,7 +69,7 @@ static inline __attribute__((always_inline)) TGT512 void s_tile4_512(float *s, c
         for (int c = 0; c < 4; c++) _mm512_storeu_ps(s + (size_t)r * FA_KB + 16 * c, acc[r][c]);
 }
 
-static TGT512 void s_tile_512(float *s, const float *qs, int R, const float *kt, int ldkt, int kb, int D) {
+static VLM_TGT_AVX512 void s_tile_512(float *s, const float *qs, int R, const float *kt, int ldkt, int kb, int D) {
     (void)kb;  /* kt is padded to a multiple of FA_KB columns */
     int r = 0;
     for (; r + 4 <= R; r += 4) s_tile4_512(s + (size_t)r * FA_KB, qs + (size_t)r * D, 4, kt, ldkt, D);
@@ -86,7 +82,7 @@ static TGT512 void s_tile_512(float *s, const float *qs, int R, const float *kt,
 }
 
 /* 4 rows x 64 output columns per step: 16 accumulators, one v row chunk (4 vectors) per key. */
-static inline __attribute__((always_inline)) TGT512 void pv_tile4_512(float *o, const float *p, int nr, const float *v,
+static inline VLM_INLINE VLM_TGT_AVX512 void pv_tile4_512(float *o, const float *p, int nr, const float *v,
                                                                         int ldv, int kb, int D, int c0, int nc) {
     __m512 acc[4][4];
     for (int r = 0; r < nr; r++)
@@ -104,7 +100,7 @@ static inline __attribute__((always_inline)) TGT512 void pv_tile4_512(float *o, 
         for (int c = 0; c < nc; c++) _mm512_storeu_ps(o + (size_t)r * D + c0 + 16 * c, acc[r][c]);
 }
 
-static TGT512 void pv_tile_512(float *o, const float *p, int R, const float *v, int ldv, int kb, int D) {
+static VLM_TGT_AVX512 void pv_tile_512(float *o, const float *p, int R, const float *v, int ldv, int kb, int D) {
     for (int c0 = 0; c0 < D; c0 += 64) {
         int nc = (D - c0) / 16 < 4 ? (D - c0) / 16 : 4;
         int r = 0;
@@ -124,7 +120,7 @@ static TGT512 void pv_tile_512(float *o, const float *p, int R, const float *v, 
 }
 
 /* One row of a score block: new running max, exp(s - max) in place (0 past `valid`), their sum. */
-static TGT512 void soft_row_512(float *sr, int valid, int kb, float *m, float *sum_out) {
+static VLM_TGT_AVX512 void soft_row_512(float *sr, int valid, int kb, float *m, float *sum_out) {
     __m512 vmx = _mm512_set1_ps(*m);
     for (int j = 0; j < valid; j += 16) {
         __mmask16 k = valid - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (valid - j)) - 1);
@@ -160,7 +156,7 @@ typedef void (*s_tile_fn)(float *, const float *, int, const float *, int, int, 
 typedef void (*pv_tile_fn)(float *, const float *, int, const float *, int, int, int);
 
 static int use_512(int D) {
-#if FA_X86
+#if VLM_X86
     return vlm_cpu_has_avx512() && D % 16 == 0;
 #else
     (void)D;
@@ -168,14 +164,17 @@ static int use_512(int D) {
 #endif
 }
 
-size_t vlm_flash_workspace_floats(int R, int D) {
+/* Workspace floats for R query rows of head size D. */
+static size_t flash_workspace_floats(int R, int D) {
     /* s [R][KB] + qs [R][D] + o [R][D] + m [R] + l [R] */
     return vlm_align_up((size_t)R * FA_KB + 2 * (size_t)R * D + 2 * (size_t)R + 64, 16);
 }
 
-int vlm_flash_kt_stride(int n) { return (n + FA_KB - 1) / FA_KB * FA_KB; }
+/* Keys are passed transposed: kt[d][j] with row stride ldkt >= flash_kt_stride(n) (the padding columns are
+ * read but never used). flash_transpose fills kt from K [n][D] (row stride ldk). */
+static int flash_kt_stride(int n) { return (n + FA_KB - 1) / FA_KB * FA_KB; }
 
-void vlm_flash_transpose(float *kt, int ldkt, const float *K, int ldk, int n, int D) {
+static void flash_transpose(float *kt, int ldkt, const float *K, int ldk, int n, int D) {
     for (int j0 = 0; j0 < n; j0 += 16) {  /* 16 keys at a time: row-contiguous reads, 16-wide writes */
         int nb = n - j0 < 16 ? n - j0 : 16;
         for (int d = 0; d < D; d++) {
@@ -184,7 +183,7 @@ void vlm_flash_transpose(float *kt, int ldkt, const float *K, int ldk, int n, in
         }
     }
     for (int d = 0; d < D; d++)
-        for (int j = n; j < vlm_flash_kt_stride(n) && j < ldkt; j++) kt[(size_t)d * ldkt + j] = 0.f;
+        for (int j = n; j < flash_kt_stride(n) && j < ldkt; j++) kt[(size_t)d * ldkt + j] = 0.f;
 }
 
 static void scale_rows(float *o, int R, int D, const float *corr) {
@@ -193,12 +192,14 @@ static void scale_rows(float *o, int R, int D, const float *corr) {
             for (int d = 0; d < D; d++) o[(size_t)r * D + d] *= corr[r];
 }
 
-void vlm_flash_rows(float *out, int ldo, const float *q, int ldq, int R, const float *kt, int ldkt, const float *V,
+/* out[r] (row stride ldo) = softmax_j(q[r]·K[j] · scale) · V[j] over keys j < lim[r] (lim non-decreasing,
+ * lim[r] >= 1); q rows stride ldq, V rows stride ldv, head size D. ws: flash_workspace_floats(R, D) floats. */
+static void flash_rows(float *out, int ldo, const float *q, int ldq, int R, const float *kt, int ldkt, const float *V,
                     int ldv, const int *lim, int D, float scale, float *ws) {
     s_tile_fn s_tile = s_tile_generic;
     pv_tile_fn pv_tile = pv_tile_generic;
     void (*soft_row)(float *, int, int, float *, float *) = soft_row_generic;
-#if FA_X86
+#if VLM_X86
     if (use_512(D)) { s_tile = s_tile_512; pv_tile = pv_tile_512; soft_row = soft_row_512; }
 #endif
     float *s = ws, *qs = s + (size_t)R * FA_KB, *o = qs + (size_t)R * D;
@@ -236,4 +237,248 @@ void vlm_flash_rows(float *out, int ldo, const float *q, int ldq, int R, const f
         float inv = l[r] > 0.f ? 1.0f / l[r] : 0.f;
         for (int d = 0; d < D; d++) out[(size_t)r * ldo + d] = o[(size_t)r * D + d] * inv;
     }
+}
+
+/* ---------------------------------------------------------------- causal attention over the KV cache
+ * Prefill: work item = (query head, block of FA_QB tokens), interleaved over threads (later blocks
+ * see more keys). Decode (T == 1): work item = kv head, its G query heads being the rows. */
+
+size_t vlm_attention_scratch_floats(int H, int KV, int D, int max_ctx) {
+    int G = H / KV;
+    return flash_workspace_floats(G > FA_QB ? G : FA_QB, D) + (size_t)D * flash_kt_stride(max_ctx);
+}
+
+typedef struct {
+    float *out; int ldo; const float *q; int ldq; const float *kc, *vc;
+    int max_ctx, n_past, T, H, KV, D; float scale; float *scratch; size_t scratch_per;
+} attn_ctx;
+
+/* Work items are kv-group major, so a thread transposes the keys of each group it meets once. */
+static void attn_task(void *p, int ith, int nth) {
+    const attn_ctx *c = p;
+    const int G = c->H / c->KV, D = c->D, n_all = c->n_past + c->T, ldkt = flash_kt_stride(n_all);
+    float *kt = c->scratch + (size_t)ith * c->scratch_per;
+    float *ws = kt + (size_t)D * flash_kt_stride(c->max_ctx);
+    int lim[FA_QB > 256 ? FA_QB : 256];
+    int cur_g = -1;
+    if (c->T == 1 && G <= 256) {  /* decode: the G query heads of a kv group are the rows */
+        for (int g = ith; g < c->KV; g += nth) {
+            for (int r = 0; r < G; r++) lim[r] = n_all;
+            flash_transpose(kt, ldkt, c->kc + (size_t)g * c->max_ctx * D, D, n_all, D);
+            flash_rows(c->out + (size_t)g * G * D, D, c->q + (size_t)g * G * D, D, G, kt, ldkt,
+                           c->vc + (size_t)g * c->max_ctx * D, D, lim, D, c->scale, ws);
+        }
+        return;
+    }
+    const int nblk = (c->T + FA_QB - 1) / FA_QB;
+    const long items = (long)c->H * nblk;
+    for (long it = ith; it < items; it += nth) {
+        int g = (int)(it / ((long)G * nblk)), rem = (int)(it % ((long)G * nblk));
+        int b = rem / G, h = g * G + rem % G;
+        int t0 = b * FA_QB, R = c->T - t0 < FA_QB ? c->T - t0 : FA_QB;
+        if (g != cur_g) {
+            flash_transpose(kt, ldkt, c->kc + (size_t)g * c->max_ctx * D, D, n_all, D);
+            cur_g = g;
+        }
+        for (int r = 0; r < R; r++) lim[r] = c->n_past + t0 + r + 1;
+        flash_rows(c->out + (size_t)t0 * c->ldo + (size_t)h * D, c->ldo, c->q + (size_t)t0 * c->ldq + (size_t)h * D,
+                       c->ldq, R, kt, ldkt, c->vc + (size_t)g * c->max_ctx * D, D, lim, D, c->scale, ws);
+    }
+}
+
+void vlm_attention(vlm_pool *pool, float *out, int ldo, const float *q, int ldq, const float *kc, const float *vc,
+                   int max_ctx, int n_past, int T, int H, int KV, int D, float scale, float *scratch) {
+    attn_ctx c = {out, ldo, q, ldq, kc, vc, max_ctx, n_past, T, H, KV, D, scale, scratch,
+                  vlm_attention_scratch_floats(H, KV, D, max_ctx)};
+    vlm_pool_run(pool, attn_task, &c);
+}
+
+/* ---------------------------------------------------------------- segment (window) attention
+ * Non-causal attention inside segments [cu[s], cu[s+1]) of a packed qkv matrix [N][3][H][D]: the
+ * vision transformer's window and full attention, without any N x N mask.
+ * Work item = (segment, head, block of FA_QB queries), enumerated in a fixed order; a thread
+ * transposes the keys of each (segment, head) it meets once. */
+
+typedef struct {
+    float *out; const float *qkv; const int *cu; int n_seg, H, D, max_seg; float scale; float *scratch; size_t per;
+} seg_ctx;
+
+static void seg_task(void *p, int ith, int nth) {
+    const seg_ctx *c = p;
+    const int H = c->H, D = c->D, ld = 3 * H * D;
+    float *kt = c->scratch + (size_t)ith * c->per;
+    float *ws = kt + (size_t)D * flash_kt_stride(c->max_seg);
+    int lim[FA_QB];
+    long it = 0;
+    for (int sgi = 0; sgi < c->n_seg; sgi++) {
+        int s0 = c->cu[sgi], n = c->cu[sgi + 1] - s0, nb = (n + FA_QB - 1) / FA_QB, ldkt = flash_kt_stride(n);
+        const float *base = c->qkv + (size_t)s0 * ld;
+        for (int h = 0; h < H; h++) {
+            int have = 0;
+            for (int b = 0; b < nb; b++, it++) {
+                if (it % nth != ith) continue;
+                if (!have) { flash_transpose(kt, ldkt, base + (size_t)(H + h) * D, ld, n, D); have = 1; }
+                int t0 = b * FA_QB, R = n - t0 < FA_QB ? n - t0 : FA_QB;
+                for (int r = 0; r < R; r++) lim[r] = n;
+                flash_rows(c->out + (size_t)(s0 + t0) * H * D + (size_t)h * D, H * D,
+                               base + (size_t)t0 * ld + (size_t)h * D, ld, R, kt, ldkt,
+                               base + (size_t)(2 * H + h) * D, ld, lim, D, c->scale, ws);
+            }
+        }
+    }
+}
+
+size_t vlm_segment_attention_scratch_floats(int max_seg, int D) {
+    return flash_workspace_floats(FA_QB, D) + (size_t)D * flash_kt_stride(max_seg);
+}
+
+void vlm_segment_attention(vlm_pool *pool, float *out, const float *qkv, const int *cu, int n_seg, int H, int D,
+                           float scale, float *scratch, int max_seg) {
+    seg_ctx c = {out, qkv, cu, n_seg, H, D, max_seg, scale, scratch, vlm_segment_attention_scratch_floats(max_seg, D)};
+    vlm_pool_run(pool, seg_task, &c);
+}
+
+/* ---------------------------------------------------------------- DaViT window attention (one band of rows)
+ * Work item = (window column, head). Keys/values: the win x win window in raster order, positions outside
+ * the image being the zero-padded tokens, whose k and v are the qkv bias. Queries: the real tokens only
+ * (padded queries are cropped by the reference), one flash_rows call per image row of the window. */
+
+size_t vlm_window_attention_scratch_floats(int win, int D) {
+    int n = win * win;
+    return vlm_align_up((size_t)D * flash_kt_stride(n) + (size_t)n * D + flash_workspace_floats(win, D) + 64, 16);
+}
+
+typedef struct {
+    float *att; const float *qkv, *bias;
+    int rows, W, C, heads, win; float scale; float *scratch; size_t per;
+} win_ctx;
+
+static void win_task(void *p, int ith, int nth) {
+    const win_ctx *c = p;
+    const int C = c->C, D = C / c->heads, win = c->win, n = win * win, ld = 3 * C, ldkt = flash_kt_stride(n);
+    const int nwc = (c->W + win - 1) / win;
+    float *kt = c->scratch + (size_t)ith * c->per, *V = kt + (size_t)D * ldkt, *ws = V + (size_t)n * D;
+    int lim[VLM_MAX_HEAD];
+    for (int r = 0; r < win; r++) lim[r] = n;
+    for (long it = ith; it < (long)nwc * c->heads; it += nth) {
+        int wc = (int)(it / c->heads), h = (int)(it % c->heads), x0 = wc * win;
+        const float *kb = c->bias + C + h * D, *vb = c->bias + 2 * C + h * D;
+        for (int j = 0; j < n; j++) {
+            int ly = j / win, lx = j % win;
+            const float *k = kb, *v = vb;
+            if (ly < c->rows && x0 + lx < c->W) {
+                const float *row = c->qkv + ((size_t)ly * c->W + x0 + lx) * ld;
+                k = row + C + h * D;
+                v = row + 2 * C + h * D;
+            }
+            for (int d = 0; d < D; d++) kt[(size_t)d * ldkt + j] = k[d];
+            memcpy(V + (size_t)j * D, v, (size_t)D * sizeof(float));
+        }
+        for (int d = 0; d < D; d++)
+            for (int j = n; j < ldkt; j++) kt[(size_t)d * ldkt + j] = 0.f;
+        int R = c->W - x0 < win ? c->W - x0 : win;
+        for (int ly = 0; ly < c->rows; ly++) {
+            size_t t0 = (size_t)ly * c->W + x0;
+            flash_rows(c->att + t0 * C + (size_t)h * D, C, c->qkv + t0 * ld + (size_t)h * D, ld, R, kt, ldkt, V, D, lim,
+                       D, c->scale, ws);
+        }
+    }
+}
+
+void vlm_window_attention(vlm_pool *pool, float *att, const float *qkv, const float *bias, int rows, int W, int C,
+                          int heads, int win, float scale, float *scratch) {
+    win_ctx c = {att, qkv, bias, rows, W, C, heads, win, scale, scratch,
+                 vlm_window_attention_scratch_floats(win, C / heads)};
+    vlm_pool_run(pool, win_task, &c);
+}
+
+/* ---------------------------------------------------------------- DaViT channel attention
+ * scores: work item = group (each thread accumulates its groups over all tokens, in blocks of 256 tokens
+ * summed into a private d x d block first); apply: rows split over threads. */
+
+size_t vlm_channel_attention_scratch_floats(int d) { return vlm_align_up((size_t)d * d + 64, 16); }
+
+typedef struct {
+    float *A; const float *qk; long nr; int C, d, G; float scale; float *scratch; size_t per;
+} chA_ctx;
+
+VLM_CLONES static void chA_group(float *A, float *Ap, const float *qk, long nr, int C, int d, int g, float scale) {
+    for (long n0 = 0; n0 < nr; n0 += 256) {
+        long n1 = n0 + 256 < nr ? n0 + 256 : nr;
+        memset(Ap, 0, (size_t)d * d * sizeof(float));
+        for (long n = n0; n < n1; n++) {
+            const float *q = qk + (size_t)n * 2 * C + (size_t)g * d, *k = q + C;
+            for (int i = 0; i < d; i++) {
+                float a = q[i] * scale;
+                float *row = Ap + (size_t)i * d;
+                for (int j = 0; j < d; j++) row[j] += a * k[j];
+            }
+        }
+        for (int i = 0; i < d * d; i++) A[i] += Ap[i];
+    }
+}
+
+static void chA_task(void *p, int ith, int nth) {
+    const chA_ctx *c = p;
+    float *Ap = c->scratch + (size_t)ith * c->per;
+    for (int g = ith; g < c->G; g += nth)
+        chA_group(c->A + (size_t)g * c->d * c->d, Ap, c->qk, c->nr, c->C, c->d, g, c->scale);
+}
+
+void vlm_channel_attention_scores(vlm_pool *pool, float *A, const float *qk, float scale, float *scratch, long nr, int C,
+                                  int G) {
+    chA_ctx c = {A, qk, nr, C, C / G, G, scale, scratch, vlm_channel_attention_scratch_floats(C / G)};
+    vlm_pool_run(pool, chA_task, &c);
+}
+
+typedef struct { float *At; const float *A; int G, d; } chS_ctx;
+
+static void chS_task(void *p, int ith, int nth) {
+    const chS_ctx *c = p;
+    const int d = c->d;
+    long lo, hi;
+    vlm_split((long)c->G * d, 1, ith, nth, &lo, &hi);
+    for (long row = lo; row < hi; row++) {
+        int g = (int)(row / d), i = (int)(row % d);
+        const float *a = c->A + (size_t)row * d;
+        float mx = a[0], sum = 0.f;
+        for (int j = 1; j < d; j++) mx = a[j] > mx ? a[j] : mx;
+        float e[VLM_MAX_HEAD];
+        for (int j = 0; j < d; j++) { e[j] = expf(a[j] - mx); sum += e[j]; }
+        float inv = 1.0f / sum;
+        for (int j = 0; j < d; j++) c->At[((size_t)g * d + j) * d + i] = e[j] * inv;
+    }
+}
+
+void vlm_channel_attention_softmax(vlm_pool *pool, float *At, const float *A, int G, int d) {
+    chS_ctx c = {At, A, G, d};
+    vlm_pool_run(pool, chS_task, &c);
+}
+
+typedef struct { float *att; const float *v, *At; long nr; int C, d, G; } chV_ctx;
+
+VLM_CLONES static void chV_rows(float *att, const float *v, const float *At, long n0, long n1, int C, int d, int G) {
+    for (long n = n0; n < n1; n++)
+        for (int g = 0; g < G; g++) {
+            const float *vr = v + (size_t)n * C + (size_t)g * d, *Ag = At + (size_t)g * d * d;
+            float *o = att + (size_t)n * C + (size_t)g * d;
+            for (int i = 0; i < d; i++) o[i] = 0.f;
+            for (int j = 0; j < d; j++) {
+                float a = vr[j];
+                const float *r = Ag + (size_t)j * d;
+                for (int i = 0; i < d; i++) o[i] += a * r[i];
+            }
+        }
+}
+
+static void chV_task(void *p, int ith, int nth) {
+    const chV_ctx *c = p;
+    long lo, hi;
+    vlm_split(c->nr, 1, ith, nth, &lo, &hi);
+    chV_rows(c->att, c->v, c->At, lo, hi, c->C, c->d, c->G);
+}
+
+void vlm_channel_attention_apply(vlm_pool *pool, float *att, const float *v, const float *At, long nr, int C, int G) {
+    chV_ctx c = {att, v, At, nr, C, C / G, G};
+    vlm_pool_run(pool, chV_task, &c);
 }

@@ -43,15 +43,11 @@
 
 #include <cblas.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#define VLM_X86 1
+#include "cpu.h"
+#if VLM_X86
 #include <immintrin.h>
-#else
-#define VLM_X86 0
 #endif
 
-enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512BF16 = 3 };
-static const char *const isa_names[] = {"generic", "avx2", "avx512", "avx512bf16"};
 
 /* fp32 weights: up to this many rows of x use the own kernel instead of sgemm (measured, see
  * benchmarks/bench_gemm.py). */
@@ -74,41 +70,24 @@ static const char *const isa_names[] = {"generic", "avx2", "avx512", "avx512bf16
 #define PAR_CONVERT_MIN (1L << 16)
 
 /* ------------------------------------------------------------------------------------------------ */
-/* CPU dispatch                                                                                     */
+/* CPU dispatch (levels: cpu.h)                                                                     */
 
-static int g_isa = -1;
+const char *vlm_gemm_kernel_name(void) { return vlm_isa_name(vlm_cpu_isa()); }
 
-static int detect_isa(void) {
-    int level = ISA_GENERIC;
-#if VLM_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) level = ISA_AVX2;
-    if (level == ISA_AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-        level = ISA_AVX512;
-    if (level == ISA_AVX512 && __builtin_cpu_supports("avx512bf16")) level = ISA_AVX512BF16;
-#endif
-    /* VLM_GEMM_ISA=generic|avx2|avx512 caps the level (testing the fallbacks on a big machine). */
-    const char *cap = getenv("VLM_GEMM_ISA");
-    if (cap) {
-        for (int i = 0; i < 4; i++)
-            if (strcmp(cap, isa_names[i]) == 0 && i < level) level = i;
-    }
-    return level;
+vlm_status vlm_check_weight(const vlm_weight *w, int64_t n, int64_t k, int need_bias, vlm_err *err, const char *fmt,
+                            ...) {
+    char name[128];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof name, fmt, ap);
+    va_end(ap);
+    if (!w->data) return vlm_fail(err, VLM_ERR_KEY, "%s: missing weight", name);
+    if (need_bias && !w->bias) return vlm_fail(err, VLM_ERR_KEY, "%s: missing bias", name);
+    if (w->n != n || w->k != k)
+        return vlm_fail(err, VLM_ERR_SHAPE, "%s has shape [%lld, %lld], expected [%lld, %lld]", name, (long long)w->n,
+                        (long long)w->k, (long long)n, (long long)k);
+    return VLM_OK;
 }
-
-static int isa(void) {
-    int v = __atomic_load_n(&g_isa, __ATOMIC_RELAXED);
-    if (v < 0) {
-        v = detect_isa();
-        __atomic_store_n(&g_isa, v, __ATOMIC_RELAXED);
-    }
-    return v;
-}
-
-const char *vlm_gemm_kernel_name(void) { return isa_names[isa()]; }
-
-int vlm_cpu_has_avx512(void) { return isa() >= ISA_AVX512; }
 
 const char *vlm_blas_info(void) {
     static char buf[512];
@@ -185,22 +164,20 @@ static void panel_generic(const mm_ctx *c, long i0, int mr, long j0, long jl, lo
 /* ------------------------------------------------------------------------------------------------ */
 /* AVX2 kernels: MR=4 x NR=3 ymm accumulators                                                       */
 
-#define TGT_AVX2 __attribute__((target("avx2,fma")))
-#define AI __attribute__((always_inline))
 
 /* [sum(a), sum(b), sum(c), sum(d)] with a fixed per-lane tree. */
-static inline AI TGT_AVX2 __m128 hsum4_256(__m256 a, __m256 b, __m256 c, __m256 d) {
+static inline VLM_INLINE VLM_TGT_AVX2 __m128 hsum4_256(__m256 a, __m256 b, __m256 c, __m256 d) {
     __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);
     __m256 abcd = _mm256_hadd_ps(ab, cd);
     return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
-static inline AI TGT_AVX2 __m256 ld_w16_256(const uint16_t *p) {
+static inline VLM_INLINE VLM_TGT_AVX2 __m256 ld_w16_256(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
 /* KIND: KIND_XW16 or KIND_XW32 (compile-time constant after inlining). */
-static inline AI TGT_AVX2 void tile_avx2(const int KIND, const int MR, const int NR, const float *x, long ldx,
+static inline VLM_INLINE VLM_TGT_AVX2 void tile_avx2(const int KIND, const int MR, const int NR, const float *x, long ldx,
                                         const void *wv, long ldw, long kl, float s[4][8]) {
     __m256 acc[4][3];
 #pragma GCC unroll 4
@@ -283,20 +260,18 @@ static inline AI TGT_AVX2 void tile_avx2(const int KIND, const int MR, const int
         store_tile(c, i0, mr, j0 + j, 1, s, first);                                                          \
     }
 
-static TGT_AVX2 void panel_avx2_w16(const mm_ctx *c, long i0, int mr, long j0, long jl, long k0, long kl, int first) {
+static VLM_TGT_AVX2 void panel_avx2_w16(const mm_ctx *c, long i0, int mr, long j0, long jl, long k0, long kl, int first) {
     PANEL_BODY(tile_avx2, KIND_XW16, 3, float, uint16_t)
 }
-static TGT_AVX2 void panel_avx2_w32(const mm_ctx *c, long i0, int mr, long j0, long jl, long k0, long kl, int first) {
+static VLM_TGT_AVX2 void panel_avx2_w32(const mm_ctx *c, long i0, int mr, long j0, long jl, long k0, long kl, int first) {
     PANEL_BODY(tile_avx2, KIND_XW32, 3, float, float)
 }
 
 /* ------------------------------------------------------------------------------------------------ */
 /* AVX-512 kernels: MR=4 x NR=6 zmm accumulators                                                    */
 
-#define TGT_512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
-#define TGT_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
 
-static inline AI TGT_512 __m128 hsum4_512(__m512 a, __m512 b, __m512 c, __m512 d) {
+static inline VLM_INLINE VLM_TGT_AVX512 __m128 hsum4_512(__m512 a, __m512 b, __m512 c, __m512 d) {
 #define LO8(v) _mm512_castps512_ps256(v)
 #define HI8(v) _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))
     return hsum4_256(_mm256_add_ps(LO8(a), HI8(a)), _mm256_add_ps(LO8(b), HI8(b)), _mm256_add_ps(LO8(c), HI8(c)),
@@ -305,11 +280,11 @@ static inline AI TGT_512 __m128 hsum4_512(__m512 a, __m512 b, __m512 c, __m512 d
 #undef HI8
 }
 
-static inline AI TGT_512 __m512 widen16(__m256i v) {
+static inline VLM_INLINE VLM_TGT_AVX512 __m512 widen16(__m256i v) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
-static inline AI TGT_512 void reduce_tile_512(const int MR, const int NR, __m512 acc[4][6], float s[4][8]) {
+static inline VLM_INLINE VLM_TGT_AVX512 void reduce_tile_512(const int MR, const int NR, __m512 acc[4][6], float s[4][8]) {
     const __m512 z = _mm512_setzero_ps();
 #pragma GCC unroll 6
     for (int j = 0; j < NR; j++) {
@@ -321,7 +296,7 @@ static inline AI TGT_512 void reduce_tile_512(const int MR, const int NR, __m512
 }
 
 /* x fp32 with W bf16 (widened) or W fp32; 16 k per step. */
-static inline AI TGT_512 void tile_512(const int KIND, const int MR, const int NR, const float *x, long ldx,
+static inline VLM_INLINE VLM_TGT_AVX512 void tile_512(const int KIND, const int MR, const int NR, const float *x, long ldx,
                                       const void *wv, long ldw, long kl, float s[4][8]) {
     __m512 acc[4][6];
 #pragma GCC unroll 4
@@ -360,7 +335,7 @@ static inline AI TGT_512 void tile_512(const int KIND, const int MR, const int N
 }
 
 /* x bf16 with W bf16: vdpbf16ps, 32 k per step. */
-static inline AI TGT_BF16 void tile_dp(const int KIND, const int MR, const int NR, const uint16_t *x, long ldx,
+static inline VLM_INLINE VLM_TGT_AVX512BF16 void tile_dp(const int KIND, const int MR, const int NR, const uint16_t *x, long ldx,
                                       const uint16_t *w, long ldw, long kl, float s[4][8]) {
     (void)KIND;
     __m512 acc[4][6];
@@ -397,18 +372,18 @@ static inline AI TGT_BF16 void tile_dp(const int KIND, const int MR, const int N
     reduce_tile_512(MR, NR, acc, s);
 }
 
-static TGT_512 void panel_512_w16(const mm_ctx *c, long i0, int mr, long j0, long jl, long k0, long kl, int first) {
+static VLM_TGT_AVX512 void panel_512_w16(const mm_ctx *c, long i0, int mr, long j0, long jl, long k0, long kl, int first) {
     PANEL_BODY(tile_512, KIND_XW16, 6, float, uint16_t)
 }
-static TGT_512 void panel_512_w32(const mm_ctx *c, long i0, int mr, long j0, long jl, long k0, long kl, int first) {
+static VLM_TGT_AVX512 void panel_512_w32(const mm_ctx *c, long i0, int mr, long j0, long jl, long k0, long kl, int first) {
     PANEL_BODY(tile_512, KIND_XW32, 6, float, float)
 }
-static TGT_BF16 void panel_dp(const mm_ctx *c, long i0, int mr, long j0, long jl, long k0, long kl, int first) {
+static VLM_TGT_AVX512BF16 void panel_dp(const mm_ctx *c, long i0, int mr, long j0, long jl, long k0, long kl, int first) {
     PANEL_BODY(tile_dp, KIND_DP, 6, uint16_t, uint16_t)
 }
 
 /* x fp32 rows -> bf16 (RNE), row stride ldd, zero padded to a multiple of 32. */
-static TGT_BF16 void convert_rows_bf16_512(const float *x, long ldx, uint16_t *d, long ldd, long r0, long r1, long k) {
+static VLM_TGT_AVX512BF16 void convert_rows_bf16_512(const float *x, long ldx, uint16_t *d, long ldd, long r0, long r1, long k) {
     for (long r = r0; r < r1; r++) {
         const float *s = x + r * ldx;
         uint16_t *o = d + r * ldd;
@@ -449,7 +424,7 @@ static void convert_task(void *p, int ith, int nth) {
     vlm_split(c->m, 1, ith, nth, &r0, &r1);
     if (r0 >= r1) return;
 #if VLM_X86
-    if (c->isa == ISA_AVX512BF16) {
+    if (c->isa == VLM_ISA_AVX512BF16) {
         convert_rows_bf16_512(c->x, c->ldx, (uint16_t *)c->dst, c->ldd, r0, r1, c->k);
         return;
     }
@@ -483,13 +458,13 @@ static void mm_task(void *p, int ith, int nth) {
                 int mr = c->m - i0 < 4 ? (int)(c->m - i0) : 4;
                 switch (c->isa) {
 #if VLM_X86
-                case ISA_AVX512BF16:
-                case ISA_AVX512:
+                case VLM_ISA_AVX512BF16:
+                case VLM_ISA_AVX512:
                     if (c->kind == KIND_DP) panel_dp(c, i0, mr, j0, jl, k0, kl, first);
                     else if (c->kind == KIND_XW16) panel_512_w16(c, i0, mr, j0, jl, k0, kl, first);
                     else panel_512_w32(c, i0, mr, j0, jl, k0, kl, first);
                     break;
-                case ISA_AVX2:
+                case VLM_ISA_AVX2:
                     if (c->kind == KIND_XW16) panel_avx2_w16(c, i0, mr, j0, jl, k0, kl, first);
                     else panel_avx2_w32(c, i0, mr, j0, jl, k0, kl, first);
                     break;
@@ -595,7 +570,7 @@ static int use_blas(int64_t m, const vlm_weight *w) { return w->dtype == VLM_F32
 static size_t xconv_bytes(int64_t m, const vlm_weight *w, vlm_compute cmode, int level, long *ldd) {
     *ldd = 0;
     if (w->dtype != VLM_BF16 || cmode != VLM_COMPUTE_BF16 || m <= 0 || w->k <= 0) return 0;
-    if (level == ISA_AVX512BF16) {
+    if (level == VLM_ISA_AVX512BF16) {
         *ldd = (long)vlm_align_up((size_t)w->k, 32);
         return (size_t)m * (size_t)*ldd * 2;
     }
@@ -607,7 +582,7 @@ size_t vlm_matmul_scratch_size(int64_t m, const vlm_weight *w, vlm_compute cmode
     (void)n_threads;
     if (!w) return 0;
     long ldd;
-    size_t b = xconv_bytes(m, w, cmode, isa(), &ldd);
+    size_t b = xconv_bytes(m, w, cmode, vlm_cpu_isa(), &ldd);
     return b ? b + VLM_ALIGN : 0;
 }
 
@@ -627,7 +602,7 @@ vlm_status vlm_matmul(vlm_pool *pool, float *out, int64_t ldo, const float *x, i
     if (ldx < w->k || ldo < w->n)
         return vlm_fail(err, VLM_ERR_ARG, "matmul: row strides ldx=%lld (k=%lld) ldo=%lld (n=%lld) too small",
                         (long long)ldx, (long long)w->k, (long long)ldo, (long long)w->n);
-    const int level = isa();
+    const int level = vlm_cpu_isa();
     long ldd;
     size_t need = xconv_bytes(m, w, cmode, level, &ldd);
     if (need) need += VLM_ALIGN;
@@ -683,7 +658,7 @@ vlm_status vlm_matmul(vlm_pool *pool, float *out, int64_t ldo, const float *x, i
         else convert_task(&cv, 0, 1);
         c.x = dst;
         c.ldx = ldd;
-        if (level == ISA_AVX512BF16) c.kind = KIND_DP;
+        if (level == VLM_ISA_AVX512BF16) c.kind = KIND_DP;
     }
 
     if (m <= 4) { /* one x tile: stream W once, no blocking */
@@ -709,7 +684,7 @@ vlm_status vlm_matmul(vlm_pool *pool, float *out, int64_t ldo, const float *x, i
 /* FMA peak                                                                                         */
 
 #if VLM_X86
-static TGT_512 float fma_loop_512(long iters, float seed) {
+static VLM_TGT_AVX512 float fma_loop_512(long iters, float seed) {
     const __m512 mul = _mm512_set1_ps(0.999999f), add = _mm512_set1_ps(1e-6f);
     __m512 a0 = _mm512_set1_ps(seed), a1 = _mm512_set1_ps(seed + 1), a2 = _mm512_set1_ps(seed + 2),
            a3 = _mm512_set1_ps(seed + 3), a4 = _mm512_set1_ps(seed + 4), a5 = _mm512_set1_ps(seed + 5),
@@ -729,7 +704,7 @@ static TGT_512 float fma_loop_512(long iters, float seed) {
     return _mm512_reduce_add_ps(s);
 }
 
-static TGT_AVX2 float fma_loop_avx2(long iters, float seed) {
+static VLM_TGT_AVX2 float fma_loop_avx2(long iters, float seed) {
     const __m256 mul = _mm256_set1_ps(0.999999f), add = _mm256_set1_ps(1e-6f);
     __m256 a0 = _mm256_set1_ps(seed), a1 = _mm256_set1_ps(seed + 1), a2 = _mm256_set1_ps(seed + 2),
            a3 = _mm256_set1_ps(seed + 3), a4 = _mm256_set1_ps(seed + 4), a5 = _mm256_set1_ps(seed + 5),
@@ -764,13 +739,13 @@ static float fma_loop_generic(long iters, float seed) {
 
 /* flops per loop iteration for the level used */
 static double fma_flops_per_iter(int level) {
-    return level >= ISA_AVX512 ? 12.0 * 16 * 2 : level == ISA_AVX2 ? 12.0 * 8 * 2 : 8.0 * 2;
+    return level >= VLM_ISA_AVX512 ? 12.0 * 16 * 2 : level == VLM_ISA_AVX2 ? 12.0 * 8 * 2 : 8.0 * 2;
 }
 
 static float fma_run(int level, long iters, float seed) {
 #if VLM_X86
-    if (level >= ISA_AVX512) return fma_loop_512(iters, seed);
-    if (level == ISA_AVX2) return fma_loop_avx2(iters, seed);
+    if (level >= VLM_ISA_AVX512) return fma_loop_512(iters, seed);
+    if (level == VLM_ISA_AVX2) return fma_loop_avx2(iters, seed);
 #endif
     return fma_loop_generic(iters, seed);
 }
@@ -801,7 +776,7 @@ static void *peak_thread(void *p) {
 double vlm_measure_fma_peak(int n_threads) {
     if (n_threads < 1) n_threads = 1;
     if (n_threads > 256) n_threads = 256;
-    const int level = isa();
+    const int level = vlm_cpu_isa();
     const double fpi = fma_flops_per_iter(level);
     /* calibrate on this thread: aim at ~0.3 s for the real run */
     long iters = 1 << 16;

@@ -35,11 +35,36 @@ vlm_status vlm_matmul(vlm_pool *pool, float *out, int64_t ldo, const float *x, i
                       void *scratch, size_t scratch_size, vlm_err *err);
 size_t vlm_matmul_scratch_size(int64_t m, const vlm_weight *w, vlm_compute cmode, int n_threads);
 
-/* CPU features found at run time, and a name of the kernel family in use ("avx512bf16", "avx512",
- * "avx2", "generic"), for logs and benchmarks. */
+/* The matmul context of a forward pass: its pool, compute mode and the scratch all its projections share.
+ * vlm_mm(c, ...) = vlm_matmul with those, the one call every network makes. */
+typedef struct {
+    vlm_pool *pool;
+    vlm_compute compute;
+    void *scratch;
+    size_t scratch_size;
+    vlm_err *err;
+} vlm_mm_ctx;
+
+static inline vlm_status vlm_mm(const vlm_mm_ctx *c, float *out, int64_t ldo, const float *x, int64_t ldx, int64_t m,
+                                const vlm_weight *w, int accumulate) {
+    return vlm_matmul(c->pool, out, ldo, x, ldx, m, w, c->compute, accumulate, c->scratch, c->scratch_size, c->err);
+}
+
+/* max(cur, vlm_matmul_scratch_size(m, w, cmode, n_threads)): scratch sizing over a network's projections. */
+static inline size_t vlm_matmul_scratch_max(size_t cur, int64_t m, const vlm_weight *w, vlm_compute cmode,
+                                            int n_threads) {
+    size_t z = vlm_matmul_scratch_size(m, w, cmode, n_threads);
+    return z > cur ? z : cur;
+}
+
+/* Weight-shape check of every network: w holds data of shape [n][k] (and a bias if need_bias). Fails with
+ * VLM_ERR_KEY (missing data or bias) or VLM_ERR_SHAPE, the message starting with the printf-style name. */
+vlm_status vlm_check_weight(const vlm_weight *w, int64_t n, int64_t k, int need_bias, vlm_err *err, const char *fmt, ...)
+    __attribute__((format(printf, 6, 7)));
+
+/* The name of the kernel family in use ("avx512bf16", "avx512", "avx2", "generic": vlm_cpu_isa(), cpu.h),
+ * for logs and benchmarks. */
 const char *vlm_gemm_kernel_name(void);
-/* AVX-512 F/BW/VL/DQ usable (and not capped by VLM_GEMM_ISA): the one CPU check every kernel family uses. */
-int vlm_cpu_has_avx512(void);
 /* Keep OpenBLAS single-threaded (vlm_matmul calls it again before every sgemm; the pool supplies
  * the parallelism). */
 void vlm_blas_single_thread(void);

@@ -2,18 +2,20 @@
  *
  * Types: Qwen2Model (read-only weights borrowed from NumPy arrays, typically views of memory-mapped
  * safetensors files; the object keeps them alive) and Qwen2State (one request: KV cache + scratch +
- * threads). Functions: matmul, fma_peak, gemm_info (for tests and benchmarks).
+ * threads). Functions: matmul, fma_peak, gemm_info (for tests and benchmarks), op / ops (single ops, tests only).
  * Arguments are checked and outputs allocated with the GIL held; the compute runs with the GIL
  * released; a vlm_status becomes a Python exception on the way out. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <numpy/arrayobject.h>
 
+#include <math.h>
 #include <stdatomic.h>
 #include <string.h>
 
 #include "common.h"
 #include "gemm.h"
+#include "ops.h"
 #include "qwen2.h"
 #include "qwen_vit.h"
 
@@ -571,6 +573,7 @@ static PyTypeObject VisionModelType = {
 
 #include "py_davit.h"
 #include "py_hfre.h"
+#include "py_ops.h"
 
 /* ---------------------------------------------------------------- functions */
 
@@ -657,6 +660,9 @@ static PyMethodDef module_methods[] = {
      "matmul(x, w, bias=None, compute='f32', n_threads=1, out=None, accumulate=False) -> x @ w.T + bias"},
     {"fma_peak", py_fma_peak, METH_O, "fma_peak(n_threads) -> measured fp32 FMA peak in GFLOP/s"},
     {"gemm_info", py_gemm_info, METH_NOARGS, "gemm_info() -> dict(kernel=..., blas=...)"},
+    {"op", (PyCFunction)(void (*)(void))py_op, METH_VARARGS | METH_KEYWORDS,
+     "op(name, arrays, ints=(), floats=(), n_threads=1): run one core op in place (tests only, see py_ops.h)"},
+    {"ops", py_ops, METH_NOARGS, "ops() -> {name: (array dtypes, n_ints, n_floats)} of op() (tests only)"},
     {NULL}};
 
 static int module_exec(PyObject *mod) {

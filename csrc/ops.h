@@ -1,47 +1,185 @@
-/* ops.h — the element-wise, normalization, rotary and attention operations of the vlmfo1 core.
+/* ops.h — the operations of the vlmfo1 core, by family: activations (act.c), normalization (norm.c),
+ * rotary embedding (rope.c), convolution helpers (conv.c), attention (attention.c) and RoIAlign
+ * (roi_align.c). GEMM is gemm.h. The networks (qwen2.c, qwen_vit.c, davit.c, hfre.c) are flat lists of
+ * these calls.
  *
- * Every op writes into caller-provided memory (ops never allocate), takes outputs first and sizes
- * last, and splits its work over a vlm_pool (which may be NULL for one thread). Each output element
+ * Rules every op keeps: outputs first, sizes last, a shape comment; the work is split over a vlm_pool
+ * (which may be NULL for one thread); ops never allocate (scratch, where needed, comes from the caller,
+ * sized by the op's *_scratch_floats function: n_threads times that many floats); every output element
  * is computed by one thread in a fixed order, so results do not depend on the thread count. */
 #ifndef VLM_OPS_H
 #define VLM_OPS_H
 
 #include "common.h"
+#include "gemm.h"
 #include "pool.h"
 
-/* y[t][:] = x[t][:] / sqrt(mean(x[t]^2) + eps) * w; x, y: [T][C] (may alias) */
+#define VLM_MAX_HEAD 256   /* head / channel-group size limit of the attention ops */
+
+/* ---------------------------------------------------------------- activations (act.c) */
+
+/* x[i] = x[i]/2 · (1 + erf(x[i]/√2)), erf from libm: the exact GELU of torch's scalar reference
+ * (nn.GELU(), F.gelu) as the Qwen2.5-VL merger and the HFRE SimpleFP / projectors compute it. x: [n] */
+void vlm_gelu_erf(vlm_pool *pool, float *x, size_t n);
+
+/* The same GELU with erf from Abramowitz-Stegun 7.1.26 (|error| <= 1.5e-7), the formula of PyTorch's
+ * vectorized CPU GELU kernel, which is what DaViT's reference run uses. AVX-512 when vlm_cpu_isa() has it,
+ * else plain C (the two differ in FMA rounding). x: [n] */
+void vlm_gelu_erf_poly(vlm_pool *pool, float *x, size_t n);
+
+/* g = silu(g) · u; g, u: [T][C] */
+void vlm_silu_mul(vlm_pool *pool, float *g, const float *u, int T, int C);
+
+/* ---------------------------------------------------------------- normalization (norm.c) */
+
+/* y[t] = x[t] / sqrt(mean(x[t]^2) + eps) · w; x, y: [T][C] (may alias), w: [C] */
 void vlm_rmsnorm(vlm_pool *pool, float *y, const float *x, const float *w, float eps, int T, int C);
 
-/* One row of LayerNorm: y = (x - mean) / sqrt(var + eps) * w + b; x, y: [C] (may alias). 16 partial sums,
+/* One row of LayerNorm: y = (x - mean) / sqrt(var + eps) · w + b; x, y: [C] (may alias). 16 partial sums,
  * so every instruction set sums alike. */
 void vlm_layernorm_row(float *y, const float *x, const float *w, const float *b, float eps, int C);
 
-/* vlm_layernorm_row on every row of x, y: [T][C] (may alias) */
+/* vlm_layernorm_row on every row; x, y: [T][C] (may alias) */
 void vlm_layernorm(vlm_pool *pool, float *y, const float *x, const float *w, const float *b, float eps, long T, int C);
 
-/* g[t][:] = silu(g[t][:]) * u[t][:]; g, u: [T][C] */
-void vlm_silu_mul(vlm_pool *pool, float *g, const float *u, int T, int C);
+/* Channel LayerNorm in place on the pixels of an H x W grid inside a wider map: pixel (i, j) is the C floats
+ * at x + (i·pitch + j)·C. x: [H][pitch][C], pitch >= W. */
+void vlm_layernorm_grid(vlm_pool *pool, float *x, const float *w, const float *b, float eps, size_t pitch, long H,
+                        long W, int C);
 
-/* cos/sin tables for T tokens: cs[t][j], sn[t][j] for j < D/2, angle = pos[axis(j)][t] * inv_freq[j],
+/* One row of LayerNorm with the mean and variance summed in double (the HFRE region norms); x, y: [C] (may alias) */
+void vlm_layernorm_row_f64(float *y, const float *x, const float *w, const float *b, double eps, int C);
+
+/* ---------------------------------------------------------------- rotary embedding (rope.c) */
+
+/* cos/sin tables for T tokens: cs[t][j], sn[t][j] for j < D/2, angle = pos[axis(j)][t] · inv_freq[j],
  * axis(j) = 0 for j < sec[0], 1 for j < sec[0]+sec[1], else 2. pos: [3][T]. */
 void vlm_rope_table(float *cs, float *sn, const int32_t *pos, const float *inv_freq, const int sec[3], int T, int D);
 
 /* Rotate-half RoPE in place on x: [T][nh][D] (row stride ld floats) with the tables above. */
 void vlm_rope_apply(vlm_pool *pool, float *x, int ld, const float *cs, const float *sn, int T, int nh, int D);
 
+/* ---------------------------------------------------------------- convolution helpers (conv.c) */
+
+/* y = x + b + depthwise 3x3 conv of x (zero padding, stride 1): the residual depthwise conv of DaViT.
+ * x, y: [H][W][C] (distinct), wt: [9][C] (tap-major, tap = ky·3 + kx), b: [C] */
+void vlm_dwconv3x3_residual(vlm_pool *pool, float *y, const float *x, const float *wt, const float *b, int H, int W,
+                            int C);
+
+/* im2col of output pixels r0 .. r0+nr-1 (p = oy·Wo + ox) of a k x k conv, stride st, padding pd:
+ * col[r][(ci·k + ky)·k + kx] = in(ci, oy·st - pd + ky, ox·st - pd + kx), 0 outside (PyTorch's flattened
+ * weight order). in: [Ci][Hi][Wi], or [Hi][Wi][Ci] with chan_last; col: [nr][Ci·k·k]. */
+void vlm_im2col(vlm_pool *pool, float *col, const float *in, int chan_last, int Hi, int Wi, int Ci, int k, int st,
+                int pd, int Wo, long r0, long nr);
+
+/* out = conv(in) + bias through vlm_im2col + vlm_mm, `chunk` output pixels at a time. w: [Co][Ci·k·k] (with bias),
+ * out: [Ho·Wo][Co], col: [chunk][Ci·k·k] scratch; `in` as in vlm_im2col. */
+vlm_status vlm_conv2d(const vlm_mm_ctx *mm, float *out, const float *in, const vlm_weight *w, float *col, long chunk,
+                      int chan_last, int Hi, int Wi, int Ci, int k, int st, int pd, int Ho, int Wo);
+
+/* 3x3 conv, padding 1, no bias, of a zero-bordered map P: [(H+2)][pitch][Ci] (pitch = W+2) by 9 tap GEMMs
+ * (w: [9·Co][Ci], tap-major): out[p] = sum_tap P[p + ty·pitch + tx] · W_tap for p < H·pitch - 2; out rows
+ * have the padded pitch (the last two of every row are junk). out: [H·pitch][Co] */
+vlm_status vlm_conv3x3_padded(const vlm_mm_ctx *mm, float *out, const float *P, const vlm_weight *w, long H,
+                              size_t pitch, int Co);
+
+/* Scatter of a k = s = 2 transposed conv's GEMM output, rows of 4·Co floats ordered (a, b, o), into the
+ * interior of a padded map P: [(2Hs+2)][(2Ws+2)][Co]. Row r is input pixel (yy, xx) of an Hs x Ws grid; with
+ * `sub` the rows come from a previous such conv, r = ((i·Wi + j)·2 + a)·2 + b for (yy, xx) = (2i+a, 2j+b),
+ * Wi = Ws/2. T: [Hs·Ws][4·Co] */
+void vlm_convt2x2_scatter(vlm_pool *pool, float *P, const float *T, int Hs, int Ws, int Co, int sub);
+
+/* Zero the one-pixel border of a padded map P: [(H+2)][(W+2)][C]. */
+void vlm_zero_border(float *P, long H, long W, int C);
+
+/* 2x2 max-pool (floor) of x: [H][W][C] into the interior of a padded map P: [(H/2+2)][(W/2+2)][C]. */
+void vlm_maxpool2x2(vlm_pool *pool, float *P, const float *x, int H, int W, int C);
+
+/* ---------------------------------------------------------------- attention (attention.c) */
+
 /* Causal grouped-query attention of T new queries against a KV cache.
  * q: [T][H][D] (row stride ldq); kc, vc: [KV][max_ctx][D] caches already holding positions
- * 0 .. n_past+T-1; query t sees keys 0 .. n_past+t. out: [T][H][D] (row stride ldo).
- * scratch: n_threads * vlm_attention_scratch_floats(...) floats. D <= 256. */
-size_t vlm_attention_scratch_floats(int H, int KV, int D, int n_ctx);
+ * 0 .. n_past+T-1; query t sees keys 0 .. n_past+t. out: [T][H][D] (row stride ldo). D <= VLM_MAX_HEAD.
+ * scratch: n_threads · vlm_attention_scratch_floats(...) floats. */
+size_t vlm_attention_scratch_floats(int H, int KV, int D, int max_ctx);
 void vlm_attention(vlm_pool *pool, float *out, int ldo, const float *q, int ldq, const float *kc, const float *vc,
                    int max_ctx, int n_past, int T, int H, int KV, int D, float scale, float *scratch);
 
 /* Non-causal attention inside segments [cu[s], cu[s+1]) of qkv: [N][3][H][D] (q, k, v blocks of each
- * token); out: [N][H][D]. D <= 256. scratch: n_threads * vlm_segment_attention_scratch_floats(max_seg, D)
+ * token); out: [N][H][D]. D <= VLM_MAX_HEAD. scratch: n_threads · vlm_segment_attention_scratch_floats(max_seg, D)
  * floats, max_seg = the longest segment. */
 size_t vlm_segment_attention_scratch_floats(int max_seg, int D);
 void vlm_segment_attention(vlm_pool *pool, float *out, const float *qkv, const int *cu, int n_seg, int H, int D,
                            float scale, float *scratch, int max_seg);
+
+/* DaViT window attention over one band of `rows` (<= win) image rows of width W: windows of win x win
+ * tokens (raster order inside), heads of D = C/heads. Keys/values outside the image are the zero-padded
+ * tokens, whose k and v are the qkv bias; queries are the real tokens only. qkv: [rows·W][3C] (q | k | v),
+ * bias: [3C], att: [rows·W][C]. win <= VLM_MAX_HEAD, D <= VLM_MAX_HEAD.
+ * scratch: n_threads · vlm_window_attention_scratch_floats(win, D) floats. */
+size_t vlm_window_attention_scratch_floats(int win, int D);
+void vlm_window_attention(vlm_pool *pool, float *att, const float *qkv, const float *bias, int rows, int W, int C,
+                          int heads, int win, float scale, float *scratch);
+
+/* DaViT channel attention, in three ops so the tokens can come in chunks:
+ * scores: A[g][i][j] += Σ_n (q[n][g·d + i] · scale) · k[n][g·d + j] over nr tokens, in blocks of 256 tokens;
+ *   qk: [nr][2C] (q | k), A: [G][d][d], d = C/G <= VLM_MAX_HEAD.
+ *   scratch: n_threads · vlm_channel_attention_scratch_floats(d) floats.
+ * softmax: At[g][j][i] = softmax_j(A[g][i][:]) (transposed). A, At: [G][d][d]
+ * apply: att[n][g·d + i] = Σ_j At[g][j][i] · v[n][g·d + j]; v, att: [nr][C] */
+size_t vlm_channel_attention_scratch_floats(int d);
+void vlm_channel_attention_scores(vlm_pool *pool, float *A, const float *qk, float scale, float *scratch, long nr, int C,
+                                  int G);
+void vlm_channel_attention_softmax(vlm_pool *pool, float *At, const float *A, int G, int d);
+void vlm_channel_attention_apply(vlm_pool *pool, float *att, const float *v, const float *At, long nr, int C, int G);
+
+/* ---------------------------------------------------------------- RoIAlign (roi_align.c) */
+
+#define VLM_ROI_MAX_MAPS 8    /* maps (pyramid levels) a plan covers */
+#define VLM_ROI_MAX_JOBS 16   /* jobs of one vlm_roi_pool call */
+#define VLM_ROI_CH 128        /* channels per pooling work item */
+
+/* Separable RoIAlign as weight vectors: for box b and map g, one float weight per map row (wy[H_g]) and per
+ * map column (wx[W_g]), so that the pooled vector is Σ_y wy[y] Σ_x wx[x] map[y][x][:], plus the inclusive
+ * range of non-zero weights. Filled by the caller from the vlm_roi_* helpers below. */
+typedef struct {
+    int n_maps, N;
+    int H[VLM_ROI_MAX_MAPS], W[VLM_ROI_MAX_MAPS];
+    size_t off[VLM_ROI_MAX_MAPS];   /* float offset of map g's wy [H] + wx [W] inside a box's block */
+    size_t per_box;                 /* floats per box */
+    float *wts;                     /* [N][per_box] */
+    int *span;                      /* [N][n_maps][4]: y_lo, y_hi, x_lo, x_hi (inclusive; lo > hi: empty) */
+} vlm_roi_plan;
+
+/* Sets n_maps, N, the map sizes, off and per_box (not wts / span). H, W: [n_maps] */
+void vlm_roi_plan_layout(vlm_roi_plan *p, int n_maps, const int *H, const int *W, int N);
+
+/* RoIAlign sample weights along one axis of length len, accumulated into w: [len]: the bilinear weights of
+ * the S·grid samples of the box side [a1, a2]·scale (torchvision, aligned=False, adaptive grid =
+ * ceil(extent / S), samples beyond [-1, len] dropped), with the reference's float32 expressions (no FMA
+ * contraction). Returns the grid. */
+long vlm_roi_axis_weights(double *w, int len, float a1, float a2, float scale, int S);
+
+/* w_out: [in] += Uᵀ w_in: a weight vector over the `out` positions of PyTorch's bilinear upsampling
+ * (align_corners=False) from `in` positions, moved back to the source positions. w_in: [out] */
+void vlm_upsample_weights_t(double *w_out, const double *w_in, int in, int out);
+
+/* dst: [len] = (float)(w · mul), and the inclusive range [*lo, *hi] of its non-zeros (lo > hi: none). */
+void vlm_roi_finish_axis(float *dst, int *lo, int *hi, const double *w, int len, double mul);
+
+/* One pooling job: a map [H][·][C] (rows ld_row floats apart, pixels C apart), its plan map index, and the
+ * column of the output where its C channels go. */
+typedef struct {
+    const float *map;
+    size_t ld_row;
+    int C, map_index, out_off;
+} vlm_roi_job;
+
+/* out[b][out_off + c] = Σ_y wy[y] Σ_x wx[x] map[y][x][c] for every box b and job (fixed summation order:
+ * rows, then columns). out: [N][ld_out]. Work items of (job, box, VLM_ROI_CH channels) are handed out by an
+ * atomic counter. scratch: n_threads · vlm_roi_pool_scratch_floats() floats. */
+size_t vlm_roi_pool_scratch_floats(void);
+void vlm_roi_pool(vlm_pool *pool, float *out, int ld_out, const vlm_roi_job *jobs, int n_jobs, const vlm_roi_plan *plan,
+                  float *scratch);
 
 #endif

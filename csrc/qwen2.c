@@ -5,6 +5,7 @@
  * causal GQA attention over the cache, o projection added to the residual, RMSNorm, SwiGLU MLP added
  * to the residual. The lm_head runs only for the rows whose logits were asked for. */
 #include "qwen2.h"
+#include "arena.h"
 #include "ops.h"
 
 #include <math.h>
@@ -25,16 +26,6 @@ struct vlm_qwen2_state {
 static int kv_dim(const vlm_qwen2_config *c) { return c->n_kv_heads * c->head_dim; }
 static int q_dim(const vlm_qwen2_config *c) { return c->n_heads * c->head_dim; }
 
-static vlm_status check_weight(const vlm_weight *w, int64_t n, int64_t k, int bias, const char *name, int layer,
-                               vlm_err *err) {
-    if (!w->data) return vlm_fail(err, VLM_ERR_KEY, "layer %d: missing weight %s", layer, name);
-    if (w->n != n || w->k != k)
-        return vlm_fail(err, VLM_ERR_SHAPE, "layer %d: %s has shape [%lld, %lld], expected [%lld, %lld]", layer, name,
-                        (long long)w->n, (long long)w->k, (long long)n, (long long)k);
-    if (bias && !w->bias) return vlm_fail(err, VLM_ERR_KEY, "layer %d: missing bias of %s", layer, name);
-    return VLM_OK;
-}
-
 vlm_status vlm_qwen2_validate(const vlm_qwen2 *m, vlm_err *err) {
     const vlm_qwen2_config *c = &m->cfg;
     if (c->hidden <= 0 || c->n_layers <= 0 || c->n_heads <= 0 || c->n_kv_heads <= 0 || c->head_dim <= 0 ||
@@ -46,28 +37,55 @@ vlm_status vlm_qwen2_validate(const vlm_qwen2 *m, vlm_err *err) {
         c->mrope[0] + c->mrope[1] + c->mrope[2] != c->head_dim / 2)
         return vlm_fail(err, VLM_ERR_ARG, "mrope_section must sum to head_dim/2 = %d", c->head_dim / 2);
     if (!m->embed || !m->norm || !m->inv_freq || !m->layers) return vlm_fail(err, VLM_ERR_KEY, "missing global weights");
-    VLM_TRY(check_weight(&m->lm_head, c->vocab, c->hidden, 0, "lm_head", -1, err));
+    VLM_TRY(vlm_check_weight(&m->lm_head, c->vocab, c->hidden, 0, err, "lm_head"));
     for (int l = 0; l < c->n_layers; l++) {
         const vlm_qwen2_layer *L = &m->layers[l];
-        VLM_TRY(check_weight(&L->wq, q_dim(c), c->hidden, 1, "q_proj", l, err));
-        VLM_TRY(check_weight(&L->wk, kv_dim(c), c->hidden, 1, "k_proj", l, err));
-        VLM_TRY(check_weight(&L->wv, kv_dim(c), c->hidden, 1, "v_proj", l, err));
-        VLM_TRY(check_weight(&L->wo, c->hidden, q_dim(c), 0, "o_proj", l, err));
-        VLM_TRY(check_weight(&L->wg, c->inter, c->hidden, 0, "gate_proj", l, err));
-        VLM_TRY(check_weight(&L->wu, c->inter, c->hidden, 0, "up_proj", l, err));
-        VLM_TRY(check_weight(&L->wd, c->hidden, c->inter, 0, "down_proj", l, err));
+        VLM_TRY(vlm_check_weight(&L->wq, q_dim(c), c->hidden, 1, err, "layer %d: q_proj", l));
+        VLM_TRY(vlm_check_weight(&L->wk, kv_dim(c), c->hidden, 1, err, "layer %d: k_proj", l));
+        VLM_TRY(vlm_check_weight(&L->wv, kv_dim(c), c->hidden, 1, err, "layer %d: v_proj", l));
+        VLM_TRY(vlm_check_weight(&L->wo, c->hidden, q_dim(c), 0, err, "layer %d: o_proj", l));
+        VLM_TRY(vlm_check_weight(&L->wg, c->inter, c->hidden, 0, err, "layer %d: gate_proj", l));
+        VLM_TRY(vlm_check_weight(&L->wu, c->inter, c->hidden, 0, err, "layer %d: up_proj", l));
+        VLM_TRY(vlm_check_weight(&L->wd, c->hidden, c->inter, 0, err, "layer %d: down_proj", l));
         if (!L->ln1 || !L->ln2) return vlm_fail(err, VLM_ERR_KEY, "layer %d: missing layernorm weight", l);
     }
     return VLM_OK;
 }
 
-static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
+/* Lays the state block out (a sizing pass when a->base is NULL): both caches, the activations of a
+ * `chunk`-token chunk, the attention and matmul scratch. */
+static void state_carve(vlm_qwen2_state *s, const vlm_qwen2 *m, int n_threads, vlm_arena *a) {
+    const vlm_qwen2_config *c = &m->cfg;
+    size_t kv = (size_t)c->n_layers * kv_dim(c) * (size_t)s->max_ctx;
+    size_t H = (size_t)c->hidden, Q = q_dim(c), K = kv_dim(c), I = c->inter, Tc = s->chunk, half = c->head_dim / 2;
+    VLM_ARENA_TAKE(a, s->kcache, kv);
+    VLM_ARENA_TAKE(a, s->vcache, kv);
+    VLM_ARENA_TAKE(a, s->x, Tc * H);
+    VLM_ARENA_TAKE(a, s->xn, Tc * H);
+    VLM_ARENA_TAKE(a, s->q, Tc * Q);
+    VLM_ARENA_TAKE(a, s->k, Tc * K);
+    VLM_ARENA_TAKE(a, s->v, Tc * K);
+    VLM_ARENA_TAKE(a, s->att, Tc * Q);
+    VLM_ARENA_TAKE(a, s->g, Tc * I);
+    VLM_ARENA_TAKE(a, s->u, Tc * I);
+    VLM_ARENA_TAKE(a, s->cs, Tc * half);
+    VLM_ARENA_TAKE(a, s->sn, Tc * half);
+    VLM_ARENA_TAKE(a, s->attn_scratch,
+                   (size_t)n_threads * vlm_attention_scratch_floats(c->n_heads, c->n_kv_heads, c->head_dim, s->max_ctx));
+    VLM_ARENA_TAKE(a, s->pos, 3 * Tc);
+    /* matmul scratch: the largest of all projections at m = chunk */
+    size_t mm = 0;
+    const vlm_qwen2_layer *L = &m->layers[0];
+    const vlm_weight *ws[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->wg, &L->wu, &L->wd, &m->lm_head};
+    for (int i = 0; i < 8; i++) mm = vlm_matmul_scratch_max(mm, s->chunk, ws[i], c->compute, n_threads);
+    s->mm_scratch = vlm_arena_take(a, mm);
+    s->mm_scratch_size = vlm_align_up(mm, VLM_ALIGN);
+}
 
 vlm_status vlm_qwen2_state_create(const vlm_qwen2 *m, int max_ctx, int chunk, int n_threads,
                                   vlm_qwen2_state **out, vlm_err *err) {
     *out = NULL;
     VLM_TRY(vlm_qwen2_validate(m, err));
-    const vlm_qwen2_config *c = &m->cfg;
     if (max_ctx <= 0) return vlm_fail(err, VLM_ERR_ARG, "max_context must be positive");
     if (chunk <= 0) chunk = 512;
     if (chunk > max_ctx) chunk = max_ctx;
@@ -75,32 +93,14 @@ vlm_status vlm_qwen2_state_create(const vlm_qwen2 *m, int max_ctx, int chunk, in
     vlm_qwen2_state *s = calloc(1, sizeof *s);
     if (!s) return vlm_fail(err, VLM_ERR_NOMEM, "out of memory");
     s->max_ctx = max_ctx; s->chunk = chunk;
-
-    size_t kv = (size_t)c->n_layers * kv_dim(c) * (size_t)max_ctx;
-    /* matmul scratch: the largest of all projections at m = chunk */
-    size_t mm = 0;
-    const vlm_qwen2_layer *L = &m->layers[0];
-    const vlm_weight *ws[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->wg, &L->wu, &L->wd, &m->lm_head};
-    for (int i = 0; i < 8; i++) mm = max_sz(mm, vlm_matmul_scratch_size(chunk, ws[i], c->compute, n_threads));
-    mm = vlm_align_up(mm, VLM_ALIGN);
-
-    size_t H = (size_t)c->hidden, Q = q_dim(c), K = kv_dim(c), I = c->inter, Tc = chunk, half = c->head_dim / 2;
-    size_t sizes[] = {Tc * H, Tc * H, Tc * Q, Tc * K, Tc * K, Tc * Q, Tc * I, Tc * I, Tc * half, Tc * half,
-                      (size_t)n_threads * vlm_attention_scratch_floats(c->n_heads, c->n_kv_heads, c->head_dim, max_ctx)};
-    float **ptrs[] = {&s->x, &s->xn, &s->q, &s->k, &s->v, &s->att, &s->g, &s->u, &s->cs, &s->sn, &s->attn_scratch};
-    size_t total = 2 * vlm_align_up(kv * sizeof(float), VLM_ALIGN) + mm + vlm_align_up(3 * Tc * sizeof(int32_t), VLM_ALIGN);
-    for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) total += vlm_align_up(sizes[i] * sizeof(float), VLM_ALIGN);
-    s->block = aligned_alloc(VLM_ALIGN, vlm_align_up(total, VLM_ALIGN));
+    vlm_arena a = {NULL, 0};
+    state_carve(s, m, n_threads, &a);
+    size_t total = a.off;
+    s->block = aligned_alloc(VLM_ALIGN, total);
     if (!s->block) { free(s); return vlm_fail(err, VLM_ERR_NOMEM, "cannot allocate %.1f MB of state", total / 1e6); }
     s->block_size = total;
-    char *p = s->block;
-    s->kcache = (float *)p; p += vlm_align_up(kv * sizeof(float), VLM_ALIGN);
-    s->vcache = (float *)p; p += vlm_align_up(kv * sizeof(float), VLM_ALIGN);
-    for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) {
-        *ptrs[i] = (float *)p; p += vlm_align_up(sizes[i] * sizeof(float), VLM_ALIGN);
-    }
-    s->pos = (int32_t *)p; p += vlm_align_up(3 * Tc * sizeof(int32_t), VLM_ALIGN);
-    s->mm_scratch = p; s->mm_scratch_size = mm;
+    a = (vlm_arena){s->block, 0};
+    state_carve(s, m, n_threads, &a);
     s->pool = vlm_pool_create(n_threads);
     if (!s->pool) { free(s->block); free(s); return vlm_fail(err, VLM_ERR_NOMEM, "cannot start %d threads", n_threads); }
     *out = s;
@@ -185,15 +185,13 @@ vlm_status vlm_qwen2_embed(const vlm_qwen2 *m, const int32_t *ids, int T, float 
     return VLM_OK;
 }
 
-#define MM(out, ldo, x, ldx, rows, w, acc) \
-    VLM_TRY(vlm_matmul(s->pool, out, ldo, x, ldx, rows, w, c->compute, acc, s->mm_scratch, s->mm_scratch_size, err))
-
 /* One chunk of T <= s->chunk tokens whose residual stream is already in s->x. */
 static vlm_status forward_chunk(const vlm_qwen2 *m, vlm_qwen2_state *s, int T, float *logits, int logits_all,
                                 vlm_err *err) {
     const vlm_qwen2_config *c = &m->cfg;
     const int H = c->hidden, Q = q_dim(c), KVd = kv_dim(c), D = c->head_dim, I = c->inter;
     const float scale = 1.0f / sqrtf((float)D);
+    const vlm_mm_ctx mm = {s->pool, c->compute, s->mm_scratch, s->mm_scratch_size, err};
     vlm_rope_table(s->cs, s->sn, s->pos, m->inv_freq, c->mrope, T, D);
 
     for (int l = 0; l < c->n_layers; l++) {
@@ -202,9 +200,9 @@ static vlm_status forward_chunk(const vlm_qwen2 *m, vlm_qwen2_state *s, int T, f
         float *vc = s->vcache + (size_t)l * KVd * s->max_ctx;
 
         vlm_rmsnorm(s->pool, s->xn, s->x, L->ln1, c->eps, T, H);
-        MM(s->q, Q, s->xn, H, T, &L->wq, 0);
-        MM(s->k, KVd, s->xn, H, T, &L->wk, 0);
-        MM(s->v, KVd, s->xn, H, T, &L->wv, 0);
+        VLM_TRY(vlm_mm(&mm, s->q, Q, s->xn, H, T, &L->wq, 0));
+        VLM_TRY(vlm_mm(&mm, s->k, KVd, s->xn, H, T, &L->wk, 0));
+        VLM_TRY(vlm_mm(&mm, s->v, KVd, s->xn, H, T, &L->wv, 0));
         vlm_rope_apply(s->pool, s->q, Q, s->cs, s->sn, T, c->n_heads, D);
         vlm_rope_apply(s->pool, s->k, KVd, s->cs, s->sn, T, c->n_kv_heads, D);
         for (int t = 0; t < T; t++)               /* append to the cache: [t][g][D] -> [g][pos][D] */
@@ -215,22 +213,22 @@ static vlm_status forward_chunk(const vlm_qwen2 *m, vlm_qwen2_state *s, int T, f
             }
         vlm_attention(s->pool, s->att, Q, s->q, Q, kc, vc, s->max_ctx, s->n_past, T, c->n_heads, c->n_kv_heads, D,
                       scale, s->attn_scratch);
-        MM(s->x, H, s->att, Q, T, &L->wo, 1);      /* x += att · Woᵀ */
+        VLM_TRY(vlm_mm(&mm, s->x, H, s->att, Q, T, &L->wo, 1));      /* x += att · Woᵀ */
 
         vlm_rmsnorm(s->pool, s->xn, s->x, L->ln2, c->eps, T, H);
-        MM(s->g, I, s->xn, H, T, &L->wg, 0);
-        MM(s->u, I, s->xn, H, T, &L->wu, 0);
+        VLM_TRY(vlm_mm(&mm, s->g, I, s->xn, H, T, &L->wg, 0));
+        VLM_TRY(vlm_mm(&mm, s->u, I, s->xn, H, T, &L->wu, 0));
         vlm_silu_mul(s->pool, s->g, s->u, T, I);
-        MM(s->x, H, s->g, I, T, &L->wd, 1);        /* x += mlp */
+        VLM_TRY(vlm_mm(&mm, s->x, H, s->g, I, T, &L->wd, 1));        /* x += mlp */
     }
     s->n_past += T;
     if (!logits) return VLM_OK;
     if (logits_all) {
         vlm_rmsnorm(s->pool, s->xn, s->x, m->norm, c->eps, T, H);
-        MM(logits, c->vocab, s->xn, H, T, &m->lm_head, 0);
+        VLM_TRY(vlm_mm(&mm, logits, c->vocab, s->xn, H, T, &m->lm_head, 0));
     } else {
         vlm_rmsnorm(s->pool, s->xn, s->x + (size_t)(T - 1) * H, m->norm, c->eps, 1, H);
-        MM(logits, c->vocab, s->xn, H, 1, &m->lm_head, 0);
+        VLM_TRY(vlm_mm(&mm, logits, c->vocab, s->xn, H, 1, &m->lm_head, 0));
     }
     return VLM_OK;
 }

@@ -5,6 +5,7 @@
  * added to the residual. Patch merger (RMSNorm, 4 tokens -> 1, Linear-GELU-Linear) and the inverse
  * window order at the end. All scratch comes from one caller-provided block. */
 #include "qwen_vit.h"
+#include "arena.h"
 #include "ops.h"
 
 #include <math.h>
@@ -51,29 +52,17 @@ vlm_status vlm_vit_validate(const vlm_vit *m, vlm_err *err) {
     if (c->window % (c->patch * c->merge))
         return vlm_fail(err, VLM_ERR_ARG, "window_size must be a multiple of patch_size * spatial_merge_size");
     const int D = c->hidden, I = c->inter, D4 = 4 * D;
-    struct { const vlm_weight *w; int n, k, bias; const char *name; } chk[] = {
-        {&m->patch_embed, D, c->in_dim, 0, "patch_embed"}, {&m->merger1, D4, D4, 1, "merger.mlp.0"},
-        {&m->merger2, c->out_hidden, D4, 1, "merger.mlp.2"}};
-    for (int i = 0; i < 3; i++) {
-        if (!chk[i].w->data) return vlm_fail(err, VLM_ERR_KEY, "vision: missing %s", chk[i].name);
-        if (chk[i].w->n != chk[i].n || chk[i].w->k != chk[i].k)
-            return vlm_fail(err, VLM_ERR_SHAPE, "vision: %s has shape [%lld, %lld], expected [%d, %d]", chk[i].name,
-                            (long long)chk[i].w->n, (long long)chk[i].w->k, chk[i].n, chk[i].k);
-        if (chk[i].bias && !chk[i].w->bias) return vlm_fail(err, VLM_ERR_KEY, "vision: missing bias of %s", chk[i].name);
-    }
+    VLM_TRY(vlm_check_weight(&m->patch_embed, D, c->in_dim, 0, err, "vision: patch_embed"));
+    VLM_TRY(vlm_check_weight(&m->merger1, D4, D4, 1, err, "vision: merger.mlp.0"));
+    VLM_TRY(vlm_check_weight(&m->merger2, c->out_hidden, D4, 1, err, "vision: merger.mlp.2"));
     if (!m->merger_ln || !m->inv_freq || !m->blocks) return vlm_fail(err, VLM_ERR_KEY, "vision: missing tensors");
     for (int l = 0; l < c->depth; l++) {
         const vlm_vit_block *B = &m->blocks[l];
-        struct { const vlm_weight *w; int n, k; const char *name; } bw[] = {
-            {&B->qkv, 3 * D, D, "attn.qkv"}, {&B->proj, D, D, "attn.proj"}, {&B->gate, I, D, "mlp.gate_proj"},
-            {&B->up, I, D, "mlp.up_proj"}, {&B->down, D, I, "mlp.down_proj"}};
-        for (int i = 0; i < 5; i++) {
-            if (!bw[i].w->data || !bw[i].w->bias)
-                return vlm_fail(err, VLM_ERR_KEY, "vision block %d: missing %s weight or bias", l, bw[i].name);
-            if (bw[i].w->n != bw[i].n || bw[i].w->k != bw[i].k)
-                return vlm_fail(err, VLM_ERR_SHAPE, "vision block %d: %s has shape [%lld, %lld], expected [%d, %d]", l,
-                                bw[i].name, (long long)bw[i].w->n, (long long)bw[i].w->k, bw[i].n, bw[i].k);
-        }
+        VLM_TRY(vlm_check_weight(&B->qkv, 3 * D, D, 1, err, "vision block %d: attn.qkv", l));
+        VLM_TRY(vlm_check_weight(&B->proj, D, D, 1, err, "vision block %d: attn.proj", l));
+        VLM_TRY(vlm_check_weight(&B->gate, I, D, 1, err, "vision block %d: mlp.gate_proj", l));
+        VLM_TRY(vlm_check_weight(&B->up, I, D, 1, err, "vision block %d: mlp.up_proj", l));
+        VLM_TRY(vlm_check_weight(&B->down, D, I, 1, err, "vision block %d: mlp.down_proj", l));
         if (!B->ln1 || !B->ln2) return vlm_fail(err, VLM_ERR_KEY, "vision block %d: missing norm weights", l);
     }
     return VLM_OK;
@@ -94,41 +83,35 @@ typedef struct {
     size_t total;
 } vit_scratch;
 
+/* Lays the scratch block out (a sizing pass when base is NULL); returns its bytes. */
 static size_t carve(vit_scratch *s, const vlm_vit *m, int gh, int gw, int n_threads, char *base) {
     const vlm_vit_config *c = &m->cfg;
     size_t N = (size_t)gh * gw, U = N / 4, D = c->hidden, I = c->inter, hd = D / c->n_heads;
-    size_t off = 0;
-#define TAKE(ptr, type, count) do { if (base) (ptr) = (type *)(base + off); off += vlm_align_up((count) * sizeof(type), VLM_ALIGN); } while (0)
-    TAKE(s->x, float, N * D);
-    TAKE(s->xn, float, N * D);
-    TAKE(s->qkv, float, N * 3 * D);
-    TAKE(s->att, float, N * D);
-    TAKE(s->g, float, N * I);
-    TAKE(s->u, float, N * I);
-    TAKE(s->cs, float, N * hd / 2);
-    TAKE(s->sn, float, N * hd / 2);
-    TAKE(s->h1, float, U * 4 * D);
-    TAKE(s->o2, float, U * (size_t)c->out_hidden);
-    TAKE(s->attn_scratch, float, (size_t)n_threads * vlm_segment_attention_scratch_floats((int)N, (int)hd));
-    TAKE(s->widx, int, U);
-    TAKE(s->cu_win, int, U + 2);
-    TAKE(s->pos, int32_t, 3 * N);
+    vlm_arena a = {base, 0};
+    VLM_ARENA_TAKE(&a, s->x, N * D);
+    VLM_ARENA_TAKE(&a, s->xn, N * D);
+    VLM_ARENA_TAKE(&a, s->qkv, N * 3 * D);
+    VLM_ARENA_TAKE(&a, s->att, N * D);
+    VLM_ARENA_TAKE(&a, s->g, N * I);
+    VLM_ARENA_TAKE(&a, s->u, N * I);
+    VLM_ARENA_TAKE(&a, s->cs, N * hd / 2);
+    VLM_ARENA_TAKE(&a, s->sn, N * hd / 2);
+    VLM_ARENA_TAKE(&a, s->h1, U * 4 * D);
+    VLM_ARENA_TAKE(&a, s->o2, U * (size_t)c->out_hidden);
+    VLM_ARENA_TAKE(&a, s->attn_scratch, (size_t)n_threads * vlm_segment_attention_scratch_floats((int)N, (int)hd));
+    VLM_ARENA_TAKE(&a, s->widx, U);
+    VLM_ARENA_TAKE(&a, s->cu_win, U + 2);
+    VLM_ARENA_TAKE(&a, s->pos, 3 * N);
     size_t mm = 0;
     const vlm_vit_block *B = &m->blocks[0];
     const vlm_weight *ws[] = {&m->patch_embed, &B->qkv, &B->proj, &B->gate, &B->up, &B->down};
-    for (int i = 0; i < 6; i++) {
-        size_t z = vlm_matmul_scratch_size((int64_t)N, ws[i], c->compute, n_threads);
-        mm = z > mm ? z : mm;
-    }
-    size_t z1 = vlm_matmul_scratch_size((int64_t)U, &m->merger1, c->compute, n_threads);
-    size_t z2 = vlm_matmul_scratch_size((int64_t)U, &m->merger2, c->compute, n_threads);
-    mm = z1 > mm ? z1 : mm;
-    mm = z2 > mm ? z2 : mm;
-    if (base) { s->mm = base + off; s->mm_size = mm; }
-    off += vlm_align_up(mm, VLM_ALIGN);
-#undef TAKE
-    s->total = off;
-    return off;
+    for (int i = 0; i < 6; i++) mm = vlm_matmul_scratch_max(mm, (int64_t)N, ws[i], c->compute, n_threads);
+    mm = vlm_matmul_scratch_max(mm, (int64_t)U, &m->merger1, c->compute, n_threads);
+    mm = vlm_matmul_scratch_max(mm, (int64_t)U, &m->merger2, c->compute, n_threads);
+    s->mm = vlm_arena_take(&a, mm);
+    s->mm_size = mm;
+    s->total = a.off;
+    return a.off;
 }
 
 size_t vlm_vit_scratch_size(const vlm_vit *m, int gh, int gw, int n_threads) {
@@ -147,13 +130,6 @@ static void perm_task(void *p, int ith, int nth) {
         memcpy(c->y + (size_t)4 * k * c->D, c->x + (size_t)4 * c->widx[k] * c->D, (size_t)4 * c->D * sizeof(float));
 }
 
-static void gelu_erf(float *x, size_t n) {
-    for (size_t i = 0; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678118654752f));
-}
-
-#define MM(out, ldo, x, ldx, rows, w, acc) \
-    VLM_TRY(vlm_matmul(pool, out, ldo, x, ldx, rows, w, c->compute, acc, s.mm, s.mm_size, err))
-
 vlm_status vlm_vit_forward(const vlm_vit *m, vlm_pool *pool, const float *pixels, int gh, int gw, float *out,
                            float *feats, void *scratch, size_t scratch_size, vlm_err *err) {
     const vlm_vit_config *c = &m->cfg;
@@ -165,6 +141,7 @@ vlm_status vlm_vit_forward(const vlm_vit *m, vlm_pool *pool, const float *pixels
     if (!scratch || scratch_size < need)
         return vlm_fail(err, VLM_ERR_ARG, "vision scratch too small: %zu < %zu bytes", scratch_size, need);
     carve(&s, m, gh, gw, nth, scratch);
+    const vlm_mm_ctx mm = {pool, c->compute, s.mm, s.mm_size, err};
 
     const int N = gh * gw, U = N / 4, D = c->hidden, H = c->n_heads, hd = D / H, I = c->inter;
     vit_layout L = {.N = N, .U = U, .lh = gh / 2, .lw = gw / 2, .widx = s.widx, .cu_win = s.cu_win};
@@ -183,7 +160,7 @@ vlm_status vlm_vit_forward(const vlm_vit *m, vlm_pool *pool, const float *pixels
     int sec[3] = {hd / 4, hd / 4, 0};
     vlm_rope_table(s.cs, s.sn, s.pos, m->inv_freq, sec, N, hd);
 
-    MM(s.xn, D, pixels, c->in_dim, N, &m->patch_embed, 0);
+    VLM_TRY(vlm_mm(&mm, s.xn, D, pixels, c->in_dim, N, &m->patch_embed, 0));
     perm_ctx pc = {s.x, s.xn, L.widx, D, U};
     vlm_pool_run(pool, perm_task, &pc);
 
@@ -193,17 +170,17 @@ vlm_status vlm_vit_forward(const vlm_vit *m, vlm_pool *pool, const float *pixels
         const vlm_vit_block *B = &m->blocks[l];
         int full = c->fullatt[l];
         vlm_rmsnorm(pool, s.xn, s.x, B->ln1, c->eps, N, D);
-        MM(s.qkv, 3 * D, s.xn, D, N, &B->qkv, 0);
+        VLM_TRY(vlm_mm(&mm, s.qkv, 3 * D, s.xn, D, N, &B->qkv, 0));
         vlm_rope_apply(pool, s.qkv, 3 * D, s.cs, s.sn, N, H, hd);          /* q */
         vlm_rope_apply(pool, s.qkv + D, 3 * D, s.cs, s.sn, N, H, hd);      /* k */
         vlm_segment_attention(pool, s.att, s.qkv, full ? L.cu_full : L.cu_win, full ? 1 : L.n_win, H, hd, scale,
                               s.attn_scratch, full ? N : L.max_win);
-        MM(s.x, D, s.att, D, N, &B->proj, 1);
+        VLM_TRY(vlm_mm(&mm, s.x, D, s.att, D, N, &B->proj, 1));
         vlm_rmsnorm(pool, s.xn, s.x, B->ln2, c->eps, N, D);
-        MM(s.g, I, s.xn, D, N, &B->gate, 0);
-        MM(s.u, I, s.xn, D, N, &B->up, 0);
+        VLM_TRY(vlm_mm(&mm, s.g, I, s.xn, D, N, &B->gate, 0));
+        VLM_TRY(vlm_mm(&mm, s.u, I, s.xn, D, N, &B->up, 0));
         vlm_silu_mul(pool, s.g, s.u, N, I);
-        MM(s.x, D, s.g, I, N, &B->down, 1);
+        VLM_TRY(vlm_mm(&mm, s.x, D, s.g, I, N, &B->down, 1));
         if (full && feats) {  /* window order -> raster patch order */
             float *dst = feats + (size_t)f * N * D;
             for (int k = 0; k < U; k++) {
@@ -218,9 +195,9 @@ vlm_status vlm_vit_forward(const vlm_vit *m, vlm_pool *pool, const float *pixels
     }
     /* merger: RMSNorm per patch, 4 consecutive patches -> one 4D row, Linear, GELU, Linear */
     vlm_rmsnorm(pool, s.xn, s.x, m->merger_ln, c->eps, N, D);
-    MM(s.h1, 4 * D, s.xn, 4 * D, U, &m->merger1, 0);
-    gelu_erf(s.h1, (size_t)U * 4 * D);
-    MM(s.o2, c->out_hidden, s.h1, 4 * D, U, &m->merger2, 0);
+    VLM_TRY(vlm_mm(&mm, s.h1, 4 * D, s.xn, 4 * D, U, &m->merger1, 0));
+    vlm_gelu_erf(pool, s.h1, (size_t)U * 4 * D);
+    VLM_TRY(vlm_mm(&mm, s.o2, c->out_hidden, s.h1, 4 * D, U, &m->merger2, 0));
     for (int k = 0; k < U; k++)
         memcpy(out + (size_t)L.widx[k] * c->out_hidden, s.o2 + (size_t)k * c->out_hidden, c->out_hidden * sizeof(float));
     return VLM_OK;

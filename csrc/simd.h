@@ -1,23 +1,16 @@
-/* simd.h — VLM_CLONES and small AVX-512 helpers shared by kernels (x86-64 with GCC/Clang only; callers compile them
- * inside functions carrying an AVX-512 target attribute). */
+/* simd.h — small AVX-512 helpers shared by kernels (x86-64 with GCC/Clang only; callers compile them inside
+ * functions carrying VLM_TGT_AVX512 or a superset, see cpu.h). */
 #ifndef VLM_SIMD_H
 #define VLM_SIMD_H
 
-/* Plain C hot loops: compiled for AVX-512, AVX2 and baseline x86-64, one picked at load time (GCC). */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(VLM_NO_CLONES)
-#define VLM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define VLM_CLONES
-#endif
+#include "cpu.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if VLM_X86
 #include <immintrin.h>
-
-#define VLM_TGT512 __attribute__((target("avx512f,avx512dq,fma")))
 
 /* 16-lane exp, the same algorithm as vlm_expf (common.h): x = n·ln2 + r, degree-6 polynomial, 2^n by
  * scalef. Inputs below -87 are clamped (softmax and erf arguments are <= 0). */
-static inline __attribute__((always_inline)) VLM_TGT512 __m512 vlm_exp512(__m512 x) {
+static inline VLM_INLINE VLM_TGT_AVX512 __m512 vlm_exp512(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
