@@ -45,8 +45,8 @@ def no_image_work(model, monkeypatch):
     """Fail the test if the vision towers or the decoder are reached."""
     def boom(*a, **k):
         raise AssertionError("image/model work was started for a bad request")
-    monkeypatch.setattr(model, "encode", boom)
-    monkeypatch.setattr(model, "_decode", boom)
+    for name in ("encode", "encode_features", "_tokens", "_acquire_session"):
+        monkeypatch.setattr(model, name, boom)
     monkeypatch.setattr(model.decoder, "session", boom)
     return model
 
