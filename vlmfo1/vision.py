@@ -16,6 +16,7 @@ import numpy as np
 
 from ._native import core
 from .config_check import check_vision
+from .constants import QWEN_PATCH_SIZE
 from .decoder import check_options, check_threads, rope_inv_freq
 from .safetensors import Checkpoint, check_tensors, stored_kind, weight
 
@@ -30,7 +31,7 @@ class VisionConfig:
     intermediate_size: int = 3420
     out_hidden_size: int = 2048
     in_channels: int = 3
-    patch_size: int = 14
+    patch_size: int = QWEN_PATCH_SIZE
     temporal_patch_size: int = 2
     spatial_merge_size: int = 2
     window_size: int = 112
