@@ -186,7 +186,7 @@ def main(argv=None) -> int:
 
 def _check_sampling_args(args) -> None:
     """The generation options, checked before any model is loaded (the model's own limits are checked after)."""
-    from .decoder import check_sampling
+    from .generation import check_sampling
     from .generation import check_repetition_penalty
 
     check_sampling(0 if args.max_new_tokens is None else args.max_new_tokens, args.temperature, args.top_p,

@@ -31,8 +31,9 @@ import numpy as np
 from ._native import core
 from .config_check import check_davit, check_davit_fields, check_davit_name
 from .constants import DAVIT_CONFIGS, DAVIT_LARGE
-from .decoder import check_options, default_threads
+from .options import check_options
 from .safetensors import Checkpoint, check_tensors, stored_kind, weight
+from .threads import default_threads
 
 __all__ = ["DavitConfig", "DavitEncoder", "DAVIT_CONFIGS"]
 

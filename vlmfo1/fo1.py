@@ -38,15 +38,15 @@ from .aux_image import AuxImageProcessor
 from .davit import DavitEncoder
 from .config_check import check_fo1
 from .context import Conversation, EncodedImage, ImageCache, image_key
-from .decoder import (LanguageModel, check_options, check_request_length, check_sampling, decode_stream, read_config,
-                      read_generation_eos)
+from .decoder import LanguageModel
 from .constants import IM_END_ID, IMAGE_INDEX, IMAGE_PAD_ID as QWEN_IMAGE_TOKEN, MAX_BOXES, REGION_INDEX
 from .fo1_prompt import (BRIEF_REGION_CAPTION_TEMPLATE, COUNT_TEMPLATE, DETAILED_REGION_CAPTION_TEMPLATE,
                          GROUNDING_TEMPLATE, OD_TEMPLATE, REC_TEMPLATE, REGION_OCR_TEMPLATE, REGION_REASONING_TEMPLATE,
                          VISUAL_PROMPT_OD_TEMPLATE, check_boxes, parse_answer, prompt_ids, region_tags)
 from .hfre import HFRE, map_boxes
-from .generation import GenerationSettings, check_repetition_penalty
+from .generation import GenerationSettings, check_repetition_penalty, check_sampling, decode_stream
 from .image import QwenImageProcessor, fo1_global_resize, load_image
+from .options import check_options, check_request_length, read_config, read_generation_eos
 from .proposals import Proposals, as_boxes
 from .qwen_vl import splice_image
 from .results import COCO_CATEGORIES, FO1Result

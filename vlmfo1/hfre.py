@@ -43,8 +43,9 @@ from ._native import core
 from .aux_image import boxes_to_aux
 from .config_check import check_hfre
 from .constants import DAVIT_LARGE, QWEN_PATCH_SIZE
-from .decoder import check_options, default_threads
+from .options import check_options
 from .safetensors import Checkpoint, weight
+from .threads import default_threads
 
 P_VP = "model.object_vp_extractor."
 P_PROJ = "model.mm_projector."

@@ -17,11 +17,12 @@ import numpy as np
 
 from .config_check import check_decoder, check_vision
 from .constants import DEFAULT_SYSTEM_PROMPT, IMAGE_PAD_ID
-from .decoder import (LanguageModel, Session, check_options, check_request_length, check_sampling, check_threads,
-                      decode_stream, read_config, read_generation_eos)
-from .generation import GenerationSettings, check_repetition_penalty
+from .decoder import LanguageModel, Session
+from .generation import GenerationSettings, check_repetition_penalty, check_sampling, decode_stream
 from .image import QwenImageProcessor, load_image
+from .options import check_options, check_request_length, read_config, read_generation_eos
 from .safetensors import Checkpoint
+from .threads import check_threads
 from .tokenizer import check_text
 from .vision import VisionTower
 

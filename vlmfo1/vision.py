@@ -17,8 +17,10 @@ import numpy as np
 from ._native import core
 from .config_check import check_vision
 from .constants import QWEN_PATCH_SIZE
-from .decoder import check_options, check_threads, rope_inv_freq
+from .decoder import rope_inv_freq
+from .options import check_options
 from .safetensors import Checkpoint, check_tensors, stored_kind, weight
+from .threads import check_threads
 
 _PREFIXES = ("model.vision_tower.image_tower.", "model.visual.", "visual.", "vision_tower.")
 
