@@ -40,6 +40,7 @@ QWEN2_ADDED_TOKENS: Tuple[Tuple[str, int, bool], ...] = (
     ("<|file_sep|>", 151664, False),
 )
 QWEN25_VOCAB_END = QWEN2_BASE_VOCAB_SIZE + len(QWEN2_ADDED_TOKENS)   # first id after Qwen2.5's added tokens
+QWEN25_VOCAB_SIZE = 151936          # vocab_size of the Qwen2.5(-VL) checkpoints (embedding rows, padded)
 
 _ADDED_ID: Dict[str, int] = {content: i for content, i, _ in QWEN2_ADDED_TOKENS}
 ENDOFTEXT_ID = _ADDED_ID["<|endoftext|>"]       # bos and pad of the Qwen2.5 checkpoints
