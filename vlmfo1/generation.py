@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import numpy as np
 
-from .options import CONTEXT_CAP, _is_int, _is_real, read_generation_config
+from .options import CONTEXT_CAP, _is_int, _is_real, check_int, read_generation_config
 from .safetensors import round_bf16
 
 if TYPE_CHECKING:   # pragma: no cover
@@ -228,12 +228,7 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k:
                    vocab_size: Optional[int] = None, max_new_tokens_limit: int = CONTEXT_CAP) -> None:
     """The generation options every entry point accepts; called before any prefill or image work. Each bad value
     is a TypeError (wrong type) or ValueError (out of range) that names the option and its valid range."""
-    if not _is_int(max_new_tokens):
-        raise TypeError(f"max_new_tokens must be an int in [0, {max_new_tokens_limit}], got "
-                        f"{type(max_new_tokens).__name__} {max_new_tokens!r}")
-    if not 0 <= max_new_tokens <= max_new_tokens_limit:
-        raise ValueError(f"max_new_tokens must be in [0, {max_new_tokens_limit}] (the model's position limit), "
-                         f"got {max_new_tokens}")
+    check_int(max_new_tokens, "max_new_tokens", 0, max_new_tokens_limit, " (the model's position limit)")
     for name, v in (("temperature", temperature), ("top_p", top_p)):
         if not _is_real(v):
             raise TypeError(f"{name} must be a number, got {type(v).__name__} {v!r}")

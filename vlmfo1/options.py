@@ -36,6 +36,16 @@ def _is_real(v) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
 
 
+def check_int(v, name: str, lo: int, hi: int, why: str = "", kind: str = "an int") -> int:
+    """An integer option in [lo, hi]: a TypeError naming it for anything but an int (a bool too), a ValueError for
+    one out of range (`why` says where the range comes from)."""
+    if not _is_int(v):
+        raise TypeError(f"{name} must be {kind} in [{lo}, {hi}], got {type(v).__name__} {v!r}")
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}]{why}, got {v}")
+    return int(v)
+
+
 # ---------------------------------------------------------------------------------------------- load options
 
 def check_options(mode: str, dtype: Optional[str], compute: Optional[str]) -> None:
@@ -63,13 +73,8 @@ def check_max_context(max_context, config: "DecoderConfig", default: int) -> int
     limit = position_limit(config)
     if max_context is None:
         return min(int(default), limit)
-    if not _is_int(max_context):
-        raise TypeError(f"max_context must be an int in [1, {limit}], got {type(max_context).__name__} "
-                        f"{max_context!r}")
-    if not 1 <= max_context <= limit:
-        raise ValueError(f"max_context must be in [1, {limit}] (this checkpoint's max_position_embeddings, at most "
-                         f"2^20), got {max_context}")
-    return int(max_context)
+    return check_int(max_context, "max_context", 1, limit,
+                     " (this checkpoint's max_position_embeddings, at most 2^20)")
 
 
 # ---------------------------------------------------------------------------------------------- a request
@@ -149,5 +154,5 @@ def read_generation_config(path: str) -> Dict:
     return g
 
 
-__all__ = ["MODES", "CONTEXT_CAP", "check_options", "position_limit", "check_max_context", "check_ids",
+__all__ = ["MODES", "CONTEXT_CAP", "check_int", "check_options", "position_limit", "check_max_context", "check_ids",
            "check_request_length", "read_config", "read_generation_eos", "read_generation_config"]
