@@ -224,11 +224,11 @@ def fo1_checkpoint_path(workdir: str, size: str, seed: int = 0) -> str:
 
 
 def fo1_random_checkpoint(workdir: str, size: str, seed: int = 0, log=print) -> str:
-    """A random VLM-FO1 checkpoint (vlmfo1.fo1_checkpoint.write_random_fo1; "full" = the real shapes, ~4.15 B
+    """A random VLM-FO1 checkpoint (vlmfo1.testing.fo1.write_random_fo1; "full" = the real shapes, ~4.15 B
     parameters, ~8.3 GB bf16), written once into `workdir` and reused (a stamp marks a complete one)."""
     import shutil
 
-    from vlmfo1.fo1_checkpoint import write_random_fo1
+    from vlmfo1.testing.fo1 import write_random_fo1
 
     os.makedirs(workdir, exist_ok=True)
     ckpt = fo1_checkpoint_path(workdir, size, seed)

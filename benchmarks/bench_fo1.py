@@ -5,7 +5,7 @@
     python benchmarks/bench_fo1.py --official /tmp/fo1co --official-python /tmp/fo1ref/bin/python --quick
     python benchmarks/bench_fo1.py ... --engines vlmfo1-bf16,vlmfo1-f32 --threads 4 --json out.json
 
-The request (issue text): a random full-size checkpoint (`vlmfo1.fo1_checkpoint.write_random_fo1(size="full",
+The request (issue text): a random full-size checkpoint (`vlmfo1.testing.fo1.write_random_fo1(size="full",
 seed=0)`, ~4.15B parameters, bf16, ~8.3 GB, written once into --workdir and reused), a COCO image resized to
 1000 x 750 with Pillow and saved as PNG, 100 boxes (the image's ground-truth boxes scaled to the new size, then
 random boxes from a fixed seed), the 80-category COCO prompt (`vlmfo1.fo1.coco_detection_prompt()`), 20 new tokens,

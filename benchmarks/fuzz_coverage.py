@@ -65,8 +65,8 @@ TARGETS = ("safetensors", "image", "boxes", "config")
 HARNESS = {"safetensors": "safetensors", "image": "image", "boxes": "boxes", "config": "config_check"}
 SUITE = {"safetensors": "safetensors", "image": "image", "boxes": "boxes", "config": "fo1_config"}  # corpus/<dir>
 MAX_LEN = {"safetensors": 4096, "image": 16384, "boxes": 4096, "config": 8192}
-INSTRUMENTED = ("vlmfo1", "vlmfo1.jsonsafe", "vlmfo1.safetensors", "vlmfo1.config_check", "vlmfo1.decoder",
-                "vlmfo1.vision", "vlmfo1.davit", "vlmfo1.hfre", "vlmfo1.aux_image", "vlmfo1.image", "vlmfo1.proposals",
+INSTRUMENTED = ("vlmfo1", "vlmfo1.jsonsafe", "vlmfo1.safetensors", "vlmfo1.config_check", "vlmfo1.options",
+                "vlmfo1.decoder", "vlmfo1.generation", "vlmfo1.vision", "vlmfo1.davit", "vlmfo1.hfre", "vlmfo1.aux_image", "vlmfo1.image", "vlmfo1.proposals",
                 "vlmfo1.fo1_prompt", "vlmfo1.fo1", "vlmfo1.cli")
 MINIMIZE_SECONDS = 4.0
 MINIMIZE_TESTS = 400

@@ -157,7 +157,7 @@ def tiny_bf16_soft(tmp_path_factory):
 def fo1_tiny_ckpt(tmp_path_factory):
     """A tiny random VLM-FO1 checkpoint (bf16, official layout, shared tokenizer), written once per session by
     vlmfo1 itself; tests must not modify it (copy it first)."""
-    from vlmfo1.fo1_checkpoint import write_random_fo1
+    from vlmfo1.testing.fo1 import write_random_fo1
     tiktoken = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared",
                             "data", "tokenizer", "qwen.tiktoken")
     if not os.path.exists(tiktoken):

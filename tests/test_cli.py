@@ -172,8 +172,8 @@ def test_cli_errors_are_one_clear_line(fo1_ckpt, tmp_path, capsys, monkeypatch):
         assert main(["detect", img, "dog", "--model", fo1_ckpt, "--boxes", str(bad)]) == 1
         assert needle in _one_line_error(capsys, "detect")
     # random-checkpoint --fo1 without a vocabulary: fails before writing anything
-    import vlmfo1.fo1_checkpoint as fc
-    monkeypatch.setattr(fc, "DEFAULT_TIKTOKEN", str(tmp_path / "none.tiktoken"))
+    import vlmfo1.constants as constants
+    monkeypatch.setattr(constants, "DEFAULT_TIKTOKEN", str(tmp_path / "none.tiktoken"))
     monkeypatch.delenv("VLMFO1_QWEN_TIKTOKEN", raising=False)
     monkeypatch.chdir(tmp_path)
     assert main(["random-checkpoint", "--fo1", str(tmp_path / "new")]) == 1

@@ -5,7 +5,7 @@ huge, NaN, Infinity, null, list; each relation broken; unknown enumeration value
 reads the key (DecoderConfig / VisionConfig / DavitConfig / HFREConfig.from_dict, AuxImageProcessor.from_config) and
 through the whole-FO1 check; each must fail in well under a second. Claimed sizes of 10^12 layers are also loaded from
 a checkpoint folder in a subprocess with a 1.5 GiB address-space limit, and deep nesting is refused before json.loads
-recurses. Valid configs still load: the tiny and full FO1 configs of vlmfo1.fo1_checkpoint, stock Qwen2.5 /
+recurses. Valid configs still load: the tiny and full FO1 configs of vlmfo1.testing.fo1, stock Qwen2.5 /
 Qwen2.5-VL configs in the transformers 4 and 5 layouts, and the tiny Qwen2 checkpoints of tests/conftest.py.
 No weights are needed except for the conftest checkpoints.
 """
@@ -21,9 +21,10 @@ import pytest
 from vlmfo1.aux_image import AuxImageProcessor
 from vlmfo1.config_check import ConfigError, check_fo1, parse_config_json
 from vlmfo1.davit import DavitConfig
-from vlmfo1.decoder import DecoderConfig, read_config
-from vlmfo1.fo1_checkpoint import fo1_config, write_random_fo1
+from vlmfo1.decoder import DecoderConfig
 from vlmfo1.hfre import HFREConfig
+from vlmfo1.options import read_config
+from vlmfo1.testing.fo1 import fo1_config, write_random_fo1
 from vlmfo1.vision import VisionConfig
 
 NAN, INF = float("nan"), float("inf")

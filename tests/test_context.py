@@ -212,7 +212,7 @@ def test_conversation_keeps_its_cache(fo1, case):
     one = ctx.chat("What is <region0>?", max_new_tokens=N)           # turn 1 is the one-turn chat
     assert a1.token_ids == one.token_ids
     # replay: the full history (both questions, the first answer) prefilled at once, then greedy decoding
-    from vlmfo1.decoder import decode_stream
+    from vlmfo1.generation import decode_stream
     upto = history[:len(history) - len(a2.token_ids)]               # through turn 2 prompt
     with fo1._session(1) as s:
         full, emb, pos, delta = ctx._expand(upto)

@@ -280,7 +280,7 @@ def test_a_hung_worker_is_killed_after_item_timeout(data, reference_run, tmp_pat
 # ---------------------------------------------------------------------------------------------- not a FO1 folder
 
 def test_a_model_folder_that_is_not_fo1(data, tmp_path, capsys):
-    from vlmfo1.random_model import TINY as QWEN_TINY, write_random_qwen2
+    from vlmfo1.testing.qwen2 import TINY as QWEN_TINY, write_random_qwen2
 
     empty = tmp_path / "empty"
     empty.mkdir()

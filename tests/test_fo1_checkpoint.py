@@ -1,4 +1,4 @@
-"""Random VLM-FO1 checkpoints (vlmfo1.fo1_checkpoint): layout equal to the official model's, deterministic bytes,
+"""Random VLM-FO1 checkpoints (vlmfo1.testing.fo1): layout equal to the official model's, deterministic bytes,
 loadable with vlmfo1.safetensors, tokenizer with FO1's added tokens as single ids, config with every FO1 key.
 
 The manifests tests/golden/fo1_{tiny,full}_keys.json (name -> shape) were generated from the official VLM-FO1
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlmfo1.fo1_checkpoint import (count_params, fo1_config, fo1_shapes, fo1_token_ids, random_tensor,
+from vlmfo1.testing.fo1 import (count_params, fo1_config, fo1_shapes, fo1_token_ids, random_tensor,
                                    write_random_fo1)
 from vlmfo1.safetensors import Checkpoint, bf16_bits_to_f32, f32_to_bf16_bits
 

@@ -2,7 +2,7 @@
 
 tests/golden/*.npz were made by tests/golden/make_fo1_golden.py from the official code (commit e6bef8d)
 at random weights, on CPU in fp32 (see tests/golden/README.md). The checkpoint they used is
-regenerated here bit-identically by vlmfo1.fo1_checkpoint.write_random_fo1(seed=0), then run through
+regenerated here bit-identically by vlmfo1.testing.fo1.write_random_fo1(seed=0), then run through
 vlmfo1 with compute="f32" in the file's numeric mode ("reference": bf16-rounded rotary frequencies and
 greedy argmax on bf16-rounded logits; "exact": neither). Checked: prompt ids, spliced ids and M-RoPE
 positions (equal), preprocessing and boxes (1e-6), DaViT stages, ViT full-attention maps, region
@@ -30,7 +30,7 @@ _models = {}
 
 def model_for(tmp_root, sfpn, aspect, mode):
     from vlmfo1.fo1 import FO1
-    from vlmfo1.fo1_checkpoint import write_random_fo1
+    from vlmfo1.testing.fo1 import write_random_fo1
 
     key = (sfpn, aspect, mode)
     if key not in _models:
@@ -112,7 +112,7 @@ def test_fo1_matches_official(path, tmp_path_factory):
     errs["top64"] = rel(logits[top], g["prefill_logits_top64_val"])
     if errs["top64"] > 1e-3:
         errs.setdefault("_fail", []).append(f"top64 logits: {errs['top64']:.3g}")
-    from vlmfo1.decoder import decode_stream
+    from vlmfo1.generation import decode_stream
     want = g["greedy_ids"].tolist()
     got = list(decode_stream(dec, s, logits, len(want), stop_ids=[]))
     fails = errs.pop("_fail", [])

@@ -231,7 +231,7 @@ def test_bad_requests_fail_before_the_image_work(fo1, monkeypatch):
 
 
 def test_nan_logits_raise():
-    from vlmfo1.decoder import _sample
+    from vlmfo1.generation import _sample
     rng = np.random.default_rng(0)
     x = np.zeros(10, np.float32)
     x[3] = np.nan

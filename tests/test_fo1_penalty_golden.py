@@ -33,7 +33,7 @@ def golden():
 @pytest.fixture(scope="module")
 def fo1(tmp_path_factory, golden):
     from vlmfo1.fo1 import FO1
-    from vlmfo1.fo1_checkpoint import write_random_fo1
+    from vlmfo1.testing.fo1 import write_random_fo1
     c = golden["checkpoint"]
     path = str(tmp_path_factory.mktemp("fo1pen") / "VLM-FO1_Qwen2.5-VL-3B-tiny-pen")
     write_random_fo1(path, size="tiny", seed=c["seed"], simple_fpn=c["simple_fpn"],

@@ -155,7 +155,7 @@ class _FakeLM:
 
 def test_penalty_after_bf16_rounding():
     """reference mode rounds the logits to bf16 BEFORE the penalty; rounding after it changes the argmax here."""
-    from vlmfo1.decoder import decode_stream
+    from vlmfo1.generation import decode_stream
     gen = GenerationSettings(repetition_penalty=1.05)
     logits = np.full(8, -5.0, np.float32)
     logits[3] = 20.0           # seen: 20 / 1.05 = 19.0476 (bf16 would be 19.0, spacing 0.125 in [16, 32))

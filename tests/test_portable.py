@@ -21,7 +21,7 @@ REQUEST = r"""
 import json, sys
 import numpy as np
 from vlmfo1 import _core
-from vlmfo1.decoder import decode_stream
+from vlmfo1.generation import decode_stream
 from vlmfo1.fo1 import FO1
 path, image, boxes, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
 fo1 = FO1.load(path, compute="f32", n_threads=2)
@@ -52,7 +52,7 @@ def test_matmul_tests_under_isa_cap(isa):
 def native_run(tmp_path_factory):
     if not TIKTOKEN.exists() or not COCO.exists():
         pytest.skip("shared data not found")
-    from vlmfo1.fo1_checkpoint import write_random_fo1
+    from vlmfo1.testing.fo1 import write_random_fo1
     root = tmp_path_factory.mktemp("portable")
     ckpt = root / "VLM-FO1_Qwen2.5-VL-3B-tiny"
     write_random_fo1(str(ckpt), size="tiny", tiktoken_path=str(TIKTOKEN))

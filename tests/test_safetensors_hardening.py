@@ -564,7 +564,7 @@ def test_no_leak_fo1(fo1_tiny_ckpt, tmp_path):
 
 @needs_proc
 def test_no_leak_qwen2(tmp_path):
-    from vlmfo1.random_model import TINY, write_random_qwen2
+    from vlmfo1.testing.qwen2 import TINY, write_random_qwen2
     good = str(tmp_path / "good")
     write_random_qwen2(good, config=dict(TINY, vocab_size=512, bos_token_id=510, eos_token_id=511), dtype="bfloat16",
                        shard_bytes=60_000)

@@ -144,7 +144,7 @@ def _shard_of(ckpt: str, tensor: str) -> str:
 @pytest.fixture(scope="module")
 def qwen2_ckpt(tmp_path_factory):
     """A tiny bf16 Qwen2 decoder in 4 shards (torch-free; the conftest tiny_* fixtures need transformers)."""
-    from vlmfo1.random_model import TINY, write_random_qwen2
+    from vlmfo1.testing.qwen2 import TINY, write_random_qwen2
     d = str(tmp_path_factory.mktemp("soak_qwen2") / "qwen2")
     write_random_qwen2(d, config=dict(TINY, vocab_size=512, bos_token_id=510, eos_token_id=511), dtype="bfloat16",
                        shard_bytes=60_000)

@@ -48,13 +48,13 @@ DECODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_k
 
 
 def _arrays(shapes, seed):
-    from vlmfo1.fo1_checkpoint import random_tensor
+    from vlmfo1.testing.fo1 import random_tensor
     return {k: random_tensor(k, v, seed) for k, v in shapes.items()}
 
 
 def davit_outputs(dtype, threads):
     from vlmfo1.davit import DavitEncoder
-    from vlmfo1.fo1_checkpoint import davit_shapes
+    from vlmfo1.testing.fo1 import davit_shapes
     arrays = _arrays(davit_shapes(DAVIT["depths"], dims=DAVIT["embed_dim"]), 3)
     px = np.random.default_rng(5).standard_normal((3, 77, 130)).astype(np.float32)
     raw = {"vision_config": DAVIT}
@@ -66,7 +66,7 @@ def davit_outputs(dtype, threads):
 
 
 def vision_outputs(dtype, threads):
-    from vlmfo1.fo1_checkpoint import vision_shapes
+    from vlmfo1.testing.fo1 import vision_shapes
     from vlmfo1.vision import VisionTower
     arrays = _arrays(vision_shapes(VISION, prefix="visual."), 4)
     gh, gw = 10, 12
@@ -82,7 +82,7 @@ def vision_outputs(dtype, threads):
 
 def decoder_outputs(dtype, threads):
     from vlmfo1.decoder import LanguageModel
-    from vlmfo1.random_model import qwen2_shapes, _random_tensor
+    from vlmfo1.testing.qwen2 import qwen2_shapes, _random_tensor
     rng = np.random.default_rng(7)
     arrays = {k: _random_tensor(k, v, rng, 1.0) for k, v in qwen2_shapes(DECODER).items()}
     ids = np.random.default_rng(8).integers(0, DECODER["vocab_size"], 45).tolist()

@@ -392,7 +392,7 @@ GOLDEN_SLOW = Path(__file__).resolve().parent / "golden" / "slow_tokenizer_golde
 @pytest.fixture(scope="module")
 def fo1_tok_dir(tmp_path_factory):
     shared_data("tokenizer", "qwen.tiktoken")
-    from vlmfo1.fo1_checkpoint import write_fo1_tokenizer
+    from vlmfo1.testing.fo1 import write_fo1_tokenizer
     d = tmp_path_factory.mktemp("fo1_tok")
     write_fo1_tokenizer(str(d))
     return d

@@ -186,8 +186,7 @@ def main(argv=None) -> int:
 
 def _check_sampling_args(args) -> None:
     """The generation options, checked before any model is loaded (the model's own limits are checked after)."""
-    from .decoder import check_sampling
-    from .generation import check_repetition_penalty
+    from .generation import check_repetition_penalty, check_sampling
 
     check_sampling(0 if args.max_new_tokens is None else args.max_new_tokens, args.temperature, args.top_p,
                    args.top_k, seed=args.seed)
@@ -437,7 +436,7 @@ def _stream(lm, tok, prompt: str, chat: bool, system, args) -> None:
 def find_tiktoken(given=None) -> str:
     """The Qwen BPE ranks file: the given path, $VLMFO1_QWEN_TIKTOKEN, the project's ../shared data (next to a
     source checkout, or under the current folder's parent). FileNotFoundError, before anything is written, if none."""
-    from .fo1_checkpoint import DEFAULT_TIKTOKEN
+    from .constants import DEFAULT_TIKTOKEN
 
     if given:
         if not os.path.isfile(given):
@@ -475,7 +474,7 @@ def _random_checkpoint(args) -> int:
     tk = find_tiktoken(args.tiktoken) if (args.fo1 or args.tiktoken) else None
     size = "tiny" if args.size == "tiny" else "full"
     if args.fo1:
-        from .fo1_checkpoint import write_random_fo1
+        from .testing.fo1 import write_random_fo1
 
         _write_atomically(args.path, lambda p: write_random_fo1(p, size=size, dtype=args.dtype, seed=args.seed,
                                                                 tiktoken_path=tk))
@@ -486,7 +485,7 @@ def _random_checkpoint(args) -> int:
 
 
 def _write_random(path, size, dtype, seed, tiktoken):
-    from .random_model import QWEN25_3B, TINY, write_random_qwen2
+    from .testing.qwen2 import QWEN25_3B, TINY, write_random_qwen2
 
     write_random_qwen2(path, TINY if size == "tiny" else QWEN25_3B, dtype=dtype, seed=seed)
     if tiktoken:
@@ -497,7 +496,7 @@ def _write_random(path, size, dtype, seed, tiktoken):
 
 def demo_checkpoint(tiktoken: str, cache=None) -> str:
     """The tiny random VLM-FO1 checkpoint of the demo, written once into the cache folder and reused."""
-    from .fo1_checkpoint import write_random_fo1
+    from .testing.fo1 import write_random_fo1
 
     cache = cache or os.environ.get("VLMFO1_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vlmfo1")
     path = os.path.join(cache, f"VLM-FO1_Qwen2.5-VL-3B-random-tiny-v{__version__}")

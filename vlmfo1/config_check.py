@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .constants import QWEN_PATCH_SIZE
 from .jsonsafe import nesting_depth
 
 __all__ = ["ConfigError", "ConfigKeyError", "parse_config_json", "read_config_file", "check_decoder", "check_vision",
@@ -370,7 +371,7 @@ def check_vision(raw: Dict) -> Dict[str, Any]:
     inter = src.int("intermediate_size", 1, L["width"], default=3420)
     out = src.int("out_hidden_size", 1, L["width"], default=2048)
     chans = _alias(src, ("in_channels", "in_chans"), 1, L["channels"], 3)
-    patch = _alias(src, ("patch_size", "spatial_patch_size"), 1, L["patch"], 14)
+    patch = _alias(src, ("patch_size", "spatial_patch_size"), 1, L["patch"], QWEN_PATCH_SIZE)
     tpatch = src.int("temporal_patch_size", 1, L["temporal_patch"], default=2)
     merge = src.int("spatial_merge_size", 1, L["patch"], default=2)
     if merge != 2:
@@ -536,7 +537,7 @@ def check_hfre(raw: Dict) -> Dict[str, Any]:
         projector_aux_type=_projector(src.get("mm_projector_aux_type", default="linear")[0], "mm_projector_aux_type"),
         mm_hidden_size=src.int("mm_hidden_size", 1, L["width"], default=None, nullable=True),
         hidden_size=src.int("hidden_size", 1, L["width"], default=None, nullable=True),
-        patch_size=_alias(vs, ("patch_size", "spatial_patch_size"), 1, L["patch"], 14),
+        patch_size=_alias(vs, ("patch_size", "spatial_patch_size"), 1, L["patch"], QWEN_PATCH_SIZE),
         vt_hidden=vs.int("hidden_size", 1, L["width"], default=1280),
         n_full=len(full))
     if out["use_vision_tower_region_feature"] or out["use_vt_region_feature_only"]:

@@ -29,13 +29,11 @@ from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Unio
 
 import numpy as np
 
-from .fo1_prompt import IMAGE_INDEX, REGION_INDEX
+from .constants import IMAGE_INDEX, REGION_INDEX, VISION_END_ID
 from .results import FO1Result
 
 if TYPE_CHECKING:   # pragma: no cover
     from .fo1 import VLMFO1
-
-VISION_END_ID = 151653   # <|vision_end|>: the token after the image placeholder in every FO1 prompt
 
 
 def prefix_length(ids: Sequence[int]) -> int:

@@ -30,20 +30,12 @@ import numpy as np
 
 from ._native import core
 from .config_check import check_davit, check_davit_fields, check_davit_name
-from .decoder import check_options, default_threads
+from .constants import DAVIT_CONFIGS, DAVIT_LARGE
+from .options import check_options
 from .safetensors import Checkpoint, check_tensors, stored_kind, weight
+from .threads import default_threads
 
 __all__ = ["DavitConfig", "DavitEncoder", "DAVIT_CONFIGS"]
-
-# The official `configs.py` variants (architecture numbers only).
-DAVIT_CONFIGS: Dict[str, Dict] = {
-    "davit-base": dict(depths=(1, 1, 9, 1), dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32),
-                       num_groups=(4, 8, 16, 32), patch_size=(7, 3, 3, 3), patch_stride=(4, 2, 2, 2),
-                       patch_padding=(3, 1, 1, 1), patch_prenorm=(False, True, True, True), window_size=12),
-    "davit-large": dict(depths=(1, 1, 9, 1), dims=(256, 512, 1024, 2048), num_heads=(8, 16, 32, 64),
-                        num_groups=(8, 16, 32, 64), patch_size=(7, 3, 3, 3), patch_stride=(4, 2, 2, 2),
-                        patch_padding=(3, 1, 1, 1), patch_prenorm=(False, True, True, True), window_size=12),
-}
 
 _FO1_PREFIXES = ("model.vision_tower_aux.image_tower.", "vision_tower_aux.image_tower.", "image_tower.", "")
 _HF_PREFIXES = ("model.vision_tower.", "vision_tower.", "")
@@ -60,15 +52,15 @@ _CONV_NAME = {"fo1": "proj", "hf": "conv"}
 
 @dataclass
 class DavitConfig:
-    depths: Tuple[int, ...] = (1, 1, 9, 1)
-    dims: Tuple[int, ...] = (256, 512, 1024, 2048)
-    num_heads: Tuple[int, ...] = (8, 16, 32, 64)
-    num_groups: Tuple[int, ...] = (8, 16, 32, 64)
-    patch_size: Tuple[int, ...] = (7, 3, 3, 3)
-    patch_stride: Tuple[int, ...] = (4, 2, 2, 2)
-    patch_padding: Tuple[int, ...] = (3, 1, 1, 1)
-    patch_prenorm: Tuple[bool, ...] = (False, True, True, True)
-    window_size: int = 12
+    depths: Tuple[int, ...] = DAVIT_LARGE["depths"]          # defaults: davit-large (vlmfo1.constants)
+    dims: Tuple[int, ...] = DAVIT_LARGE["dims"]
+    num_heads: Tuple[int, ...] = DAVIT_LARGE["num_heads"]
+    num_groups: Tuple[int, ...] = DAVIT_LARGE["num_groups"]
+    patch_size: Tuple[int, ...] = DAVIT_LARGE["patch_size"]
+    patch_stride: Tuple[int, ...] = DAVIT_LARGE["patch_stride"]
+    patch_padding: Tuple[int, ...] = DAVIT_LARGE["patch_padding"]
+    patch_prenorm: Tuple[bool, ...] = DAVIT_LARGE["patch_prenorm"]
+    window_size: int = DAVIT_LARGE["window_size"]
     mlp_ratio: float = 4.0
     in_chans: int = 3
     eps: float = 1e-5      # nn.LayerNorm default, every norm of the model

@@ -1,4 +1,4 @@
-"""The Qwen2 / Qwen2.5 language model: checkpoint loading, sessions (KV cache), sampling, generation.
+"""The Qwen2 / Qwen2.5 language model (the decoder): its config, checkpoint loading, sessions (KV cache), generate.
 
     lm = LanguageModel.load("path/to/checkpoint")            # config.json + safetensors
     s = lm.session()                                         # one request; one thread at a time
@@ -12,10 +12,12 @@ does); "reference" reproduces the official VLM-FO1 run's rounding of the rotary 
 
 The checkpoint's generation_config.json logits processors (repetition_penalty, ...) act even in greedy mode, as in
 transformers (ERRATA E8; vlmfo1.generation); `repetition_penalty=` overrides the penalty per call.
+
+Load options and config files are read and checked by vlmfo1.options; sampling and the decode loop are
+vlmfo1.generation's.
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -24,12 +26,19 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 import numpy as np
 
 from ._native import core
-from .config_check import check_decoder, read_config_file
-from .generation import GenerationSettings, check_repetition_penalty
+from .config_check import check_decoder
+from .generation import GenerationSettings, check_repetition_penalty, check_sampling, decode_stream
+from .options import (CONTEXT_CAP, _is_int, check_ids, check_max_context, check_options, check_request_length,
+                      position_limit, read_config, read_generation_eos)
 from .safetensors import Checkpoint, check_tensors, round_bf16, stored_kind, weight
-from .threads import check_threads, default_threads  # noqa: F401  (re-exported to vision, davit, hfre)
+from .threads import check_threads
 
-MODES = ("exact", "reference")
+# Moved out of this module and still importable from it (`from vlmfo1.decoder import ...`), with the names imported
+# above: options and config files live in vlmfo1.options, sampling and the decode loop in vlmfo1.generation,
+# thread counts in vlmfo1.threads.
+from .generation import _sample, _top, check_stop_ids  # noqa: F401
+from .options import MODES, _is_real  # noqa: F401
+from .threads import default_threads  # noqa: F401
 
 # where the decoder's tensors live in the checkpoint layouts we know
 _PREFIXES = ("model.language_model.", "model.", "language_model.model.", "model.llm.", "")
@@ -65,209 +74,6 @@ def rope_inv_freq(head_dim: int, theta: float, mode: str) -> np.ndarray:
     exps = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
     inv = (np.float32(1.0) / np.power(np.float32(theta), exps, dtype=np.float32)).astype(np.float32)
     return round_bf16(inv) if mode == "reference" else inv
-
-
-def _top(x: np.ndarray, m: int) -> np.ndarray:
-    """Indices of the m largest entries of x, sorted descending (stable)."""
-    idx = np.argpartition(-x, m - 1)[:m] if m < x.size else np.arange(x.size)
-    return idx[np.argsort(-x[idx], kind="stable")]
-
-
-CONTEXT_CAP = 2 ** 20   # positions one request may ever use, whatever config.json's max_position_embeddings says
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
-
-
-def position_limit(config: "DecoderConfig") -> int:
-    """The most positions (prompt + new tokens) one request may use: the checkpoint's max_position_embeddings,
-    at most CONTEXT_CAP (2^20)."""
-    try:
-        n = int(config.max_position_embeddings)
-    except (TypeError, ValueError, OverflowError):
-        n = CONTEXT_CAP
-    return max(1, min(n, CONTEXT_CAP))
-
-
-def check_max_context(max_context, config: "DecoderConfig", default: int) -> int:
-    """The max_context load option: None -> `default` (at most the position limit), else an int in
-    [1, position_limit(config)]."""
-    limit = position_limit(config)
-    if max_context is None:
-        return min(int(default), limit)
-    if not _is_int(max_context):
-        raise TypeError(f"max_context must be an int in [1, {limit}], got {type(max_context).__name__} "
-                        f"{max_context!r}")
-    if not 1 <= max_context <= limit:
-        raise ValueError(f"max_context must be in [1, {limit}] (this checkpoint's max_position_embeddings, at most "
-                         f"2^20), got {max_context}")
-    return int(max_context)
-
-
-def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, *, seed=None, stop_ids=None,
-                   vocab_size: Optional[int] = None, max_new_tokens_limit: int = CONTEXT_CAP) -> None:
-    """The generation options every entry point accepts; called before any prefill or image work. Each bad value
-    is a TypeError (wrong type) or ValueError (out of range) that names the option and its valid range."""
-    if not _is_int(max_new_tokens):
-        raise TypeError(f"max_new_tokens must be an int in [0, {max_new_tokens_limit}], got "
-                        f"{type(max_new_tokens).__name__} {max_new_tokens!r}")
-    if not 0 <= max_new_tokens <= max_new_tokens_limit:
-        raise ValueError(f"max_new_tokens must be in [0, {max_new_tokens_limit}] (the model's position limit), "
-                         f"got {max_new_tokens}")
-    for name, v in (("temperature", temperature), ("top_p", top_p)):
-        if not _is_real(v):
-            raise TypeError(f"{name} must be a number, got {type(v).__name__} {v!r}")
-        if not np.isfinite(float(v)):
-            raise ValueError(f"{name} must be a finite number, got {v!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not _is_int(top_k):
-        raise TypeError(f"top_k must be an int >= 0 (0 = no top-k), got {type(top_k).__name__} {top_k!r}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = no top-k), got {top_k}")
-    if seed is not None:
-        if not _is_int(seed):
-            raise TypeError(f"seed must be None or an int >= 0, got {type(seed).__name__} {seed!r}")
-        if seed < 0:
-            raise ValueError(f"seed must be None or an int >= 0, got {seed}")
-    if stop_ids is not None:
-        check_stop_ids(stop_ids, vocab_size)
-
-
-def check_stop_ids(stop_ids, vocab_size: Optional[int] = None) -> List[int]:
-    """stop_ids: a list (any iterable but a string) of token ids, each in [0, vocab_size)."""
-    if isinstance(stop_ids, (str, bytes, dict)) or _is_int(stop_ids) or not hasattr(stop_ids, "__iter__"):
-        raise TypeError(f"stop_ids must be a list of token ids (ints), got {type(stop_ids).__name__} {stop_ids!r}")
-    out = []
-    for t in stop_ids:
-        if not _is_int(t):
-            raise TypeError(f"stop_ids must hold token ids (ints), got {type(t).__name__} {t!r}")
-        if t < 0 or (vocab_size is not None and t >= vocab_size):
-            raise ValueError(f"stop id {t} is outside the vocabulary [0, {vocab_size})" if vocab_size is not None
-                             else f"stop id {t} is negative")
-        out.append(int(t))
-        if vocab_size is not None and len(out) > vocab_size:
-            raise ValueError(f"stop_ids holds more than {vocab_size} ids (the vocabulary size)")
-    return out
-
-
-def check_request_length(lm: "LanguageModel", n_prompt: int, max_new_tokens: int) -> None:
-    """A prompt of n_prompt positions must fit in the model's max_context, and prompt + max_new_tokens in its
-    position limit (max_position_embeddings, at most 2^20)."""
-    if n_prompt > lm.max_context:
-        raise ValueError(f"the prompt is {n_prompt} positions long, more than max_context {lm.max_context}: shorten "
-                         f"it, or load the model with a larger max_context (at most {lm.max_positions})")
-    if n_prompt + max_new_tokens > lm.max_positions:
-        raise ValueError(f"the prompt ({n_prompt} positions) + max_new_tokens ({max_new_tokens}) exceed the model's "
-                         f"{lm.max_positions} positions (max_position_embeddings): ask for at most "
-                         f"{lm.max_positions - n_prompt} new tokens")
-
-
-def _sample(logits: np.ndarray, temperature: float, top_p: float, top_k: int, rng: np.random.Generator,
-            greedy_bf16: bool) -> int:
-    """Next token from logits: greedy (temperature 0 or top_k 1; ties to the lowest id), else softmax
-    sampling at `temperature`, restricted to the top_k most likely tokens and then to the smallest
-    set whose probability reaches top_p (the order and semantics of the transformers warpers)."""
-    if temperature <= 0.0 or top_k == 1:
-        lg = round_bf16(logits) if greedy_bf16 else logits
-        tok = int(np.argmax(lg))
-        if not np.isfinite(lg[tok]):          # argmax stops at the first NaN
-            raise FloatingPointError("the model produced NaN or infinite logits")
-        return tok
-    x = logits.astype(np.float64) / temperature
-    V = x.size
-    xmax = x.max()
-    if not np.isfinite(xmax):
-        raise FloatingPointError("the model produced NaN or infinite logits")
-    k = top_k if 0 < top_k < V else V
-    if top_p >= 1.0:
-        cand = _top(x, k) if k < V else np.arange(V)
-        p = np.exp(x[cand] - xmax)
-    elif k < V:                                # the nucleus within the top k (sorted once)
-        cand = _top(x, k)
-        p = np.exp(x[cand] - xmax)
-        p /= p.sum()
-    else:
-        z = np.exp(x - xmax)
-        Z = z.sum()
-        m = min(V, 1024)  # the nucleus is usually small: sort only a head that holds top_p
-        while True:
-            cand = _top(x, m)
-            p = z[cand] / Z
-            if p.sum() >= top_p or m == V:
-                break
-            m = min(V, m * 8)
-        keep = (np.cumsum(p) - p) < top_p  # the smallest prefix whose mass reaches top_p
-        keep[0] = True
-        cand, p = cand[keep], p[keep]
-    p = p / p.sum()
-    return int(cand[rng.choice(p.size, p=p)])
-
-
-def decode_stream(lm: "LanguageModel", session: "Session", logits: np.ndarray, max_new_tokens: int,
-                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
-                  stop_ids: Optional[Iterable[int]] = None, *, context_ids: Optional[Sequence[int]] = None,
-                  repetition_penalty: Optional[float] = None,
-                  generation: Optional[GenerationSettings] = None) -> Iterator[int]:
-    """The generation loop after a prefill: process the logits, sample, yield, feed back; the stop token is
-    yielded last.
-
-    The logits processors are `generation` (default: the model's, from its generation_config.json; see
-    vlmfo1.generation), with `repetition_penalty` overriding its penalty when not None. context_ids: the prompt as
-    transformers' `input_ids` holds it (what the penalty and the n-gram ban look at, besides the generated ids);
-    None = no prompt ids (only the generated ones count). In reference mode the greedy logits are rounded to bf16
-    before the processors (ERRATA E2, E8)."""
-    check_sampling(max_new_tokens, temperature, top_p, top_k, seed=seed, stop_ids=stop_ids,
-                   vocab_size=getattr(lm, "vocab_size", None),   # (any object with the LanguageModel attributes)
-                   max_new_tokens_limit=getattr(lm, "max_positions", CONTEXT_CAP))
-    gen = (lm.generation if generation is None else generation).with_overrides(repetition_penalty)
-    stops = set(lm.stop_ids if stop_ids is None else stop_ids)
-    rng = np.random.default_rng(seed)
-    greedy = temperature <= 0.0 or top_k == 1
-    bf16 = lm.mode == "reference" and greedy
-    hist: List[int] = [int(t) for t in context_ids] if (gen.active and context_ids is not None) else []
-    prompt_len = len(hist)
-    eos = sorted(stops)
-    for i in range(max_new_tokens):
-        if gen.active:
-            logits = round_bf16(logits) if bf16 else np.array(logits, dtype=np.float32, copy=True)
-            gen.apply(logits, hist, prompt_len, eos)
-            tok = _sample(logits, temperature, top_p, top_k, rng, False)
-            hist.append(tok)
-        else:
-            tok = _sample(logits, temperature, top_p, top_k, rng, bf16)
-        yield tok
-        if tok in stops or i == max_new_tokens - 1:
-            return
-        logits = session.step(tok)
-
-
-def check_ids(ids, vocab_size: int) -> np.ndarray:
-    """A prompt of token ids -> a 1-D int64 array: TypeError for a non-integer input, ValueError for an empty one
-    or an id outside [0, vocab_size)."""
-    if isinstance(ids, (str, bytes)):
-        raise TypeError("ids must be token ids (a list of ints), got a string: encode it with the tokenizer first")
-    try:
-        arr = np.asarray(ids)
-    except (ValueError, TypeError) as e:
-        raise TypeError(f"ids must be a 1-D list of token ids (ints): {e}") from None
-    if arr.ndim != 1:
-        raise ValueError(f"ids must be a 1-D sequence of token ids, got shape {arr.shape}")
-    if arr.size == 0:
-        raise ValueError("empty prompt: at least one token is needed")
-    if arr.dtype == object or not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"token ids must be integers, got dtype {arr.dtype}")
-    if arr.min() < 0 or arr.max() >= vocab_size:
-        bad = arr[(arr < 0) | (arr >= vocab_size)][0]
-        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
-    return arr.astype(np.int64)
 
 
 class Session:
@@ -491,38 +297,6 @@ class LanguageModel:
     def generate(self, ids, max_new_tokens: int = 256, **kw) -> List[int]:
         """New token ids after the prompt `ids` (greedy unless temperature > 0)."""
         return list(self.stream(ids, max_new_tokens=max_new_tokens, **kw))
-
-
-def check_options(mode: str, dtype: Optional[str], compute: Optional[str]) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if dtype not in (None, "float32", "bfloat16"):
-        raise ValueError(f"dtype must be None, 'float32' or 'bfloat16', got {dtype!r}")
-    if compute not in (None, "f32", "bf16"):
-        raise ValueError(f"compute must be 'f32' or 'bf16', got {compute!r}")
-
-
-def read_config(path: str) -> Dict:
-    """config.json of a checkpoint folder as a dict (size and nesting bounded, see vlmfo1.config_check)."""
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{cfg_path} not found")
-    return read_config_file(cfg_path)
-
-
-def read_generation_eos(path: str) -> List[int]:
-    gpath = os.path.join(path, "generation_config.json")
-    if not os.path.exists(gpath):
-        return []
-    try:
-        with open(gpath) as f:
-            g = json.load(f).get("eos_token_id")
-        return [] if g is None else ([int(g)] if isinstance(g, int) else [int(x) for x in g])
-    except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
-        warnings.warn(f"{gpath}: unreadable, ignored", RuntimeWarning, stacklevel=2)
-        return []
-
-
 
 
 def _collect_tensors(ckpt: Checkpoint, c: DecoderConfig, dtype: Optional[str]):

@@ -38,15 +38,15 @@ from .aux_image import AuxImageProcessor
 from .davit import DavitEncoder
 from .config_check import check_fo1
 from .context import Conversation, EncodedImage, ImageCache, image_key
-from .decoder import (LanguageModel, check_options, check_request_length, check_sampling, decode_stream, read_config,
-                      read_generation_eos)
+from .decoder import LanguageModel
+from .constants import IM_END_ID, IMAGE_INDEX, IMAGE_PAD_ID as QWEN_IMAGE_TOKEN, MAX_BOXES, REGION_INDEX
 from .fo1_prompt import (BRIEF_REGION_CAPTION_TEMPLATE, COUNT_TEMPLATE, DETAILED_REGION_CAPTION_TEMPLATE,
-                         GROUNDING_TEMPLATE, IMAGE_INDEX, MAX_BOXES, OD_TEMPLATE, REC_TEMPLATE, REGION_INDEX,
-                         REGION_OCR_TEMPLATE, REGION_REASONING_TEMPLATE, VISUAL_PROMPT_OD_TEMPLATE, IM_END_ID,
-                         check_boxes, parse_answer, prompt_ids, region_tags)
+                         GROUNDING_TEMPLATE, OD_TEMPLATE, REC_TEMPLATE, REGION_OCR_TEMPLATE, REGION_REASONING_TEMPLATE,
+                         VISUAL_PROMPT_OD_TEMPLATE, check_boxes, parse_answer, prompt_ids, region_tags)
 from .hfre import HFRE, map_boxes
-from .generation import GenerationSettings, check_repetition_penalty
+from .generation import GenerationSettings, check_repetition_penalty, check_sampling, decode_stream
 from .image import QwenImageProcessor, fo1_global_resize, load_image
+from .options import check_options, check_request_length, read_config, read_generation_eos
 from .proposals import Proposals, as_boxes
 from .qwen_vl import splice_image
 from .results import COCO_CATEGORIES, FO1Result
@@ -55,7 +55,6 @@ from .safetensors import Checkpoint
 from .threads import default_threads
 from .vision import VisionTower
 
-QWEN_IMAGE_TOKEN = 151655          # <|image_pad|>, when config.json does not name image_token_id
 FO1_VISION_PREFIX = "model.vision_tower.image_tower."
 
 TASKS = ("detect", "detect_coco", "count", "refer", "ground", "describe_region", "read_region", "detect_like",
@@ -328,7 +327,7 @@ class VLMFO1:
         tm["davit"], clock = now - clock, now
         feats = self.hfre.region_features([m.transpose(1, 2, 0) for m in vt_maps],
                                           [m.transpose(1, 2, 0) for m in aux_maps], boxes_a, boxes_q,
-                                          qwen_hw=(14 * gh, 14 * gw))
+                                          qwen_hw=(self.processor.patch_size * gh, self.processor.patch_size * gw))
         regions = self.hfre.project_regions(feats)
         tm["hfre"] = time.perf_counter() - clock
         t.update(aux_pixel_values=aux_px, davit_maps=aux_maps, boxes_aux=boxes_a, boxes_vt=boxes_q,
@@ -348,7 +347,8 @@ class VLMFO1:
         aux_px = boxes_a = boxes_q = None
         if len(b):
             aux_px, info = self.aux_processor(img)
-            boxes_a, boxes_q = map_boxes(b_img, (w_i, h_i), info["aux_size"], (14 * gw, 14 * gh))
+            ps = self.processor.patch_size         # the ViT input is gh x gw patches of ps pixels
+            boxes_a, boxes_q = map_boxes(b_img, (w_i, h_i), info["aux_size"], (ps * gw, ps * gh))
         return pixel_values, grid_thw, aux_px, boxes_a, boxes_q, b
 
     def prepare(self, image, boxes, text: str, truncate_boxes: bool = False, trace: Optional[dict] = None,

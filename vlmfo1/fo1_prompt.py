@@ -18,12 +18,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .constants import DEFAULT_SYSTEM_PROMPT, IM_END_ID, IM_START_ID, IMAGE_INDEX, MAX_BOXES, REGION_INDEX  # noqa: F401
 from .results import COCO_CATEGORIES, Detection, FO1Result  # noqa: F401  (re-exported)
-
-IMAGE_INDEX = -200
-REGION_INDEX = -300
-IM_START_ID, IM_END_ID = 151644, 151645
-MAX_BOXES = 100
 
 OD_TEMPLATE = "Please detect {} in this image. Answer the question with object indexes."
 OD_COUNTING_TEMPLATE = ("How many {} are there in this image? Count each instance of the target object. Locate them "
@@ -76,10 +72,10 @@ def prompt_ids(tokenizer, text: str, n_boxes: int) -> Tuple[List[int], str]:
             ids.extend(tokenizer.encode(piece))
     prompt = user
     if "system" not in prompt:  # the official rule: any "system" in the text drops the system turn
-        sys_ids = [IM_START_ID] + tokenizer.encode("system\nYou are a helpful assistant.") + [IM_END_ID] \
+        sys_ids = [IM_START_ID] + tokenizer.encode("system\n" + DEFAULT_SYSTEM_PROMPT) + [IM_END_ID] \
             + tokenizer.encode("\n")
         ids = sys_ids + ids
-        prompt = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" + prompt
+        prompt = "<|im_start|>system\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\n" + prompt
     ids += [IM_START_ID] + tokenizer.encode("assistant\n")
     prompt += "<|im_start|>assistant\n"
     return ids, prompt

@@ -1,4 +1,11 @@
-"""Generation settings from a checkpoint's `generation_config.json`, applied as transformers applies them (ERRATA E8).
+"""Generation: the sampling options, the next-token choice, the decode loop, and the logits processors.
+
+    check_sampling(...)                        # max_new_tokens / temperature / top_p / top_k / seed / stop_ids
+    tok = _sample(logits, temperature, top_p, top_k, rng, greedy_bf16)     # greedy, or the transformers warpers
+    for tok in decode_stream(lm, session, logits, max_new_tokens, ...): ...  # process, sample, yield, feed back
+
+Logits processors: the settings of a checkpoint's `generation_config.json`, applied as transformers applies them
+(ERRATA E8).
 
 transformers merges `generation_config.json` into every `generate` call, and several of its logits processors act
 even under greedy decoding (`do_sample=False`). Stock Qwen2.5-VL checkpoints ship `repetition_penalty: 1.05`
@@ -36,13 +43,18 @@ Checkpoint kinds (`GenerationSettings.from_pretrained(path, kind=...)`):
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from .options import CONTEXT_CAP, _is_int, _is_real, check_int, read_generation_config
+from .safetensors import round_bf16
+
+if TYPE_CHECKING:   # pragma: no cover
+    from .decoder import LanguageModel, Session
 
 KINDS = ("qwen", "fo1")
 
@@ -76,24 +88,6 @@ _UNSUPPORTED = {
     "encoder_repetition_penalty": lambda v: False,      # encoder-decoder models only
     "encoder_no_repeat_ngram_size": lambda v: False,    # encoder-decoder models only
 }
-
-
-def read_generation_config(path: str) -> Dict:
-    """The JSON object of `generation_config.json` in a checkpoint folder (or the file itself); {} if absent."""
-    p = os.fspath(path)
-    gpath = os.path.join(p, "generation_config.json") if os.path.isdir(p) else p
-    if not os.path.exists(gpath):
-        return {}
-    try:
-        with open(gpath, encoding="utf-8") as f:
-            g = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        warnings.warn(f"{gpath}: unreadable ({e}), ignored", RuntimeWarning, stacklevel=2)
-        return {}
-    if not isinstance(g, dict):
-        warnings.warn(f"{gpath}: not a JSON object, ignored", RuntimeWarning, stacklevel=2)
-        return {}
-    return g
 
 
 def _ids(v, name) -> Tuple[int, ...]:
@@ -228,4 +222,138 @@ def check_repetition_penalty(p) -> float:
     return float(p)
 
 
-__all__ = ["GenerationSettings", "read_generation_config", "check_repetition_penalty", "KINDS"]
+# ---------------------------------------------------------------------------------------------- sampling options
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, *, seed=None, stop_ids=None,
+                   vocab_size: Optional[int] = None, max_new_tokens_limit: int = CONTEXT_CAP) -> None:
+    """The generation options every entry point accepts; called before any prefill or image work. Each bad value
+    is a TypeError (wrong type) or ValueError (out of range) that names the option and its valid range."""
+    check_int(max_new_tokens, "max_new_tokens", 0, max_new_tokens_limit, " (the model's position limit)")
+    for name, v in (("temperature", temperature), ("top_p", top_p)):
+        if not _is_real(v):
+            raise TypeError(f"{name} must be a number, got {type(v).__name__} {v!r}")
+        if not np.isfinite(float(v)):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not _is_int(top_k):
+        raise TypeError(f"top_k must be an int >= 0 (0 = no top-k), got {type(top_k).__name__} {top_k!r}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = no top-k), got {top_k}")
+    if seed is not None:
+        if not _is_int(seed):
+            raise TypeError(f"seed must be None or an int >= 0, got {type(seed).__name__} {seed!r}")
+        if seed < 0:
+            raise ValueError(f"seed must be None or an int >= 0, got {seed}")
+    if stop_ids is not None:
+        check_stop_ids(stop_ids, vocab_size)
+
+
+def check_stop_ids(stop_ids, vocab_size: Optional[int] = None) -> List[int]:
+    """stop_ids: a list (any iterable but a string) of token ids, each in [0, vocab_size)."""
+    if isinstance(stop_ids, (str, bytes, dict)) or _is_int(stop_ids) or not hasattr(stop_ids, "__iter__"):
+        raise TypeError(f"stop_ids must be a list of token ids (ints), got {type(stop_ids).__name__} {stop_ids!r}")
+    out = []
+    for t in stop_ids:
+        if not _is_int(t):
+            raise TypeError(f"stop_ids must hold token ids (ints), got {type(t).__name__} {t!r}")
+        if t < 0 or (vocab_size is not None and t >= vocab_size):
+            raise ValueError(f"stop id {t} is outside the vocabulary [0, {vocab_size})" if vocab_size is not None
+                             else f"stop id {t} is negative")
+        out.append(int(t))
+        if vocab_size is not None and len(out) > vocab_size:
+            raise ValueError(f"stop_ids holds more than {vocab_size} ids (the vocabulary size)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- sampling and the loop
+
+def _top(x: np.ndarray, m: int) -> np.ndarray:
+    """Indices of the m largest entries of x, sorted descending (stable)."""
+    idx = np.argpartition(-x, m - 1)[:m] if m < x.size else np.arange(x.size)
+    return idx[np.argsort(-x[idx], kind="stable")]
+
+
+def _sample(logits: np.ndarray, temperature: float, top_p: float, top_k: int, rng: np.random.Generator,
+            greedy_bf16: bool) -> int:
+    """Next token from logits: greedy (temperature 0 or top_k 1; ties to the lowest id), else softmax
+    sampling at `temperature`, restricted to the top_k most likely tokens and then to the smallest
+    set whose probability reaches top_p (the order and semantics of the transformers warpers)."""
+    if temperature <= 0.0 or top_k == 1:
+        lg = round_bf16(logits) if greedy_bf16 else logits
+        tok = int(np.argmax(lg))
+        if not np.isfinite(lg[tok]):          # argmax stops at the first NaN
+            raise FloatingPointError("the model produced NaN or infinite logits")
+        return tok
+    x = logits.astype(np.float64) / temperature
+    V = x.size
+    xmax = x.max()
+    if not np.isfinite(xmax):
+        raise FloatingPointError("the model produced NaN or infinite logits")
+    k = top_k if 0 < top_k < V else V
+    if top_p >= 1.0:
+        cand = _top(x, k) if k < V else np.arange(V)
+        p = np.exp(x[cand] - xmax)
+    elif k < V:                                # the nucleus within the top k (sorted once)
+        cand = _top(x, k)
+        p = np.exp(x[cand] - xmax)
+        p /= p.sum()
+    else:
+        z = np.exp(x - xmax)
+        Z = z.sum()
+        m = min(V, 1024)  # the nucleus is usually small: sort only a head that holds top_p
+        while True:
+            cand = _top(x, m)
+            p = z[cand] / Z
+            if p.sum() >= top_p or m == V:
+                break
+            m = min(V, m * 8)
+        keep = (np.cumsum(p) - p) < top_p  # the smallest prefix whose mass reaches top_p
+        keep[0] = True
+        cand, p = cand[keep], p[keep]
+    p = p / p.sum()
+    return int(cand[rng.choice(p.size, p=p)])
+
+
+def decode_stream(lm: "LanguageModel", session: "Session", logits: np.ndarray, max_new_tokens: int,
+                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
+                  stop_ids: Optional[Iterable[int]] = None, *, context_ids: Optional[Sequence[int]] = None,
+                  repetition_penalty: Optional[float] = None,
+                  generation: Optional[GenerationSettings] = None) -> Iterator[int]:
+    """The generation loop after a prefill: process the logits, sample, yield, feed back; the stop token is
+    yielded last.
+
+    The logits processors are `generation` (default: the model's, from its generation_config.json; see
+    GenerationSettings), with `repetition_penalty` overriding its penalty when not None. context_ids: the prompt as
+    transformers' `input_ids` holds it (what the penalty and the n-gram ban look at, besides the generated ids);
+    None = no prompt ids (only the generated ones count). In reference mode the greedy logits are rounded to bf16
+    before the processors (ERRATA E2, E8)."""
+    check_sampling(max_new_tokens, temperature, top_p, top_k, seed=seed, stop_ids=stop_ids,
+                   vocab_size=getattr(lm, "vocab_size", None),   # (any object with the LanguageModel attributes)
+                   max_new_tokens_limit=getattr(lm, "max_positions", CONTEXT_CAP))
+    gen = (lm.generation if generation is None else generation).with_overrides(repetition_penalty)
+    stops = set(lm.stop_ids if stop_ids is None else stop_ids)
+    rng = np.random.default_rng(seed)
+    greedy = temperature <= 0.0 or top_k == 1
+    bf16 = lm.mode == "reference" and greedy
+    hist: List[int] = [int(t) for t in context_ids] if (gen.active and context_ids is not None) else []
+    prompt_len = len(hist)
+    eos = sorted(stops)
+    for i in range(max_new_tokens):
+        if gen.active:
+            logits = round_bf16(logits) if bf16 else np.array(logits, dtype=np.float32, copy=True)
+            gen.apply(logits, hist, prompt_len, eos)
+            tok = _sample(logits, temperature, top_p, top_k, rng, False)
+            hist.append(tok)
+        else:
+            tok = _sample(logits, temperature, top_p, top_k, rng, bf16)
+        yield tok
+        if tok in stops or i == max_new_tokens - 1:
+            return
+        logits = session.step(tok)
+
+
+__all__ = ["GenerationSettings", "read_generation_config", "check_repetition_penalty", "KINDS", "check_sampling",
+           "check_stop_ids", "decode_stream"]

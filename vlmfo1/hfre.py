@@ -42,13 +42,15 @@ import numpy as np
 from ._native import core
 from .aux_image import boxes_to_aux
 from .config_check import check_hfre
-from .decoder import check_options, default_threads
+from .constants import DAVIT_LARGE, QWEN_PATCH_SIZE
+from .options import check_options
 from .safetensors import Checkpoint, weight
+from .threads import default_threads
 
 P_VP = "model.object_vp_extractor."
 P_PROJ = "model.mm_projector."
 P_PROJ_AUX = "model.mm_projector_aux."
-AUX_DIMS = (256, 512, 1024, 2048)          # hard-coded in omchat_arch.py
+AUX_DIMS = DAVIT_LARGE["dims"]             # hard-coded in omchat_arch.py
 _SEP = ("concat_sep_pos", "mean_sep_pos", "concat_sep_no_vt_pos", "mean_sep_no_vt_pos")
 _MEAN = ("mean", "mean_aux_pos")
 
@@ -68,7 +70,7 @@ class HFREConfig:
     projector_aux_type: str = "linear"
     mm_hidden_size: Optional[int] = None
     hidden_size: Optional[int] = None
-    patch_size: int = 14
+    patch_size: int = QWEN_PATCH_SIZE
     vt_hidden: int = 1280
     n_full: int = 4
 

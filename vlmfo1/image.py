@@ -35,6 +35,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from .constants import QWEN_PATCH_SIZE
+
 try:
     from PIL import Image, ImageOps
 except ImportError as exc:  # pragma: no cover - Pillow is a hard dependency of the image path
@@ -300,7 +302,7 @@ class QwenImageProcessor:
 
     min_pixels: int = FO1_DEFAULT_MIN_PIXELS
     max_pixels: int = FO1_DEFAULT_MAX_PIXELS
-    patch_size: int = 14
+    patch_size: int = QWEN_PATCH_SIZE
     temporal_patch_size: int = 2
     merge_size: int = 2
     image_mean: Sequence[float] = OPENAI_CLIP_MEAN

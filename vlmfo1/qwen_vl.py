@@ -16,17 +16,19 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .config_check import check_decoder, check_vision
-from .decoder import (LanguageModel, Session, check_options, check_request_length, check_sampling, check_threads,
-                      decode_stream, read_config, read_generation_eos)
-from .generation import GenerationSettings, check_repetition_penalty
+from .constants import DEFAULT_SYSTEM_PROMPT, IMAGE_PAD_ID
+from .decoder import LanguageModel, Session
+from .generation import GenerationSettings, check_repetition_penalty, check_sampling, decode_stream
 from .image import QwenImageProcessor, load_image
+from .options import check_options, check_request_length, read_config, read_generation_eos
 from .safetensors import Checkpoint
+from .threads import check_threads
 from .tokenizer import check_text
 from .vision import VisionTower
 
 IMAGE_PAD = "<|image_pad|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
-DEFAULT_SYSTEM = "You are a helpful assistant."
+DEFAULT_SYSTEM = DEFAULT_SYSTEM_PROMPT
 
 
 def rope_positions(ids: Sequence[int], image_spans: Sequence[Tuple[int, int, int, int]]) -> Tuple[np.ndarray, int]:
@@ -104,7 +106,7 @@ class QwenVL:
             tok = Tokenizer.from_pretrained(path)
             proc = QwenImageProcessor.from_pretrained(path, kind="qwen") if os.path.exists(
                 os.path.join(path, "preprocessor_config.json")) else QwenImageProcessor()
-            image_token_id = int(raw.get("image_token_id", tok.token_to_id(IMAGE_PAD) or 151655))
+            image_token_id = int(raw.get("image_token_id", tok.token_to_id(IMAGE_PAD) or IMAGE_PAD_ID))
         except BaseException:
             ckpt.close()  # a failed load releases the mappings and descriptors it opened
             raise

@@ -7,10 +7,11 @@ limited to 2 CPUs on a 64-core host gets 2, not 64.
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import warnings
 from typing import Optional
+
+from .options import check_int
 
 
 def _env_threads(name: str) -> Optional[int]:
@@ -84,10 +85,4 @@ def check_threads(n_threads, what: str = "n_threads") -> int:
     truncated, or a pool of a million threads at the first request)."""
     if n_threads is None:
         return default_threads()
-    if isinstance(n_threads, bool) or not isinstance(n_threads, numbers.Integral):
-        raise TypeError(f"{what} must be None or an int in [1, {MAX_THREADS}], got {type(n_threads).__name__} "
-                        f"{n_threads!r}")
-    if not 1 <= n_threads <= MAX_THREADS:
-        raise ValueError(f"{what} must be in [1, {MAX_THREADS}] (None = the CPUs this process may use), got "
-                         f"{n_threads}")
-    return int(n_threads)
+    return check_int(n_threads, what, 1, MAX_THREADS, " (None = the CPUs this process may use)", kind="None or an int")

@@ -23,7 +23,7 @@ decoding is done in Python. Sources: a checkpoint folder (`vocab.json` + `merges
 plus added tokens from `tokenizer_config.json` / `added_tokens.json` / `tokenizer.json`), or a tiktoken rank
 file (`qwen.tiktoken`), from which the merges are derived (~1 s for 151k tokens).
 
-Only the standard library and `tokenizers` are imported here.
+Only the standard library, `tokenizers` and vlmfo1.constants are imported here.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ from tokenizers import Regex
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
+from .constants import DEFAULT_SYSTEM_PROMPT, QWEN2_ADDED_TOKENS, QWEN2_BASE_VOCAB_SIZE  # noqa: F401  (re-exported)
+
 # ----------------------------------------------------------------------------------------------------------------
 # constants
 
@@ -50,40 +52,11 @@ PRETOKENIZE_REGEX = (
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
-# Qwen2.5 added tokens: (content, id, special). The last eight are non-special added tokens in Qwen2.5's config.
-QWEN2_ADDED_TOKENS: Tuple[Tuple[str, int, bool], ...] = (
-    ("<|endoftext|>", 151643, True),
-    ("<|im_start|>", 151644, True),
-    ("<|im_end|>", 151645, True),
-    ("<|object_ref_start|>", 151646, True),
-    ("<|object_ref_end|>", 151647, True),
-    ("<|box_start|>", 151648, True),
-    ("<|box_end|>", 151649, True),
-    ("<|quad_start|>", 151650, True),
-    ("<|quad_end|>", 151651, True),
-    ("<|vision_start|>", 151652, True),
-    ("<|vision_end|>", 151653, True),
-    ("<|vision_pad|>", 151654, True),
-    ("<|image_pad|>", 151655, True),
-    ("<|video_pad|>", 151656, True),
-    ("<tool_call>", 151657, False),
-    ("</tool_call>", 151658, False),
-    ("<|fim_prefix|>", 151659, False),
-    ("<|fim_middle|>", 151660, False),
-    ("<|fim_suffix|>", 151661, False),
-    ("<|fim_pad|>", 151662, False),
-    ("<|repo_name|>", 151663, False),
-    ("<|file_sep|>", 151664, False),
-)
-QWEN2_BASE_VOCAB_SIZE = 151643
-
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-
 # Qwen2-VL / Qwen2.5-VL chat template (written to tokenizer_config.json by save(); `chatml` below mirrors it).
 QWEN2_VL_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>system\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\n{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"

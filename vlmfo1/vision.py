@@ -16,8 +16,11 @@ import numpy as np
 
 from ._native import core
 from .config_check import check_vision
-from .decoder import check_options, check_threads, rope_inv_freq
+from .constants import QWEN_PATCH_SIZE
+from .decoder import rope_inv_freq
+from .options import check_options
 from .safetensors import Checkpoint, check_tensors, stored_kind, weight
+from .threads import check_threads
 
 _PREFIXES = ("model.vision_tower.image_tower.", "model.visual.", "visual.", "vision_tower.")
 
@@ -30,7 +33,7 @@ class VisionConfig:
     intermediate_size: int = 3420
     out_hidden_size: int = 2048
     in_channels: int = 3
-    patch_size: int = 14
+    patch_size: int = QWEN_PATCH_SIZE
     temporal_patch_size: int = 2
     spatial_merge_size: int = 2
     window_size: int = 112

@@ -64,8 +64,7 @@ class Changed(Exception):
 def write_bases(root: str, tiktoken: str, fo1: str | None = None) -> Dict[str, str]:
     """The base checkpoints the cases mutate, written once under `root`: a sharded tiny Qwen2 (fp32) and, unless
     an existing folder is given, a tiny VLM-FO1."""
-    from vlmfo1.fo1_checkpoint import write_random_fo1
-    from vlmfo1.random_model import write_random_qwen2
+    from vlmfo1.testing import write_random_fo1, write_random_qwen2
 
     q = os.path.join(root, "qwen2")
     if not os.path.exists(os.path.join(q, "config.json")):

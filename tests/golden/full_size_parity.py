@@ -93,7 +93,7 @@ def davit(a):
     from safetensors.torch import load_file
     from vlmfo1.aux_image import AuxImageProcessor
     from vlmfo1.davit import DavitEncoder
-    from vlmfo1.decoder import read_config
+    from vlmfo1.options import read_config
     from vlmfo1.image import fo1_global_resize, load_image
     from vlmfo1.safetensors import Checkpoint
 
@@ -188,7 +188,7 @@ def compare(a):
         if t + 1 < len(want):
             logits = s.step(int(tok))
     s2 = dec.session(max_context=len(ids) + len(want) + 8)
-    from vlmfo1.decoder import decode_stream
+    from vlmfo1.generation import decode_stream
     l0 = s2.prefill_embeds(emb, pos)
     s2.rope_delta = delta
     free = list(decode_stream(dec, s2, l0, len(want), stop_ids=[]))

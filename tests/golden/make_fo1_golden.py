@@ -2,7 +2,7 @@
 """Make the VLM-FO1 golden files (tests/golden/fo1_*.npz) and key manifests (fo1_tiny_keys.json, fo1_full_keys.json).
 
 Runs the OFFICIAL VLM-FO1 code (om-ai-lab/VLM-FO1, a checkout whose path is given with --official; nothing of it is
-copied here) on tiny random checkpoints written by `vlmfo1.fo1_checkpoint.write_random_fo1`, on CPU, in float32.
+copied here) on tiny random checkpoints written by `vlmfo1.testing.fo1.write_random_fo1`, on CPU, in float32.
 See tests/golden/README.md for the exact command, environment and the meaning of every array.
 
     /tmp/fo1ref/bin/python tests/golden/make_fo1_golden.py --official /path/to/VLM-FO1 --out tests/golden/
@@ -38,7 +38,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from vlmfo1.fo1_checkpoint import fo1_shapes, write_random_fo1  # noqa: E402
+from vlmfo1.testing.fo1 import fo1_shapes, write_random_fo1  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 COCO = DATA / "coco_tiny"
@@ -497,7 +497,7 @@ def main():
                 print(f"=== {name}", flush=True)
                 d = run_case(off, tokenizer, model, procs, str(p), image, mode)
                 meta = {"case": name, "image": image, "mode": mode, "model_dtype": "float32 (bf16-valued weights)",
-                        "checkpoint": {"writer": "vlmfo1.fo1_checkpoint.write_random_fo1", "size": "tiny",
+                        "checkpoint": {"writer": "vlmfo1.testing.fo1.write_random_fo1", "size": "tiny",
                                        "dtype": "bfloat16", "seed": SEED, "simple_fpn": sfpn,
                                        "aux_image_aspect_ratio": ar},
                         "official_commit": off.commit, "versions": versions, "max_new_tokens": MAX_NEW,

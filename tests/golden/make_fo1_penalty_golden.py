@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE))
 import make_fo1_golden as mg  # noqa: E402  (also puts the repo on sys.path)
 import torch  # noqa: E402
 
-from vlmfo1.fo1_checkpoint import GENERATION_CONFIG, write_random_fo1  # noqa: E402
+from vlmfo1.testing.fo1 import GENERATION_CONFIG, write_random_fo1  # noqa: E402
 
 IMAGE = "000000404484.jpg"
 PENALTIES = (1.5, 1.05)
@@ -83,7 +83,7 @@ def main():
                 "python": sys.version.split()[0]}
     tmp = Path(tempfile.mkdtemp(prefix="fo1pen_"))
     result = {"official_commit": off.commit, "versions": versions, "image": IMAGE, "max_new_tokens": MAX_NEW,
-              "checkpoint": {"writer": "vlmfo1.fo1_checkpoint.write_random_fo1", "size": "tiny",
+              "checkpoint": {"writer": "vlmfo1.testing.fo1.write_random_fo1", "size": "tiny",
                              "dtype": "bfloat16", "seed": mg.SEED, "simple_fpn": True,
                              "aux_image_aspect_ratio": "dynamic"},
               "numerics": "loader's bf16 inv_freq (E1), then model.float(); lm_head output rounded to bf16 by a "

@@ -2,7 +2,7 @@
 """Golden ids of transformers' SLOW Qwen2Tokenizer (use_fast=False, as the official VLM-FO1 loader uses) for many
 strings: slow_tokenizer_golden.json (ERRATA E6).
 
-The tokenizer folder is written by `vlmfo1.fo1_checkpoint.write_fo1_tokenizer` (the shipped Qwen2 vocabulary
+The tokenizer folder is written by `vlmfo1.testing.fo1.write_fo1_tokenizer` (the shipped Qwen2 vocabulary
 shared/data/tokenizer/qwen.tiktoken, Qwen2.5's added tokens, FO1's <regionI>/<ground>/... tokens). transformers 5
 has no slow Qwen2Tokenizer any more, so this runs in the reference environment of tests/golden/README.md
 (transformers 4.50.1):
@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 
-from vlmfo1.fo1_checkpoint import write_fo1_tokenizer  # noqa: E402
+from vlmfo1.testing.fo1 import write_fo1_tokenizer  # noqa: E402
 
 ADDED = ["<|im_end|>", "<|im_start|>", "<|endoftext|>", "<|vision_start|>", "<|image_pad|>", "<region3>",
          "<region12>", "<region99>", "<ground>", "</ground>", "<objects>", "</objects>", "<tool_call>", "<think>"]
@@ -86,7 +86,7 @@ def main():
                           "nfc_changes": unicodedata.normalize("NFC", s) != s})
     n_diff = sum(c["slow"] != c["fast"] for c in cases)
     res = {"made_by": "tests/golden/make_slow_tokenizer_golden.py", "transformers": transformers.__version__,
-           "tokenizer": "vlmfo1.fo1_checkpoint.write_fo1_tokenizer (qwen.tiktoken + Qwen2.5 + FO1 added tokens)",
+           "tokenizer": "vlmfo1.testing.fo1.write_fo1_tokenizer (qwen.tiktoken + Qwen2.5 + FO1 added tokens)",
            "n_cases": len(cases), "n_slow_fast_differ": n_diff, "cases": cases}
     out = Path(args.out) / "slow_tokenizer_golden.json"
     out.write_text(json.dumps(res, ensure_ascii=False, indent=0))

@@ -43,9 +43,9 @@ def main():
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     import torch
-    from vlmfo1.decoder import decode_stream
+    from vlmfo1.generation import decode_stream
     from vlmfo1.fo1 import FO1
-    from vlmfo1.fo1_checkpoint import write_random_fo1
+    from vlmfo1.testing.fo1 import write_random_fo1
 
     torch.set_num_threads(a.threads)
     off = G.Official(a.official)

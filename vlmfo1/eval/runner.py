@@ -122,7 +122,7 @@ class ModelSpec:
         if self.kind != "path":
             return
         from ..config_check import check_fo1
-        from ..decoder import read_config
+        from ..options import read_config
         from ..safetensors import Checkpoint
 
         path = self.value
