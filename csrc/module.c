@@ -1,8 +1,9 @@
 /* module.c — the CPython/NumPy face of the vlmfo1 core; the only C file that knows about Python.
  *
  * Types: Qwen2Model (read-only weights borrowed from NumPy arrays, typically views of memory-mapped
- * safetensors files; the object keeps them alive) and Qwen2State (one request: KV cache + scratch +
- * threads). Functions: matmul, fma_peak, gemm_info (for tests and benchmarks), op / ops (single ops, tests only).
+ * safetensors files; the object keeps them alive), Qwen2State (one request: KV cache + scratch +
+ * threads), Workspace (a thread pool + growing scratch block the encoder calls reuse), VisionModel, and
+ * DavitModel / HFREModel (py_davit.h, py_hfre.h). Functions: matmul, fma_peak, gemm_info (for tests and benchmarks), op / ops (single ops, tests only).
  * Arguments are checked and outputs allocated with the GIL held; the compute runs with the GIL
  * released; a vlm_status becomes a Python exception on the way out. */
 #define PY_SSIZE_T_CLEAN
@@ -18,6 +19,7 @@
 #include "ops.h"
 #include "qwen2.h"
 #include "qwen_vit.h"
+#include "workspace.h"
 
 /* ---------------------------------------------------------------- errors */
 
@@ -83,6 +85,113 @@ static int get_int(PyObject *dict, const char *key, int *out) {
     }
     *out = (int)x;
     return 0;
+}
+
+/* ---------------------------------------------------------------- Workspace */
+
+/* Workspace(n_threads=1): the pool and scratch block of the encoder calls (VisionModel.forward,
+ * DavitModel.forward, HFREModel.regions / project, matmul), kept between calls when passed as
+ * workspace=. One thread at a time: a second concurrent user gets a RuntimeError. */
+typedef struct {
+    PyObject_HEAD
+    vlm_workspace ws;
+    atomic_int busy;
+} Workspace;
+
+static int check_threads(int n_threads) {
+    if (n_threads >= 1 && n_threads <= 256) return 0;
+    PyErr_SetString(PyExc_ValueError, "n_threads must be in [1, 256]");
+    return -1;
+}
+
+static void Workspace_dealloc(Workspace *self) {
+    vlm_workspace_clear(&self->ws);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int Workspace_init(Workspace *self, PyObject *args, PyObject *kw) {
+    int n_threads = 1;
+    static char *kwlist[] = {"n_threads", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|i", kwlist, &n_threads) || check_threads(n_threads)) return -1;
+    int expected = 0;
+    if (!atomic_compare_exchange_strong(&self->busy, &expected, 1)) {
+        PyErr_SetString(PyExc_RuntimeError, "this workspace is in use by another thread");
+        return -1;
+    }
+    vlm_pool *pool;
+    void *scratch;
+    vlm_err err = {{0}};
+    vlm_status st;
+    Py_BEGIN_ALLOW_THREADS
+    vlm_workspace_clear(&self->ws);
+    st = vlm_workspace_get(&self->ws, n_threads, 0, &pool, &scratch, &err);
+    Py_END_ALLOW_THREADS
+    atomic_store(&self->busy, 0);
+    if (st != VLM_OK) { raise_status(st, &err); return -1; }
+    return 0;
+}
+
+static PyObject *Workspace_get_nbytes(Workspace *self, void *c) { return PyLong_FromSize_t(self->ws.cap); }
+static PyObject *Workspace_get_nallocs(Workspace *self, void *c) { return PyLong_FromSize_t(self->ws.n_allocs); }
+static PyObject *Workspace_get_npools(Workspace *self, void *c) { return PyLong_FromSize_t(self->ws.n_pools); }
+static PyObject *Workspace_get_nthreads(Workspace *self, void *c) {
+    return PyLong_FromLong(self->ws.pool ? vlm_pool_size(self->ws.pool) : 0);
+}
+
+static PyGetSetDef Workspace_getset[] = {
+    {"nbytes", (getter)Workspace_get_nbytes, NULL, "bytes of scratch held (the largest any call needed)", NULL},
+    {"n_allocs", (getter)Workspace_get_nallocs, NULL, "scratch allocations so far (grows only when a call needs more)", NULL},
+    {"n_pools", (getter)Workspace_get_npools, NULL, "thread pools started so far (1 unless n_threads changed)", NULL},
+    {"n_threads", (getter)Workspace_get_nthreads, NULL, "workers of the current pool", NULL},
+    {NULL}};
+
+static PyTypeObject WorkspaceType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "vlmfo1._core.Workspace",
+    .tp_basicsize = sizeof(Workspace),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Workspace(n_threads=1) - a thread pool and a growing scratch block reused by encoder calls "
+              "(workspace=); one thread at a time",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Workspace_init,
+    .tp_dealloc = (destructor)Workspace_dealloc,
+    .tp_getset = Workspace_getset,
+};
+
+/* The resources of one compute call: the caller's Workspace (marked busy until lease_end) or a private
+ * one, freed at lease_end (the behaviour without workspace=). */
+typedef struct {
+    Workspace *owner;     /* NULL: private */
+    vlm_workspace local;
+    vlm_workspace *ws;
+} ws_lease;
+
+/* GIL held. obj: None or a Workspace. -1 with an exception set (wrong type, or in use by another thread).
+ * Call it after every other check, right before the compute, and pair it with lease_end. */
+static int lease_begin(ws_lease *l, PyObject *obj) {
+    memset(l, 0, sizeof *l);
+    l->ws = &l->local;
+    if (!obj || obj == Py_None) return 0;
+    if (!PyObject_TypeCheck(obj, &WorkspaceType)) {
+        PyErr_Format(PyExc_TypeError, "workspace must be a vlmfo1._core.Workspace or None, got %s", Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    Workspace *w = (Workspace *)obj;
+    int expected = 0;
+    if (!atomic_compare_exchange_strong(&w->busy, &expected, 1)) {
+        PyErr_SetString(PyExc_RuntimeError, "this workspace is in use by another thread; use one workspace per thread");
+        return -1;
+    }
+    l->owner = w;
+    l->ws = &w->ws;
+    return 0;
+}
+
+/* With or without the GIL (touches no Python object). */
+static void lease_end(ws_lease *l) {
+    if (l->owner) atomic_store(&l->owner->busy, 0);
+    else vlm_workspace_clear(&l->local);
+    l->owner = NULL;
 }
 
 /* ---------------------------------------------------------------- Qwen2Model */
@@ -500,13 +609,14 @@ static int VisionModel_init(VisionModel *self, PyObject *args, PyObject *kw) {
 
 /* forward(pixels [N, in_dim] float32, gh, gw, n_threads=1, features=False) -> tokens or (tokens, feats) */
 static PyObject *VisionModel_forward(VisionModel *self, PyObject *args, PyObject *kw) {
-    PyObject *px_o;
+    PyObject *px_o, *ws_o = Py_None;
     int gh, gw, n_threads = 1, want_feats = 0;
-    static char *kwlist[] = {"pixels", "gh", "gw", "n_threads", "features", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "Oii|ip", kwlist, &px_o, &gh, &gw, &n_threads, &want_feats)) return NULL;
+    static char *kwlist[] = {"pixels", "gh", "gw", "n_threads", "features", "workspace", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Oii|ipO", kwlist, &px_o, &gh, &gw, &n_threads, &want_feats, &ws_o))
+        return NULL;
     const vlm_vit *m = &self->m;
     if (!m->blocks) { PyErr_SetString(PyExc_ValueError, "model is not initialised"); return NULL; }
-    if (n_threads < 1 || n_threads > 256) { PyErr_SetString(PyExc_ValueError, "n_threads must be in [1, 256]"); return NULL; }
+    if (check_threads(n_threads)) return NULL;
     if (gh <= 0 || gw <= 0 || gh % 2 || gw % 2 || (long)gh * gw > (1L << 22)) {
         PyErr_Format(PyExc_ValueError, "invalid patch grid %dx%d (both sides positive and even)", gh, gw);
         return NULL;
@@ -515,7 +625,7 @@ static PyObject *VisionModel_forward(VisionModel *self, PyObject *args, PyObject
     if (!px) return NULL;
     PyArrayObject *out = NULL, *feats = NULL;
     PyObject *res = NULL;
-    void *scratch = NULL;
+    ws_lease wl;
     if (PyArray_NDIM(px) != 2 || PyArray_DIM(px, 0) != (npy_intp)gh * gw || PyArray_DIM(px, 1) != m->cfg.in_dim) {
         PyErr_Format(PyExc_ValueError, "pixels must have shape [%d, %d] for a %dx%d grid", gh * gw, m->cfg.in_dim, gh, gw);
         goto done;
@@ -532,18 +642,19 @@ static PyObject *VisionModel_forward(VisionModel *self, PyObject *args, PyObject
     size_t ss = vlm_vit_scratch_size(m, gh, gw, n_threads);
     vlm_err err = {{0}};
     vlm_status st;
+    if (lease_begin(&wl, ws_o)) goto done;
     Py_BEGIN_ALLOW_THREADS
-    scratch = aligned_alloc(VLM_ALIGN, vlm_align_up(ss, VLM_ALIGN));
-    vlm_pool *pool = scratch ? vlm_pool_create(n_threads) : NULL;
-    if (!scratch || !pool) st = vlm_fail(&err, VLM_ERR_NOMEM, "cannot allocate %.1f MB of vision scratch", ss / 1e6);
-    else st = vlm_vit_forward(m, pool, PyArray_DATA(px), gh, gw, PyArray_DATA(out), feats ? PyArray_DATA(feats) : NULL,
-                              scratch, ss, &err);
-    vlm_pool_free(pool);
+    vlm_pool *pool;
+    void *scratch;
+    st = vlm_workspace_get(wl.ws, n_threads, ss, &pool, &scratch, &err);
+    if (st == VLM_OK)
+        st = vlm_vit_forward(m, pool, PyArray_DATA(px), gh, gw, PyArray_DATA(out), feats ? PyArray_DATA(feats) : NULL,
+                             scratch, ss, &err);
+    lease_end(&wl);
     Py_END_ALLOW_THREADS
     if (st != VLM_OK) { raise_status(st, &err); goto done; }
     res = want_feats ? Py_BuildValue("OO", out, feats) : Py_NewRef(out);
 done:
-    free(scratch);
     Py_XDECREF(px); Py_XDECREF(out); Py_XDECREF(feats);
     return res;
 }
@@ -552,7 +663,8 @@ static PyObject *VisionModel_get_nfull(VisionModel *self, void *c) { return PyLo
 
 static PyMethodDef VisionModel_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))VisionModel_forward, METH_VARARGS | METH_KEYWORDS,
-     "forward(pixels, gh, gw, n_threads=1, features=False) -> tokens [gh*gw/4, out] (, feats [n_full, gh, gw, hidden])"},
+     "forward(pixels, gh, gw, n_threads=1, features=False, workspace=None) -> tokens [gh*gw/4, out] "
+     "(, feats [n_full, gh, gw, hidden])"},
     {NULL}};
 static PyGetSetDef VisionModel_getset[] = {{"n_full", (getter)VisionModel_get_nfull, NULL, "number of full-attention blocks", NULL}, {NULL}};
 
@@ -578,23 +690,22 @@ static PyTypeObject VisionModelType = {
 /* ---------------------------------------------------------------- functions */
 
 static PyObject *py_matmul(PyObject *mod, PyObject *args, PyObject *kw) {
-    PyObject *x_o, *w_o, *b_o = Py_None, *out_o = Py_None;
+    PyObject *x_o, *w_o, *b_o = Py_None, *out_o = Py_None, *ws_o = Py_None;
     const char *compute = "f32";
     int n_threads = 1, accumulate = 0;
-    static char *kwlist[] = {"x", "w", "bias", "compute", "n_threads", "out", "accumulate", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OsiOp", kwlist, &x_o, &w_o, &b_o, &compute, &n_threads, &out_o,
-                                     &accumulate))
+    static char *kwlist[] = {"x", "w", "bias", "compute", "n_threads", "out", "accumulate", "workspace", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OsiOpO", kwlist, &x_o, &w_o, &b_o, &compute, &n_threads, &out_o,
+                                     &accumulate, &ws_o))
         return NULL;
     vlm_compute cm;
     if (!strcmp(compute, "f32")) cm = VLM_COMPUTE_F32;
     else if (!strcmp(compute, "bf16")) cm = VLM_COMPUTE_BF16;
     else { PyErr_SetString(PyExc_ValueError, "compute must be 'f32' or 'bf16'"); return NULL; }
-    if (n_threads < 1 || n_threads > 256) { PyErr_SetString(PyExc_ValueError, "n_threads must be in [1, 256]"); return NULL; }
+    if (check_threads(n_threads)) return NULL;
     vlm_weight w;
     PyArrayObject *x = NULL, *out = NULL;
     PyObject *res = NULL;
-    void *scratch = NULL;
-    vlm_pool *pool = NULL;
+    ws_lease wl;
     if (!PyArray_Check(w_o)) { PyErr_SetString(PyExc_TypeError, "w must be a numpy array"); return NULL; }
     if (to_weight(w_o, "w", &w)) return NULL;
     x = (PyArrayObject *)PyArray_FROM_OTF(x_o, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
@@ -620,21 +731,21 @@ static PyObject *py_matmul(PyObject *mod, PyObject *args, PyObject *kw) {
         if (!out) goto done;
     }
     size_t ss = vlm_matmul_scratch_size(m, &w, cm, n_threads);
-    scratch = ss ? aligned_alloc(VLM_ALIGN, vlm_align_up(ss, VLM_ALIGN)) : NULL;
-    if (ss && !scratch) { PyErr_NoMemory(); goto done; }
     vlm_err err = {{0}};
     vlm_status st;
+    if (lease_begin(&wl, ws_o)) goto done;
     Py_BEGIN_ALLOW_THREADS
-    pool = vlm_pool_create(n_threads);
-    st = pool ? vlm_matmul(pool, PyArray_DATA(out), w.n, PyArray_DATA(x), w.k, m, &w, cm, accumulate, scratch, ss, &err)
-              : vlm_fail(&err, VLM_ERR_NOMEM, "cannot start threads");
-    vlm_pool_free(pool);
+    vlm_pool *pool;
+    void *scratch;
+    st = vlm_workspace_get(wl.ws, n_threads, ss, &pool, &scratch, &err);
+    if (st == VLM_OK)
+        st = vlm_matmul(pool, PyArray_DATA(out), w.n, PyArray_DATA(x), w.k, m, &w, cm, accumulate, scratch, ss, &err);
+    lease_end(&wl);
     Py_END_ALLOW_THREADS
     if (st != VLM_OK) { raise_status(st, &err); goto done; }
     res = (PyObject *)out;
     out = NULL;
 done:
-    free(scratch);
     Py_XDECREF(x);
     Py_XDECREF(out);
     return res;
@@ -657,7 +768,7 @@ static PyObject *py_gemm_info(PyObject *mod, PyObject *unused) {
 
 static PyMethodDef module_methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_VARARGS | METH_KEYWORDS,
-     "matmul(x, w, bias=None, compute='f32', n_threads=1, out=None, accumulate=False) -> x @ w.T + bias"},
+     "matmul(x, w, bias=None, compute='f32', n_threads=1, out=None, accumulate=False, workspace=None) -> x @ w.T + bias"},
     {"fma_peak", py_fma_peak, METH_O, "fma_peak(n_threads) -> measured fp32 FMA peak in GFLOP/s"},
     {"gemm_info", py_gemm_info, METH_NOARGS, "gemm_info() -> dict(kernel=..., blas=...)"},
     {"op", (PyCFunction)(void (*)(void))py_op, METH_VARARGS | METH_KEYWORDS,
@@ -668,8 +779,10 @@ static PyMethodDef module_methods[] = {
 static int module_exec(PyObject *mod) {
     if (PyArray_ImportNumPyAPI() < 0) return -1;
     vlm_blas_single_thread();
-    if (PyType_Ready(&Qwen2ModelType) < 0 || PyType_Ready(&Qwen2StateType) < 0 || PyType_Ready(&VisionModelType) < 0)
+    if (PyType_Ready(&Qwen2ModelType) < 0 || PyType_Ready(&Qwen2StateType) < 0 || PyType_Ready(&VisionModelType) < 0 ||
+        PyType_Ready(&WorkspaceType) < 0)
         return -1;
+    if (PyModule_AddObjectRef(mod, "Workspace", (PyObject *)&WorkspaceType) < 0) return -1;
     if (PyModule_AddObjectRef(mod, "VisionModel", (PyObject *)&VisionModelType) < 0) return -1;
     if (py_davit_register(mod) < 0 || py_hfre_register(mod) < 0) return -1;
     if (PyModule_AddObjectRef(mod, "Qwen2Model", (PyObject *)&Qwen2ModelType) < 0) return -1;

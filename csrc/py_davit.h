@@ -1,5 +1,6 @@
 /* py_davit.h — Python bindings of the DaViT core (included by module.c, after its shared helpers:
- * raise_status, to_weight, to_f32_vec, get_item, get_int, load_weight). Only module.c includes it.
+ * raise_status, to_weight, to_f32_vec, get_item, get_int, load_weight, check_threads, lease_begin/lease_end).
+ * Only module.c includes it.
  *
  * DavitModel(config: dict, tensors: dict): read-only weights borrowed from NumPy arrays (the object keeps
  * the dict alive). config keys: in_chans, window, eps, compute (0 f32 / 1 bf16) and the 4-entry lists
@@ -7,7 +8,8 @@
  *   conv{s} [C_s, C_in*k*k] (+ conv{s}_bias), norm{s}, norm{s}_bias,
  *   blocks.{s}.{j}.{spatial|channel}.{dw1, dw2 (flat [9*C], tap-major), ln1, ln2, qkv, proj, fc1, fc2}
  *   each with a `_bias`.
- * forward(pixels [in_chans, H, W] float32, n_threads=1) -> tuple of 4 float32 arrays [H_s, W_s, C_s]. */
+ * forward(pixels [in_chans, H, W] float32, n_threads=1, workspace=None) -> tuple of 4 float32 arrays
+ * [H_s, W_s, C_s]; with a Workspace its pool and scratch are reused. */
 #include "davit.h"
 
 typedef struct {
@@ -129,18 +131,18 @@ static int DavitModel_init(DavitModel *self, PyObject *args, PyObject *kw) {
 }
 
 static PyObject *DavitModel_forward(DavitModel *self, PyObject *args, PyObject *kw) {
-    PyObject *px_o;
+    PyObject *px_o, *ws_o = Py_None;
     int n_threads = 1;
-    static char *kwlist[] = {"pixels", "n_threads", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|i", kwlist, &px_o, &n_threads)) return NULL;
+    static char *kwlist[] = {"pixels", "n_threads", "workspace", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iO", kwlist, &px_o, &n_threads, &ws_o)) return NULL;
     const vlm_davit *m = &self->m;
     if (!self->mem) { PyErr_SetString(PyExc_ValueError, "model is not initialised"); return NULL; }
-    if (n_threads < 1 || n_threads > 256) { PyErr_SetString(PyExc_ValueError, "n_threads must be in [1, 256]"); return NULL; }
+    if (check_threads(n_threads)) return NULL;
     PyArrayObject *px = (PyArrayObject *)PyArray_FROM_OTF(px_o, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
     if (!px) return NULL;
     PyArrayObject *outs[VLM_DAVIT_STAGES] = {NULL};
     PyObject *res = NULL;
-    void *scratch = NULL;
+    ws_lease wl;
     if (PyArray_NDIM(px) != 3 || PyArray_DIM(px, 0) != m->cfg.in_chans || PyArray_DIM(px, 1) <= 0 ||
         PyArray_DIM(px, 2) <= 0 || PyArray_DIM(px, 1) > 16384 || PyArray_DIM(px, 2) > 16384) {
         PyErr_Format(PyExc_ValueError, "pixels must have shape [%d, H, W] with 1 <= H, W <= 16384", m->cfg.in_chans);
@@ -159,17 +161,17 @@ static PyObject *DavitModel_forward(DavitModel *self, PyObject *args, PyObject *
         optr[s] = PyArray_DATA(outs[s]);
     }
     size_t ss = vlm_davit_scratch_size(m, H, W, n_threads);
+    if (lease_begin(&wl, ws_o)) goto done;
     Py_BEGIN_ALLOW_THREADS
-    scratch = aligned_alloc(VLM_ALIGN, vlm_align_up(ss, VLM_ALIGN));
-    vlm_pool *pool = scratch ? vlm_pool_create(n_threads) : NULL;
-    if (!scratch || !pool) st = vlm_fail(&err, VLM_ERR_NOMEM, "cannot allocate %.1f MB of davit scratch", ss / 1e6);
-    else st = vlm_davit_forward(m, pool, PyArray_DATA(px), H, W, optr, scratch, ss, &err);
-    vlm_pool_free(pool);
+    vlm_pool *pool;
+    void *scratch;
+    st = vlm_workspace_get(wl.ws, n_threads, ss, &pool, &scratch, &err);
+    if (st == VLM_OK) st = vlm_davit_forward(m, pool, PyArray_DATA(px), H, W, optr, scratch, ss, &err);
+    lease_end(&wl);
     Py_END_ALLOW_THREADS
     if (st != VLM_OK) { raise_status(st, &err); goto done; }
     res = PyTuple_Pack(4, outs[0], outs[1], outs[2], outs[3]);
 done:
-    free(scratch);
     Py_XDECREF(px);
     for (int s = 0; s < VLM_DAVIT_STAGES; s++) Py_XDECREF(outs[s]);
     return res;
@@ -185,7 +187,7 @@ static PyObject *DavitModel_scratch_bytes(DavitModel *self, PyObject *args, PyOb
 
 static PyMethodDef DavitModel_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))DavitModel_forward, METH_VARARGS | METH_KEYWORDS,
-     "forward(pixels [C, H, W] float32, n_threads=1) -> 4 stage maps, float32 [H_s, W_s, C_s] each"},
+     "forward(pixels [C, H, W] float32, n_threads=1, workspace=None) -> 4 stage maps, float32 [H_s, W_s, C_s] each"},
     {"scratch_bytes", (PyCFunction)(void (*)(void))DavitModel_scratch_bytes, METH_VARARGS | METH_KEYWORDS,
      "scratch_bytes(height, width, n_threads=1) -> bytes of scratch a forward pass allocates"},
     {NULL}};

@@ -1,10 +1,12 @@
 /* py_hfre.h — Python bindings of the hfre core (included by module.c, after its shared helpers:
- * raise_status, to_weight, to_f32_vec, get_item, get_int, load_weight). Only module.c includes it.
+ * raise_status, to_weight, to_f32_vec, get_item, get_int, load_weight, check_threads, lease_begin/lease_end).
+ * Only module.c includes it.
  *
  * HFREModel(config: dict, tensors: dict): read-only HFRE + projector weights (borrowed arrays; the
  * object keeps the dict alive). vlmfo1/hfre.py builds both dicts (names below) from a checkpoint.
- *   regions(aux, vt, boxes_a, boxes_q, n_threads=1) -> float32 [N, R]
- *   project(which, x, n_threads=1) -> float32 [m, n_out]   (which: 0 = mm_projector, 1 = mm_projector_aux) */
+ *   regions(aux, vt, boxes_a, boxes_q, n_threads=1, workspace=None) -> float32 [N, R]
+ *   project(which, x, n_threads=1, workspace=None) -> float32 [m, n_out]   (which: 0 = mm_projector, 1 = mm_projector_aux)
+ * With a Workspace, its pool and scratch are reused. */
 #include "hfre.h"
 
 typedef struct {
@@ -129,16 +131,17 @@ static PyArrayObject *hfre_boxes(PyObject *o, npy_intp *N) {
 }
 
 static PyObject *HFREModel_regions(HFREModel *self, PyObject *args, PyObject *kw) {
-    PyObject *aux_o, *vt_o, *ba_o, *bq_o;
+    PyObject *aux_o, *vt_o, *ba_o, *bq_o, *ws_o = Py_None;
     int n_threads = 1;
-    static char *kwlist[] = {"aux", "vt", "boxes_a", "boxes_q", "n_threads", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|i", kwlist, &aux_o, &vt_o, &ba_o, &bq_o, &n_threads)) return NULL;
+    static char *kwlist[] = {"aux", "vt", "boxes_a", "boxes_q", "n_threads", "workspace", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|iO", kwlist, &aux_o, &vt_o, &ba_o, &bq_o, &n_threads, &ws_o))
+        return NULL;
     const vlm_hfre_config *c = &self->m.cfg;
     if (!c->S) { PyErr_SetString(PyExc_ValueError, "model is not initialised"); return NULL; }
-    if (n_threads < 1 || n_threads > 256) { PyErr_SetString(PyExc_ValueError, "n_threads must be in [1, 256]"); return NULL; }
+    if (check_threads(n_threads)) return NULL;
     PyArrayObject *aux[VLM_HFRE_AUX_LEVELS] = {0}, *vt[VLM_HFRE_MAX_VT] = {0}, *ba = NULL, *bq = NULL, *out = NULL;
     PyObject *res = NULL, *seq = NULL;
-    void *scratch = NULL;
+    ws_lease wl;
     int aux_hw[VLM_HFRE_AUX_LEVELS][2] = {{0}};
     const float *auxp[VLM_HFRE_AUX_LEVELS] = {0}, *vtp[VLM_HFRE_MAX_VT] = {0};
     int gh = 0, gw = 0;
@@ -184,18 +187,19 @@ static PyObject *HFREModel_regions(HFREModel *self, PyObject *args, PyObject *kw
     size_t ss = vlm_hfre_scratch_size(&self->m, (const int(*)[2])aux_hw, gh, gw, (int)N, n_threads);
     vlm_err err = {{0}};
     vlm_status st;
+    if (lease_begin(&wl, ws_o)) goto done;
     Py_BEGIN_ALLOW_THREADS
-    scratch = aligned_alloc(VLM_ALIGN, vlm_align_up(ss, VLM_ALIGN));
-    vlm_pool *pool = scratch ? vlm_pool_create(n_threads) : NULL;
-    if (!scratch || !pool) st = vlm_fail(&err, VLM_ERR_NOMEM, "cannot allocate %.1f MB of region-encoder scratch", ss / 1e6);
-    else st = vlm_hfre_forward(&self->m, pool, auxp, (const int(*)[2])aux_hw, vtp, gh, gw, ba ? PyArray_DATA(ba) : NULL,
-                               bq ? PyArray_DATA(bq) : NULL, (int)N, PyArray_DATA(out), scratch, ss, &err);
-    vlm_pool_free(pool);
+    vlm_pool *pool;
+    void *scratch;
+    st = vlm_workspace_get(wl.ws, n_threads, ss, &pool, &scratch, &err);
+    if (st == VLM_OK)
+        st = vlm_hfre_forward(&self->m, pool, auxp, (const int(*)[2])aux_hw, vtp, gh, gw, ba ? PyArray_DATA(ba) : NULL,
+                              bq ? PyArray_DATA(bq) : NULL, (int)N, PyArray_DATA(out), scratch, ss, &err);
+    lease_end(&wl);
     Py_END_ALLOW_THREADS
     if (st != VLM_OK) { raise_status(st, &err); goto done; }
     res = Py_NewRef(out);
 done:
-    free(scratch);
     Py_XDECREF(seq);
     for (int l = 0; l < VLM_HFRE_AUX_LEVELS; l++) Py_XDECREF(aux[l]);
     for (int k = 0; k < VLM_HFRE_MAX_VT; k++) Py_XDECREF(vt[k]);
@@ -205,20 +209,20 @@ done:
 
 static PyObject *HFREModel_project(HFREModel *self, PyObject *args, PyObject *kw) {
     int which, n_threads = 1;
-    PyObject *x_o;
-    static char *kwlist[] = {"which", "x", "n_threads", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO|i", kwlist, &which, &x_o, &n_threads)) return NULL;
+    PyObject *x_o, *ws_o = Py_None;
+    static char *kwlist[] = {"which", "x", "n_threads", "workspace", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO|iO", kwlist, &which, &x_o, &n_threads, &ws_o)) return NULL;
     if (which < 0 || which > 1 || !self->has_proj[which]) {
         PyErr_SetString(PyExc_ValueError, "no such projector (which must be 0 = image or 1 = aux, and have layers)");
         return NULL;
     }
-    if (n_threads < 1 || n_threads > 256) { PyErr_SetString(PyExc_ValueError, "n_threads must be in [1, 256]"); return NULL; }
+    if (check_threads(n_threads)) return NULL;
     const vlm_mlp *P = &self->proj[which];
     PyArrayObject *x = (PyArrayObject *)PyArray_FROM_OTF(x_o, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
     if (!x) return NULL;
     PyArrayObject *out = NULL;
     PyObject *res = NULL;
-    void *scratch = NULL;
+    ws_lease wl;
     if (PyArray_NDIM(x) != 2 || PyArray_DIM(x, 1) != P->layers[0].k) {
         PyErr_Format(PyExc_ValueError, "projector input must have shape [m, %lld]", (long long)P->layers[0].k);
         goto done;
@@ -229,26 +233,27 @@ static PyObject *HFREModel_project(HFREModel *self, PyObject *args, PyObject *kw
     size_t ss = vlm_mlp_scratch_size(P, m, n_threads);
     vlm_err err = {{0}};
     vlm_status st;
+    if (lease_begin(&wl, ws_o)) goto done;
     Py_BEGIN_ALLOW_THREADS
-    scratch = ss ? aligned_alloc(VLM_ALIGN, vlm_align_up(ss, VLM_ALIGN)) : NULL;
-    vlm_pool *pool = (scratch || !ss) ? vlm_pool_create(n_threads) : NULL;
-    if ((ss && !scratch) || !pool) st = vlm_fail(&err, VLM_ERR_NOMEM, "cannot allocate %.1f MB of projector scratch", ss / 1e6);
-    else st = vlm_mlp_forward(P, pool, PyArray_DATA(out), PyArray_DATA(x), m, scratch, ss, &err);
-    vlm_pool_free(pool);
+    vlm_pool *pool;
+    void *scratch;
+    st = vlm_workspace_get(wl.ws, n_threads, ss, &pool, &scratch, &err);
+    if (st == VLM_OK) st = vlm_mlp_forward(P, pool, PyArray_DATA(out), PyArray_DATA(x), m, scratch, ss, &err);
+    lease_end(&wl);
     Py_END_ALLOW_THREADS
     if (st != VLM_OK) { raise_status(st, &err); goto done; }
     res = Py_NewRef(out);
 done:
-    free(scratch);
     Py_XDECREF(x); Py_XDECREF(out);
     return res;
 }
 
 static PyMethodDef HFREModel_methods[] = {
     {"regions", (PyCFunction)(void (*)(void))HFREModel_regions, METH_VARARGS | METH_KEYWORDS,
-     "regions(aux, vt, boxes_a, boxes_q, n_threads=1) -> float32 [N, R] region vectors (before mm_projector_aux)"},
+     "regions(aux, vt, boxes_a, boxes_q, n_threads=1, workspace=None) -> float32 [N, R] region vectors "
+     "(before mm_projector_aux)"},
     {"project", (PyCFunction)(void (*)(void))HFREModel_project, METH_VARARGS | METH_KEYWORDS,
-     "project(which, x, n_threads=1) -> x through mm_projector (0) or mm_projector_aux (1)"},
+     "project(which, x, n_threads=1, workspace=None) -> x through mm_projector (0) or mm_projector_aux (1)"},
     {NULL}};
 
 static PyTypeObject HFREModelType = {
