@@ -19,6 +19,7 @@
 #include "ops.h"
 #include "qwen2.h"
 #include "qwen_vit.h"
+#include "tensors.h"
 #include "workspace.h"
 
 /* ---------------------------------------------------------------- errors */
@@ -30,6 +31,7 @@ static PyObject *raise_status(vlm_status st, const vlm_err *err) {
     case VLM_ERR_IO: type = PyExc_OSError; break;
     case VLM_ERR_FORMAT: case VLM_ERR_SHAPE: case VLM_ERR_ARG: type = PyExc_ValueError; break;
     case VLM_ERR_KEY: type = PyExc_KeyError; break;
+    case VLM_ERR_TYPE: type = PyExc_TypeError; break;
     default: break;
     }
     PyErr_SetString(type, err && err->msg[0] ? err->msg : "vlmfo1 core error");
@@ -84,6 +86,46 @@ static int get_int(PyObject *dict, const char *key, int *out) {
         return -1;
     }
     *out = (int)x;
+    return 0;
+}
+
+/* The entries of a tensors dict as a vlm_tensor_table (names and data borrowed from the dict, which the
+ * caller keeps alive). t->items is PyMem-allocated: free it with PyMem_Free. */
+static int table_from_dict(PyObject *dict, vlm_tensor_table *t) {
+    Py_ssize_t pos = 0, n = PyDict_Size(dict);
+    PyObject *k, *v;
+    vlm_tensor *items = PyMem_Calloc((size_t)(n > 0 ? n : 1), sizeof *items);
+    if (!items) { PyErr_NoMemory(); return -1; }
+    t->items = items;
+    t->n = 0;
+    while (PyDict_Next(dict, &pos, &k, &v)) {
+        if (!PyUnicode_Check(k)) continue;   /* never looked up */
+        vlm_tensor *e = &items[t->n];
+        if (!(e->name = PyUnicode_AsUTF8(k))) { PyMem_Free(items); t->items = NULL; return -1; }
+        e->ndim = e->dtype = -1;
+        if (PyArray_Check(v)) {
+            PyArrayObject *a = (PyArrayObject *)v;
+            int type = PyArray_TYPE(a);
+            e->ndim = PyArray_NDIM(a);
+            for (int d = 0; d < e->ndim && d < VLM_TENSOR_MAX_DIMS; d++) e->shape[d] = PyArray_DIM(a, d);
+            e->dtype = type == NPY_FLOAT32 ? VLM_F32 : type == NPY_UINT16 ? VLM_BF16 : -1;
+            e->contiguous = PyArray_IS_C_CONTIGUOUS(a);
+            e->data = PyArray_DATA(a);
+        }
+        t->n++;
+    }
+    return 0;
+}
+
+/* net = the network bound from the tensors dict by its vlm_<net>_bind; -1 with the exception on failure. */
+typedef vlm_status (*bind_fn)(void *net, const vlm_tensor_table *t, vlm_err *err);
+static int bind_from_dict(PyObject *dict, bind_fn bind, void *net) {
+    vlm_tensor_table t;
+    if (table_from_dict(dict, &t)) return -1;
+    vlm_err err = {{0}};
+    vlm_status st = bind(net, &t, &err);
+    PyMem_Free((void *)t.items);
+    if (st != VLM_OK) { raise_status(st, &err); return -1; }
     return 0;
 }
 
@@ -203,19 +245,9 @@ typedef struct {
 } Qwen2Model;
 
 static void Qwen2Model_dealloc(Qwen2Model *self) {
-    PyMem_Free(self->m.layers);
+    vlm_qwen2_unbind(&self->m);
     Py_XDECREF(self->tensors);
     Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-static int load_weight(PyObject *t, const char *key, const char *bias_key, npy_intp n, vlm_weight *w) {
-    PyObject *a = get_item(t, key);
-    if (!a || to_weight(a, key, w)) return -1;
-    if (bias_key) {
-        PyObject *b = get_item(t, bias_key);
-        if (!b || !(w->bias = to_f32_vec(b, bias_key, n))) return -1;
-    }
-    return 0;
 }
 
 static int Qwen2Model_init(Qwen2Model *self, PyObject *args, PyObject *kw) {
@@ -242,48 +274,7 @@ static int Qwen2Model_init(Qwen2Model *self, PyObject *args, PyObject *kw) {
         return -1;
     }
     Py_XSETREF(self->tensors, Py_NewRef(t));
-    PyMem_Free(self->m.layers);
-    self->m.layers = PyMem_Calloc((size_t)c->n_layers, sizeof(vlm_qwen2_layer));
-    if (!self->m.layers) { PyErr_NoMemory(); return -1; }
-
-    vlm_weight emb;
-    if (load_weight(t, "embed", NULL, 0, &emb)) return -1;
-    if (emb.n != c->vocab || emb.k != c->hidden) {
-        PyErr_Format(PyExc_ValueError, "embed_tokens has shape [%lld, %lld], expected [%d, %d]", (long long)emb.n,
-                     (long long)emb.k, c->vocab, c->hidden);
-        return -1;
-    }
-    self->m.embed = emb.data;
-    self->m.embed_dtype = emb.dtype;
-    if (PyDict_GetItemString(t, "lm_head")) {
-        if (load_weight(t, "lm_head", NULL, 0, &self->m.lm_head)) return -1;
-    } else {
-        self->m.lm_head = emb;
-    }
-    if (!(self->m.norm = to_f32_vec(get_item(t, "norm"), "norm", c->hidden))) return -1;
-    PyObject *inv = get_item(t, "inv_freq");
-    if (!inv || !(self->m.inv_freq = to_f32_vec(inv, "inv_freq", c->head_dim / 2))) return -1;
-    int Q = c->n_heads * c->head_dim, K = c->n_kv_heads * c->head_dim;
-    char k1[96], k2[96];
-    for (int l = 0; l < c->n_layers; l++) {
-        vlm_qwen2_layer *L = &self->m.layers[l];
-        struct { const char *name; vlm_weight *w; int bias; npy_intp n; } spec[] = {
-            {"q", &L->wq, 1, Q}, {"k", &L->wk, 1, K}, {"v", &L->wv, 1, K}, {"o", &L->wo, 0, 0},
-            {"gate", &L->wg, 0, 0}, {"up", &L->wu, 0, 0}, {"down", &L->wd, 0, 0}};
-        for (int i = 0; i < 7; i++) {
-            snprintf(k1, sizeof k1, "layers.%d.%s", l, spec[i].name);
-            snprintf(k2, sizeof k2, "layers.%d.%s_bias", l, spec[i].name);
-            if (load_weight(t, k1, spec[i].bias ? k2 : NULL, spec[i].n, spec[i].w)) return -1;
-        }
-        snprintf(k1, sizeof k1, "layers.%d.ln1", l);
-        if (!(L->ln1 = to_f32_vec(get_item(t, k1), k1, c->hidden))) return -1;
-        snprintf(k1, sizeof k1, "layers.%d.ln2", l);
-        if (!(L->ln2 = to_f32_vec(get_item(t, k1), k1, c->hidden))) return -1;
-    }
-    vlm_err err = {{0}};
-    vlm_status st = vlm_qwen2_validate(&self->m, &err);
-    if (st != VLM_OK) { raise_status(st, &err); return -1; }
-    return 0;
+    return bind_from_dict(t, (bind_fn)vlm_qwen2_bind, &self->m);
 }
 
 static PyObject *Qwen2Model_embed(Qwen2Model *self, PyObject *arg) {
@@ -532,7 +523,7 @@ typedef struct {
 } VisionModel;
 
 static void VisionModel_dealloc(VisionModel *self) {
-    PyMem_Free(self->m.blocks);
+    vlm_vit_unbind(&self->m);
     Py_XDECREF(self->tensors);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -576,35 +567,7 @@ static int VisionModel_init(VisionModel *self, PyObject *args, PyObject *kw) {
     }
     Py_DECREF(seq);
     Py_XSETREF(self->tensors, Py_NewRef(t));
-    PyMem_Free(self->m.blocks);
-    self->m.blocks = PyMem_Calloc((size_t)c->depth, sizeof(vlm_vit_block));
-    if (!self->m.blocks) { PyErr_NoMemory(); return -1; }
-    int D = c->hidden, Iw = c->inter, D4 = 4 * D;
-    if (load_weight(t, "patch_embed", NULL, 0, &self->m.patch_embed)) return -1;
-    if (load_weight(t, "merger1", "merger1_bias", D4, &self->m.merger1)) return -1;
-    if (load_weight(t, "merger2", "merger2_bias", c->out_hidden, &self->m.merger2)) return -1;
-    if (!(self->m.merger_ln = to_f32_vec(get_item(t, "merger_ln"), "merger_ln", D))) return -1;
-    PyObject *inv = get_item(t, "inv_freq");
-    if (!inv || !(self->m.inv_freq = to_f32_vec(inv, "inv_freq", D / c->n_heads / 2))) return -1;
-    char k1[96], k2[96];
-    for (int l = 0; l < c->depth; l++) {
-        vlm_vit_block *B = &self->m.blocks[l];
-        struct { const char *name; vlm_weight *w; npy_intp n; } spec[] = {
-            {"qkv", &B->qkv, 3 * D}, {"proj", &B->proj, D}, {"gate", &B->gate, Iw}, {"up", &B->up, Iw}, {"down", &B->down, D}};
-        for (int i = 0; i < 5; i++) {
-            snprintf(k1, sizeof k1, "blocks.%d.%s", l, spec[i].name);
-            snprintf(k2, sizeof k2, "blocks.%d.%s_bias", l, spec[i].name);
-            if (load_weight(t, k1, k2, spec[i].n, spec[i].w)) return -1;
-        }
-        snprintf(k1, sizeof k1, "blocks.%d.ln1", l);
-        if (!(B->ln1 = to_f32_vec(get_item(t, k1), k1, D))) return -1;
-        snprintf(k1, sizeof k1, "blocks.%d.ln2", l);
-        if (!(B->ln2 = to_f32_vec(get_item(t, k1), k1, D))) return -1;
-    }
-    vlm_err err = {{0}};
-    vlm_status st = vlm_vit_validate(&self->m, &err);
-    if (st != VLM_OK) { raise_status(st, &err); return -1; }
-    return 0;
+    return bind_from_dict(t, (bind_fn)vlm_vit_bind, &self->m);
 }
 
 /* forward(pixels [N, in_dim] float32, gh, gw, n_threads=1, features=False) -> tokens or (tokens, feats) */
