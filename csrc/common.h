@@ -20,6 +20,7 @@ typedef enum {
     VLM_ERR_ARG,     /* bad argument (token id, length, ...)   -> ValueError  */
     VLM_ERR_KEY,     /* missing tensor name                    -> KeyError    */
     VLM_ERR_STATE,   /* context full / misuse                  -> RuntimeError*/
+    VLM_ERR_TYPE,    /* a tensor of the wrong kind or dtype    -> TypeError   */
 } vlm_status;
 
 #define VLM_ERR_LEN 512

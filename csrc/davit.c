@@ -93,6 +93,61 @@ vlm_status vlm_davit_validate(const vlm_davit *m, vlm_err *err) {
     return VLM_OK;
 }
 
+/* ---------------------------------------------------------------- binding */
+
+static vlm_status bind_half(vlm_davit_half *h, const vlm_tensor_table *t, int s, int j, const char *kind, int C, int I,
+                            vlm_err *err) {
+    const struct { const char *name; const float **w; int64_t n; } vec[] = {
+        {"dw1", &h->dw1, 9 * (int64_t)C}, {"dw1_bias", &h->dw1_b, C}, {"dw2", &h->dw2, 9 * (int64_t)C},
+        {"dw2_bias", &h->dw2_b, C}, {"ln1", &h->ln1, C}, {"ln1_bias", &h->ln1_b, C}, {"ln2", &h->ln2, C},
+        {"ln2_bias", &h->ln2_b, C}};
+    for (size_t i = 0; i < sizeof vec / sizeof vec[0]; i++)
+        VLM_TRY(vlm_tensor_vec(t, vec[i].w, vec[i].n, err, "blocks.%d.%d.%s.%s", s, j, kind, vec[i].name));
+    const struct { const char *name; vlm_weight *w; int64_t n; } lin[] = {
+        {"qkv", &h->qkv, 3 * (int64_t)C}, {"proj", &h->proj, C}, {"fc1", &h->fc1, I}, {"fc2", &h->fc2, C}};
+    for (size_t i = 0; i < sizeof lin / sizeof lin[0]; i++)
+        VLM_TRY(vlm_tensor_weight(t, lin[i].w, lin[i].n, err, "blocks.%d.%d.%s.%s", s, j, kind, lin[i].name));
+    return VLM_OK;
+}
+
+static vlm_status bind_all(vlm_davit *m, const vlm_tensor_table *t, vlm_err *err) {
+    const vlm_davit_config *c = &m->cfg;
+    for (int s = 0; s < VLM_DAVIT_STAGES; s++) {
+        int C = c->dim[s], Cin = s ? c->dim[s - 1] : c->in_chans, nd = c->prenorm[s] ? Cin : C;
+        VLM_TRY(vlm_tensor_weight(t, &m->conv[s], C, err, "conv%d", s));
+        VLM_TRY(vlm_tensor_vec(t, &m->norm[s], nd, err, "norm%d", s));
+        VLM_TRY(vlm_tensor_vec(t, &m->norm_b[s], nd, err, "norm%d_bias", s));
+        for (int j = 0; j < c->depth[s]; j++) {
+            VLM_TRY(bind_half(&m->blocks[s][j].spatial, t, s, j, "spatial", C, c->mlp_hidden[s], err));
+            VLM_TRY(bind_half(&m->blocks[s][j].channel, t, s, j, "channel", C, c->mlp_hidden[s], err));
+        }
+    }
+    return vlm_davit_validate(m, err);
+}
+
+vlm_status vlm_davit_bind(vlm_davit *m, const vlm_tensor_table *t, vlm_err *err) {
+    const vlm_davit_config *c = &m->cfg;
+    vlm_davit_unbind(m);
+    size_t total = 0;
+    for (int s = 0; s < VLM_DAVIT_STAGES; s++) {
+        if (c->depth[s] < 0 || c->depth[s] > VLM_DAVIT_MAX_DEPTH)
+            return vlm_fail(err, VLM_ERR_ARG, "davit stage %d: depth must be in [0, %d]", s, VLM_DAVIT_MAX_DEPTH);
+        total += (size_t)c->depth[s];
+    }
+    vlm_davit_block *mem = calloc(total ? total : 1, sizeof *mem);
+    if (!mem) return vlm_fail(err, VLM_ERR_NOMEM, "out of memory");
+    for (int s = 0, off = 0; s < VLM_DAVIT_STAGES; off += c->depth[s], s++) m->blocks[s] = mem + off;
+    vlm_status st = bind_all(m, t, err);
+    if (st != VLM_OK) vlm_davit_unbind(m);
+    return st;
+}
+
+void vlm_davit_unbind(vlm_davit *m) {
+    if (!m) return;
+    free(m->blocks[0]);
+    for (int s = 0; s < VLM_DAVIT_STAGES; s++) m->blocks[s] = NULL;
+}
+
 /* ---------------------------------------------------------------- scratch layout */
 
 typedef struct {

@@ -21,6 +21,7 @@
 #include "common.h"
 #include "gemm.h"
 #include "pool.h"
+#include "tensors.h"
 
 #define VLM_DAVIT_STAGES 4
 #define VLM_DAVIT_MAX_DEPTH 64
@@ -61,6 +62,14 @@ typedef struct {
     const float *norm[VLM_DAVIT_STAGES], *norm_b[VLM_DAVIT_STAGES]; /* [C_in] if prenorm else [C_s] */
     vlm_davit_block *blocks[VLM_DAVIT_STAGES]; /* [depth_s] each */
 } vlm_davit;
+
+/* Fills m's weights from t (m->cfg set by the caller) and validates them; allocates the blocks of all stages
+ * as one table at m->blocks[0] (freed by vlm_davit_unbind, also on failure). Tensor names:
+ *   conv{s} [C_s][C_in*k*k] (+ conv{s}_bias), norm{s}, norm{s}_bias,
+ *   blocks.{s}.{j}.{spatial|channel}.{dw1, dw2 (flat [9*C], tap-major), ln1, ln2, qkv, proj, fc1, fc2}
+ *   each with a `_bias`. */
+vlm_status vlm_davit_bind(vlm_davit *m, const vlm_tensor_table *t, vlm_err *err);
+void vlm_davit_unbind(vlm_davit *m);   /* NULL-safe */
 
 /* Check sizes and that every tensor is present; VLM_ERR_KEY / VLM_ERR_SHAPE / VLM_ERR_ARG otherwise. */
 vlm_status vlm_davit_validate(const vlm_davit *m, vlm_err *err);

@@ -73,6 +73,44 @@ vlm_status vlm_hfre_validate(const vlm_hfre *m, vlm_err *err) {
     return VLM_OK;
 }
 
+/* ---------------------------------------------------------------- binding */
+
+/* LayerNorm pair "<key>_w", "<key>_b" of n floats; an absent optional one stays off (w == NULL). */
+static vlm_status bind_ln(vlm_hfre_ln *ln, const vlm_tensor_table *t, const char *key, int64_t n, int required,
+                          vlm_err *err) {
+    char kw[64];
+    snprintf(kw, sizeof kw, "%s_w", key);
+    ln->w = ln->b = NULL;
+    if (!required && !vlm_tensor_find(t, kw)) return VLM_OK;
+    VLM_TRY(vlm_tensor_vec(t, &ln->w, n, err, "%s_w", key));
+    return vlm_tensor_vec(t, &ln->b, n, err, "%s_b", key);
+}
+
+vlm_status vlm_hfre_bind(vlm_hfre *m, const vlm_tensor_table *t, vlm_err *err) {
+    const vlm_hfre_config *c = &m->cfg;
+    memset(m->fpn, 0, sizeof m->fpn);
+    if (c->use_vt && c->simple_fpn) {
+        const int D = c->vt_c, F = c->fpn_c;
+        vlm_fpn_stage *s = m->fpn;
+        VLM_TRY(vlm_tensor_weight(t, &s[0].ct1, 2 * D, err, "fpn0.ct1"));
+        VLM_TRY(vlm_tensor_weight(t, &s[0].ct2, D, err, "fpn0.ct2"));
+        VLM_TRY(bind_ln(&s[0].ln0, t, "fpn0.ln0", D / 2, 1, err));
+        VLM_TRY(vlm_tensor_weight(t, &s[1].ct1, 2 * D, err, "fpn1.ct1"));
+        char key[32];
+        for (int l = 0; l < 4; l++) {
+            VLM_TRY(vlm_tensor_weight(t, &s[l].c1, -1, err, "fpn%d.c1", l));
+            VLM_TRY(vlm_tensor_weight(t, &s[l].c3, -1, err, "fpn%d.c3", l));
+            snprintf(key, sizeof key, "fpn%d.ln1", l);
+            VLM_TRY(bind_ln(&s[l].ln1, t, key, F, 1, err));
+            snprintf(key, sizeof key, "fpn%d.ln3", l);
+            VLM_TRY(bind_ln(&s[l].ln3, t, key, F, 1, err));
+        }
+    }
+    VLM_TRY(bind_ln(&m->aux_ln, t, "aux_ln", vlm_hfre_aux_dim(m), 0, err));
+    VLM_TRY(bind_ln(&m->vt_ln, t, "vt_ln", vlm_hfre_vt_dim(m), 0, err));
+    return vlm_hfre_validate(m, err);
+}
+
 /* ---------------------------------------------------------------- plan */
 
 /* Map layout of the RoIAlign plan: aux levels 0..3 (if use_aux), then the vt maps: 1 map (no SimpleFP) or
@@ -383,6 +421,16 @@ vlm_status vlm_hfre_forward(const vlm_hfre *m, vlm_pool *pool, const float *cons
 }
 
 /* ---------------------------------------------------------------- projectors */
+
+vlm_status vlm_mlp_bind(vlm_mlp *p, const vlm_tensor_table *t, vlm_err *err) {
+    if (p->n_layers < 1 || p->n_layers > VLM_MLP_MAX_LAYERS || !p->name)
+        return vlm_fail(err, VLM_ERR_ARG, "projector: %d layers (1..%d supported)", p->n_layers, VLM_MLP_MAX_LAYERS);
+    for (int i = 0; i < p->n_layers; i++) {
+        VLM_TRY(vlm_tensor_weight(t, &p->layers[i], -1, err, "%s.%d", p->name, i));   /* bias: one per output row */
+        VLM_TRY(vlm_tensor_vec(t, &p->layers[i].bias, p->layers[i].n, err, "%s.%d_bias", p->name, i));
+    }
+    return vlm_mlp_validate(p, err);
+}
 
 vlm_status vlm_mlp_validate(const vlm_mlp *p, vlm_err *err) {
     if (p->n_layers < 1 || p->n_layers > VLM_MLP_MAX_LAYERS)

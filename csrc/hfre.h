@@ -21,6 +21,7 @@
 #include "common.h"
 #include "gemm.h"
 #include "pool.h"
+#include "tensors.h"
 
 #define VLM_HFRE_AUX_LEVELS 4
 #define VLM_HFRE_MAX_VT 8
@@ -67,6 +68,10 @@ typedef struct {
 /* Aux-part width, vt-part width. */
 int vlm_hfre_aux_dim(const vlm_hfre *m);
 int vlm_hfre_vt_dim(const vlm_hfre *m);
+/* Fills m's weights from t (m->cfg set by the caller) and validates them. Tensor names (SimpleFP only with
+ * use_vt && simple_fpn): fpn0.{ct1, ct2} and fpn1.ct1 (with _bias), fpn0.ln0_{w,b}, fpn{l}.{c1, c3},
+ * fpn{l}.{ln1, ln3}_{w,b}; the optional region norms aux_ln_{w,b}, vt_ln_{w,b}. Nothing is allocated. */
+vlm_status vlm_hfre_bind(vlm_hfre *m, const vlm_tensor_table *t, vlm_err *err);
 vlm_status vlm_hfre_validate(const vlm_hfre *m, vlm_err *err);
 
 /* aux_hw[l] = {H_l, W_l}; gh, gw: ViT patch grid (ignored without the vt branch). */
@@ -84,8 +89,11 @@ typedef struct {
     int n_layers;
     vlm_weight layers[VLM_MLP_MAX_LAYERS];   /* each with bias */
     vlm_compute compute;
+    const char *name;                        /* tensor name prefix: layers are <name>.{i} with <name>.{i}_bias */
 } vlm_mlp;
 
+/* Fills p->layers from t (n_layers, compute and name set by the caller) and validates them. */
+vlm_status vlm_mlp_bind(vlm_mlp *p, const vlm_tensor_table *t, vlm_err *err);
 vlm_status vlm_mlp_validate(const vlm_mlp *p, vlm_err *err);
 size_t vlm_mlp_scratch_size(const vlm_mlp *p, int64_t m, int n_threads);
 /* out[m][layers[last].n] from x[m][layers[0].k] */

@@ -1,8 +1,9 @@
 /* module.c — the CPython/NumPy face of the vlmfo1 core; the only C file that knows about Python.
  *
  * Types: Qwen2Model (read-only weights borrowed from NumPy arrays, typically views of memory-mapped
- * safetensors files; the object keeps them alive) and Qwen2State (one request: KV cache + scratch +
- * threads). Functions: matmul, fma_peak, gemm_info (for tests and benchmarks), op / ops (single ops, tests only).
+ * safetensors files; the object keeps them alive), Qwen2State (one request: KV cache + scratch +
+ * threads), Workspace (a thread pool + growing scratch block the encoder calls reuse), VisionModel, and
+ * DavitModel / HFREModel (py_davit.h, py_hfre.h). Functions: matmul, fma_peak, gemm_info (for tests and benchmarks), op / ops (single ops, tests only).
  * Arguments are checked and outputs allocated with the GIL held; the compute runs with the GIL
  * released; a vlm_status becomes a Python exception on the way out. */
 #define PY_SSIZE_T_CLEAN
@@ -18,6 +19,8 @@
 #include "ops.h"
 #include "qwen2.h"
 #include "qwen_vit.h"
+#include "tensors.h"
+#include "workspace.h"
 
 /* ---------------------------------------------------------------- errors */
 
@@ -28,6 +31,7 @@ static PyObject *raise_status(vlm_status st, const vlm_err *err) {
     case VLM_ERR_IO: type = PyExc_OSError; break;
     case VLM_ERR_FORMAT: case VLM_ERR_SHAPE: case VLM_ERR_ARG: type = PyExc_ValueError; break;
     case VLM_ERR_KEY: type = PyExc_KeyError; break;
+    case VLM_ERR_TYPE: type = PyExc_TypeError; break;
     default: break;
     }
     PyErr_SetString(type, err && err->msg[0] ? err->msg : "vlmfo1 core error");
@@ -85,6 +89,153 @@ static int get_int(PyObject *dict, const char *key, int *out) {
     return 0;
 }
 
+/* The entries of a tensors dict as a vlm_tensor_table (names and data borrowed from the dict, which the
+ * caller keeps alive). t->items is PyMem-allocated: free it with PyMem_Free. */
+static int table_from_dict(PyObject *dict, vlm_tensor_table *t) {
+    Py_ssize_t pos = 0, n = PyDict_Size(dict);
+    PyObject *k, *v;
+    vlm_tensor *items = PyMem_Calloc((size_t)(n > 0 ? n : 1), sizeof *items);
+    if (!items) { PyErr_NoMemory(); return -1; }
+    t->items = items;
+    t->n = 0;
+    while (PyDict_Next(dict, &pos, &k, &v)) {
+        if (!PyUnicode_Check(k)) continue;   /* never looked up */
+        vlm_tensor *e = &items[t->n];
+        if (!(e->name = PyUnicode_AsUTF8(k))) { PyMem_Free(items); t->items = NULL; return -1; }
+        e->ndim = e->dtype = -1;
+        if (PyArray_Check(v)) {
+            PyArrayObject *a = (PyArrayObject *)v;
+            int type = PyArray_TYPE(a);
+            e->ndim = PyArray_NDIM(a);
+            for (int d = 0; d < e->ndim && d < VLM_TENSOR_MAX_DIMS; d++) e->shape[d] = PyArray_DIM(a, d);
+            e->dtype = type == NPY_FLOAT32 ? VLM_F32 : type == NPY_UINT16 ? VLM_BF16 : -1;
+            e->contiguous = PyArray_IS_C_CONTIGUOUS(a);
+            e->data = PyArray_DATA(a);
+        }
+        t->n++;
+    }
+    return 0;
+}
+
+/* net = the network bound from the tensors dict by its vlm_<net>_bind; -1 with the exception on failure. */
+typedef vlm_status (*bind_fn)(void *net, const vlm_tensor_table *t, vlm_err *err);
+static int bind_from_dict(PyObject *dict, bind_fn bind, void *net) {
+    vlm_tensor_table t;
+    if (table_from_dict(dict, &t)) return -1;
+    vlm_err err = {{0}};
+    vlm_status st = bind(net, &t, &err);
+    PyMem_Free((void *)t.items);
+    if (st != VLM_OK) { raise_status(st, &err); return -1; }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- Workspace */
+
+/* Workspace(n_threads=1): the pool and scratch block of the encoder calls (VisionModel.forward,
+ * DavitModel.forward, HFREModel.regions / project, matmul), kept between calls when passed as
+ * workspace=. One thread at a time: a second concurrent user gets a RuntimeError. */
+typedef struct {
+    PyObject_HEAD
+    vlm_workspace ws;
+    atomic_int busy;
+} Workspace;
+
+static int check_threads(int n_threads) {
+    if (n_threads >= 1 && n_threads <= 256) return 0;
+    PyErr_SetString(PyExc_ValueError, "n_threads must be in [1, 256]");
+    return -1;
+}
+
+static void Workspace_dealloc(Workspace *self) {
+    vlm_workspace_clear(&self->ws);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int Workspace_init(Workspace *self, PyObject *args, PyObject *kw) {
+    int n_threads = 1;
+    static char *kwlist[] = {"n_threads", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|i", kwlist, &n_threads) || check_threads(n_threads)) return -1;
+    int expected = 0;
+    if (!atomic_compare_exchange_strong(&self->busy, &expected, 1)) {
+        PyErr_SetString(PyExc_RuntimeError, "this workspace is in use by another thread");
+        return -1;
+    }
+    vlm_pool *pool;
+    void *scratch;
+    vlm_err err = {{0}};
+    vlm_status st;
+    Py_BEGIN_ALLOW_THREADS
+    vlm_workspace_clear(&self->ws);
+    st = vlm_workspace_get(&self->ws, n_threads, 0, &pool, &scratch, &err);
+    Py_END_ALLOW_THREADS
+    atomic_store(&self->busy, 0);
+    if (st != VLM_OK) { raise_status(st, &err); return -1; }
+    return 0;
+}
+
+static PyObject *Workspace_get_nbytes(Workspace *self, void *c) { return PyLong_FromSize_t(self->ws.cap); }
+static PyObject *Workspace_get_nallocs(Workspace *self, void *c) { return PyLong_FromSize_t(self->ws.n_allocs); }
+static PyObject *Workspace_get_npools(Workspace *self, void *c) { return PyLong_FromSize_t(self->ws.n_pools); }
+static PyObject *Workspace_get_nthreads(Workspace *self, void *c) {
+    return PyLong_FromLong(self->ws.pool ? vlm_pool_size(self->ws.pool) : 0);
+}
+
+static PyGetSetDef Workspace_getset[] = {
+    {"nbytes", (getter)Workspace_get_nbytes, NULL, "bytes of scratch held (the largest any call needed)", NULL},
+    {"n_allocs", (getter)Workspace_get_nallocs, NULL, "scratch allocations so far (grows only when a call needs more)", NULL},
+    {"n_pools", (getter)Workspace_get_npools, NULL, "thread pools started so far (1 unless n_threads changed)", NULL},
+    {"n_threads", (getter)Workspace_get_nthreads, NULL, "workers of the current pool", NULL},
+    {NULL}};
+
+static PyTypeObject WorkspaceType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "vlmfo1._core.Workspace",
+    .tp_basicsize = sizeof(Workspace),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Workspace(n_threads=1) - a thread pool and a growing scratch block reused by encoder calls "
+              "(workspace=); one thread at a time",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Workspace_init,
+    .tp_dealloc = (destructor)Workspace_dealloc,
+    .tp_getset = Workspace_getset,
+};
+
+/* The resources of one compute call: the caller's Workspace (marked busy until lease_end) or a private
+ * one, freed at lease_end (the behaviour without workspace=). */
+typedef struct {
+    Workspace *owner;     /* NULL: private */
+    vlm_workspace local;
+    vlm_workspace *ws;
+} ws_lease;
+
+/* GIL held. obj: None or a Workspace. -1 with an exception set (wrong type, or in use by another thread).
+ * Call it after every other check, right before the compute, and pair it with lease_end. */
+static int lease_begin(ws_lease *l, PyObject *obj) {
+    memset(l, 0, sizeof *l);
+    l->ws = &l->local;
+    if (!obj || obj == Py_None) return 0;
+    if (!PyObject_TypeCheck(obj, &WorkspaceType)) {
+        PyErr_Format(PyExc_TypeError, "workspace must be a vlmfo1._core.Workspace or None, got %s", Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    Workspace *w = (Workspace *)obj;
+    int expected = 0;
+    if (!atomic_compare_exchange_strong(&w->busy, &expected, 1)) {
+        PyErr_SetString(PyExc_RuntimeError, "this workspace is in use by another thread; use one workspace per thread");
+        return -1;
+    }
+    l->owner = w;
+    l->ws = &w->ws;
+    return 0;
+}
+
+/* With or without the GIL (touches no Python object). */
+static void lease_end(ws_lease *l) {
+    if (l->owner) atomic_store(&l->owner->busy, 0);
+    else vlm_workspace_clear(&l->local);
+    l->owner = NULL;
+}
+
 /* ---------------------------------------------------------------- Qwen2Model */
 
 typedef struct {
@@ -94,19 +245,9 @@ typedef struct {
 } Qwen2Model;
 
 static void Qwen2Model_dealloc(Qwen2Model *self) {
-    PyMem_Free(self->m.layers);
+    vlm_qwen2_unbind(&self->m);
     Py_XDECREF(self->tensors);
     Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-static int load_weight(PyObject *t, const char *key, const char *bias_key, npy_intp n, vlm_weight *w) {
-    PyObject *a = get_item(t, key);
-    if (!a || to_weight(a, key, w)) return -1;
-    if (bias_key) {
-        PyObject *b = get_item(t, bias_key);
-        if (!b || !(w->bias = to_f32_vec(b, bias_key, n))) return -1;
-    }
-    return 0;
 }
 
 static int Qwen2Model_init(Qwen2Model *self, PyObject *args, PyObject *kw) {
@@ -133,48 +274,7 @@ static int Qwen2Model_init(Qwen2Model *self, PyObject *args, PyObject *kw) {
         return -1;
     }
     Py_XSETREF(self->tensors, Py_NewRef(t));
-    PyMem_Free(self->m.layers);
-    self->m.layers = PyMem_Calloc((size_t)c->n_layers, sizeof(vlm_qwen2_layer));
-    if (!self->m.layers) { PyErr_NoMemory(); return -1; }
-
-    vlm_weight emb;
-    if (load_weight(t, "embed", NULL, 0, &emb)) return -1;
-    if (emb.n != c->vocab || emb.k != c->hidden) {
-        PyErr_Format(PyExc_ValueError, "embed_tokens has shape [%lld, %lld], expected [%d, %d]", (long long)emb.n,
-                     (long long)emb.k, c->vocab, c->hidden);
-        return -1;
-    }
-    self->m.embed = emb.data;
-    self->m.embed_dtype = emb.dtype;
-    if (PyDict_GetItemString(t, "lm_head")) {
-        if (load_weight(t, "lm_head", NULL, 0, &self->m.lm_head)) return -1;
-    } else {
-        self->m.lm_head = emb;
-    }
-    if (!(self->m.norm = to_f32_vec(get_item(t, "norm"), "norm", c->hidden))) return -1;
-    PyObject *inv = get_item(t, "inv_freq");
-    if (!inv || !(self->m.inv_freq = to_f32_vec(inv, "inv_freq", c->head_dim / 2))) return -1;
-    int Q = c->n_heads * c->head_dim, K = c->n_kv_heads * c->head_dim;
-    char k1[96], k2[96];
-    for (int l = 0; l < c->n_layers; l++) {
-        vlm_qwen2_layer *L = &self->m.layers[l];
-        struct { const char *name; vlm_weight *w; int bias; npy_intp n; } spec[] = {
-            {"q", &L->wq, 1, Q}, {"k", &L->wk, 1, K}, {"v", &L->wv, 1, K}, {"o", &L->wo, 0, 0},
-            {"gate", &L->wg, 0, 0}, {"up", &L->wu, 0, 0}, {"down", &L->wd, 0, 0}};
-        for (int i = 0; i < 7; i++) {
-            snprintf(k1, sizeof k1, "layers.%d.%s", l, spec[i].name);
-            snprintf(k2, sizeof k2, "layers.%d.%s_bias", l, spec[i].name);
-            if (load_weight(t, k1, spec[i].bias ? k2 : NULL, spec[i].n, spec[i].w)) return -1;
-        }
-        snprintf(k1, sizeof k1, "layers.%d.ln1", l);
-        if (!(L->ln1 = to_f32_vec(get_item(t, k1), k1, c->hidden))) return -1;
-        snprintf(k1, sizeof k1, "layers.%d.ln2", l);
-        if (!(L->ln2 = to_f32_vec(get_item(t, k1), k1, c->hidden))) return -1;
-    }
-    vlm_err err = {{0}};
-    vlm_status st = vlm_qwen2_validate(&self->m, &err);
-    if (st != VLM_OK) { raise_status(st, &err); return -1; }
-    return 0;
+    return bind_from_dict(t, (bind_fn)vlm_qwen2_bind, &self->m);
 }
 
 static PyObject *Qwen2Model_embed(Qwen2Model *self, PyObject *arg) {
@@ -423,7 +523,7 @@ typedef struct {
 } VisionModel;
 
 static void VisionModel_dealloc(VisionModel *self) {
-    PyMem_Free(self->m.blocks);
+    vlm_vit_unbind(&self->m);
     Py_XDECREF(self->tensors);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -467,46 +567,19 @@ static int VisionModel_init(VisionModel *self, PyObject *args, PyObject *kw) {
     }
     Py_DECREF(seq);
     Py_XSETREF(self->tensors, Py_NewRef(t));
-    PyMem_Free(self->m.blocks);
-    self->m.blocks = PyMem_Calloc((size_t)c->depth, sizeof(vlm_vit_block));
-    if (!self->m.blocks) { PyErr_NoMemory(); return -1; }
-    int D = c->hidden, Iw = c->inter, D4 = 4 * D;
-    if (load_weight(t, "patch_embed", NULL, 0, &self->m.patch_embed)) return -1;
-    if (load_weight(t, "merger1", "merger1_bias", D4, &self->m.merger1)) return -1;
-    if (load_weight(t, "merger2", "merger2_bias", c->out_hidden, &self->m.merger2)) return -1;
-    if (!(self->m.merger_ln = to_f32_vec(get_item(t, "merger_ln"), "merger_ln", D))) return -1;
-    PyObject *inv = get_item(t, "inv_freq");
-    if (!inv || !(self->m.inv_freq = to_f32_vec(inv, "inv_freq", D / c->n_heads / 2))) return -1;
-    char k1[96], k2[96];
-    for (int l = 0; l < c->depth; l++) {
-        vlm_vit_block *B = &self->m.blocks[l];
-        struct { const char *name; vlm_weight *w; npy_intp n; } spec[] = {
-            {"qkv", &B->qkv, 3 * D}, {"proj", &B->proj, D}, {"gate", &B->gate, Iw}, {"up", &B->up, Iw}, {"down", &B->down, D}};
-        for (int i = 0; i < 5; i++) {
-            snprintf(k1, sizeof k1, "blocks.%d.%s", l, spec[i].name);
-            snprintf(k2, sizeof k2, "blocks.%d.%s_bias", l, spec[i].name);
-            if (load_weight(t, k1, k2, spec[i].n, spec[i].w)) return -1;
-        }
-        snprintf(k1, sizeof k1, "blocks.%d.ln1", l);
-        if (!(B->ln1 = to_f32_vec(get_item(t, k1), k1, D))) return -1;
-        snprintf(k1, sizeof k1, "blocks.%d.ln2", l);
-        if (!(B->ln2 = to_f32_vec(get_item(t, k1), k1, D))) return -1;
-    }
-    vlm_err err = {{0}};
-    vlm_status st = vlm_vit_validate(&self->m, &err);
-    if (st != VLM_OK) { raise_status(st, &err); return -1; }
-    return 0;
+    return bind_from_dict(t, (bind_fn)vlm_vit_bind, &self->m);
 }
 
 /* forward(pixels [N, in_dim] float32, gh, gw, n_threads=1, features=False) -> tokens or (tokens, feats) */
 static PyObject *VisionModel_forward(VisionModel *self, PyObject *args, PyObject *kw) {
-    PyObject *px_o;
+    PyObject *px_o, *ws_o = Py_None;
     int gh, gw, n_threads = 1, want_feats = 0;
-    static char *kwlist[] = {"pixels", "gh", "gw", "n_threads", "features", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "Oii|ip", kwlist, &px_o, &gh, &gw, &n_threads, &want_feats)) return NULL;
+    static char *kwlist[] = {"pixels", "gh", "gw", "n_threads", "features", "workspace", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Oii|ipO", kwlist, &px_o, &gh, &gw, &n_threads, &want_feats, &ws_o))
+        return NULL;
     const vlm_vit *m = &self->m;
     if (!m->blocks) { PyErr_SetString(PyExc_ValueError, "model is not initialised"); return NULL; }
-    if (n_threads < 1 || n_threads > 256) { PyErr_SetString(PyExc_ValueError, "n_threads must be in [1, 256]"); return NULL; }
+    if (check_threads(n_threads)) return NULL;
     if (gh <= 0 || gw <= 0 || gh % 2 || gw % 2 || (long)gh * gw > (1L << 22)) {
         PyErr_Format(PyExc_ValueError, "invalid patch grid %dx%d (both sides positive and even)", gh, gw);
         return NULL;
@@ -515,7 +588,7 @@ static PyObject *VisionModel_forward(VisionModel *self, PyObject *args, PyObject
     if (!px) return NULL;
     PyArrayObject *out = NULL, *feats = NULL;
     PyObject *res = NULL;
-    void *scratch = NULL;
+    ws_lease wl;
     if (PyArray_NDIM(px) != 2 || PyArray_DIM(px, 0) != (npy_intp)gh * gw || PyArray_DIM(px, 1) != m->cfg.in_dim) {
         PyErr_Format(PyExc_ValueError, "pixels must have shape [%d, %d] for a %dx%d grid", gh * gw, m->cfg.in_dim, gh, gw);
         goto done;
@@ -532,18 +605,19 @@ static PyObject *VisionModel_forward(VisionModel *self, PyObject *args, PyObject
     size_t ss = vlm_vit_scratch_size(m, gh, gw, n_threads);
     vlm_err err = {{0}};
     vlm_status st;
+    if (lease_begin(&wl, ws_o)) goto done;
     Py_BEGIN_ALLOW_THREADS
-    scratch = aligned_alloc(VLM_ALIGN, vlm_align_up(ss, VLM_ALIGN));
-    vlm_pool *pool = scratch ? vlm_pool_create(n_threads) : NULL;
-    if (!scratch || !pool) st = vlm_fail(&err, VLM_ERR_NOMEM, "cannot allocate %.1f MB of vision scratch", ss / 1e6);
-    else st = vlm_vit_forward(m, pool, PyArray_DATA(px), gh, gw, PyArray_DATA(out), feats ? PyArray_DATA(feats) : NULL,
-                              scratch, ss, &err);
-    vlm_pool_free(pool);
+    vlm_pool *pool;
+    void *scratch;
+    st = vlm_workspace_get(wl.ws, n_threads, ss, &pool, &scratch, &err);
+    if (st == VLM_OK)
+        st = vlm_vit_forward(m, pool, PyArray_DATA(px), gh, gw, PyArray_DATA(out), feats ? PyArray_DATA(feats) : NULL,
+                             scratch, ss, &err);
+    lease_end(&wl);
     Py_END_ALLOW_THREADS
     if (st != VLM_OK) { raise_status(st, &err); goto done; }
     res = want_feats ? Py_BuildValue("OO", out, feats) : Py_NewRef(out);
 done:
-    free(scratch);
     Py_XDECREF(px); Py_XDECREF(out); Py_XDECREF(feats);
     return res;
 }
@@ -552,7 +626,8 @@ static PyObject *VisionModel_get_nfull(VisionModel *self, void *c) { return PyLo
 
 static PyMethodDef VisionModel_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))VisionModel_forward, METH_VARARGS | METH_KEYWORDS,
-     "forward(pixels, gh, gw, n_threads=1, features=False) -> tokens [gh*gw/4, out] (, feats [n_full, gh, gw, hidden])"},
+     "forward(pixels, gh, gw, n_threads=1, features=False, workspace=None) -> tokens [gh*gw/4, out] "
+     "(, feats [n_full, gh, gw, hidden])"},
     {NULL}};
 static PyGetSetDef VisionModel_getset[] = {{"n_full", (getter)VisionModel_get_nfull, NULL, "number of full-attention blocks", NULL}, {NULL}};
 
@@ -578,23 +653,22 @@ static PyTypeObject VisionModelType = {
 /* ---------------------------------------------------------------- functions */
 
 static PyObject *py_matmul(PyObject *mod, PyObject *args, PyObject *kw) {
-    PyObject *x_o, *w_o, *b_o = Py_None, *out_o = Py_None;
+    PyObject *x_o, *w_o, *b_o = Py_None, *out_o = Py_None, *ws_o = Py_None;
     const char *compute = "f32";
     int n_threads = 1, accumulate = 0;
-    static char *kwlist[] = {"x", "w", "bias", "compute", "n_threads", "out", "accumulate", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OsiOp", kwlist, &x_o, &w_o, &b_o, &compute, &n_threads, &out_o,
-                                     &accumulate))
+    static char *kwlist[] = {"x", "w", "bias", "compute", "n_threads", "out", "accumulate", "workspace", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OsiOpO", kwlist, &x_o, &w_o, &b_o, &compute, &n_threads, &out_o,
+                                     &accumulate, &ws_o))
         return NULL;
     vlm_compute cm;
     if (!strcmp(compute, "f32")) cm = VLM_COMPUTE_F32;
     else if (!strcmp(compute, "bf16")) cm = VLM_COMPUTE_BF16;
     else { PyErr_SetString(PyExc_ValueError, "compute must be 'f32' or 'bf16'"); return NULL; }
-    if (n_threads < 1 || n_threads > 256) { PyErr_SetString(PyExc_ValueError, "n_threads must be in [1, 256]"); return NULL; }
+    if (check_threads(n_threads)) return NULL;
     vlm_weight w;
     PyArrayObject *x = NULL, *out = NULL;
     PyObject *res = NULL;
-    void *scratch = NULL;
-    vlm_pool *pool = NULL;
+    ws_lease wl;
     if (!PyArray_Check(w_o)) { PyErr_SetString(PyExc_TypeError, "w must be a numpy array"); return NULL; }
     if (to_weight(w_o, "w", &w)) return NULL;
     x = (PyArrayObject *)PyArray_FROM_OTF(x_o, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
@@ -620,21 +694,21 @@ static PyObject *py_matmul(PyObject *mod, PyObject *args, PyObject *kw) {
         if (!out) goto done;
     }
     size_t ss = vlm_matmul_scratch_size(m, &w, cm, n_threads);
-    scratch = ss ? aligned_alloc(VLM_ALIGN, vlm_align_up(ss, VLM_ALIGN)) : NULL;
-    if (ss && !scratch) { PyErr_NoMemory(); goto done; }
     vlm_err err = {{0}};
     vlm_status st;
+    if (lease_begin(&wl, ws_o)) goto done;
     Py_BEGIN_ALLOW_THREADS
-    pool = vlm_pool_create(n_threads);
-    st = pool ? vlm_matmul(pool, PyArray_DATA(out), w.n, PyArray_DATA(x), w.k, m, &w, cm, accumulate, scratch, ss, &err)
-              : vlm_fail(&err, VLM_ERR_NOMEM, "cannot start threads");
-    vlm_pool_free(pool);
+    vlm_pool *pool;
+    void *scratch;
+    st = vlm_workspace_get(wl.ws, n_threads, ss, &pool, &scratch, &err);
+    if (st == VLM_OK)
+        st = vlm_matmul(pool, PyArray_DATA(out), w.n, PyArray_DATA(x), w.k, m, &w, cm, accumulate, scratch, ss, &err);
+    lease_end(&wl);
     Py_END_ALLOW_THREADS
     if (st != VLM_OK) { raise_status(st, &err); goto done; }
     res = (PyObject *)out;
     out = NULL;
 done:
-    free(scratch);
     Py_XDECREF(x);
     Py_XDECREF(out);
     return res;
@@ -657,7 +731,7 @@ static PyObject *py_gemm_info(PyObject *mod, PyObject *unused) {
 
 static PyMethodDef module_methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_VARARGS | METH_KEYWORDS,
-     "matmul(x, w, bias=None, compute='f32', n_threads=1, out=None, accumulate=False) -> x @ w.T + bias"},
+     "matmul(x, w, bias=None, compute='f32', n_threads=1, out=None, accumulate=False, workspace=None) -> x @ w.T + bias"},
     {"fma_peak", py_fma_peak, METH_O, "fma_peak(n_threads) -> measured fp32 FMA peak in GFLOP/s"},
     {"gemm_info", py_gemm_info, METH_NOARGS, "gemm_info() -> dict(kernel=..., blas=...)"},
     {"op", (PyCFunction)(void (*)(void))py_op, METH_VARARGS | METH_KEYWORDS,
@@ -668,8 +742,10 @@ static PyMethodDef module_methods[] = {
 static int module_exec(PyObject *mod) {
     if (PyArray_ImportNumPyAPI() < 0) return -1;
     vlm_blas_single_thread();
-    if (PyType_Ready(&Qwen2ModelType) < 0 || PyType_Ready(&Qwen2StateType) < 0 || PyType_Ready(&VisionModelType) < 0)
+    if (PyType_Ready(&Qwen2ModelType) < 0 || PyType_Ready(&Qwen2StateType) < 0 || PyType_Ready(&VisionModelType) < 0 ||
+        PyType_Ready(&WorkspaceType) < 0)
         return -1;
+    if (PyModule_AddObjectRef(mod, "Workspace", (PyObject *)&WorkspaceType) < 0) return -1;
     if (PyModule_AddObjectRef(mod, "VisionModel", (PyObject *)&VisionModelType) < 0) return -1;
     if (py_davit_register(mod) < 0 || py_hfre_register(mod) < 0) return -1;
     if (PyModule_AddObjectRef(mod, "Qwen2Model", (PyObject *)&Qwen2ModelType) < 0) return -1;

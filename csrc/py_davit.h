@@ -1,24 +1,23 @@
 /* py_davit.h — Python bindings of the DaViT core (included by module.c, after its shared helpers:
- * raise_status, to_weight, to_f32_vec, get_item, get_int, load_weight). Only module.c includes it.
+ * raise_status, get_item, get_int, bind_from_dict, check_threads, lease_begin/lease_end).
+ * Only module.c includes it.
  *
  * DavitModel(config: dict, tensors: dict): read-only weights borrowed from NumPy arrays (the object keeps
- * the dict alive). config keys: in_chans, window, eps, compute (0 f32 / 1 bf16) and the 4-entry lists
- * dims, depths, heads, groups, mlp_hidden, kernel, stride, pad, prenorm. tensors (core names):
- *   conv{s} [C_s, C_in*k*k] (+ conv{s}_bias), norm{s}, norm{s}_bias,
- *   blocks.{s}.{j}.{spatial|channel}.{dw1, dw2 (flat [9*C], tap-major), ln1, ln2, qkv, proj, fc1, fc2}
- *   each with a `_bias`.
- * forward(pixels [in_chans, H, W] float32, n_threads=1) -> tuple of 4 float32 arrays [H_s, W_s, C_s]. */
+ * the dict alive; vlm_davit_bind in davit.c names the tensors). config keys: in_chans, window, eps,
+ * compute (0 f32 / 1 bf16) and the 4-entry lists dims, depths, heads, groups, mlp_hidden, kernel, stride,
+ * pad, prenorm.
+ * forward(pixels [in_chans, H, W] float32, n_threads=1, workspace=None) -> tuple of 4 float32 arrays
+ * [H_s, W_s, C_s]; with a Workspace its pool and scratch are reused. */
 #include "davit.h"
 
 typedef struct {
     PyObject_HEAD
-    vlm_davit m;
-    vlm_davit_block *mem;  /* all blocks of all stages */
+    vlm_davit m;           /* m.blocks[0] == NULL: not (successfully) initialised */
     PyObject *tensors;
 } DavitModel;
 
 static void DavitModel_dealloc(DavitModel *self) {
-    PyMem_Free(self->mem);
+    vlm_davit_unbind(&self->m);
     Py_XDECREF(self->tensors);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -47,27 +46,6 @@ static int davit_int_list(PyObject *cfg, const char *key, int out[VLM_DAVIT_STAG
     return 0;
 }
 
-static int davit_load_half(PyObject *t, int s, int j, const char *kind, int C, int hid, vlm_davit_half *h) {
-    char k1[128], k2[128];
-    struct { const char *name; const float **w; npy_intp n; } vec[] = {
-        {"dw1", &h->dw1, 9 * (npy_intp)C}, {"dw1_bias", &h->dw1_b, C}, {"dw2", &h->dw2, 9 * (npy_intp)C},
-        {"dw2_bias", &h->dw2_b, C}, {"ln1", &h->ln1, C}, {"ln1_bias", &h->ln1_b, C}, {"ln2", &h->ln2, C},
-        {"ln2_bias", &h->ln2_b, C}};
-    for (size_t i = 0; i < sizeof vec / sizeof vec[0]; i++) {
-        snprintf(k1, sizeof k1, "blocks.%d.%d.%s.%s", s, j, kind, vec[i].name);
-        PyObject *a = get_item(t, k1);
-        if (!a || !(*vec[i].w = to_f32_vec(a, k1, vec[i].n))) return -1;
-    }
-    struct { const char *name; vlm_weight *w; npy_intp n; } lin[] = {
-        {"qkv", &h->qkv, 3 * (npy_intp)C}, {"proj", &h->proj, C}, {"fc1", &h->fc1, hid}, {"fc2", &h->fc2, C}};
-    for (size_t i = 0; i < sizeof lin / sizeof lin[0]; i++) {
-        snprintf(k1, sizeof k1, "blocks.%d.%d.%s.%s", s, j, kind, lin[i].name);
-        snprintf(k2, sizeof k2, "blocks.%d.%d.%s.%s_bias", s, j, kind, lin[i].name);
-        if (load_weight(t, k1, k2, lin[i].n, lin[i].w)) return -1;
-    }
-    return 0;
-}
-
 static int DavitModel_init(DavitModel *self, PyObject *args, PyObject *kw) {
     PyObject *cfg, *t;
     static char *kwlist[] = {"config", "tensors", NULL};
@@ -75,8 +53,7 @@ static int DavitModel_init(DavitModel *self, PyObject *args, PyObject *kw) {
     vlm_davit *m = &self->m;
     vlm_davit_config *c = &m->cfg;
     int compute = 0;
-    PyMem_Free(self->mem);
-    self->mem = NULL;
+    vlm_davit_unbind(m);
     memset(m, 0, sizeof *m);
     if (get_int(cfg, "in_chans", &c->in_chans) || get_int(cfg, "window", &c->window) ||
         get_int(cfg, "compute", &compute) || davit_int_list(cfg, "dims", c->dim) ||
@@ -90,57 +67,30 @@ static int DavitModel_init(DavitModel *self, PyObject *args, PyObject *kw) {
     if (!eps) return -1;
     c->eps = (float)PyFloat_AsDouble(eps);
     if (PyErr_Occurred()) return -1;
-    int total = 0;
     for (int s = 0; s < VLM_DAVIT_STAGES; s++) {
         if (c->depth[s] < 0 || c->depth[s] > VLM_DAVIT_MAX_DEPTH || c->dim[s] <= 0 || c->mlp_hidden[s] <= 0) {
             PyErr_Format(PyExc_ValueError, "davit stage %d: depth must be in [0, %d] and dims positive", s,
                          VLM_DAVIT_MAX_DEPTH);
             return -1;
         }
-        total += c->depth[s];
     }
     Py_XSETREF(self->tensors, Py_NewRef(t));
-    self->mem = PyMem_Calloc((size_t)(total ? total : 1), sizeof(vlm_davit_block));
-    if (!self->mem) { PyErr_NoMemory(); return -1; }
-    char k1[64], k2[64];
-    int off = 0;
-    for (int s = 0; s < VLM_DAVIT_STAGES; s++) {
-        int C = c->dim[s], Cin = s ? c->dim[s - 1] : c->in_chans;
-        snprintf(k1, sizeof k1, "conv%d", s);
-        snprintf(k2, sizeof k2, "conv%d_bias", s);
-        if (load_weight(t, k1, k2, C, &m->conv[s])) return -1;
-        snprintf(k1, sizeof k1, "norm%d", s);
-        snprintf(k2, sizeof k2, "norm%d_bias", s);
-        int nd = c->prenorm[s] ? Cin : C;
-        if (!(m->norm[s] = to_f32_vec(get_item(t, k1), k1, nd))) return -1;
-        if (!(m->norm_b[s] = to_f32_vec(get_item(t, k2), k2, nd))) return -1;
-        m->blocks[s] = self->mem + off;
-        for (int j = 0; j < c->depth[s]; j++) {
-            if (davit_load_half(t, s, j, "spatial", C, c->mlp_hidden[s], &m->blocks[s][j].spatial) ||
-                davit_load_half(t, s, j, "channel", C, c->mlp_hidden[s], &m->blocks[s][j].channel))
-                return -1;
-        }
-        off += c->depth[s];
-    }
-    vlm_err err = {{0}};
-    vlm_status st = vlm_davit_validate(m, &err);
-    if (st != VLM_OK) { raise_status(st, &err); return -1; }
-    return 0;
+    return bind_from_dict(t, (bind_fn)vlm_davit_bind, m);
 }
 
 static PyObject *DavitModel_forward(DavitModel *self, PyObject *args, PyObject *kw) {
-    PyObject *px_o;
+    PyObject *px_o, *ws_o = Py_None;
     int n_threads = 1;
-    static char *kwlist[] = {"pixels", "n_threads", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|i", kwlist, &px_o, &n_threads)) return NULL;
+    static char *kwlist[] = {"pixels", "n_threads", "workspace", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iO", kwlist, &px_o, &n_threads, &ws_o)) return NULL;
     const vlm_davit *m = &self->m;
-    if (!self->mem) { PyErr_SetString(PyExc_ValueError, "model is not initialised"); return NULL; }
-    if (n_threads < 1 || n_threads > 256) { PyErr_SetString(PyExc_ValueError, "n_threads must be in [1, 256]"); return NULL; }
+    if (!self->m.blocks[0]) { PyErr_SetString(PyExc_ValueError, "model is not initialised"); return NULL; }
+    if (check_threads(n_threads)) return NULL;
     PyArrayObject *px = (PyArrayObject *)PyArray_FROM_OTF(px_o, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
     if (!px) return NULL;
     PyArrayObject *outs[VLM_DAVIT_STAGES] = {NULL};
     PyObject *res = NULL;
-    void *scratch = NULL;
+    ws_lease wl;
     if (PyArray_NDIM(px) != 3 || PyArray_DIM(px, 0) != m->cfg.in_chans || PyArray_DIM(px, 1) <= 0 ||
         PyArray_DIM(px, 2) <= 0 || PyArray_DIM(px, 1) > 16384 || PyArray_DIM(px, 2) > 16384) {
         PyErr_Format(PyExc_ValueError, "pixels must have shape [%d, H, W] with 1 <= H, W <= 16384", m->cfg.in_chans);
@@ -159,17 +109,17 @@ static PyObject *DavitModel_forward(DavitModel *self, PyObject *args, PyObject *
         optr[s] = PyArray_DATA(outs[s]);
     }
     size_t ss = vlm_davit_scratch_size(m, H, W, n_threads);
+    if (lease_begin(&wl, ws_o)) goto done;
     Py_BEGIN_ALLOW_THREADS
-    scratch = aligned_alloc(VLM_ALIGN, vlm_align_up(ss, VLM_ALIGN));
-    vlm_pool *pool = scratch ? vlm_pool_create(n_threads) : NULL;
-    if (!scratch || !pool) st = vlm_fail(&err, VLM_ERR_NOMEM, "cannot allocate %.1f MB of davit scratch", ss / 1e6);
-    else st = vlm_davit_forward(m, pool, PyArray_DATA(px), H, W, optr, scratch, ss, &err);
-    vlm_pool_free(pool);
+    vlm_pool *pool;
+    void *scratch;
+    st = vlm_workspace_get(wl.ws, n_threads, ss, &pool, &scratch, &err);
+    if (st == VLM_OK) st = vlm_davit_forward(m, pool, PyArray_DATA(px), H, W, optr, scratch, ss, &err);
+    lease_end(&wl);
     Py_END_ALLOW_THREADS
     if (st != VLM_OK) { raise_status(st, &err); goto done; }
     res = PyTuple_Pack(4, outs[0], outs[1], outs[2], outs[3]);
 done:
-    free(scratch);
     Py_XDECREF(px);
     for (int s = 0; s < VLM_DAVIT_STAGES; s++) Py_XDECREF(outs[s]);
     return res;
@@ -179,13 +129,13 @@ static PyObject *DavitModel_scratch_bytes(DavitModel *self, PyObject *args, PyOb
     int H, W, n_threads = 1;
     static char *kwlist[] = {"height", "width", "n_threads", NULL};
     if (!PyArg_ParseTupleAndKeywords(args, kw, "ii|i", kwlist, &H, &W, &n_threads)) return NULL;
-    if (!self->mem) { PyErr_SetString(PyExc_ValueError, "model is not initialised"); return NULL; }
+    if (!self->m.blocks[0]) { PyErr_SetString(PyExc_ValueError, "model is not initialised"); return NULL; }
     return PyLong_FromSize_t(vlm_davit_scratch_size(&self->m, H, W, n_threads));
 }
 
 static PyMethodDef DavitModel_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))DavitModel_forward, METH_VARARGS | METH_KEYWORDS,
-     "forward(pixels [C, H, W] float32, n_threads=1) -> 4 stage maps, float32 [H_s, W_s, C_s] each"},
+     "forward(pixels [C, H, W] float32, n_threads=1, workspace=None) -> 4 stage maps, float32 [H_s, W_s, C_s] each"},
     {"scratch_bytes", (PyCFunction)(void (*)(void))DavitModel_scratch_bytes, METH_VARARGS | METH_KEYWORDS,
      "scratch_bytes(height, width, n_threads=1) -> bytes of scratch a forward pass allocates"},
     {NULL}};

@@ -1,10 +1,13 @@
 /* py_hfre.h — Python bindings of the hfre core (included by module.c, after its shared helpers:
- * raise_status, to_weight, to_f32_vec, get_item, get_int, load_weight). Only module.c includes it.
+ * raise_status, get_item, get_int, bind_from_dict, check_threads, lease_begin/lease_end).
+ * Only module.c includes it.
  *
  * HFREModel(config: dict, tensors: dict): read-only HFRE + projector weights (borrowed arrays; the
- * object keeps the dict alive). vlmfo1/hfre.py builds both dicts (names below) from a checkpoint.
- *   regions(aux, vt, boxes_a, boxes_q, n_threads=1) -> float32 [N, R]
- *   project(which, x, n_threads=1) -> float32 [m, n_out]   (which: 0 = mm_projector, 1 = mm_projector_aux) */
+ * object keeps the dict alive). vlmfo1/hfre.py builds both dicts from a checkpoint; vlm_hfre_bind and
+ * vlm_mlp_bind (hfre.c) name the tensors.
+ *   regions(aux, vt, boxes_a, boxes_q, n_threads=1, workspace=None) -> float32 [N, R]
+ *   project(which, x, n_threads=1, workspace=None) -> float32 [m, n_out]   (which: 0 = mm_projector, 1 = mm_projector_aux)
+ * With a Workspace, its pool and scratch are reused. */
 #include "hfre.h"
 
 typedef struct {
@@ -18,18 +21,6 @@ typedef struct {
 static void HFREModel_dealloc(HFREModel *self) {
     Py_XDECREF(self->tensors);
     Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-/* Optional LayerNorm pair "<key>_w", "<key>_b" of n floats. */
-static int hfre_ln(PyObject *t, const char *key, npy_intp n, vlm_hfre_ln *ln, int required) {
-    char kw[64], kb[64];
-    snprintf(kw, sizeof kw, "%s_w", key);
-    snprintf(kb, sizeof kb, "%s_b", key);
-    ln->w = ln->b = NULL;
-    if (!required && !PyDict_GetItemString(t, kw)) return 0;
-    if (!(ln->w = to_f32_vec(get_item(t, kw), kw, n))) return -1;
-    if (!(ln->b = to_f32_vec(get_item(t, kb), kb, n))) return -1;
-    return 0;
 }
 
 static int HFREModel_init(HFREModel *self, PyObject *args, PyObject *kw) {
@@ -52,53 +43,24 @@ static int HFREModel_init(HFREModel *self, PyObject *args, PyObject *kw) {
         snprintf(k, sizeof k, "aux_c%d", l);
         if (get_int(cfg, k, &c->aux_c[l])) return -1;
     }
-    Py_XSETREF(self->tensors, Py_NewRef(t));
-    char k1[64], k2[64];
-    if (c->use_vt && c->simple_fpn) {
-        int D = c->vt_c, F = c->fpn_c;
-        vlm_fpn_stage *s = self->m.fpn;
-        if (load_weight(t, "fpn0.ct1", "fpn0.ct1_bias", 2 * D, &s[0].ct1) ||
-            load_weight(t, "fpn0.ct2", "fpn0.ct2_bias", D, &s[0].ct2) || hfre_ln(t, "fpn0.ln0", D / 2, &s[0].ln0, 1) ||
-            load_weight(t, "fpn1.ct1", "fpn1.ct1_bias", 2 * D, &s[1].ct1))
-            return -1;
-        for (int l = 0; l < 4; l++) {
-            snprintf(k1, sizeof k1, "fpn%d.c1", l);
-            if (load_weight(t, k1, NULL, 0, &s[l].c1)) return -1;
-            snprintf(k1, sizeof k1, "fpn%d.c3", l);
-            if (load_weight(t, k1, NULL, 0, &s[l].c3)) return -1;
-            snprintf(k1, sizeof k1, "fpn%d.ln1", l);
-            if (hfre_ln(t, k1, F, &s[l].ln1, 1)) return -1;
-            snprintf(k1, sizeof k1, "fpn%d.ln3", l);
-            if (hfre_ln(t, k1, F, &s[l].ln3, 1)) return -1;
-        }
-    }
-    if (hfre_ln(t, "aux_ln", vlm_hfre_aux_dim(&self->m), &self->m.aux_ln, 0) ||
-        hfre_ln(t, "vt_ln", vlm_hfre_vt_dim(&self->m), &self->m.vt_ln, 0))
-        return -1;
-    vlm_err err = {{0}};
-    vlm_status st = vlm_hfre_validate(&self->m, &err);
-    if (st != VLM_OK) { raise_status(st, &err); return -1; }
     static const char *pname[2] = {"proj_image", "proj_aux"};
     for (int p = 0; p < 2; p++) {
-        self->has_proj[p] = n_proj[p] > 0;
-        if (!n_proj[p]) continue;
-        vlm_mlp *P = &self->proj[p];
-        P->n_layers = n_proj[p];
-        P->compute = c->compute;
-        if (n_proj[p] > VLM_MLP_MAX_LAYERS) {
-            PyErr_Format(PyExc_ValueError, "%s: at most %d layers", pname[p], VLM_MLP_MAX_LAYERS);
+        if (n_proj[p] < 0 || n_proj[p] > VLM_MLP_MAX_LAYERS) {
+            PyErr_Format(PyExc_ValueError, "%s: %d layers (0..%d supported)", pname[p], n_proj[p], VLM_MLP_MAX_LAYERS);
             return -1;
         }
-        for (int i = 0; i < n_proj[p]; i++) {
-            snprintf(k1, sizeof k1, "%s.%d", pname[p], i);
-            snprintf(k2, sizeof k2, "%s.%d_bias", pname[p], i);
-            PyObject *a = get_item(t, k1);
-            if (!a || to_weight(a, k1, &P->layers[i])) return -1;
-            if (!(P->layers[i].bias = to_f32_vec(get_item(t, k2), k2, P->layers[i].n))) return -1;
-        }
-        st = vlm_mlp_validate(P, &err);
-        if (st != VLM_OK) { raise_status(st, &err); return -1; }
+        self->has_proj[p] = n_proj[p] > 0;
+        self->proj[p] = (vlm_mlp){.n_layers = n_proj[p], .compute = c->compute, .name = pname[p]};
     }
+    Py_XSETREF(self->tensors, Py_NewRef(t));
+    vlm_tensor_table tab;
+    if (table_from_dict(t, &tab)) return -1;
+    vlm_err err = {{0}};
+    vlm_status st = vlm_hfre_bind(&self->m, &tab, &err);
+    for (int p = 0; p < 2 && st == VLM_OK; p++)
+        if (self->has_proj[p]) st = vlm_mlp_bind(&self->proj[p], &tab, &err);
+    PyMem_Free((void *)tab.items);
+    if (st != VLM_OK) { raise_status(st, &err); return -1; }
     return 0;
 }
 
@@ -129,16 +91,17 @@ static PyArrayObject *hfre_boxes(PyObject *o, npy_intp *N) {
 }
 
 static PyObject *HFREModel_regions(HFREModel *self, PyObject *args, PyObject *kw) {
-    PyObject *aux_o, *vt_o, *ba_o, *bq_o;
+    PyObject *aux_o, *vt_o, *ba_o, *bq_o, *ws_o = Py_None;
     int n_threads = 1;
-    static char *kwlist[] = {"aux", "vt", "boxes_a", "boxes_q", "n_threads", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|i", kwlist, &aux_o, &vt_o, &ba_o, &bq_o, &n_threads)) return NULL;
+    static char *kwlist[] = {"aux", "vt", "boxes_a", "boxes_q", "n_threads", "workspace", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|iO", kwlist, &aux_o, &vt_o, &ba_o, &bq_o, &n_threads, &ws_o))
+        return NULL;
     const vlm_hfre_config *c = &self->m.cfg;
     if (!c->S) { PyErr_SetString(PyExc_ValueError, "model is not initialised"); return NULL; }
-    if (n_threads < 1 || n_threads > 256) { PyErr_SetString(PyExc_ValueError, "n_threads must be in [1, 256]"); return NULL; }
+    if (check_threads(n_threads)) return NULL;
     PyArrayObject *aux[VLM_HFRE_AUX_LEVELS] = {0}, *vt[VLM_HFRE_MAX_VT] = {0}, *ba = NULL, *bq = NULL, *out = NULL;
     PyObject *res = NULL, *seq = NULL;
-    void *scratch = NULL;
+    ws_lease wl;
     int aux_hw[VLM_HFRE_AUX_LEVELS][2] = {{0}};
     const float *auxp[VLM_HFRE_AUX_LEVELS] = {0}, *vtp[VLM_HFRE_MAX_VT] = {0};
     int gh = 0, gw = 0;
@@ -184,18 +147,19 @@ static PyObject *HFREModel_regions(HFREModel *self, PyObject *args, PyObject *kw
     size_t ss = vlm_hfre_scratch_size(&self->m, (const int(*)[2])aux_hw, gh, gw, (int)N, n_threads);
     vlm_err err = {{0}};
     vlm_status st;
+    if (lease_begin(&wl, ws_o)) goto done;
     Py_BEGIN_ALLOW_THREADS
-    scratch = aligned_alloc(VLM_ALIGN, vlm_align_up(ss, VLM_ALIGN));
-    vlm_pool *pool = scratch ? vlm_pool_create(n_threads) : NULL;
-    if (!scratch || !pool) st = vlm_fail(&err, VLM_ERR_NOMEM, "cannot allocate %.1f MB of region-encoder scratch", ss / 1e6);
-    else st = vlm_hfre_forward(&self->m, pool, auxp, (const int(*)[2])aux_hw, vtp, gh, gw, ba ? PyArray_DATA(ba) : NULL,
-                               bq ? PyArray_DATA(bq) : NULL, (int)N, PyArray_DATA(out), scratch, ss, &err);
-    vlm_pool_free(pool);
+    vlm_pool *pool;
+    void *scratch;
+    st = vlm_workspace_get(wl.ws, n_threads, ss, &pool, &scratch, &err);
+    if (st == VLM_OK)
+        st = vlm_hfre_forward(&self->m, pool, auxp, (const int(*)[2])aux_hw, vtp, gh, gw, ba ? PyArray_DATA(ba) : NULL,
+                              bq ? PyArray_DATA(bq) : NULL, (int)N, PyArray_DATA(out), scratch, ss, &err);
+    lease_end(&wl);
     Py_END_ALLOW_THREADS
     if (st != VLM_OK) { raise_status(st, &err); goto done; }
     res = Py_NewRef(out);
 done:
-    free(scratch);
     Py_XDECREF(seq);
     for (int l = 0; l < VLM_HFRE_AUX_LEVELS; l++) Py_XDECREF(aux[l]);
     for (int k = 0; k < VLM_HFRE_MAX_VT; k++) Py_XDECREF(vt[k]);
@@ -205,20 +169,20 @@ done:
 
 static PyObject *HFREModel_project(HFREModel *self, PyObject *args, PyObject *kw) {
     int which, n_threads = 1;
-    PyObject *x_o;
-    static char *kwlist[] = {"which", "x", "n_threads", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO|i", kwlist, &which, &x_o, &n_threads)) return NULL;
+    PyObject *x_o, *ws_o = Py_None;
+    static char *kwlist[] = {"which", "x", "n_threads", "workspace", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO|iO", kwlist, &which, &x_o, &n_threads, &ws_o)) return NULL;
     if (which < 0 || which > 1 || !self->has_proj[which]) {
         PyErr_SetString(PyExc_ValueError, "no such projector (which must be 0 = image or 1 = aux, and have layers)");
         return NULL;
     }
-    if (n_threads < 1 || n_threads > 256) { PyErr_SetString(PyExc_ValueError, "n_threads must be in [1, 256]"); return NULL; }
+    if (check_threads(n_threads)) return NULL;
     const vlm_mlp *P = &self->proj[which];
     PyArrayObject *x = (PyArrayObject *)PyArray_FROM_OTF(x_o, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
     if (!x) return NULL;
     PyArrayObject *out = NULL;
     PyObject *res = NULL;
-    void *scratch = NULL;
+    ws_lease wl;
     if (PyArray_NDIM(x) != 2 || PyArray_DIM(x, 1) != P->layers[0].k) {
         PyErr_Format(PyExc_ValueError, "projector input must have shape [m, %lld]", (long long)P->layers[0].k);
         goto done;
@@ -229,26 +193,27 @@ static PyObject *HFREModel_project(HFREModel *self, PyObject *args, PyObject *kw
     size_t ss = vlm_mlp_scratch_size(P, m, n_threads);
     vlm_err err = {{0}};
     vlm_status st;
+    if (lease_begin(&wl, ws_o)) goto done;
     Py_BEGIN_ALLOW_THREADS
-    scratch = ss ? aligned_alloc(VLM_ALIGN, vlm_align_up(ss, VLM_ALIGN)) : NULL;
-    vlm_pool *pool = (scratch || !ss) ? vlm_pool_create(n_threads) : NULL;
-    if ((ss && !scratch) || !pool) st = vlm_fail(&err, VLM_ERR_NOMEM, "cannot allocate %.1f MB of projector scratch", ss / 1e6);
-    else st = vlm_mlp_forward(P, pool, PyArray_DATA(out), PyArray_DATA(x), m, scratch, ss, &err);
-    vlm_pool_free(pool);
+    vlm_pool *pool;
+    void *scratch;
+    st = vlm_workspace_get(wl.ws, n_threads, ss, &pool, &scratch, &err);
+    if (st == VLM_OK) st = vlm_mlp_forward(P, pool, PyArray_DATA(out), PyArray_DATA(x), m, scratch, ss, &err);
+    lease_end(&wl);
     Py_END_ALLOW_THREADS
     if (st != VLM_OK) { raise_status(st, &err); goto done; }
     res = Py_NewRef(out);
 done:
-    free(scratch);
     Py_XDECREF(x); Py_XDECREF(out);
     return res;
 }
 
 static PyMethodDef HFREModel_methods[] = {
     {"regions", (PyCFunction)(void (*)(void))HFREModel_regions, METH_VARARGS | METH_KEYWORDS,
-     "regions(aux, vt, boxes_a, boxes_q, n_threads=1) -> float32 [N, R] region vectors (before mm_projector_aux)"},
+     "regions(aux, vt, boxes_a, boxes_q, n_threads=1, workspace=None) -> float32 [N, R] region vectors "
+     "(before mm_projector_aux)"},
     {"project", (PyCFunction)(void (*)(void))HFREModel_project, METH_VARARGS | METH_KEYWORDS,
-     "project(which, x, n_threads=1) -> x through mm_projector (0) or mm_projector_aux (1)"},
+     "project(which, x, n_threads=1, workspace=None) -> x through mm_projector (0) or mm_projector_aux (1)"},
     {NULL}};
 
 static PyTypeObject HFREModelType = {

@@ -52,6 +52,50 @@ vlm_status vlm_qwen2_validate(const vlm_qwen2 *m, vlm_err *err) {
     return VLM_OK;
 }
 
+static vlm_status bind_all(vlm_qwen2 *m, const vlm_tensor_table *t, vlm_err *err) {
+    const vlm_qwen2_config *c = &m->cfg;
+    vlm_weight emb;
+    VLM_TRY(vlm_tensor_weight(t, &emb, -1, err, "embed"));
+    if (emb.n != c->vocab || emb.k != c->hidden)
+        return vlm_fail(err, VLM_ERR_SHAPE, "embed_tokens has shape [%lld, %lld], expected [%d, %d]", (long long)emb.n,
+                        (long long)emb.k, c->vocab, c->hidden);
+    m->embed = emb.data;
+    m->embed_dtype = emb.dtype;
+    if (vlm_tensor_find(t, "lm_head")) VLM_TRY(vlm_tensor_weight(t, &m->lm_head, -1, err, "lm_head"));
+    else m->lm_head = emb;
+    VLM_TRY(vlm_tensor_vec(t, &m->norm, c->hidden, err, "norm"));
+    VLM_TRY(vlm_tensor_vec(t, &m->inv_freq, c->head_dim / 2, err, "inv_freq"));
+    for (int l = 0; l < c->n_layers; l++) {
+        vlm_qwen2_layer *L = &m->layers[l];
+        const struct { const char *name; vlm_weight *w; int n_bias; } lin[] = {
+            {"q", &L->wq, q_dim(c)}, {"k", &L->wk, kv_dim(c)}, {"v", &L->wv, kv_dim(c)}, {"o", &L->wo, -1},
+            {"gate", &L->wg, -1}, {"up", &L->wu, -1}, {"down", &L->wd, -1}};
+        for (int i = 0; i < 7; i++)
+            VLM_TRY(vlm_tensor_weight(t, lin[i].w, lin[i].n_bias, err, "layers.%d.%s", l, lin[i].name));
+        VLM_TRY(vlm_tensor_vec(t, &L->ln1, c->hidden, err, "layers.%d.ln1", l));
+        VLM_TRY(vlm_tensor_vec(t, &L->ln2, c->hidden, err, "layers.%d.ln2", l));
+    }
+    return vlm_qwen2_validate(m, err);
+}
+
+vlm_status vlm_qwen2_bind(vlm_qwen2 *m, const vlm_tensor_table *t, vlm_err *err) {
+    const vlm_qwen2_config *c = &m->cfg;
+    vlm_qwen2_unbind(m);
+    if (c->n_layers <= 0 || c->n_layers > 4096 || c->hidden <= 0 || c->n_heads <= 0 || c->n_kv_heads <= 0 ||
+        c->head_dim <= 0)
+        return vlm_fail(err, VLM_ERR_ARG, "invalid decoder configuration");
+    if (!(m->layers = calloc((size_t)c->n_layers, sizeof *m->layers))) return vlm_fail(err, VLM_ERR_NOMEM, "out of memory");
+    vlm_status st = bind_all(m, t, err);
+    if (st != VLM_OK) vlm_qwen2_unbind(m);
+    return st;
+}
+
+void vlm_qwen2_unbind(vlm_qwen2 *m) {
+    if (!m) return;
+    free(m->layers);
+    m->layers = NULL;
+}
+
 /* Lays the state block out (a sizing pass when a->base is NULL): both caches, the activations of a
  * `chunk`-token chunk, the attention and matmul scratch. */
 static void state_carve(vlm_qwen2_state *s, const vlm_qwen2 *m, int n_threads, vlm_arena *a) {

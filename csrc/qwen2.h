@@ -11,6 +11,7 @@
 #include "common.h"
 #include "gemm.h"
 #include "pool.h"
+#include "tensors.h"
 
 typedef struct {
     int hidden, n_layers, n_heads, n_kv_heads, head_dim, inter, vocab;
@@ -36,6 +37,12 @@ typedef struct {
 } vlm_qwen2;
 
 typedef struct vlm_qwen2_state vlm_qwen2_state;
+
+/* Fills m's weights from t (m->cfg set by the caller) and validates them; allocates m->layers (freed by
+ * vlm_qwen2_unbind, also on failure). Tensor names: embed [vocab][hidden], lm_head (optional: tied to
+ * embed), norm, inv_freq [head_dim/2], layers.{l}.{q, k, v (each with _bias), o, gate, up, down, ln1, ln2}. */
+vlm_status vlm_qwen2_bind(vlm_qwen2 *m, const vlm_tensor_table *t, vlm_err *err);
+void vlm_qwen2_unbind(vlm_qwen2 *m);   /* NULL-safe; frees the layer table */
 
 /* Checks that every pointer and size of m is consistent. */
 vlm_status vlm_qwen2_validate(const vlm_qwen2 *m, vlm_err *err);

@@ -9,6 +9,7 @@
 #include "ops.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef struct {
@@ -66,6 +67,42 @@ vlm_status vlm_vit_validate(const vlm_vit *m, vlm_err *err) {
         if (!B->ln1 || !B->ln2) return vlm_fail(err, VLM_ERR_KEY, "vision block %d: missing norm weights", l);
     }
     return VLM_OK;
+}
+
+static vlm_status bind_all(vlm_vit *m, const vlm_tensor_table *t, vlm_err *err) {
+    const vlm_vit_config *c = &m->cfg;
+    const int D = c->hidden, I = c->inter, D4 = 4 * D;
+    VLM_TRY(vlm_tensor_weight(t, &m->patch_embed, -1, err, "patch_embed"));
+    VLM_TRY(vlm_tensor_weight(t, &m->merger1, D4, err, "merger1"));
+    VLM_TRY(vlm_tensor_weight(t, &m->merger2, c->out_hidden, err, "merger2"));
+    VLM_TRY(vlm_tensor_vec(t, &m->merger_ln, D, err, "merger_ln"));
+    VLM_TRY(vlm_tensor_vec(t, &m->inv_freq, D / c->n_heads / 2, err, "inv_freq"));
+    for (int l = 0; l < c->depth; l++) {
+        vlm_vit_block *B = &m->blocks[l];
+        const struct { const char *name; vlm_weight *w; int n; } lin[] = {
+            {"qkv", &B->qkv, 3 * D}, {"proj", &B->proj, D}, {"gate", &B->gate, I}, {"up", &B->up, I}, {"down", &B->down, D}};
+        for (int i = 0; i < 5; i++) VLM_TRY(vlm_tensor_weight(t, lin[i].w, lin[i].n, err, "blocks.%d.%s", l, lin[i].name));
+        VLM_TRY(vlm_tensor_vec(t, &B->ln1, D, err, "blocks.%d.ln1", l));
+        VLM_TRY(vlm_tensor_vec(t, &B->ln2, D, err, "blocks.%d.ln2", l));
+    }
+    return vlm_vit_validate(m, err);
+}
+
+vlm_status vlm_vit_bind(vlm_vit *m, const vlm_tensor_table *t, vlm_err *err) {
+    const vlm_vit_config *c = &m->cfg;
+    vlm_vit_unbind(m);
+    if (c->depth <= 0 || c->depth > VLM_VIT_MAX_DEPTH || c->n_heads <= 0 || c->hidden <= 0 || c->hidden % c->n_heads)
+        return vlm_fail(err, VLM_ERR_ARG, "invalid vision config (depth, hidden_size, num_heads)");
+    if (!(m->blocks = calloc((size_t)c->depth, sizeof *m->blocks))) return vlm_fail(err, VLM_ERR_NOMEM, "out of memory");
+    vlm_status st = bind_all(m, t, err);
+    if (st != VLM_OK) vlm_vit_unbind(m);
+    return st;
+}
+
+void vlm_vit_unbind(vlm_vit *m) {
+    if (!m) return;
+    free(m->blocks);
+    m->blocks = NULL;
 }
 
 int vlm_vit_n_full(const vlm_vit *m) {

@@ -11,6 +11,7 @@
 #include "common.h"
 #include "gemm.h"
 #include "pool.h"
+#include "tensors.h"
 
 #define VLM_VIT_MAX_DEPTH 256
 
@@ -36,6 +37,11 @@ typedef struct {
     const float *inv_freq;                   /* [head_dim/2] = the 2-D rotary frequencies, h half then w half */
 } vlm_vit;
 
+/* Fills m's weights from t (m->cfg set by the caller) and validates them; allocates m->blocks (freed by
+ * vlm_vit_unbind, also on failure). Tensor names: patch_embed [hidden][in_dim], merger_ln, merger1(_bias),
+ * merger2(_bias), inv_freq, blocks.{l}.{ln1, ln2, qkv, proj, gate, up, down} (the linears with _bias). */
+vlm_status vlm_vit_bind(vlm_vit *m, const vlm_tensor_table *t, vlm_err *err);
+void vlm_vit_unbind(vlm_vit *m);   /* NULL-safe; frees the block table */
 vlm_status vlm_vit_validate(const vlm_vit *m, vlm_err *err);
 int vlm_vit_n_full(const vlm_vit *m);
 size_t vlm_vit_scratch_size(const vlm_vit *m, int gh, int gw, int n_threads);

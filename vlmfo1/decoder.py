@@ -85,6 +85,7 @@ class Session:
         self.model = model
         self._state = core.Qwen2State(model._core, int(max_context), int(chunk), int(n_threads))
         self.rope_delta = 0  # added to cache indices to get rotary positions (M-RoPE after an image)
+        self.workspace = None  # the encoders' threads + scratch that travel with this cache (VLMFO1's idle pool)
 
     @property
     def n_past(self) -> int:

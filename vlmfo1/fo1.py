@@ -54,6 +54,7 @@ from .tokenizer import check_text
 from .safetensors import Checkpoint
 from .threads import default_threads
 from .vision import VisionTower
+from ._native import core
 
 FO1_VISION_PREFIX = "model.vision_tower.image_tower."
 
@@ -313,23 +314,26 @@ class VLMFO1:
         now = time.perf_counter()
         tm["preprocess"], clock = tm.get("preprocess", 0.0) + now - clock, now
 
-        tokens, vt_maps = self.vision(pixel_values, grid_thw, features=True)
-        image_tokens = self.hfre.project_image(tokens)
-        t.update(pixel_values=pixel_values, image_grid_thw=(1, gh, gw), vt_maps=vt_maps, image_tokens=image_tokens)
-        now = time.perf_counter()
-        tm["vit"], clock = now - clock, now
-        if len(b) == 0:
-            tm["davit"] = tm["hfre"] = 0.0
-            return image_tokens, (gh, gw), np.zeros((0, self.decoder.config.hidden_size), np.float32), b
+        with self._session(1) as s:   # its Workspace: the encoders' threads and scratch, kept between requests
+            ws = s.workspace
+            tokens, vt_maps = self.vision(pixel_values, grid_thw, features=True, workspace=ws)
+            image_tokens = self.hfre.project_image(tokens, workspace=ws)
+            t.update(pixel_values=pixel_values, image_grid_thw=(1, gh, gw), vt_maps=vt_maps, image_tokens=image_tokens)
+            now = time.perf_counter()
+            tm["vit"], clock = now - clock, now
+            if len(b) == 0:
+                tm["davit"] = tm["hfre"] = 0.0
+                return image_tokens, (gh, gw), np.zeros((0, self.decoder.config.hidden_size), np.float32), b
 
-        aux_maps = self.davit(aux_px)
-        now = time.perf_counter()
-        tm["davit"], clock = now - clock, now
-        feats = self.hfre.region_features([m.transpose(1, 2, 0) for m in vt_maps],
-                                          [m.transpose(1, 2, 0) for m in aux_maps], boxes_a, boxes_q,
-                                          qwen_hw=(self.processor.patch_size * gh, self.processor.patch_size * gw))
-        regions = self.hfre.project_regions(feats)
-        tm["hfre"] = time.perf_counter() - clock
+            aux_maps = self.davit(aux_px, workspace=ws)
+            now = time.perf_counter()
+            tm["davit"], clock = now - clock, now
+            feats = self.hfre.region_features([m.transpose(1, 2, 0) for m in vt_maps],
+                                              [m.transpose(1, 2, 0) for m in aux_maps], boxes_a, boxes_q,
+                                              qwen_hw=(self.processor.patch_size * gh, self.processor.patch_size * gw),
+                                              workspace=ws)
+            regions = self.hfre.project_regions(feats, workspace=ws)
+            tm["hfre"] = time.perf_counter() - clock
         t.update(aux_pixel_values=aux_px, davit_maps=aux_maps, boxes_aux=boxes_a, boxes_vt=boxes_q,
                  region_features=feats, region_tokens=regions)
         return image_tokens, (gh, gw), regions, b
@@ -396,16 +400,20 @@ class VLMFO1:
         emb[[i for i, t in enumerate(full) if t == REGION_INDEX]] = regions
         return full, emb, pos, delta
 
-    # ------------------------------------------------------------------ KV caches, reused across requests
+    # ------------------------------------------------------------------ KV caches + workspaces, reused across requests
     def _acquire_session(self, need: int):
-        """An idle KV cache with room for `need` positions (or a new one): reused across requests so that a request
-        does not allocate a KV cache and start threads (see _release_session)."""
+        """An idle KV cache with room for `need` positions (or a new one), with its encoder Workspace
+        (`s.workspace`: a thread pool and a scratch block that only grows): reused across requests so that a request
+        neither allocates a KV cache or encoder scratch nor starts threads (see _release_session). The thread that
+        acquired it is its only user until it is released."""
         with self._sessions_lock:
             for i, s in enumerate(self._sessions):
                 if s.max_context >= need:
                     return self._sessions.pop(i)
         dec = self.decoder
-        return dec.session(max_context=max(dec.max_context, need))
+        s = dec.session(max_context=max(dec.max_context, need))
+        s.workspace = core.Workspace(self.vision.n_threads)
+        return s
 
     def _release_session(self, s) -> None:
         s.reset()

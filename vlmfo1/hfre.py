@@ -316,9 +316,11 @@ class HFRE:
         return out
 
     def region_features(self, vt_maps, aux_maps, boxes_aux, boxes_q, qwen_hw: Optional[Sequence[int]] = None,
-                        check_finite: bool = True) -> np.ndarray:
+                        check_finite: bool = True, workspace=None) -> np.ndarray:
         """Region vectors [N, R] float32 (before mm_projector_aux). N = 0 gives an empty [0, R] array
-        (the official code would substitute a dummy box, but it never gets there: see spec §8.3)."""
+        (the official code would substitute a dummy box, but it never gets there: see spec §8.3).
+        workspace: a vlmfo1._core.Workspace whose thread pool and scratch the call reuses (also for the
+        projectors below)."""
         use_aux, use_vt = self._cfg["use_aux"], self._cfg["use_vt"]
         ba = _check_boxes(boxes_aux, "boxes_aux") if use_aux else None
         bq = _check_boxes(boxes_q, "boxes_q") if use_vt else None
@@ -343,9 +345,9 @@ class HFRE:
                 raise ValueError("ViT maps contain NaN or inf")
         if n == 0:
             return np.zeros((0, self.region_dim), np.float32)
-        return self._core.regions(aux, vt, ba, bq, n_threads=self.n_threads)
+        return self._core.regions(aux, vt, ba, bq, n_threads=self.n_threads, workspace=workspace)
 
-    def _project(self, which: int, x: np.ndarray, name: str) -> np.ndarray:
+    def _project(self, which: int, x: np.ndarray, name: str, workspace=None) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         k = self.proj_dims[name][0]
         if x.ndim != 2 or (k and x.shape[1] != k):
@@ -356,15 +358,15 @@ class HFRE:
             return x.copy()
         if x.shape[0] == 0:
             return np.zeros((0, self.proj_dims[name][1]), np.float32)
-        return self._core.project(which, x, n_threads=self.n_threads)
+        return self._core.project(which, x, n_threads=self.n_threads, workspace=workspace)
 
-    def project_regions(self, F: np.ndarray) -> np.ndarray:
+    def project_regions(self, F: np.ndarray, workspace=None) -> np.ndarray:
         """mm_projector_aux: [N, R] -> [N, hidden]."""
-        return self._project(1, F, "aux")
+        return self._project(1, F, "aux", workspace)
 
-    def project_image(self, tokens: np.ndarray) -> np.ndarray:
+    def project_image(self, tokens: np.ndarray, workspace=None) -> np.ndarray:
         """mm_projector on the Qwen merger output: [M, mm_hidden_size] -> [M, hidden]."""
-        return self._project(0, tokens, "image")
+        return self._project(0, tokens, "image", workspace)
 
 
 def _check_boxes(b, name: str) -> np.ndarray:

@@ -96,7 +96,8 @@ class VisionTower:
     def n_full(self) -> int:
         return self._core.n_full
 
-    def __call__(self, pixel_values: np.ndarray, grid_thw, features: bool = False):
+    def __call__(self, pixel_values: np.ndarray, grid_thw, features: bool = False, workspace=None):
+        """workspace: a vlmfo1._core.Workspace whose thread pool and scratch the call reuses (one thread at a time)."""
         t, gh, gw = (int(v) for v in np.asarray(grid_thw).reshape(-1)[:3])
         if t != 1:
             raise ValueError(f"one image (grid_t = 1) at a time, got grid_thw {tuple(np.asarray(grid_thw).ravel())}")
@@ -105,7 +106,7 @@ class VisionTower:
             raise ValueError(f"pixel_values must have shape ({gh * gw}, {self.config.in_dim}), got {px.shape}")
         if not np.isfinite(px).all():
             raise ValueError("pixel_values contain NaN or inf")
-        out = self._core.forward(px, gh, gw, n_threads=self.n_threads, features=features)
+        out = self._core.forward(px, gh, gw, n_threads=self.n_threads, features=features, workspace=workspace)
         if not features:
             return out
         tokens, feats = out
