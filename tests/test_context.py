@@ -4,13 +4,13 @@ snapshot restores the KV cache exactly; a conversation keeps its KV cache betwee
 
 On a tiny random FO1 checkpoint (bf16 as written, and converted to fp32 so the OpenBLAS path is covered), real COCO
 images with their ground-truth boxes as proposals. stop_ids=[] makes every answer max_new_tokens long."""
-import json
 import pickle
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_fo1_model import coco_case  # noqa: E402  (a COCO image and its ground-truth boxes)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TIKTOKEN = SHARED / "tokenizer" / "qwen.tiktoken"
@@ -19,14 +19,6 @@ COCO = SHARED / "coco_tiny"
 pytestmark = pytest.mark.skipif(not TIKTOKEN.exists() or not COCO.exists(), reason="shared data not found")
 
 N = 6   # new tokens per answer
-
-
-def coco_case(i):
-    ann = json.load(open(COCO / "annotations" / "instances_val2017.json"))
-    img = sorted(ann["images"], key=lambda x: x["id"])[i]
-    boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-             for a in ann["annotations"] if a["image_id"] == img["id"]]
-    return str(COCO / "val2017" / img["file_name"]), boxes
 
 
 # every task with its arguments (the image and boxes come from the case)

@@ -605,19 +605,7 @@ class VLMFO1:
 
         def run():
             toks: List[int] = []
-            bar = _progress_bar(progress, gen["max_new_tokens"], task)
-
-            def tokens():
-                for tok in self._tokens(ctx, ids, gen, timings):
-                    toks.append(tok)
-                    if bar is not None:
-                        bar.update(1)
-                    yield tok
-            try:
-                yield from self.tokenizer.incremental_decoder()(tokens())
-            finally:
-                if bar is not None:
-                    bar.close()
+            yield from self._pieces(self._tokens(ctx, ids, gen, timings), toks, progress, gen["max_new_tokens"], task)
             finish = "stop" if toks and toks[-1] in stops else "length"
             yield parse_answer(self.tokenizer.decode(toks).strip(), b, toks, scores=sc, finish_reason=finish,
                                **fields)
@@ -628,6 +616,23 @@ class VLMFO1:
         for last in it:
             pass
         return last
+
+    def _pieces(self, token_iter, toks: List[int], progress, total: int, desc: str) -> Iterator[str]:
+        """The answer's text pieces as the tokens of token_iter come (each also appended to toks), with a progress
+        bar over tokens when asked for."""
+        bar = _progress_bar(progress, total, desc)
+
+        def tokens():
+            for tok in token_iter:
+                toks.append(tok)
+                if bar is not None:
+                    bar.update(1)
+                yield tok
+        try:
+            yield from self.tokenizer.incremental_decoder()(tokens())
+        finally:
+            if bar is not None:
+                bar.close()
 
     # ------------------------------------------------------------------ multi-turn chat on an EncodedImage
     def _converse(self, conv: Conversation, text: str, max_new_tokens: Optional[int] = None, temperature: float = 0.0,
@@ -674,19 +679,9 @@ class VLMFO1:
                 inner = self._tokens(ctx, ids, gen, timings, session=conv._session)
             else:
                 inner = self._continue(conv._session, feed, ids, gen, timings)
-            bar = _progress_bar(progress, gen["max_new_tokens"], "chat")
-
-            def tokens():
-                for tok in inner:
-                    toks.append(tok)
-                    if bar is not None:
-                        bar.update(1)
-                    yield tok
             try:
-                yield from self.tokenizer.incremental_decoder()(tokens())
+                yield from self._pieces(inner, toks, progress, gen["max_new_tokens"], "chat")
             finally:
-                if bar is not None:
-                    bar.close()
                 conv._ids, conv._pending = ids + toks[:-1], toks[-1:]   # the last token is not in the KV cache yet
             finish = "stop" if toks and toks[-1] in stops else "length"
             res = parse_answer(self.tokenizer.decode(toks).strip(), ctx.boxes, toks, scores=ctx.scores,
