@@ -2,8 +2,8 @@
  *
  * Types: Qwen2Model (read-only weights borrowed from NumPy arrays, typically views of memory-mapped
  * safetensors files; the object keeps them alive), Qwen2State (one request: KV cache + scratch +
- * threads), Workspace (a thread pool + growing scratch block the encoder calls reuse), VisionModel, and
- * DavitModel / HFREModel (py_davit.h, py_hfre.h). Functions: matmul, fma_peak, gemm_info (for tests and benchmarks), op / ops (single ops, tests only).
+ * threads), Workspace (a thread pool + growing scratch block the encoder calls reuse), VisionModel,
+ * DavitModel / HFREModel (py_davit.h, py_hfre.h) and FO1Model (py_fo1.h: the vision side in one call). Functions: matmul, fma_peak, gemm_info (for tests and benchmarks), op / ops (single ops, tests only).
  * Arguments are checked and outputs allocated with the GIL held; the compute runs with the GIL
  * released; a vlm_status becomes a Python exception on the way out. */
 #define PY_SSIZE_T_CLEAN
@@ -131,9 +131,11 @@ static int bind_from_dict(PyObject *dict, bind_fn bind, void *net) {
 
 /* ---------------------------------------------------------------- Workspace */
 
-/* Workspace(n_threads=1): the pool and scratch block of the encoder calls (VisionModel.forward,
+/* Workspace(n_threads=1, reserve=0): the pool and scratch block of the encoder calls (VisionModel.forward,
  * DavitModel.forward, HFREModel.regions / project, matmul), kept between calls when passed as
- * workspace=. One thread at a time: a second concurrent user gets a RuntimeError. */
+ * workspace=, and the state of FO1Model.encode (reserve: bytes allocated up front, e.g.
+ * FO1Model.arena_bytes of the largest request). One thread at a time: a second concurrent user gets a
+ * RuntimeError. */
 typedef struct {
     PyObject_HEAD
     vlm_workspace ws;
@@ -153,8 +155,10 @@ static void Workspace_dealloc(Workspace *self) {
 
 static int Workspace_init(Workspace *self, PyObject *args, PyObject *kw) {
     int n_threads = 1;
-    static char *kwlist[] = {"n_threads", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|i", kwlist, &n_threads) || check_threads(n_threads)) return -1;
+    Py_ssize_t reserve = 0;
+    static char *kwlist[] = {"n_threads", "reserve", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|in", kwlist, &n_threads, &reserve) || check_threads(n_threads)) return -1;
+    if (reserve < 0) { PyErr_SetString(PyExc_ValueError, "reserve must be >= 0 bytes"); return -1; }
     int expected = 0;
     if (!atomic_compare_exchange_strong(&self->busy, &expected, 1)) {
         PyErr_SetString(PyExc_RuntimeError, "this workspace is in use by another thread");
@@ -166,7 +170,7 @@ static int Workspace_init(Workspace *self, PyObject *args, PyObject *kw) {
     vlm_status st;
     Py_BEGIN_ALLOW_THREADS
     vlm_workspace_clear(&self->ws);
-    st = vlm_workspace_get(&self->ws, n_threads, 0, &pool, &scratch, &err);
+    st = vlm_workspace_get(&self->ws, n_threads, (size_t)reserve, &pool, &scratch, &err);
     Py_END_ALLOW_THREADS
     atomic_store(&self->busy, 0);
     if (st != VLM_OK) { raise_status(st, &err); return -1; }
@@ -192,8 +196,8 @@ static PyTypeObject WorkspaceType = {
     .tp_name = "vlmfo1._core.Workspace",
     .tp_basicsize = sizeof(Workspace),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Workspace(n_threads=1) - a thread pool and a growing scratch block reused by encoder calls "
-              "(workspace=); one thread at a time",
+    .tp_doc = "Workspace(n_threads=1, reserve=0) - a thread pool and a growing scratch block reused by encoder "
+              "calls (workspace=) and FO1Model.encode (state); one thread at a time",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Workspace_init,
     .tp_dealloc = (destructor)Workspace_dealloc,
@@ -648,6 +652,7 @@ static PyTypeObject VisionModelType = {
 
 #include "py_davit.h"
 #include "py_hfre.h"
+#include "py_fo1.h"
 #include "py_ops.h"
 
 /* ---------------------------------------------------------------- functions */
@@ -747,7 +752,7 @@ static int module_exec(PyObject *mod) {
         return -1;
     if (PyModule_AddObjectRef(mod, "Workspace", (PyObject *)&WorkspaceType) < 0) return -1;
     if (PyModule_AddObjectRef(mod, "VisionModel", (PyObject *)&VisionModelType) < 0) return -1;
-    if (py_davit_register(mod) < 0 || py_hfre_register(mod) < 0) return -1;
+    if (py_davit_register(mod) < 0 || py_hfre_register(mod) < 0 || py_fo1_register(mod) < 0) return -1;
     if (PyModule_AddObjectRef(mod, "Qwen2Model", (PyObject *)&Qwen2ModelType) < 0) return -1;
     if (PyModule_AddObjectRef(mod, "Qwen2State", (PyObject *)&Qwen2StateType) < 0) return -1;
     return 0;

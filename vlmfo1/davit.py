@@ -142,6 +142,12 @@ class DavitEncoder:
         """pixel_values float32 [3, H, W] (one image, channel-first; a leading batch axis of 1 is accepted) ->
         the 4 stage maps as float32 (C_s, H_s, W_s) views of channels-last buffers. workspace: a
         vlmfo1._core.Workspace whose thread pool and scratch the call reuses (one thread at a time)."""
+        px = self.check_input(pixel_values)
+        maps = self._core.forward(px, n_threads=self.n_threads, workspace=workspace)
+        return [m.transpose(2, 0, 1) for m in maps]
+
+    def check_input(self, pixel_values: np.ndarray) -> np.ndarray:
+        """-> the image as float32 C-contiguous [3, H, W], refused as __call__ refuses it."""
         px = np.asarray(pixel_values)
         if px.ndim == 4 and px.shape[0] == 1:
             px = px[0]
@@ -155,8 +161,7 @@ class DavitEncoder:
             raise ValueError("pixel_values contain NaN or inf")
         if any(h < 1 or w < 1 for h, w in c.stage_sizes(px.shape[1], px.shape[2])):
             raise ValueError(f"image {px.shape[1]}x{px.shape[2]} (HxW) is too small for the DaViT patch embeddings")
-        maps = self._core.forward(px, n_threads=self.n_threads, workspace=workspace)
-        return [m.transpose(2, 0, 1) for m in maps]
+        return px
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -137,6 +137,8 @@ class VLMFO1:
         self._sessions: List = []                     # idle KV caches, reused by the next request
         self._sessions_lock = threading.Lock()
         self.decoder, self.vision, self.davit, self.hfre = decoder, vision, davit, hfre
+        # the five vision-side networks as one C model: a request's encode is one call (csrc/fo1.c)
+        self._fused = core.FO1Model(vision._core, davit._core, hfre._core)
         self.tokenizer, self.processor, self.aux_processor = tokenizer, processor, aux_processor
         self.config = raw_config
         self.path = path
@@ -272,7 +274,7 @@ class VLMFO1:
         something else still holds, when the last of them goes. The model is unusable after."""
         ckpts = {id(c): c for c in (getattr(p, "_ckpt", None) for p in (self.decoder, self.vision, self.davit))
                  if c is not None and hasattr(c, "close")}
-        self.decoder = self.vision = self.davit = self.hfre = None
+        self.decoder = self.vision = self.davit = self.hfre = self._fused = None
         self.image_cache.clear()
         with self._sessions_lock:
             self._sessions.clear()
@@ -302,6 +304,8 @@ class VLMFO1:
         """The vision side of a request: image + boxes ([N, 4] xyxy pixels) -> (image tokens [M, hidden], (gh, gw),
         region tokens [N, hidden], boxes used). `encode` wraps it with the prefix prefill.
 
+        Without trace the networks run as one C call (csrc/fo1.c) that writes the image and region tokens into one
+        buffer; with trace they run one by one (the same bits) and every intermediate comes back.
         trace: a dict that receives the named intermediates (pixel values, boxes in aux and Qwen space,
         DaViT and ViT maps, region features), for debugging and the golden tests. timings: a dict that
         receives seconds per stage (preprocess, vit, davit, hfre)."""
@@ -316,6 +320,8 @@ class VLMFO1:
 
         with self._session(1) as s:   # its Workspace: the encoders' threads and scratch, kept between requests
             ws = s.workspace
+            if trace is None:
+                return self._encode_fused(ws, pixel_values, grid_thw, aux_px, boxes_a, boxes_q, b, tm)
             tokens, vt_maps = self.vision(pixel_values, grid_thw, features=True, workspace=ws)
             image_tokens = self.hfre.project_image(tokens, workspace=ws)
             t.update(pixel_values=pixel_values, image_grid_thw=(1, gh, gw), vt_maps=vt_maps, image_tokens=image_tokens)
@@ -337,6 +343,33 @@ class VLMFO1:
         t.update(aux_pixel_values=aux_px, davit_maps=aux_maps, boxes_aux=boxes_a, boxes_vt=boxes_q,
                  region_features=feats, region_tokens=regions)
         return image_tokens, (gh, gw), regions, b
+
+    def _encode_fused(self, ws, pixel_values, grid_thw, aux_px, boxes_a, boxes_q, b, tm):
+        """encode_features as one C call: [image tokens | region tokens] written into one buffer (the returned
+        arrays are views of it); no feature map comes back to Python. Inputs are checked as the per-network
+        wrappers check them."""
+        px, gh, gw = self.vision.check_input(pixel_values, grid_thw)
+        n = len(b)
+        aux = ba = bq = None
+        if n:
+            aux = self.davit.check_input(aux_px)
+            ba, bq, _ = self.hfre.check_boxes(boxes_a, boxes_q)
+        u = gh * gw // 4
+        buf = np.empty((u + n, self.decoder.config.hidden_size), np.float32)
+        tm["vit"], tm["davit"], tm["hfre"] = self._fused.encode(ws, px, gh, gw, aux, ba, bq, buf, 0,
+                                                                np.arange(u, u + n), n_threads=self.vision.n_threads)
+        return buf[:u], (gh, gw), buf[u:], b
+
+    def _state_reserve(self) -> int:
+        """Bytes of encoder state for the largest request: an image at the FO1 size cap (2048 px sides) with the
+        most boxes. Reserved address space only: a request touches the part it uses."""
+        try:
+            h, w = self.processor.resized_size(2048, 2048)
+            wa, ha = self.aux_processor.target_size(2048, 2048)
+            p = self.processor.patch_size
+            return self._fused.arena_bytes(h // p, w // p, ha, wa, MAX_BOXES, n_threads=self.vision.n_threads)
+        except (AttributeError, ValueError):
+            return 0
 
     def preprocess(self, image, boxes, truncate_boxes: bool = False):
         """The front end of `encode` (no network runs): image + boxes -> (ViT pixel rows, grid (1, gh, gw), DaViT
@@ -403,16 +436,19 @@ class VLMFO1:
     # ------------------------------------------------------------------ KV caches + workspaces, reused across requests
     def _acquire_session(self, need: int):
         """An idle KV cache with room for `need` positions (or a new one), with its encoder Workspace
-        (`s.workspace`: a thread pool and a scratch block that only grows): reused across requests so that a request
-        neither allocates a KV cache or encoder scratch nor starts threads (see _release_session). The thread that
-        acquired it is its only user until it is released."""
+        (`s.workspace`: a thread pool and an arena reserved for the largest request, that only grows): reused across
+        requests so that a request neither allocates a KV cache or encoder scratch nor starts threads (see
+        _release_session). The thread that acquired it is its only user until it is released."""
         with self._sessions_lock:
             for i, s in enumerate(self._sessions):
                 if s.max_context >= need:
                     return self._sessions.pop(i)
         dec = self.decoder
         s = dec.session(max_context=max(dec.max_context, need))
-        s.workspace = core.Workspace(self.vision.n_threads)
+        try:
+            s.workspace = core.Workspace(self.vision.n_threads, reserve=self._state_reserve())
+        except MemoryError:   # no address space for the worst case (strict overcommit): grow per request instead
+            s.workspace = core.Workspace(self.vision.n_threads)
         return s
 
     def _release_session(self, s) -> None:

@@ -315,6 +315,14 @@ class HFRE:
             out.append(np.ascontiguousarray(m, dtype=np.float32))
         return out
 
+    def check_boxes(self, boxes_aux, boxes_q):
+        """-> (aux boxes or None, Qwen boxes or None, N): float32 [N, 4] each for the branches that are on."""
+        ba = _check_boxes(boxes_aux, "boxes_aux") if self._cfg["use_aux"] else None
+        bq = _check_boxes(boxes_q, "boxes_q") if self._cfg["use_vt"] else None
+        if ba is not None and bq is not None and len(ba) != len(bq):
+            raise ValueError(f"boxes_aux has {len(ba)} boxes but boxes_q has {len(bq)}")
+        return ba, bq, len(ba) if ba is not None else len(bq)
+
     def region_features(self, vt_maps, aux_maps, boxes_aux, boxes_q, qwen_hw: Optional[Sequence[int]] = None,
                         check_finite: bool = True, workspace=None) -> np.ndarray:
         """Region vectors [N, R] float32 (before mm_projector_aux). N = 0 gives an empty [0, R] array
@@ -322,11 +330,7 @@ class HFRE:
         workspace: a vlmfo1._core.Workspace whose thread pool and scratch the call reuses (also for the
         projectors below)."""
         use_aux, use_vt = self._cfg["use_aux"], self._cfg["use_vt"]
-        ba = _check_boxes(boxes_aux, "boxes_aux") if use_aux else None
-        bq = _check_boxes(boxes_q, "boxes_q") if use_vt else None
-        if ba is not None and bq is not None and len(ba) != len(bq):
-            raise ValueError(f"boxes_aux has {len(ba)} boxes but boxes_q has {len(bq)}")
-        n = len(ba) if ba is not None else len(bq)
+        ba, bq, n = self.check_boxes(boxes_aux, boxes_q)
         aux = None
         if use_aux:
             aux = list(aux_maps)

@@ -96,8 +96,8 @@ class VisionTower:
     def n_full(self) -> int:
         return self._core.n_full
 
-    def __call__(self, pixel_values: np.ndarray, grid_thw, features: bool = False, workspace=None):
-        """workspace: a vlmfo1._core.Workspace whose thread pool and scratch the call reuses (one thread at a time)."""
+    def check_input(self, pixel_values: np.ndarray, grid_thw):
+        """-> (pixel rows as float32 C-contiguous [gh*gw, in_dim], gh, gw), refused as __call__ refuses them."""
         t, gh, gw = (int(v) for v in np.asarray(grid_thw).reshape(-1)[:3])
         if t != 1:
             raise ValueError(f"one image (grid_t = 1) at a time, got grid_thw {tuple(np.asarray(grid_thw).ravel())}")
@@ -106,6 +106,11 @@ class VisionTower:
             raise ValueError(f"pixel_values must have shape ({gh * gw}, {self.config.in_dim}), got {px.shape}")
         if not np.isfinite(px).all():
             raise ValueError("pixel_values contain NaN or inf")
+        return px, gh, gw
+
+    def __call__(self, pixel_values: np.ndarray, grid_thw, features: bool = False, workspace=None):
+        """workspace: a vlmfo1._core.Workspace whose thread pool and scratch the call reuses (one thread at a time)."""
+        px, gh, gw = self.check_input(pixel_values, grid_thw)
         out = self._core.forward(px, gh, gw, n_threads=self.n_threads, features=features, workspace=workspace)
         if not features:
             return out
