@@ -228,6 +228,8 @@ def test_conversation_errors(fo1, case):
         conv.ask("again")
     for _ in it:
         pass
+    unused = conv.stream("never read")      # a turn that is never iterated holds nothing
+    del unused
     with pytest.raises(ValueError, match="positions"):
         conv.ask("more", max_new_tokens=fo1.decoder.max_positions - 10)
     conv.ask("more", max_new_tokens=2)

@@ -486,13 +486,7 @@ class VLMFO1:
         b = check_boxes(props.boxes, truncate=truncate_boxes)
         sc = None if props.scores is None else np.asarray(props.scores, dtype=np.float64)[:len(b)]
         source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else img
-        key = image_key(img, b) if self.image_cache.max_bytes else None
-        ctx = self.image_cache.get(key) if key is not None else None
-        if ctx is None:
-            ctx = self._encode_new(img, source, b, sc, timings, clock, prefix=True)
-            if key is not None:
-                self.image_cache.put(key, ctx)
-        return ctx
+        return self._context(img, source, b, sc, timings, clock, prefix=True)
 
     def _encode_new(self, img, source, b, sc, timings, clock, prefix: bool) -> EncodedImage:
         image_tokens, grid_hw, regions, _ = self.encode_features(img, b, timings=timings)
@@ -506,15 +500,16 @@ class VLMFO1:
             ctx.encode_timings["prefix"] = time.perf_counter() - t0
         return ctx
 
-    def _context(self, img, source, b, sc, timings, clock) -> EncodedImage:
-        """The EncodedImage of one task call: from the image cache, or encoded now (kept there when it is on)."""
+    def _context(self, img, source, b, sc, timings, clock, prefix: bool = False) -> EncodedImage:
+        """The EncodedImage of one image and its boxes: from the image cache, or encoded now (kept there when the
+        cache is on). prefix: snapshot the shared prompt prefix (always when the result is cached)."""
         key = image_key(img, b) if self.image_cache.max_bytes else None
         ctx = self.image_cache.get(key) if key is not None else None
         if ctx is not None:
             timings.update(vit=0.0, davit=0.0, hfre=0.0)
             timings["preprocess"] = time.perf_counter() - clock
             return ctx
-        ctx = self._encode_new(img, source, b, sc, timings, clock, prefix=key is not None)
+        ctx = self._encode_new(img, source, b, sc, timings, clock, prefix=prefix or key is not None)
         if key is not None:
             self.image_cache.put(key, ctx)
         return ctx
@@ -674,42 +669,39 @@ class VLMFO1:
     def _converse(self, conv: Conversation, text: str, max_new_tokens: Optional[int] = None, temperature: float = 0.0,
                   top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None, stop_ids=None,
                   repetition_penalty: Optional[float] = None, progress=None):
+        """Check the options and the text now; the turn itself (which owns the conversation while it runs) starts
+        when the returned iterator is first advanced, so an iterator that is never used holds nothing."""
         self._check_open()
-        ctx = conv.ctx
         gen = self._check_generation(max_new_tokens, temperature, top_p, top_k, seed, stop_ids, repetition_penalty)
         t = _one_text(text, "text")
-        self._task_text(lambda n: t, len(ctx.boxes))
+        self._task_text(lambda n: t, len(conv.ctx.boxes))
+        self._check_prompt_text(t)
+        return self._turn(conv, t, gen, progress)
+
+    def _turn(self, conv: Conversation, text, gen, progress):
+        ctx, dec = conv.ctx, self.decoder
         if not conv._lock.acquire(blocking=False):
             raise RuntimeError("this conversation is answering in another thread; one turn at a time")
         try:
             if conv._session is None:            # the first turn: the one-turn chat prompt
-                ids, _ = self._prompt(t, len(ctx.boxes))
+                ids, _ = self._prompt(text, len(ctx.boxes))
                 feed = None
             else:                                # later turns: the answer's last token + the next user turn
-                self._check_prompt_text(t)
                 end = [] if conv._pending and conv._pending[-1] == IM_END_ID else [IM_END_ID]
                 feed = conv._pending + end + self.tokenizer.encode(
-                    "\n<|im_start|>user\n" + t + "<|im_end|>\n<|im_start|>assistant\n")
+                    "\n<|im_start|>user\n" + text + "<|im_end|>\n<|im_start|>assistant\n")
                 ids = conv._ids + feed
             n_prompt = len(ids) - 1 + len(ctx.image_tokens)
             if gen["max_new_tokens"] is None:
-                gen["max_new_tokens"] = min(MAX_NEW_TOKENS["chat"][0], self.decoder.max_positions - n_prompt)
-            check_request_length(self.decoder, n_prompt, gen["max_new_tokens"])
+                gen["max_new_tokens"] = min(MAX_NEW_TOKENS["chat"][0], dec.max_positions - n_prompt)
+            check_request_length(dec, n_prompt, gen["max_new_tokens"])
             if conv._session is not None and n_prompt + gen["max_new_tokens"] > conv._session.max_context:
                 raise ValueError(f"the conversation would reach {n_prompt + gen['max_new_tokens']} positions, more "
                                  f"than its KV cache holds ({conv._session.max_context}); start a new conversation or "
                                  "ask for fewer max_new_tokens")
-        except BaseException:
-            conv._lock.release()
-            raise
-        return self._turn(conv, ids, feed, t, gen, progress)
-
-    def _turn(self, conv: Conversation, ids, feed, text, gen, progress):
-        ctx, dec = conv.ctx, self.decoder
-        timings = dict(preprocess=0.0, vit=0.0, davit=0.0, hfre=0.0)
-        stops = set(dec.stop_ids if gen["stop_ids"] is None else gen["stop_ids"])
-        toks: List[int] = []
-        try:
+            timings = dict(preprocess=0.0, vit=0.0, davit=0.0, hfre=0.0)
+            stops = set(dec.stop_ids if gen["stop_ids"] is None else gen["stop_ids"])
+            toks: List[int] = []
             if conv._session is None:
                 conv._session = self._acquire_session(dec.max_context)
                 inner = self._tokens(ctx, ids, gen, timings, session=conv._session)
