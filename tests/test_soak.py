@@ -34,7 +34,11 @@ entry of /proc/self/maps in two and back (measured: 288 -> 289 -> 290 -> 289 lin
 which would make "the number of mappings is constant" test NumPy's page advice instead of our releases. The failed
 loads also run with PYTHONMALLOC=malloc: under pymalloc a 1 MiB arena of its own came and went once in 60 failed loads
 (measured: 407 -> 406 lines, the one anonymous 1 MiB region; no checkpoint mapping), so with the default allocator
-the count wanders by one line without any leak.
+the count wanders by one line without any leak. Even with those measures the line count still wandered by one on a CI
+run (320 -> 321 over the LanguageModel cycles: glibc merging or splitting two neighbouring anonymous regions), so the
+total count is checked for what a leak does: grow with the cycles. It may wander by MAPS_WOBBLE lines around its
+level after warm-up and no further (a leak of one mapping every ten cycles would add 8 over 80); the mappings of
+checkpoint files and the open descriptors, which are ours alone, are checked to be exactly back to the baseline.
 """
 from __future__ import annotations
 
@@ -73,6 +77,7 @@ THREADS, PER_THREAD = 8, 3 if SANITIZED else 25   # the concurrency test: 8 Pyth
 N_REQUESTS = 200                  # the request soak
 N_CYCLES = 100                    # load/release cycles per model
 N_FAILED = 100                    # failed loads per model
+MAPS_WOBBLE = 2                   # /proc/self/maps lines the allocator may add or merge without a leak
 WARMUP_REQUESTS = 20
 WARMUP_CYCLES = 20
 RSS_GROWTH = 0.01                 # < 1% after warm-up
@@ -312,7 +317,7 @@ def test_one_model_many_threads_matches_serial(soak, request):
 def test_no_leak_over_200_requests(soak, request):
     """200 requests on one model in a fresh process (20 distinct mixed ones, every task and box count, 10 times over;
     each repeat gives its first result again): after the first 20 (the warm-up), RSS and its anonymous part grow
-    < 1%, and the open descriptors and /proc/self/maps lines stay exactly constant."""
+    < 1%, and the open descriptors and /proc/self/maps lines stay constant (within MAPS_WOBBLE)."""
     r = soak["requests"].result()
     s, w = r["series"], WARMUP_REQUESTS              # series[0]: after loading, series[i]: after request i
     rss0, rss1, g = _growth(s, "rss", w)
@@ -326,7 +331,12 @@ def test_no_leak_over_200_requests(soak, request):
     assert r["n"] == N_REQUESTS and len(r["tasks"]) == 9 and r["boxes"] == [0, 1, 2, 3, 5, 7]
     assert SANITIZED or (g < RSS_GROWTH and ga < RSS_GROWTH)
     assert {x["fds"] for x in s[w:]} == {s[w]["fds"]}
-    assert SANITIZED or {x["maps"] for x in s[w:]} == {s[w]["maps"]}
+    assert _maps_steady(s[w:]), "mappings leaked"
+
+
+def _maps_steady(s):
+    """The /proc/self/maps line counts of `s` stay within MAPS_WOBBLE of the first (see the module doc)."""
+    return SANITIZED or max(abs(x["maps"] - s[0]["maps"]) for x in s) <= MAPS_WOBBLE
 
 
 def _check_cycles(request, name, r):
@@ -347,14 +357,15 @@ def _check_cycles(request, name, r):
     assert all(x["ckpt_maps"] == 0 and x["ckpt_fds"] == 0 for x in r["closed"]), "close() left files mapped/open"
     assert all(x["ckpt_maps"] == 0 and x["ckpt_fds"] == 0 for x in s), "a released model left its files mapped/open"
     assert {x["fds"] for x in s} == {s[0]["fds"]}, "descriptors leaked"
-    assert SANITIZED or {x["maps"] for x in s[w:]} == {s[w]["maps"]}, "mappings leaked"
+    assert _maps_steady(s[w:]), "mappings leaked"
     assert SANITIZED or g < RSS_GROWTH
 
 
 def test_no_leak_fo1_load_cycles(soak, request):
     """100 VLMFO1 load/release cycles (alternately close() and a plain `del` with the cyclic GC off): after each,
-    no checkpoint file is mapped or open, descriptors are back to the baseline and the mapping count stays constant;
-    RSS grows < 1% over the cycles after 20 of warm-up (PYTHONMALLOC=malloc, see the module doc)."""
+    no checkpoint file is mapped or open, descriptors are back to the baseline and the mapping count stays level
+    (within MAPS_WOBBLE); RSS grows < 1% over the cycles after 20 of warm-up (PYTHONMALLOC=malloc, see the module
+    doc)."""
     r = soak["load_fo1"].result()
     assert len(r["how"]) == N_CYCLES and set(r["how"]) == {"close", "del"}
     _check_cycles(request, "VLMFO1", r)
@@ -362,7 +373,7 @@ def test_no_leak_fo1_load_cycles(soak, request):
 
 def test_no_leak_qwen2_load_cycles(soak, request):
     """100 LanguageModel load + close() cycles, then 100 load + `del` cycles (the cyclic GC off), default allocator:
-    descriptors and mappings back to the baseline after each, RSS growth < 1% after warm-up."""
+    descriptors back to the baseline after each, mappings level, RSS growth < 1% after warm-up."""
     r = soak["load_qwen2"].result()
     assert r["how"].count("close") == N_CYCLES and r["how"].count("del") == N_CYCLES
     _check_cycles(request, "LanguageModel", r)
@@ -385,6 +396,6 @@ def test_failed_loads_leave_nothing_behind(soak, request):
             assert exc in got_types and part in msg, f"{path}: expected {exc} with {part!r}, got {got_types}: {msg}"
         assert r["n"] == N_FAILED
         assert {x["fds"] for x in s} == {s[0]["fds"]}
-        assert SANITIZED or {x["maps"] for x in s} == {s[0]["maps"]}
+        assert _maps_steady(s), "mappings leaked"
         assert {x["ckpt_maps"] for x in s} == {0}
         assert SANITIZED or g < RSS_GROWTH
