@@ -170,6 +170,9 @@ class LanguageModel:
         self.max_context = check_max_context(max_context, config, 4096)   # the longest prompt; the default cache
         self._ckpt = checkpoint  # keeps the memory maps alive
         self._tensors = tensors
+        # an int8 output layer quantized from the tied embedding table: a copy, not parameters of its own
+        self.tied_head_copy = "lm_head" in tensors and tensors["lm_head"].dtype == np.int8 and not any(
+            n in checkpoint for n in _LM_HEAD) if checkpoint is not None else False
         self.stop_ids = sorted(set(config.eos_token_id) | set(generation_eos))
         c = config
         mr = list(c.mrope_section) if c.mrope_section else [c.head_dim // 2, 0, 0]

@@ -240,7 +240,8 @@ class VLMFO1:
                 stack.extend((key, v) for v in a)
             elif isinstance(a, np.ndarray) and id(a) not in seen:
                 seen.add(id(a))
-                if not (isinstance(key, str) and key.endswith(("_scale", "_wsum"))):   # int8 bookkeeping
+                if not (isinstance(key, str) and (key.endswith(("_scale", "_wsum"))    # int8 bookkeeping
+                                                  or (key == "lm_head" and getattr(part, "tied_head_copy", False)))):
                     n += a.size
                 nbytes += a.nbytes
                 kinds.add("bf16" if a.dtype == np.uint16 else str(a.dtype).replace("float", "f"))
