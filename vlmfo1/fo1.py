@@ -259,6 +259,14 @@ class VLMFO1:
         self._check_open()
         return sum(self._size(p)[1] for _, p in self._parts())
 
+    def memory_report(self) -> str:
+        """The weights each network holds, by element type, e.g. "weights: decoder 3.15 GiB (int8/f32/bf16), ViT
+        1.26 GiB (bf16/f32), ...; 5.10 GiB in all" (memory-mapped stored weights included: what the engine reads)."""
+        self._check_open()
+        sizes = {name: self._size(p) for name, p in self._parts()}
+        parts = ", ".join(f"{name} {b / 2**30:.2f} GiB ({'/'.join(sorted(k))})" for name, (_, b, k) in sizes.items())
+        return f"weights: {parts}; {sum(b for _, b, _ in sizes.values()) / 2**30:.2f} GiB in all"
+
     def __repr__(self) -> str:
         if self.decoder is None:
             return f"VLMFO1(closed, path={self.path!r})"
