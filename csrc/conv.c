@@ -101,12 +101,10 @@ vlm_status vlm_conv2d(const vlm_mm_ctx *mm, float *out, const float *in, const v
 vlm_status vlm_conv3x3_padded(const vlm_mm_ctx *mm, float *out, const float *P, const vlm_weight *w, long H,
                               size_t pitch, int Co) {
     const int64_t rows = (int64_t)H * (int64_t)pitch - 2;
-    const size_t esz = w->dtype == VLM_BF16 ? 2 : 4;
     const size_t Ci = (size_t)w->k;
     for (int t = 0; t < 9; t++) {   /* tap t = ty·3 + tx reads P shifted by ty rows and tx pixels */
-        vlm_weight tap = *w;
-        tap.n = Co;
-        tap.data = (const char *)w->data + (size_t)t * Co * Ci * esz;
+        vlm_weight tap = vlm_weight_rows(w, (int64_t)t * Co, Co);
+        tap.bias = t == 0 ? w->bias : NULL;   /* a bias is added once */
         VLM_TRY(vlm_mm(mm, out, Co, P + ((size_t)(t / 3) * pitch + t % 3) * Ci, (int64_t)Ci, rows, &tap, t > 0));
     }
     return VLM_OK;

@@ -38,3 +38,12 @@ int vlm_cpu_isa(void) {
 const char *vlm_isa_name(int level) { return level >= 0 && level < 4 ? isa_names[level] : "?"; }
 
 int vlm_cpu_has_avx512(void) { return vlm_cpu_isa() >= VLM_ISA_AVX512; }
+
+int vlm_cpu_has_vnni(void) {
+#if VLM_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni");
+#else
+    return 0;
+#endif
+}

@@ -250,12 +250,8 @@ static vlm_status channel_attention(dv_run *r, int s, float *x, const vlm_davit_
     const int C = c->dim[s], G = c->groups[s], d = C / G;
     const long step = chunk_rows(c, s, N);
     const float scale = (float)(1.0 / sqrt((double)N));  /* q * N^-0.5, N = tokens */
-    const size_t esz = B->qkv.dtype == VLM_BF16 ? 2 : 4;
-    vlm_weight wqk = B->qkv, wv = B->qkv;   /* views of the qkv weight: q and k rows, v rows */
-    wqk.n = 2 * C;
-    wv.n = C;
-    wv.data = (const char *)B->qkv.data + (size_t)2 * C * C * esz;
-    wv.bias = B->qkv.bias + 2 * C;
+    /* views of the qkv weight: q and k rows, v rows */
+    vlm_weight wqk = vlm_weight_rows(&B->qkv, 0, 2 * C), wv = vlm_weight_rows(&B->qkv, 2 * C, C);
     memset(r->S.A, 0, (size_t)C * d * sizeof(float));
     for (long t0 = 0; t0 < N; t0 += step) {
         long nr = N - t0 < step ? N - t0 : step;

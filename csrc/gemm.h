@@ -2,15 +2,19 @@
  *
  * Every linear layer of every network goes through vlm_matmul with a vlm_weight: a weight matrix in
  * the PyTorch Linear layout W[n][k] (row-major, k contiguous), stored as fp32 or bf16 exactly as it
- * lies in the (memory-mapped) checkpoint, plus an optional fp32 bias. New storage formats (int8, AMX
- * tile layouts) plug in here as new vlm_dtype values without touching the models. */
+ * lies in the (memory-mapped) checkpoint, or as int8 with one scale per output channel (quantized at load by
+ * vlm_quantize_i8; the arithmetic is in gemm_i8.c), plus an optional fp32 bias. New storage formats (AMX tile
+ * layouts, 4-bit blocks) plug in here as new vlm_dtype values without touching the models. */
 #ifndef VLM_GEMM_H
 #define VLM_GEMM_H
 
 #include "common.h"
 #include "pool.h"
 
-typedef enum { VLM_F32 = 0, VLM_BF16 = 1 } vlm_dtype;
+typedef enum { VLM_F32 = 0, VLM_BF16 = 1, VLM_I8 = 2 } vlm_dtype;
+
+/* int8 weights: the largest k (every integer partial sum stays inside int32: 255 * 127 * k < 2^31). */
+#define VLM_I8_MAX_K 65536
 
 /* How activations meet bf16 weights: F32 keeps activations in fp32 (weights widened exactly);
  * BF16 rounds activations to bf16 (round-to-nearest-even) and accumulates in fp32, like a bf16
@@ -22,6 +26,8 @@ typedef struct {
     int64_t n, k;        /* output features, input features */
     const void *data;    /* [n][k] elements of `dtype`, row stride k */
     const float *bias;   /* [n] or NULL */
+    const float *scale;  /* VLM_I8 only: [n] per-output-channel scales, W[j][t] ~ scale[j] * data[j][t] */
+    const float *wsum;   /* VLM_I8 only: [n] sum over t of data[j][t] (an exact integer held in a float) */
 } vlm_weight;
 
 /* out[i][j] (row stride ldo) = sum_k x[i][k] * W[j][k] + bias[j], for i < m, j < n;
@@ -34,6 +40,35 @@ vlm_status vlm_matmul(vlm_pool *pool, float *out, int64_t ldo, const float *x, i
                       const vlm_weight *w, vlm_compute cmode, int accumulate,
                       void *scratch, size_t scratch_size, vlm_err *err);
 size_t vlm_matmul_scratch_size(int64_t m, const vlm_weight *w, vlm_compute cmode, int n_threads);
+
+/* Rows [r0, r0 + rows) of w as a weight of their own (data, bias, scale and wsum offset alike, any dtype);
+ * the caller keeps the range inside w. */
+static inline vlm_weight vlm_weight_rows(const vlm_weight *w, int64_t r0, int64_t rows) {
+    static const size_t esz[] = {4, 2, 1}; /* VLM_F32, VLM_BF16, VLM_I8 */
+    vlm_weight v = *w;
+    v.n = rows;
+    v.data = (const char *)w->data + (size_t)r0 * (size_t)w->k * esz[w->dtype];
+    if (w->bias) v.bias = w->bias + r0;
+    if (w->scale) v.scale = w->scale + r0;
+    if (w->wsum) v.wsum = w->wsum + r0;
+    return v;
+}
+
+/* int8 weights (VLM_I8; gemm_i8.c): the activations are quantized per row into scratch (so bf16 / f32
+ * compute modes do not apply) and the dot products are exact integer sums, so the result is bitwise identical
+ * on every CPU, kernel level and pool size. vlm_matmul dispatches here; vlm_matmul_scratch_size covers it. */
+vlm_status vlm_matmul_i8(vlm_pool *pool, float *out, int64_t ldo, const float *x, int64_t ldx, int64_t m,
+                         const vlm_weight *w, int accumulate, void *scratch, size_t scratch_size, vlm_err *err);
+size_t vlm_matmul_i8_scratch_size(int64_t m, int64_t k);
+/* "avx512vnni", "avx2" or "generic": the int8 kernel family vlm_cpu_isa() (and its cap) selects. */
+const char *vlm_matmul_i8_kernel_name(void);
+
+/* Symmetric per-row int8 quantization of a [n][k] fp32 or bf16 matrix (the load-time step of int8 weights):
+ * scale[j] = max_t |W[j][t]| / 127, q[j][t] = clamp(round-half-even(W[j][t] / scale[j]), -127, 127),
+ * wsum[j] = sum_t q[j][t]; an all-zero row gets scale 0. Runs on pool (may be NULL: the calling thread).
+ * VLM_ERR_ARG for a row holding NaN or inf (named), bad sizes or k > VLM_I8_MAX_K. */
+vlm_status vlm_quantize_i8(vlm_pool *pool, const void *src, vlm_dtype dtype, int64_t n, int64_t k, int8_t *q,
+                           float *scale, float *wsum, vlm_err *err);
 
 /* The matmul context of a forward pass: its pool, compute mode and the scratch all its projections share.
  * vlm_mm(c, ...) = vlm_matmul with those, the one call every network makes. */

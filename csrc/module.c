@@ -38,7 +38,7 @@ static PyObject *raise_status(vlm_status st, const vlm_err *err) {
     return NULL;
 }
 
-/* A weight array: 2-D, C-contiguous, float32 or uint16 (bf16 bits). */
+/* A weight array: 2-D, C-contiguous, float32, uint16 (bf16 bits) or int8 (the caller adds scale and wsum). */
 static int to_weight(PyObject *obj, const char *name, vlm_weight *w) {
     if (!PyArray_Check(obj)) { PyErr_Format(PyExc_TypeError, "%s: expected a numpy array", name); return -1; }
     PyArrayObject *a = (PyArrayObject *)obj;
@@ -47,11 +47,12 @@ static int to_weight(PyObject *obj, const char *name, vlm_weight *w) {
     int t = PyArray_TYPE(a);
     if (t == NPY_FLOAT32) w->dtype = VLM_F32;
     else if (t == NPY_UINT16) w->dtype = VLM_BF16;
-    else { PyErr_Format(PyExc_TypeError, "%s: dtype must be float32 or uint16 (bf16 bits)", name); return -1; }
+    else if (t == NPY_INT8) w->dtype = VLM_I8;
+    else { PyErr_Format(PyExc_TypeError, "%s: dtype must be float32, uint16 (bf16 bits) or int8", name); return -1; }
     w->n = PyArray_DIM(a, 0);
     w->k = PyArray_DIM(a, 1);
     w->data = PyArray_DATA(a);
-    w->bias = NULL;
+    w->bias = w->scale = w->wsum = NULL;
     return 0;
 }
 
@@ -108,7 +109,7 @@ static int table_from_dict(PyObject *dict, vlm_tensor_table *t) {
             int type = PyArray_TYPE(a);
             e->ndim = PyArray_NDIM(a);
             for (int d = 0; d < e->ndim && d < VLM_TENSOR_MAX_DIMS; d++) e->shape[d] = PyArray_DIM(a, d);
-            e->dtype = type == NPY_FLOAT32 ? VLM_F32 : type == NPY_UINT16 ? VLM_BF16 : -1;
+            e->dtype = type == NPY_FLOAT32 ? VLM_F32 : type == NPY_UINT16 ? VLM_BF16 : type == NPY_INT8 ? VLM_I8 : -1;
             e->contiguous = PyArray_IS_C_CONTIGUOUS(a);
             e->data = PyArray_DATA(a);
         }
@@ -658,12 +659,13 @@ static PyTypeObject VisionModelType = {
 /* ---------------------------------------------------------------- functions */
 
 static PyObject *py_matmul(PyObject *mod, PyObject *args, PyObject *kw) {
-    PyObject *x_o, *w_o, *b_o = Py_None, *out_o = Py_None, *ws_o = Py_None;
+    PyObject *x_o, *w_o, *b_o = Py_None, *out_o = Py_None, *ws_o = Py_None, *sc_o = Py_None, *ws8_o = Py_None;
     const char *compute = "f32";
     int n_threads = 1, accumulate = 0;
-    static char *kwlist[] = {"x", "w", "bias", "compute", "n_threads", "out", "accumulate", "workspace", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OsiOpO", kwlist, &x_o, &w_o, &b_o, &compute, &n_threads, &out_o,
-                                     &accumulate, &ws_o))
+    static char *kwlist[] = {"x", "w", "bias", "compute", "n_threads", "out", "accumulate", "workspace", "scale",
+                             "wsum", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OsiOpOOO", kwlist, &x_o, &w_o, &b_o, &compute, &n_threads, &out_o,
+                                     &accumulate, &ws_o, &sc_o, &ws8_o))
         return NULL;
     vlm_compute cm;
     if (!strcmp(compute, "f32")) cm = VLM_COMPUTE_F32;
@@ -683,6 +685,16 @@ static PyObject *py_matmul(PyObject *mod, PyObject *args, PyObject *kw) {
         goto done;
     }
     if (b_o != Py_None && !(w.bias = to_f32_vec(b_o, "bias", w.n))) goto done;
+    if (w.dtype == VLM_I8) {
+        if (sc_o == Py_None || ws8_o == Py_None) {
+            PyErr_SetString(PyExc_TypeError, "an int8 w needs scale= and wsum= (see quantize_i8)");
+            goto done;
+        }
+        if (!(w.scale = to_f32_vec(sc_o, "scale", w.n)) || !(w.wsum = to_f32_vec(ws8_o, "wsum", w.n))) goto done;
+    } else if (sc_o != Py_None || ws8_o != Py_None) {
+        PyErr_SetString(PyExc_TypeError, "scale= and wsum= are for int8 weights only");
+        goto done;
+    }
     npy_intp m = PyArray_DIM(x, 0);
     if (out_o != Py_None) {
         if (!PyArray_Check(out_o) || PyArray_TYPE((PyArrayObject *)out_o) != NPY_FLOAT32 ||
@@ -719,6 +731,43 @@ done:
     return res;
 }
 
+/* quantize_i8(w, n_threads=1) -> (q int8 [n][k], scale float32 [n], wsum float32 [n]) (see gemm.h). */
+static PyObject *py_quantize_i8(PyObject *mod, PyObject *args, PyObject *kw) {
+    PyObject *w_o;
+    int n_threads = 1;
+    static char *kwlist[] = {"w", "n_threads", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|i", kwlist, &w_o, &n_threads)) return NULL;
+    if (check_threads(n_threads)) return NULL;
+    vlm_weight w;
+    if (to_weight(w_o, "w", &w)) return NULL;
+    if (w.dtype == VLM_I8) { PyErr_SetString(PyExc_TypeError, "w: already int8"); return NULL; }
+    if (w.n == 0 || w.k == 0) { PyErr_SetString(PyExc_ValueError, "w: empty matrix"); return NULL; }
+    npy_intp dq[2] = {(npy_intp)w.n, (npy_intp)w.k}, dn[1] = {(npy_intp)w.n};
+    PyArrayObject *q = (PyArrayObject *)PyArray_SimpleNew(2, dq, NPY_INT8);
+    PyArrayObject *sc = (PyArrayObject *)PyArray_SimpleNew(1, dn, NPY_FLOAT32);
+    PyArrayObject *su = (PyArrayObject *)PyArray_SimpleNew(1, dn, NPY_FLOAT32);
+    PyObject *res = NULL;
+    if (!q || !sc || !su) goto done;
+    vlm_err err = {{0}};
+    vlm_status st;
+    Py_BEGIN_ALLOW_THREADS
+    vlm_pool *pool = n_threads > 1 ? vlm_pool_create(n_threads) : NULL;
+    st = n_threads > 1 && !pool ? vlm_fail(&err, VLM_ERR_NOMEM, "quantize_i8: cannot start %d threads", n_threads)
+                                : VLM_OK;
+    if (st == VLM_OK)
+        st = vlm_quantize_i8(pool, w.data, w.dtype, w.n, w.k, PyArray_DATA(q), PyArray_DATA(sc), PyArray_DATA(su),
+                             &err);
+    vlm_pool_free(pool);
+    Py_END_ALLOW_THREADS
+    if (st != VLM_OK) { raise_status(st, &err); goto done; }
+    res = PyTuple_Pack(3, (PyObject *)q, (PyObject *)sc, (PyObject *)su);
+done:
+    Py_XDECREF(q);
+    Py_XDECREF(sc);
+    Py_XDECREF(su);
+    return res;
+}
+
 static PyObject *py_fma_peak(PyObject *mod, PyObject *arg) {
     long n = PyLong_AsLong(arg);
     if (n == -1 && PyErr_Occurred()) return NULL;
@@ -731,12 +780,16 @@ static PyObject *py_fma_peak(PyObject *mod, PyObject *arg) {
 }
 
 static PyObject *py_gemm_info(PyObject *mod, PyObject *unused) {
-    return Py_BuildValue("{ssss}", "kernel", vlm_gemm_kernel_name(), "blas", vlm_blas_info());
+    return Py_BuildValue("{ssssss}", "kernel", vlm_gemm_kernel_name(), "blas", vlm_blas_info(), "int8_kernel",
+                         vlm_matmul_i8_kernel_name());
 }
 
 static PyMethodDef module_methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_VARARGS | METH_KEYWORDS,
-     "matmul(x, w, bias=None, compute='f32', n_threads=1, out=None, accumulate=False, workspace=None) -> x @ w.T + bias"},
+     "matmul(x, w, bias=None, compute='f32', n_threads=1, out=None, accumulate=False, workspace=None, scale=None, "
+     "wsum=None) -> x @ w.T + bias (int8 w: with its scale and wsum from quantize_i8)"},
+    {"quantize_i8", (PyCFunction)(void (*)(void))py_quantize_i8, METH_VARARGS | METH_KEYWORDS,
+     "quantize_i8(w, n_threads=1) -> (q int8, scale float32, wsum float32): per-output-channel int8 weights"},
     {"fma_peak", py_fma_peak, METH_O, "fma_peak(n_threads) -> measured fp32 FMA peak in GFLOP/s"},
     {"gemm_info", py_gemm_info, METH_NOARGS, "gemm_info() -> dict(kernel=..., blas=...)"},
     {"op", (PyCFunction)(void (*)(void))py_op, METH_VARARGS | METH_KEYWORDS,

@@ -31,7 +31,7 @@ typedef struct {
 #define SIZING(...) do { if (c->sizing) { NEED(__VA_ARGS__); return VLM_OK; } } while (0)
 
 static vlm_weight op_weight(const float *w, const float *bias, long n, long k) {
-    return (vlm_weight){VLM_F32, n, k, w, bias};
+    return (vlm_weight){.dtype = VLM_F32, .n = n, .k = k, .data = w, .bias = bias};
 }
 
 static vlm_status op_gelu_erf(op_call *c) {

@@ -51,13 +51,23 @@ vlm_status vlm_tensor_weight(const vlm_tensor_table *t, vlm_weight *w, int64_t n
     VLM_TRY(lookup(t, name, &a, err));
     if (a->ndim != 2) return vlm_fail(err, VLM_ERR_SHAPE, "%s: expected a 2-D array, got %d-D", name, a->ndim);
     if (!a->contiguous) return vlm_fail(err, VLM_ERR_SHAPE, "%s: array must be C-contiguous", name);
-    if (a->dtype != VLM_F32 && a->dtype != VLM_BF16)
-        return vlm_fail(err, VLM_ERR_TYPE, "%s: dtype must be float32 or uint16 (bf16 bits)", name);
+    if (a->dtype != VLM_F32 && a->dtype != VLM_BF16 && a->dtype != VLM_I8)
+        return vlm_fail(err, VLM_ERR_TYPE, "%s: dtype must be float32, uint16 (bf16 bits) or int8", name);
     w->dtype = (vlm_dtype)a->dtype;
     w->n = a->shape[0];
     w->k = a->shape[1];
     w->data = a->data;
-    w->bias = NULL;
+    w->bias = w->scale = w->wsum = NULL;
+    if (w->dtype == VLM_I8) { /* its per-channel scales and sums ride along as <name>_scale, <name>_wsum */
+        char aux[176];
+        if (w->k > VLM_I8_MAX_K)
+            return vlm_fail(err, VLM_ERR_SHAPE, "%s: int8 weight with k=%lld > %d", name, (long long)w->k,
+                            VLM_I8_MAX_K);
+        snprintf(aux, sizeof aux, "%s_scale", name);
+        VLM_TRY(vec(t, &w->scale, w->n, aux, err));
+        snprintf(aux, sizeof aux, "%s_wsum", name);
+        VLM_TRY(vec(t, &w->wsum, w->n, aux, err));
+    }
     if (n_bias < 0) return VLM_OK;
     snprintf(bias, sizeof bias, "%s_bias", name);
     return vec(t, &w->bias, n_bias, bias, err);

@@ -32,6 +32,7 @@ from ._native import core
 from .config_check import check_davit, check_davit_fields, check_davit_name
 from .constants import DAVIT_CONFIGS, DAVIT_LARGE
 from .options import check_options
+from .quant import quantize_matrices
 from .safetensors import Checkpoint, check_tensors, stored_kind, weight
 from .threads import default_threads
 
@@ -127,9 +128,12 @@ class DavitEncoder:
         config = DavitConfig.from_dict(raw_config)
         layout, prefix = _find_layout(ckpt, prefix)
         tensors, stored, mlp_hidden = _collect(ckpt, config, layout, prefix, dtype)
+        n_threads = int(n_threads or default_threads())
+        if dtype == "int8":
+            quantize_matrices(tensors, n_threads, release=getattr(ckpt, "evict", None))
         if compute is None:
             compute = "bf16" if stored == "bf16" else "f32"
-        return cls(config, tensors, mode, compute, int(n_threads or default_threads()), mlp_hidden, ckpt)
+        return cls(config, tensors, mode, compute, n_threads, mlp_hidden, ckpt)
 
     @property
     def out_channels(self) -> List[int]:

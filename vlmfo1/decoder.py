@@ -30,6 +30,7 @@ from .config_check import check_decoder
 from .generation import GenerationSettings, check_repetition_penalty, check_sampling, decode_stream
 from .options import (CONTEXT_CAP, _is_int, check_ids, check_max_context, check_options, check_request_length,
                       position_limit, read_config, read_generation_eos)
+from .quant import quantize_linear
 from .safetensors import Checkpoint, check_tensors, round_bf16, stored_kind, weight
 from .threads import check_threads
 
@@ -169,6 +170,9 @@ class LanguageModel:
         self.max_context = check_max_context(max_context, config, 4096)   # the longest prompt; the default cache
         self._ckpt = checkpoint  # keeps the memory maps alive
         self._tensors = tensors
+        # an int8 output layer quantized from the tied embedding table: a copy, not parameters of its own
+        self.tied_head_copy = "lm_head" in tensors and tensors["lm_head"].dtype == np.int8 and not any(
+            n in checkpoint for n in _LM_HEAD) if checkpoint is not None else False
         self.stop_ids = sorted(set(config.eos_token_id) | set(generation_eos))
         c = config
         mr = list(c.mrope_section) if c.mrope_section else [c.head_dim // 2, 0, 0]
@@ -185,7 +189,8 @@ class LanguageModel:
         """Load a checkpoint folder (config.json + model.safetensors or sharded safetensors).
 
         mode: "exact" or "reference" (see module doc). dtype: None keeps the stored dtype (F16 is
-        widened to F32), or "float32" / "bfloat16" to convert. compute: "f32" or "bf16" (how activations
+        widened to F32), or "float32" / "bfloat16" to convert, or "int8": every linear layer quantized at load
+        (per-output-channel int8 weights, activations quantized per token: vlmfo1.quant). compute: "f32" or "bf16" (how activations
         meet bf16 weights; default "bf16" when weights are bf16). The logits processors of the folder's
         generation_config.json (e.g. repetition_penalty) are applied as transformers applies them (`generation`)."""
         check_options(mode, dtype, compute)
@@ -214,7 +219,7 @@ class LanguageModel:
         n_threads = check_threads(n_threads)
         config = DecoderConfig.from_dict(raw_config)
         max_context = check_max_context(max_context, config, default_context)   # before any weight is read
-        tensors, stored = _collect_tensors(ckpt, config, dtype)
+        tensors, stored = _collect_tensors(ckpt, config, dtype, n_threads)
         if compute is None:
             compute = "bf16" if stored == "bf16" else "f32"
         tensors["inv_freq"] = rope_inv_freq(config.head_dim, config.rope_theta, mode)
@@ -300,8 +305,12 @@ class LanguageModel:
         return list(self.stream(ids, max_new_tokens=max_new_tokens, **kw))
 
 
-def _collect_tensors(ckpt: Checkpoint, c: DecoderConfig, dtype: Optional[str]):
-    """Map checkpoint names to the core's names, check presence and shapes, convert dtypes."""
+LINEAR = ("q", "k", "v", "o", "gate", "up", "down")   # the per-layer weights int8 quantizes (all but the norms)
+
+
+def _collect_tensors(ckpt: Checkpoint, c: DecoderConfig, dtype: Optional[str], n_threads: int = 1):
+    """Map checkpoint names to the core's names, check presence and shapes, convert dtypes (int8: every linear
+    layer and the output layer, made from the embedding table when tied; the embedding table stays as stored)."""
     prefix = next((p for p in _PREFIXES if p + "embed_tokens.weight" in ckpt), None)
     if prefix is None:
         raise KeyError(f"no decoder in checkpoint {getattr(ckpt, 'path', '')}: no '*embed_tokens.weight' tensor "
@@ -329,5 +338,11 @@ def _collect_tensors(ckpt: Checkpoint, c: DecoderConfig, dtype: Optional[str]):
     scoped = prefix in ("model.language_model.", "language_model.model.")  # only the decoder lives there
     check_tensors(ckpt, want, "decoder", lambda k: k.startswith(prefix) and not k.endswith("inv_freq")
                   and (scoped or k.startswith(prefix + "layers.")))
-    out = {key: weight(ckpt, name, dtype, vector=len(shp) == 1) for key, (name, shp) in want.items()}
-    return out, stored_kind(out)
+    load = None if dtype == "int8" else dtype
+    out = {key: weight(ckpt, name, load, vector=len(shp) == 1) for key, (name, shp) in want.items()}
+    stored = stored_kind(out)
+    if dtype == "int8":
+        keys = [f"layers.{l}.{k}" for l in range(c.num_hidden_layers) for k in LINEAR] + ["lm_head"]
+        quantize_linear(out, keys, n_threads, release=getattr(ckpt, "evict", None),
+                        sources=None if "lm_head" in out else {"lm_head": out["embed"]})
+    return out, stored

@@ -156,7 +156,10 @@ class VLMFO1:
                         image_cache: int = 0) -> "VLMFO1":
         """Load a VLM-FO1 checkpoint folder (the official layout: config.json, safetensors, tokenizer files).
 
-        dtype: None keeps the stored weights (bf16 stays bf16, memory-mapped), "float32" / "bfloat16" convert.
+        dtype: None keeps the stored weights (bf16 stays bf16, memory-mapped), "float32" / "bfloat16" convert;
+        "int8" quantizes every linear layer (and the convolutions run as matmuls) at load: int8 weights with one
+        scale per output channel, activations quantized per token (vlmfo1.quant); "mixed" does that for the
+        language model only and keeps the vision towers as stored.
         threads: worker threads (default: vlmfo1.threads.default_threads() — VLMFO1_NUM_THREADS or
         OMP_NUM_THREADS if set, else the CPUs this process may use). mode: "reference" (default) reproduces the
         official run's rounding (ERRATA E1/E2); "exact" is plain fp32 maths. compute: "bf16" / "f32" activations
@@ -175,7 +178,7 @@ class VLMFO1:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
                                     or not 1 <= threads <= 256):
             raise ValueError(f"threads must be an int in [1, 256], got {threads!r}")
-        check_options(mode, dtype, compute)
+        check_options(mode, None if dtype == "mixed" else dtype, compute)
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint folder not found: {path}" if not os.path.exists(path)
@@ -185,7 +188,7 @@ class VLMFO1:
         ckpt = Checkpoint(path)
         try:
             threads = int(threads or default_threads())
-            kw = dict(mode=mode, compute=compute, dtype=dtype, n_threads=threads)
+            kw = dict(mode=mode, compute=compute, dtype=None if dtype == "mixed" else dtype, n_threads=threads)
             if not any(k.startswith("model.object_vp_extractor.") for k in ckpt.keys()) and \
                     not any(k.startswith("model.mm_projector_aux.") for k in ckpt.keys()):
                 raise KeyError("no VLM-FO1 region encoder in this checkpoint (no model.object_vp_extractor.* / "
@@ -193,7 +196,7 @@ class VLMFO1:
             generation = GenerationSettings.from_pretrained(path, kind="fo1")
             decoder = LanguageModel.from_checkpoint(ckpt, raw, max_context=max_context, default_context=8192,
                                                     generation_eos=read_generation_eos(path), generation=generation,
-                                                    **kw)
+                                                    **dict(kw, dtype="int8" if dtype == "mixed" else dtype))
             vision = VisionTower.from_checkpoint(ckpt, raw, prefix=FO1_VISION_PREFIX, **kw)
             davit = DavitEncoder.from_checkpoint(ckpt, raw, **kw)
             hfre = HFRE.from_checkpoint(ckpt, raw, **kw)
@@ -228,16 +231,18 @@ class VLMFO1:
     def _size(part):
         arrays = part._tensors if isinstance(part._tensors, dict) else vars(part._tensors)
         seen, n, nbytes, kinds = set(), 0, 0, set()
-        stack = list(arrays.values())
+        stack = list(arrays.items())
         while stack:
-            a = stack.pop()
+            key, a = stack.pop()
             if isinstance(a, dict):
-                stack.extend(a.values())
+                stack.extend(a.items())
             elif isinstance(a, (list, tuple)):
-                stack.extend(a)
+                stack.extend((key, v) for v in a)
             elif isinstance(a, np.ndarray) and id(a) not in seen:
                 seen.add(id(a))
-                n += a.size
+                if not (isinstance(key, str) and (key.endswith(("_scale", "_wsum"))    # int8 bookkeeping
+                                                  or (key == "lm_head" and getattr(part, "tied_head_copy", False)))):
+                    n += a.size
                 nbytes += a.nbytes
                 kinds.add("bf16" if a.dtype == np.uint16 else str(a.dtype).replace("float", "f"))
         return n, nbytes, kinds
@@ -253,6 +258,14 @@ class VLMFO1:
         """Bytes of weights as the engine holds them (memory-mapped bf16, or converted copies)."""
         self._check_open()
         return sum(self._size(p)[1] for _, p in self._parts())
+
+    def memory_report(self) -> str:
+        """The weights each network holds, by element type, e.g. "weights: decoder 3.15 GiB (int8/f32/bf16), ViT
+        1.26 GiB (bf16/f32), ...; 5.10 GiB in all" (memory-mapped stored weights included: what the engine reads)."""
+        self._check_open()
+        sizes = {name: self._size(p) for name, p in self._parts()}
+        parts = ", ".join(f"{name} {b / 2**30:.2f} GiB ({'/'.join(sorted(k))})" for name, (_, b, k) in sizes.items())
+        return f"weights: {parts}; {sum(b for _, b, _ in sizes.values()) / 2**30:.2f} GiB in all"
 
     def __repr__(self) -> str:
         if self.decoder is None:

@@ -44,6 +44,7 @@ from .aux_image import boxes_to_aux
 from .config_check import check_hfre
 from .constants import DAVIT_LARGE, QWEN_PATCH_SIZE
 from .options import check_options
+from .quant import quantize_matrices
 from .safetensors import Checkpoint, weight
 from .threads import default_threads
 
@@ -281,7 +282,10 @@ class HFRE:
                         **flags)
         for l, a in enumerate(aux_dims):
             core_cfg[f"aux_c{l}"] = a
-        return cls(c, core_cfg, t, compute, int(n_threads or default_threads()), dims)
+        n_threads = int(n_threads or default_threads())
+        if dtype == "int8":   # the transposed-conv and 3x3 weights above are copies: nothing to evict for them
+            quantize_matrices(t, n_threads, release=getattr(ckpt, "evict", None))
+        return cls(c, core_cfg, t, compute, n_threads, dims)
 
     # ------------------------------------------------------------------ inference
 

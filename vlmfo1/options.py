@@ -24,6 +24,8 @@ if TYPE_CHECKING:   # pragma: no cover
     from .decoder import DecoderConfig, LanguageModel
 
 MODES = ("exact", "reference")
+# weight storage: None keeps the stored dtype; "int8" quantizes the linear layers at load (vlmfo1.quant)
+DTYPES = (None, "float32", "bfloat16", "int8")
 
 CONTEXT_CAP = 2 ** 20   # positions one request may ever use, whatever config.json's max_position_embeddings says
 
@@ -51,8 +53,8 @@ def check_int(v, name: str, lo: int, hi: int, why: str = "", kind: str = "an int
 def check_options(mode: str, dtype: Optional[str], compute: Optional[str]) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if dtype not in (None, "float32", "bfloat16"):
-        raise ValueError(f"dtype must be None, 'float32' or 'bfloat16', got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be None, 'float32', 'bfloat16' or 'int8', got {dtype!r}")
     if compute not in (None, "f32", "bf16"):
         raise ValueError(f"compute must be 'f32' or 'bf16', got {compute!r}")
 

@@ -450,6 +450,25 @@ class Checkpoint:
             raise KeyError(f"tensor '{name}' is not in the checkpoint")
         return self.files[self.index[name].path].get(name)
 
+    def evict(self, arr: np.ndarray) -> None:
+        """Drop the pages of `arr` (an array get() returned: a view of one file's mapping) from this process's
+        memory: the mapping stays valid and reading the array again faults the pages back in from the file. For
+        weights converted at load (int8), so that their source does not stay resident beside the copy. Arrays
+        that are not views of a mapping (copies, converted arrays) are ignored."""
+        base = arr.ctypes.data
+        for sf in self.files.values():
+            mm = sf._mm
+            if mm is None or sf.closed:
+                continue
+            start = np.frombuffer(mm, dtype=np.uint8, count=0).ctypes.data if len(mm) else 0
+            if start <= base < start + len(mm):
+                page = mmap.PAGESIZE
+                lo = -(-(base - start) // page) * page                   # whole pages inside the array only
+                hi = (base - start + arr.nbytes) // page * page
+                if hi > lo and hasattr(mm, "madvise"):
+                    mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+                return
+
     def dtypes(self) -> Dict[str, int]:
         out: Dict[str, int] = {}
         for info in self.index.values():
@@ -513,6 +532,8 @@ def weight(ckpt: "Checkpoint", name: str, dtype: Optional[str], vector: bool = F
     """One tensor under the engine's dtype policy. Vectors (norms, biases) and dtype="float32" give float32;
     dtype="bfloat16" gives bf16 bits (uint16); dtype=None keeps the stored BF16 or F32 (F16 is widened to F32).
     Nothing is copied when nothing changes (the array stays a view of the memory-mapped file)."""
+    if dtype == "int8":   # loaded as stored; vlmfo1.quant makes the int8 copy
+        dtype = None
     sd = ckpt.info(name).dtype
     if sd not in WEIGHT_DTYPES:
         raise ValueError(f"tensor '{name}' has unsupported dtype {sd} (expected F32, BF16 or F16)")

@@ -19,6 +19,7 @@ from .config_check import check_vision
 from .constants import QWEN_PATCH_SIZE
 from .decoder import rope_inv_freq
 from .options import check_options
+from .quant import quantize_matrices
 from .safetensors import Checkpoint, check_tensors, stored_kind, weight
 from .threads import check_threads
 
@@ -87,6 +88,8 @@ class VisionTower:
                 raise KeyError("no Qwen2.5-VL vision tower in this checkpoint: no '*patch_embed.proj.weight' under "
                                + ", ".join(_PREFIXES))
         tensors, stored = _collect(ckpt, config, prefix, dtype)
+        if dtype == "int8":
+            quantize_matrices(tensors, n_threads, release=getattr(ckpt, "evict", None))
         if compute is None:
             compute = "bf16" if stored == "bf16" else "f32"
         tensors["inv_freq"] = vision_inv_freq(config.head_dim, config.rope_theta, mode)

@@ -1,0 +1,50 @@
+"""int8 weights at load: per-output-channel symmetric quantization of a network's linear layers.
+
+    tensors = quantize_linear(tensors, ["layers.0.q", ...], n_threads, release=ckpt.evict)
+
+Each named 2-D weight W[n][k] (fp32 or bf16 bits) is replaced by q (int8 [n][k]) plus `<name>_scale` (float32 [n]:
+W[j] ~ scale[j] * q[j]) and `<name>_wsum` (float32 [n]: the exact integer sum of q[j]), the three arrays the C core
+binds as one int8 weight (csrc/gemm.h, gemm_i8.c: activations are quantized per token on the fly and the dot
+products are exact integer sums). The quantization runs in C on a pool (about a second per billion weights on two
+cores); the source pages of a memory-mapped checkpoint are dropped from the process after each weight, so the peak
+is the int8 copy plus one source weight, not both whole models.
+
+What the numbers mean: int8 changes the answers (unlike bf16 <-> fp32 compute, which only rounds differently); how
+much is measured per stage and end to end by benchmarks/bench_quant.py, not assumed.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, Optional
+
+import numpy as np
+
+from ._native import core
+
+
+def quantize_linear(tensors: Dict[str, np.ndarray], keys: Iterable[str], n_threads: int,
+                    release: Optional[Callable[[np.ndarray], None]] = None,
+                    sources: Optional[Dict[str, np.ndarray]] = None) -> Dict[str, np.ndarray]:
+    """Quantize tensors[key] for each key in place of the dict (returned). sources: key -> the array to quantize
+    instead of tensors[key] (e.g. a tied output layer made from the embedding table). release(array) is called on
+    each source array after its int8 copy exists (a Checkpoint's evict). A weight holding NaN or inf raises
+    ValueError naming it."""
+    for key in keys:
+        src = sources[key] if sources and key in sources else tensors[key]
+        try:
+            q, scale, wsum = core.quantize_i8(src, n_threads=n_threads)
+        except ValueError as e:
+            raise ValueError(f"{key}: cannot quantize to int8: {e}") from None
+        tensors[key], tensors[key + "_scale"], tensors[key + "_wsum"] = q, scale, wsum
+        if release is not None:
+            release(src)
+    return tensors
+
+
+def quantize_matrices(tensors: Dict[str, np.ndarray], n_threads: int,
+                      release: Optional[Callable[[np.ndarray], None]] = None) -> Dict[str, np.ndarray]:
+    """quantize_linear over every 2-D float32 / bf16 array of `tensors`: in the vision towers (ViT, DaViT, HFRE)
+    every matrix is a linear layer or a convolution the core runs as matmuls (1-D arrays: norms, biases,
+    depthwise taps, stay float)."""
+    keys = [k for k, a in tensors.items() if isinstance(a, np.ndarray) and a.ndim == 2
+            and a.dtype in (np.float32, np.uint16)]
+    return quantize_linear(tensors, keys, n_threads, release=release)
