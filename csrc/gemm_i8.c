@@ -301,6 +301,17 @@ static inline VLM_INLINE VLM_TGT_AVX512VNNI void tile_vnni(const int MR, const i
         }
     }
     const __m512i z = _mm512_setzero_si512();
+    if (MR == 1) { /* one row of x (decode): four columns per horizontal sum */
+#pragma GCC unroll 2
+        for (int j = 0; j < NR; j += 4) {
+            int32_t r4[4];
+            _mm_storeu_si128((__m128i *)r4, hsum4_512i(acc[0][j], j + 1 < NR ? acc[0][(j + 1) % NR] : z,
+                                                       j + 2 < NR ? acc[0][(j + 2) % NR] : z,
+                                                       j + 3 < NR ? acc[0][(j + 3) % NR] : z));
+            for (int c = 0; c < 4 && j + c < NR; c++) s[0][j + c] = r4[c];
+        }
+        return;
+    }
 #pragma GCC unroll 6
     for (int j = 0; j < NR; j++) {
         int32_t r4[4];
