@@ -133,3 +133,28 @@ def test_info_and_peak():
     p = core.fma_peak(1)
     print(f"fma peak 1 thread: {p:.1f} GFLOP/s")
     assert p > 1.0
+
+
+def test_blas_core_warning():
+    """An OpenBLAS running kernels below the CPU's class is named at import (vlmfo1._native), not silent."""
+    from vlmfo1._native import blas_core_warning
+
+    blas = "OpenBLAS core={} threads=1 config=x"
+    avx512 = {"avx2", "fma", "avx512f"}
+    assert blas_core_warning(blas.format("SkylakeX"), avx512, {}) == ""
+    msg = blas_core_warning(blas.format("Haswell"), avx512, {"OPENBLAS_CORETYPE": "Haswell"})
+    assert "Haswell kernels on this AVX-512 CPU" in msg and "unset OPENBLAS_CORETYPE" in msg
+    msg = blas_core_warning(blas.format("Haswell"), avx512, {})
+    assert "what it detected" in msg and "OPENBLAS_CORETYPE=SkylakeX" in msg
+    assert blas_core_warning(blas.format("Haswell"), {"avx2", "fma"}, {}) == ""
+    assert "AVX2 CPU" in blas_core_warning(blas.format("Prescott"), {"avx2", "fma"}, {})
+    assert blas_core_warning(blas.format("Prescott"), {"sse2"}, {}) == ""
+    assert blas_core_warning("no core here", avx512, {}) == ""
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-W", "always", "-c", "import vlmfo1"], capture_output=True, text=True,
+                       env=dict(__import__("os").environ, OPENBLAS_CORETYPE="Prescott"), timeout=120)
+    assert p.returncode == 0
+    flags = __import__("vlmfo1._native", fromlist=["_cpu_flags"])._cpu_flags()
+    if "avx2" in flags and "fma" in flags:
+        assert "OPENBLAS_CORETYPE=Prescott is set" in p.stderr, p.stderr

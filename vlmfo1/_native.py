@@ -24,12 +24,49 @@ if os.path.exists(_lib_path):
 from . import _core  # noqa: E402
 
 _info = _core.gemm_info()
-if "Prescott" in _info.get("blas", "") or "Katmai" in _info.get("blas", ""):
-    warnings.warn(
-        f"OpenBLAS detected an old core ({_info['blas']}); fp32 matmuls will be several times slower. "
-        "Set OPENBLAS_CORETYPE (e.g. SkylakeX or Haswell) before importing vlmfo1.",
-        RuntimeWarning,
-        stacklevel=2,
-    )
+
+# OpenBLAS picks its kernels from the CPU it detects, or from OPENBLAS_CORETYPE; a core class below what the CPU can
+# run halves fp32 matmul speed or worse (measured on Zen 5 cores: 245-252 GF/s with OPENBLAS_CORETYPE=Haswell against
+# 449-472 with its AVX-512 kernels). Say so, once, naming the cause, instead of running slow in silence.
+_AVX512_CORES = ("SkylakeX", "Cooperlake", "SapphireRapids")
+_AVX2_CORES = _AVX512_CORES + ("Haswell", "Zen", "Excavator")
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def blas_core_warning(blas: str, flags: set, env: dict) -> str:
+    """The warning to give for an OpenBLAS running kernels below this CPU's class ("" if none)."""
+    core = blas.split("core=", 1)[1].split()[0] if "core=" in blas else ""
+    if not core or core == "?":
+        return ""
+    if "avx512f" in flags:
+        want, cls = _AVX512_CORES, "AVX-512"
+    elif "avx2" in flags and "fma" in flags:
+        want, cls = _AVX2_CORES, "AVX2"
+    else:
+        return ""
+    if core in want:
+        return ""
+    why = (f"OPENBLAS_CORETYPE={env['OPENBLAS_CORETYPE']} is set" if env.get("OPENBLAS_CORETYPE")
+           else "that is what it detected")
+    fix = ("unset OPENBLAS_CORETYPE" if env.get("OPENBLAS_CORETYPE")
+           else f"set OPENBLAS_CORETYPE={want[0]}")
+    return (f"OpenBLAS runs its {core} kernels on this {cls} CPU ({why}): fp32 matmuls of more than 16 rows will "
+            f"run at about half speed or worse; {fix} before importing vlmfo1 (bf16 and int8 weights do not use "
+            f"OpenBLAS)")
+
+
+_msg = blas_core_warning(_info.get("blas", ""), _cpu_flags(), os.environ)
+if _msg:
+    warnings.warn(_msg, RuntimeWarning, stacklevel=2)
 
 core = _core
