@@ -23,16 +23,20 @@ int vlm_cpu_isa(void);
 const char *vlm_isa_name(int level);
 /* vlm_cpu_isa() >= VLM_ISA_AVX512 */
 int vlm_cpu_has_avx512(void);
+/* AVX512-VNNI (vpdpbusd): vlm_cpu_isa() >= VLM_ISA_AVX512 (so the VLM_GEMM_ISA cap applies) and the CPU has it. */
+int vlm_cpu_has_vnni(void);
 
 /* Target attributes: one name per instruction-set level. */
 #if VLM_X86
 #define VLM_TGT_AVX2 __attribute__((target("avx2,fma")))
 #define VLM_TGT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
 #define VLM_TGT_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
+#define VLM_TGT_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")))
 #else
 #define VLM_TGT_AVX2
 #define VLM_TGT_AVX512
 #define VLM_TGT_AVX512BF16
+#define VLM_TGT_AVX512VNNI
 #endif
 #define VLM_INLINE __attribute__((always_inline))
 
