@@ -1,11 +1,14 @@
 """Matrix-multiply benchmark of the vlmfo1 core (csrc/gemm.c) at Qwen2.5-3B shapes, side by side with
 torch.nn.functional.linear.
 
-Prints: the measured fp32 FMA peak (1 and 2 threads); OpenBLAS sgemm GFLOP/s on the prefill shapes as
-% of the 2-thread peak; the own bf16-weight kernels (compute bf16 = vdpbf16ps, compute f32 = widened
-weights + FMA) on the same shapes; decode (m=1) GB/s of weight bytes streamed from DRAM (the weights
-rotate over > 1 GB of copies so no call finds them in cache); and torch fp32 / bf16 on the same
-shapes with the ratio torch time / our time (> 1: we are faster). Medians of several repetitions.
+Prints: the measured peak of every instruction family (_core.peak: fp32 FMA, AVX512-BF16 vdpbf16ps,
+AVX512-VNNI vpdpbusd, DRAM read bandwidth; 1 and --threads threads); OpenBLAS sgemm GFLOP/s on the
+prefill shapes; the own bf16-weight kernels (compute bf16 = vdpbf16ps, compute f32 = widened weights +
+FMA) on the same shapes, each as % of the --threads peak of the family that path runs on (sgemm and
+compute f32: fma32; compute bf16: bf16dp with AVX512-BF16, else fma32); decode (m=1) GB/s of weight
+bytes streamed from DRAM (the weights rotate over > 1 GB of copies so no call finds them in cache), as
+% of the measured read bandwidth; and torch fp32 / bf16 on the same shapes with the ratio torch time /
+our time (> 1: we are faster). Medians of several repetitions.
 
     python benchmarks/bench_gemm.py [--threads 2] [--reps 5] [--quick]
 """
@@ -24,6 +27,8 @@ from vlmfo1 import _core  # noqa: E402
 PREFILL = [(1024, 2048, 2048), (1024, 2048, 11008), (1024, 11008, 2048), (1024, 2048, 256)]  # m, k, n
 DECODE = [(1, 2048, 11008), (1, 11008, 2048), (1, 2048, 151936)]
 ROTATE_BYTES = 1.2e9
+PEAKS = [("fma32", "GFLOP/s", "fp32 FMA"), ("bf16dp", "GFLOP/s", "AVX512-BF16 vdpbf16ps"),
+         ("vnni", "GOP/s", "AVX512-VNNI vpdpbusd"), ("bandwidth", "GB/s", "streaming read of 1 GiB")]
 
 
 def median_time(fn, reps, warmup=1):
@@ -44,6 +49,10 @@ def to_bf16(a):
 
 def fmt_row(cols, widths):
     return "  ".join(str(c).rjust(w) for c, w in zip(cols, widths))
+
+
+def pct(rate, peak):
+    return f"{100 * rate / peak:.0f}%" if peak > 0 else "-"
 
 
 def main():
@@ -69,15 +78,25 @@ def main():
     info = _core.gemm_info()
     print(f"kernel: {info['kernel']}")
     print(f"blas:   {info['blas']}")
-    p1 = _core.fma_peak(1)
-    pn = _core.fma_peak(nt)
-    print(f"fp32 FMA peak: {p1:.1f} GFLOP/s (1 thread), {pn:.1f} GFLOP/s ({nt} threads)")
+    peak = {}
+    print(f"peaks (1 thread / {nt} threads):")
+    for fam, unit, what in PEAKS:
+        p1, pn = _core.peak(fam, 1), _core.peak(fam, nt)
+        peak[fam] = pn
+        if p1 > 0:
+            print(f"  {fam:<10}{p1:8.1f} / {pn:.1f} {unit}  ({what})")
+        else:
+            print(f"  {fam:<10}  not available on this CPU  ({what})")
+    # the family each prefill path runs on (csrc/gemm.c): compute bf16 uses vdpbf16ps only with AVX512-BF16
+    fam_bb = "bf16dp" if info["kernel"] == "avx512bf16" else "fma32"
+    pf, pbb = peak["fma32"], peak[fam_bb]
     if torch is not None:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print()
 
     rng = np.random.default_rng(0)
-    print(f"== prefill GEMM, {nt} threads, GFLOP/s (median of {reps}); % = of the {nt}-thread fp32 FMA peak")
+    print(f"== prefill GEMM, {nt} threads, GFLOP/s (median of {reps}); % = of the {nt}-thread peak of the path's "
+          f"family (sgemm, bf16/f32: fma32; bf16/bf16: {fam_bb})")
     hdr = ["m x k x n", "sgemm", "%peak", "bf16/bf16", "%peak", "bf16/f32", "%peak"]
     if torch is not None:
         hdr += ["torch f32", "ratio", "torch bf16", "ratio"]
@@ -93,8 +112,8 @@ def main():
         t_bb = median_time(lambda r: _core.matmul(x, wh, compute="bf16", n_threads=nt, out=out), reps)
         t_bf = median_time(lambda r: _core.matmul(x, wh, compute="f32", n_threads=nt, out=out), reps)
         g = [flop / t / 1e9 for t in (t_f32, t_bb, t_bf)]
-        row = [f"{m}x{k}x{n}", f"{g[0]:.1f}", f"{100 * g[0] / pn:.0f}%", f"{g[1]:.1f}", f"{100 * g[1] / pn:.0f}%",
-               f"{g[2]:.1f}", f"{100 * g[2] / pn:.0f}%"]
+        row = [f"{m}x{k}x{n}", f"{g[0]:.1f}", pct(g[0], pf), f"{g[1]:.1f}", pct(g[1], pbb), f"{g[2]:.1f}",
+               pct(g[2], pf)]
         if torch is not None:
             tx, tw = torch.from_numpy(x), torch.from_numpy(w)
             txb, twb = tx.to(torch.bfloat16), torch.from_numpy(wh.view(np.int16)).view(torch.bfloat16)
@@ -109,8 +128,8 @@ def main():
 
     dreps = 3 if args.quick else max(reps, 9)
     print(f"== decode GEMV (m=1), {nt} threads, GB/s of weight bytes from DRAM (median of {dreps}, "
-          f"rotating over >= {ROTATE_BYTES / 1e9:.1f} GB of weight copies)")
-    hdr = ["m x k x n", "f32", "bf16/bf16", "bf16/f32"]
+          f"rotating over >= {ROTATE_BYTES / 1e9:.1f} GB of weight copies); % = of the {nt}-thread read bandwidth")
+    hdr = ["m x k x n", "f32", "%bw", "bf16/bf16", "%bw", "bf16/f32", "%bw"]
     if torch is not None:
         hdr += ["torch f32", "ratio", "torch bf16", "ratio"]
     widths = [18] + [10] * (len(hdr) - 1)
@@ -144,8 +163,10 @@ def main():
                     t = median_time(lambda r: F.linear(tx, tb[r % ncop]), dreps, warmup=ncop)
                 res[("torch", dt)] = per / t / 1e9
             del buf
-        row = [f"{m}x{k}x{n}", f"{res[('f32', 'f32')]:.1f}", f"{res[('bf16', 'bf16')]:.1f}",
-               f"{res[('bf16', 'f32')]:.1f}"]
+        bw = peak["bandwidth"]
+        row = [f"{m}x{k}x{n}", f"{res[('f32', 'f32')]:.1f}", pct(res[("f32", "f32")], bw),
+               f"{res[('bf16', 'bf16')]:.1f}", pct(res[("bf16", "bf16")], bw), f"{res[('bf16', 'f32')]:.1f}",
+               pct(res[("bf16", "f32")], bw)]
         if torch is not None:
             row += [f"{res[('torch', 'f32')]:.1f}", f"{res[('f32', 'f32')] / res[('torch', 'f32')]:.2f}x",
                     f"{res[('torch', 'bf16')]:.1f}", f"{res[('bf16', 'bf16')] / res[('torch', 'bf16')]:.2f}x"]

@@ -39,11 +39,17 @@ const char *vlm_isa_name(int level) { return level >= 0 && level < 4 ? isa_names
 
 int vlm_cpu_has_avx512(void) { return vlm_cpu_isa() >= VLM_ISA_AVX512; }
 
+static int g_vnni = -1;
+
 int vlm_cpu_has_vnni(void) {
+    int v = __atomic_load_n(&g_vnni, __ATOMIC_RELAXED);
+    if (v < 0) {
+        v = 0;
 #if VLM_X86
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512vnni");
-#else
-    return 0;
+        __builtin_cpu_init();
+        v = vlm_cpu_isa() >= VLM_ISA_AVX512 && __builtin_cpu_supports("avx512vnni");
 #endif
+        __atomic_store_n(&g_vnni, v, __ATOMIC_RELAXED);
+    }
+    return v;
 }

@@ -23,7 +23,7 @@ int vlm_cpu_isa(void);
 const char *vlm_isa_name(int level);
 /* vlm_cpu_isa() >= VLM_ISA_AVX512 */
 int vlm_cpu_has_avx512(void);
-/* The CPU has AVX512-VNNI (vpdpbusd); not capped: callers combine it with vlm_cpu_isa() >= VLM_ISA_AVX512. */
+/* AVX512-VNNI (vpdpbusd): vlm_cpu_isa() >= VLM_ISA_AVX512 (so the VLM_GEMM_ISA cap applies) and the CPU has it. */
 int vlm_cpu_has_vnni(void);
 
 /* Target attributes: one name per instruction-set level. */

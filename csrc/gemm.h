@@ -104,7 +104,5 @@ const char *vlm_gemm_kernel_name(void);
  * the parallelism). */
 void vlm_blas_single_thread(void);
 const char *vlm_blas_info(void);
-/* Measured peak fp32 FMA rate of this CPU in GFLOP/s with n_threads threads (takes ~0.5 s). */
-double vlm_measure_fma_peak(int n_threads);
 
 #endif

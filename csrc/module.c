@@ -3,7 +3,7 @@
  * Types: Qwen2Model (read-only weights borrowed from NumPy arrays, typically views of memory-mapped
  * safetensors files; the object keeps them alive), Qwen2State (one request: KV cache + scratch +
  * threads), Workspace (a thread pool + growing scratch block the encoder calls reuse), VisionModel,
- * DavitModel / HFREModel (py_davit.h, py_hfre.h) and FO1Model (py_fo1.h: the vision side in one call). Functions: matmul, fma_peak, gemm_info (for tests and benchmarks), op / ops (single ops, tests only).
+ * DavitModel / HFREModel (py_davit.h, py_hfre.h) and FO1Model (py_fo1.h: the vision side in one call). Functions: matmul, fma_peak, peak, gemm_info (for tests and benchmarks), op / ops (single ops, tests only).
  * Arguments are checked and outputs allocated with the GIL held; the compute runs with the GIL
  * released; a vlm_status becomes a Python exception on the way out. */
 #define PY_SSIZE_T_CLEAN
@@ -17,6 +17,7 @@
 #include "common.h"
 #include "gemm.h"
 #include "ops.h"
+#include "peak.h"
 #include "qwen2.h"
 #include "qwen_vit.h"
 #include "tensors.h"
@@ -779,6 +780,26 @@ static PyObject *py_fma_peak(PyObject *mod, PyObject *arg) {
     return PyFloat_FromDouble(r);
 }
 
+static PyObject *py_peak(PyObject *mod, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"family", "n_threads", NULL};
+    const char *name;
+    long n;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sl:peak", kwlist, &name, &n)) return NULL;
+    int family = vlm_peak_family_from_name(name);
+    if (family < 0) {
+        PyErr_Format(PyExc_ValueError, "unknown peak family '%s' (expected 'fma32', 'bf16dp', 'vnni' or 'bandwidth')",
+                     name);
+        return NULL;
+    }
+    if (n < 1 || n > 256) { PyErr_Format(PyExc_ValueError, "n_threads must be in [1, 256], got %ld", n); return NULL; }
+    double r;
+    Py_BEGIN_ALLOW_THREADS
+    r = vlm_measure_peak(family, (int)n);
+    Py_END_ALLOW_THREADS
+    if (r < 0) return PyErr_Format(PyExc_MemoryError, "peak('%s'): could not allocate the probe's memory", name);
+    return PyFloat_FromDouble(r);
+}
+
 static PyObject *py_gemm_info(PyObject *mod, PyObject *unused) {
     return Py_BuildValue("{ssssss}", "kernel", vlm_gemm_kernel_name(), "blas", vlm_blas_info(), "int8_kernel",
                          vlm_matmul_i8_kernel_name());
@@ -791,6 +812,10 @@ static PyMethodDef module_methods[] = {
     {"quantize_i8", (PyCFunction)(void (*)(void))py_quantize_i8, METH_VARARGS | METH_KEYWORDS,
      "quantize_i8(w, n_threads=1) -> (q int8, scale float32, wsum float32): per-output-channel int8 weights"},
     {"fma_peak", py_fma_peak, METH_O, "fma_peak(n_threads) -> measured fp32 FMA peak in GFLOP/s"},
+    {"peak", (PyCFunction)(void (*)(void))py_peak, METH_VARARGS | METH_KEYWORDS,
+     "peak(family, n_threads) -> measured peak of an instruction family on n_threads threads: 'fma32' (fp32 FMA, "
+     "GFLOP/s), 'bf16dp' (AVX512-BF16 vdpbf16ps, GFLOP/s), 'vnni' (AVX512-VNNI vpdpbusd, GOP/s), 'bandwidth' "
+     "(streaming read of 1 GiB, GB/s); 0.0 for a family this CPU lacks"},
     {"gemm_info", py_gemm_info, METH_NOARGS, "gemm_info() -> dict(kernel=..., blas=...)"},
     {"op", (PyCFunction)(void (*)(void))py_op, METH_VARARGS | METH_KEYWORDS,
      "op(name, arrays, ints=(), floats=(), n_threads=1): run one core op in place (tests only, see py_ops.h)"},
