@@ -225,6 +225,50 @@ def gguf_summary(path: str, gguf_py: str) -> dict:
     return info
 
 
+def check_same_weights(ckpt: str, bf16_gguf: str, gguf_py: str, layers: int) -> dict:
+    """Spot check that the BF16 GGUF holds the checkpoint's weights bit for bit (embedding, first/last layer
+    projections, a bias, a norm): {gguf name: "identical" | "DIFFERENT" | error}."""
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+
+    if gguf_py not in sys.path:
+        sys.path.insert(0, gguf_py)
+    from gguf import GGUFReader
+
+    last = layers - 1
+    pairs = {"token_embd.weight": "model.embed_tokens.weight",
+             "blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj.weight",
+             f"blk.{last}.ffn_down.weight": f"model.layers.{last}.mlp.down_proj.weight",
+             f"blk.{last}.attn_v.weight": f"model.layers.{last}.self_attn.v_proj.weight",
+             "blk.0.attn_k.bias": "model.layers.0.self_attn.k_proj.bias",
+             f"blk.{last}.ffn_norm.weight": f"model.layers.{last}.post_attention_layernorm.weight"}
+    where = {}
+    idx = os.path.join(ckpt, "model.safetensors.index.json")
+    if os.path.isfile(idx):
+        with open(idx) as f:
+            where = json.load(f)["weight_map"]
+    r = GGUFReader(bf16_gguf)
+    tensors = {t.name: t for t in r.tensors}
+    out = {}
+    for g, h in pairs.items():
+        try:
+            with safe_open(os.path.join(ckpt, where.get(h, "model.safetensors")), framework="pt") as f:
+                ref = f.get_tensor(h)
+            t = tensors[g]
+            d = np.asarray(t.data)
+            if ref.dtype == torch.bfloat16 and t.tensor_type.name == "BF16":
+                same = np.array_equal(d.view(np.uint16).reshape(-1), ref.view(torch.int16).numpy().view(np.uint16)
+                                      .reshape(-1))
+            else:
+                same = np.array_equal(d.astype(np.float32).reshape(-1), ref.float().numpy().reshape(-1))
+            out[g] = "identical" if same else "DIFFERENT"
+        except Exception as e:  # noqa: BLE001 - reported
+            out[g] = f"{type(e).__name__}: {e}"
+    del r, tensors
+    return out
+
+
 # ----------------------------------------------------------------------------- workers
 
 
@@ -394,6 +438,11 @@ def report(results, a, meta) -> str:
         lines.append(f"- {t} GGUF: {g['file_bytes'] / 1e9:.2f} GB; tensors {types}; token_embd "
                      f"{g.get('token_embd_type')}{tied}; {m.get('qwen2.block_count')} blocks, rope base "
                      f"{m.get('qwen2.rope.freq_base')}, rms eps {m.get('qwen2.attention.layer_norm_rms_epsilon')}")
+    if meta.get("same_weights_check"):
+        chk = meta["same_weights_check"]
+        n_ok = sum(v == "identical" for v in chk.values())
+        lines.append(f"- checkpoint vs BF16 GGUF, bit-for-bit spot check: {n_ok}/{len(chk)} tensors identical"
+                     + ("" if n_ok == len(chk) else f" {chk}"))
     lines.append(f"- vlmfo1 {meta['vlmfo1_version']}; load average at the start {meta['load_start']}, "
                  f"at the end {meta.get('load_end')}")
     return "\n".join(lines)
@@ -457,6 +506,10 @@ def main(argv=None):
         ggufs, made = ensure_ggufs(a, ckpt, gtypes, paths)
         meta["gguf_made_s"] = made
         meta["gguf"] = {t: dict(gguf_summary(g, paths["gguf_py"]), path=g) for t, g in ggufs.items()}
+        bf16 = os.path.join(os.path.dirname(ggufs[gtypes[0]]),
+                            os.path.basename(os.path.normpath(ckpt)) + "-BF16.gguf")
+        meta["same_weights_check"] = check_same_weights(ckpt, bf16, paths["gguf_py"], a.layers)
+        _log(f"checkpoint vs BF16 GGUF: {meta['same_weights_check']}")
     if a.prepare_only:
         _log(f"prepared {ckpt}" + "".join(f", {g}" for g in ggufs.values()))
         return 0
