@@ -6,14 +6,11 @@
     python benchmarks/bench_llamacpp.py --llama-dir ... --engines vlmfo1-bf16,llama-bf16 --json out.json
     python benchmarks/bench_llamacpp.py --llama-dir ... --prepare-only   # checkpoint + GGUFs only (CPU-heavy)
 
-llama.cpp is not part of this project and nothing of it is kept here: build it from its source yourself (CPU only)
-and pass its folder. The benchmark uses <llama-dir>/convert_hf_to_gguf.py (with its own gguf-py; it imports
-sentencepiece, torch, transformers, pyyaml: `pip install sentencepiece`) and, from --llama-build (default
-<llama-dir>/build), bin/llama-bench, bin/llama-quantize and bin/libllama.so (for its system_info: the CPU features
-it was built with):
-    cmake -S <llama-dir> -B <llama-dir>/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DGGML_CUDA=OFF \
-          -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
-    cmake --build <llama-dir>/build -j2 --target llama-bench llama-quantize
+llama.cpp is not part of this project and nothing of it is kept here (no code, no build script): bring a llama.cpp
+source folder built for the CPU (Release, native CPU flags, no GPU backend) and pass it. The benchmark uses
+<llama-dir>/convert_hf_to_gguf.py (with its own gguf-py; it imports sentencepiece, torch, transformers, pyyaml:
+`pip install sentencepiece`) and, from --llama-build (default <llama-dir>/build), bin/llama-bench,
+bin/llama-quantize and bin/libllama.so (for its system_info: the CPU features it was built with).
 
 Steps:
   1. the random bf16 checkpoint of bench_decoder.py (_common.make_random_checkpoint: Qwen2.5-3B shapes, seed 0,
