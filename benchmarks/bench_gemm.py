@@ -5,7 +5,8 @@ Prints: the measured peak of every instruction family (_core.peak: fp32 FMA, AVX
 AVX512-VNNI vpdpbusd, DRAM read bandwidth; 1 and --threads threads); OpenBLAS sgemm GFLOP/s on the
 prefill shapes; the own bf16-weight kernels (compute bf16 = vdpbf16ps, compute f32 = widened weights +
 FMA) on the same shapes, each as % of the --threads peak of the family that path runs on (sgemm and
-compute f32: fma32; compute bf16: bf16dp with AVX512-BF16, else fma32); decode (m=1) GB/s of weight
+compute f32: fma32; compute bf16: bf16dp with AVX512-BF16, else fma32); int8 weights (W8A8, csrc/gemm_i8.c,
+quantized here from the same fp32 weights) as % of the vnni peak; decode (m=1) GB/s of weight
 bytes streamed from DRAM (the weights rotate over > 1 GB of copies so no call finds them in cache), as
 % of the measured read bandwidth; and torch fp32 / bf16 on the same shapes with the ratio torch time /
 our time (> 1: we are faster). Medians of several repetitions.
@@ -90,6 +91,8 @@ def main():
     # the family each prefill path runs on (csrc/gemm.c): compute bf16 uses vdpbf16ps only with AVX512-BF16
     fam_bb = "bf16dp" if info["kernel"] == "avx512bf16" else "fma32"
     pf, pbb = peak["fma32"], peak[fam_bb]
+    pi8 = peak["vnni"] if info.get("int8_kernel") == "avx512vnni" else 0.0   # int8 W8A8 (csrc/gemm_i8.c)
+    print(f"int8 kernel: {info.get('int8_kernel')} (its % is of the vnni peak; none is probed for the others)")
     if torch is not None:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print()
@@ -97,7 +100,7 @@ def main():
     rng = np.random.default_rng(0)
     print(f"== prefill GEMM, {nt} threads, GFLOP/s (median of {reps}); % = of the {nt}-thread peak of the path's "
           f"family (sgemm, bf16/f32: fma32; bf16/bf16: {fam_bb})")
-    hdr = ["m x k x n", "sgemm", "%peak", "bf16/bf16", "%peak", "bf16/f32", "%peak"]
+    hdr = ["m x k x n", "sgemm", "%peak", "bf16/bf16", "%peak", "bf16/f32", "%peak", "int8", "%peak"]
     if torch is not None:
         hdr += ["torch f32", "ratio", "torch bf16", "ratio"]
     widths = [18] + [10] * (len(hdr) - 1)
@@ -111,9 +114,11 @@ def main():
         t_f32 = median_time(lambda r: _core.matmul(x, w, n_threads=nt, out=out), reps)
         t_bb = median_time(lambda r: _core.matmul(x, wh, compute="bf16", n_threads=nt, out=out), reps)
         t_bf = median_time(lambda r: _core.matmul(x, wh, compute="f32", n_threads=nt, out=out), reps)
-        g = [flop / t / 1e9 for t in (t_f32, t_bb, t_bf)]
+        q, qs, qw = _core.quantize_i8(w, n_threads=nt)
+        t_i8 = median_time(lambda r: _core.matmul(x, q, scale=qs, wsum=qw, n_threads=nt, out=out), reps)
+        g = [flop / t / 1e9 for t in (t_f32, t_bb, t_bf, t_i8)]
         row = [f"{m}x{k}x{n}", f"{g[0]:.1f}", pct(g[0], pf), f"{g[1]:.1f}", pct(g[1], pbb), f"{g[2]:.1f}",
-               pct(g[2], pf)]
+               pct(g[2], pf), f"{g[3]:.1f}", pct(g[3], pi8) if pi8 else "-"]
         if torch is not None:
             tx, tw = torch.from_numpy(x), torch.from_numpy(w)
             txb, twb = tx.to(torch.bfloat16), torch.from_numpy(wh.view(np.int16)).view(torch.bfloat16)
@@ -129,7 +134,7 @@ def main():
     dreps = 3 if args.quick else max(reps, 9)
     print(f"== decode GEMV (m=1), {nt} threads, GB/s of weight bytes from DRAM (median of {dreps}, "
           f"rotating over >= {ROTATE_BYTES / 1e9:.1f} GB of weight copies); % = of the {nt}-thread read bandwidth")
-    hdr = ["m x k x n", "f32", "%bw", "bf16/bf16", "%bw", "bf16/f32", "%bw"]
+    hdr = ["m x k x n", "f32", "%bw", "bf16/bf16", "%bw", "bf16/f32", "%bw", "int8", "%bw"]
     if torch is not None:
         hdr += ["torch f32", "ratio", "torch bf16", "ratio"]
     widths = [18] + [10] * (len(hdr) - 1)
@@ -138,9 +143,18 @@ def main():
         x = rng.standard_normal((m, k), dtype=np.float32)
         out = np.empty((m, n), np.float32)
         res = {}
-        for dt, isz in (("f32", 4), ("bf16", 2)):
+        for dt, isz in (("f32", 4), ("bf16", 2), ("int8", 1)):
             per = n * k * isz
             ncop = max(2, int(np.ceil(ROTATE_BYTES / per)))
+            if dt == "int8":   # copies of one quantized weight (the scales are n floats, in cache)
+                q, qs, qw = _core.quantize_i8(rng.standard_normal((n, k), dtype=np.float32) * 0.05, n_threads=nt)
+                buf = np.empty((ncop, n, k), np.int8)
+                buf[:] = q
+                t = median_time(lambda r: _core.matmul(x, buf[r % ncop], scale=qs, wsum=qw, n_threads=nt, out=out),
+                                dreps, warmup=ncop)
+                res[("int8", "int8")] = per / t / 1e9
+                del buf
+                continue
             if dt == "f32":
                 buf = np.empty((ncop, n, k), np.float32)
                 buf[:] = rng.standard_normal((n, k), dtype=np.float32) * 0.05
@@ -166,7 +180,7 @@ def main():
         bw = peak["bandwidth"]
         row = [f"{m}x{k}x{n}", f"{res[('f32', 'f32')]:.1f}", pct(res[("f32", "f32")], bw),
                f"{res[('bf16', 'bf16')]:.1f}", pct(res[("bf16", "bf16")], bw), f"{res[('bf16', 'f32')]:.1f}",
-               pct(res[("bf16", "f32")], bw)]
+               pct(res[("bf16", "f32")], bw), f"{res[('int8', 'int8')]:.1f}", pct(res[("int8", "int8")], bw)]
         if torch is not None:
             row += [f"{res[('torch', 'f32')]:.1f}", f"{res[('f32', 'f32')] / res[('torch', 'f32')]:.2f}x",
                     f"{res[('torch', 'bf16')]:.1f}", f"{res[('bf16', 'bf16')] / res[('torch', 'bf16')]:.2f}x"]
