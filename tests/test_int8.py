@@ -236,5 +236,5 @@ def test_fo1_int8_and_mixed(fo1_tiny_ckpt):
             assert np.array_equal(f_ref[0], f[0]) and np.array_equal(f_ref[2], f[2])
         else:
             assert cos > 0.95
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(ValueError, match="'int8' or 'mixed', got 'int4'"):
         VLMFO1.from_pretrained(fo1_tiny_ckpt, dtype="int4")

@@ -46,7 +46,7 @@ from .fo1_prompt import (BRIEF_REGION_CAPTION_TEMPLATE, COUNT_TEMPLATE, DETAILED
 from .hfre import HFRE, map_boxes
 from .generation import GenerationSettings, check_repetition_penalty, check_sampling, decode_stream
 from .image import QwenImageProcessor, fo1_global_resize, load_image
-from .options import check_options, check_request_length, read_config, read_generation_eos
+from .options import DTYPES, check_options, check_request_length, read_config, read_generation_eos
 from .proposals import Proposals, as_boxes
 from .qwen_vl import splice_image
 from .results import COCO_CATEGORIES, FO1Result
@@ -178,6 +178,8 @@ class VLMFO1:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
                                     or not 1 <= threads <= 256):
             raise ValueError(f"threads must be an int in [1, 256], got {threads!r}")
+        if dtype not in DTYPES + ("mixed",):
+            raise ValueError(f"dtype must be None, 'float32', 'bfloat16', 'int8' or 'mixed', got {dtype!r}")
         check_options(mode, None if dtype == "mixed" else dtype, compute)
         path = os.fspath(path)
         if not os.path.isdir(path):
