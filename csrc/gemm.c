@@ -9,7 +9,7 @@
  *                                  and the widened-weight FMA kernel below is used.
  *   bf16 W, compute F32          : weights widened exactly (bits << 16) in registers and FMA'd with
  *                                  fp32 activations.
- *   int8 W                       : activations quantized per row, exact integer dot products (gemm_i8.c).
+ *   int8 / int4 W                : activations quantized per row, exact integer dot products (gemm_i8.c).
  *
  * Thread-count invariance (the guarantee): for a given CPU and kernel choice (OpenBLAS core type, which
  * OPENBLAS_CORETYPE may force; VLM_GEMM_ISA), the result is bitwise identical for every pool size. Every
@@ -578,9 +578,8 @@ static size_t xconv_bytes(int64_t m, const vlm_weight *w, vlm_compute cmode, int
 }
 
 size_t vlm_matmul_scratch_size(int64_t m, const vlm_weight *w, vlm_compute cmode, int n_threads) {
-    (void)n_threads;
     if (!w) return 0;
-    if (w->dtype == VLM_I8) return vlm_matmul_i8_scratch_size(m, w->k);
+    if (w->dtype == VLM_I8 || w->dtype == VLM_I4) return vlm_matmul_i8_scratch_size(m, w, n_threads);
     long ldd;
     size_t b = xconv_bytes(m, w, cmode, vlm_cpu_isa(), &ldd);
     return b ? b + VLM_ALIGN : 0;
@@ -590,7 +589,7 @@ vlm_status vlm_matmul(vlm_pool *pool, float *out, int64_t ldo, const float *x, i
                       const vlm_weight *w, vlm_compute cmode, int accumulate, void *scratch, size_t scratch_size,
                       vlm_err *err) {
     if (!w) return vlm_fail(err, VLM_ERR_ARG, "matmul: weight is NULL");
-    if (w->dtype != VLM_F32 && w->dtype != VLM_BF16 && w->dtype != VLM_I8)
+    if (w->dtype != VLM_F32 && w->dtype != VLM_BF16 && w->dtype != VLM_I8 && w->dtype != VLM_I4)
         return vlm_fail(err, VLM_ERR_ARG, "matmul: unsupported weight dtype %d", (int)w->dtype);
     if (cmode != VLM_COMPUTE_F32 && cmode != VLM_COMPUTE_BF16)
         return vlm_fail(err, VLM_ERR_ARG, "matmul: unsupported compute mode %d", (int)cmode);
@@ -602,7 +601,7 @@ vlm_status vlm_matmul(vlm_pool *pool, float *out, int64_t ldo, const float *x, i
     if (ldx < w->k || ldo < w->n)
         return vlm_fail(err, VLM_ERR_ARG, "matmul: row strides ldx=%lld (k=%lld) ldo=%lld (n=%lld) too small",
                         (long long)ldx, (long long)w->k, (long long)ldo, (long long)w->n);
-    if (w->dtype == VLM_I8) return vlm_matmul_i8(pool, out, ldo, x, ldx, m, w, accumulate, scratch, scratch_size, err);
+    if (w->dtype == VLM_I8 || w->dtype == VLM_I4) return vlm_matmul_i8(pool, out, ldo, x, ldx, m, w, accumulate, scratch, scratch_size, err);
     const int level = vlm_cpu_isa();
     long ldd;
     size_t need = xconv_bytes(m, w, cmode, level, &ldd);

@@ -3,15 +3,16 @@
  * Every linear layer of every network goes through vlm_matmul with a vlm_weight: a weight matrix in
  * the PyTorch Linear layout W[n][k] (row-major, k contiguous), stored as fp32 or bf16 exactly as it
  * lies in the (memory-mapped) checkpoint, or as int8 with one scale per output channel (quantized at load by
- * vlm_quantize_i8; the arithmetic is in gemm_i8.c), plus an optional fp32 bias. New storage formats (AMX tile
- * layouts, 4-bit blocks) plug in here as new vlm_dtype values without touching the models. */
+ * vlm_quantize_i8; the arithmetic is in gemm_i8.c), or as 4-bit blocks (vlm_quantize_i4, same file), plus an
+ * optional fp32 bias. New storage formats (AMX tile layouts) plug in here as new vlm_dtype values without touching
+ * the models. */
 #ifndef VLM_GEMM_H
 #define VLM_GEMM_H
 
 #include "common.h"
 #include "pool.h"
 
-typedef enum { VLM_F32 = 0, VLM_BF16 = 1, VLM_I8 = 2 } vlm_dtype;
+typedef enum { VLM_F32 = 0, VLM_BF16 = 1, VLM_I8 = 2, VLM_I4 = 3 } vlm_dtype;
 
 /* int8 weights: the largest k (every integer partial sum stays inside int32: 255 * 127 * k < 2^31). */
 #define VLM_I8_MAX_K 65536
@@ -26,9 +27,25 @@ typedef struct {
     int64_t n, k;        /* output features, input features */
     const void *data;    /* [n][k] elements of `dtype`, row stride k */
     const float *bias;   /* [n] or NULL */
-    const float *scale;  /* VLM_I8 only: [n] per-output-channel scales, W[j][t] ~ scale[j] * data[j][t] */
-    const float *wsum;   /* VLM_I8 only: [n] sum over t of data[j][t] (an exact integer held in a float) */
+    const float *scale;  /* VLM_I8 / VLM_I4: [n] per-output-channel scales, W[j][t] ~ scale[j] * q[j][t] */
+    const float *wsum;   /* VLM_I8 / VLM_I4: [n] sum over t of q[j][t] (an exact integer held in a float) */
+    const uint8_t *sub;  /* VLM_I4 only: [n][vlm_i4_sub_stride(k)] 4-bit block scales (see below) */
 } vlm_weight;
+
+/* VLM_I4, 4-bit blocks (k a multiple of 32): each row is k / 32 blocks of 32 weights. Block b holds 4-bit codes
+ * c[t] in [0, 15] and a 4-bit block scale m_b in [0, 15]; its integer weights are q[t] = (c[t] - 8) * m_b, in
+ * [-120, 105], so W[j][t] ~ scale[j] * q[j][t] as for int8 and the same exact integer kernels apply. Storage:
+ * data [n][k / 2] bytes, block b at bytes 16b..16b+15, byte 16b + t = c[32b + t] | c[32b + 16 + t] << 4 (the
+ * nibble order of llama.cpp's Q4_0); sub [n][vlm_i4_sub_stride(k)] bytes, m_b in the low nibble of byte b / 2 for
+ * even b, the high nibble for odd b. 4.125 bits per weight plus two floats per row. */
+#define VLM_I4_BLOCK 32
+static inline int64_t vlm_i4_sub_stride(int64_t k) { return (k / VLM_I4_BLOCK + 1) / 2; }
+
+/* Bytes of one row of w's data (any dtype). */
+static inline size_t vlm_weight_row_bytes(const vlm_weight *w) {
+    static const size_t esz[] = {4, 2, 1}; /* VLM_F32, VLM_BF16, VLM_I8 */
+    return w->dtype == VLM_I4 ? (size_t)w->k / 2 : (size_t)w->k * esz[w->dtype];
+}
 
 /* out[i][j] (row stride ldo) = sum_k x[i][k] * W[j][k] + bias[j], for i < m, j < n;
  * with accumulate != 0 the result is added to what out holds (a fused residual add).
@@ -41,25 +58,26 @@ vlm_status vlm_matmul(vlm_pool *pool, float *out, int64_t ldo, const float *x, i
                       void *scratch, size_t scratch_size, vlm_err *err);
 size_t vlm_matmul_scratch_size(int64_t m, const vlm_weight *w, vlm_compute cmode, int n_threads);
 
-/* Rows [r0, r0 + rows) of w as a weight of their own (data, bias, scale and wsum offset alike, any dtype);
+/* Rows [r0, r0 + rows) of w as a weight of their own (data, bias, scale, wsum and sub offset alike, any dtype);
  * the caller keeps the range inside w. */
 static inline vlm_weight vlm_weight_rows(const vlm_weight *w, int64_t r0, int64_t rows) {
-    static const size_t esz[] = {4, 2, 1}; /* VLM_F32, VLM_BF16, VLM_I8 */
     vlm_weight v = *w;
     v.n = rows;
-    v.data = (const char *)w->data + (size_t)r0 * (size_t)w->k * esz[w->dtype];
+    v.data = (const char *)w->data + (size_t)r0 * vlm_weight_row_bytes(w);
     if (w->bias) v.bias = w->bias + r0;
     if (w->scale) v.scale = w->scale + r0;
     if (w->wsum) v.wsum = w->wsum + r0;
+    if (w->sub) v.sub = w->sub + (size_t)r0 * (size_t)vlm_i4_sub_stride(w->k);
     return v;
 }
 
-/* int8 weights (VLM_I8; gemm_i8.c): the activations are quantized per row into scratch (so bf16 / f32
- * compute modes do not apply) and the dot products are exact integer sums, so the result is bitwise identical
- * on every CPU, kernel level and pool size. vlm_matmul dispatches here; vlm_matmul_scratch_size covers it. */
+/* int8 and int4 weights (VLM_I8, VLM_I4; gemm_i8.c): the activations are quantized per row into scratch (so
+ * bf16 / f32 compute modes do not apply) and the dot products are exact integer sums, so the result is bitwise
+ * identical on every CPU, kernel level and pool size (and an int4 weight gives exactly what the int8 weight of
+ * its integer values q would). vlm_matmul dispatches here; vlm_matmul_scratch_size covers it. */
 vlm_status vlm_matmul_i8(vlm_pool *pool, float *out, int64_t ldo, const float *x, int64_t ldx, int64_t m,
                          const vlm_weight *w, int accumulate, void *scratch, size_t scratch_size, vlm_err *err);
-size_t vlm_matmul_i8_scratch_size(int64_t m, int64_t k);
+size_t vlm_matmul_i8_scratch_size(int64_t m, const vlm_weight *w, int n_threads);
 /* "avx512vnni", "avx2" or "generic": the int8 kernel family vlm_cpu_isa() (and its cap) selects. */
 const char *vlm_matmul_i8_kernel_name(void);
 
@@ -69,6 +87,15 @@ const char *vlm_matmul_i8_kernel_name(void);
  * VLM_ERR_ARG for a row holding NaN or inf (named), bad sizes or k > VLM_I8_MAX_K. */
 vlm_status vlm_quantize_i8(vlm_pool *pool, const void *src, vlm_dtype dtype, int64_t n, int64_t k, int8_t *q,
                            float *scale, float *wsum, vlm_err *err);
+
+/* 4-bit block quantization of a [n][k] fp32 or bf16 matrix (k a multiple of 32, k <= VLM_I8_MAX_K), into the
+ * VLM_I4 layout above: per row scale[j] = max_t |W[j][t]| / 105 (so the largest block scale 15 covers it); per
+ * block the scale m_b is chosen among ceil(amax_b / (7 scale[j])) and the two below it (at least 1), the one with
+ * the smallest squared error sum_t (W - q scale)^2 (ties: the larger m_b), with codes
+ * c = clamp(round-half-even(W / (scale[j] m_b)), -8, 7) + 8; an all-zero block (or row) gets m_b = 0, codes 8.
+ * wsum[j] = sum_t q[j][t]. Runs on pool (may be NULL). VLM_ERR_ARG for NaN or inf (the row named) or bad sizes. */
+vlm_status vlm_quantize_i4(vlm_pool *pool, const void *src, vlm_dtype dtype, int64_t n, int64_t k, uint8_t *data,
+                           uint8_t *sub, float *scale, float *wsum, vlm_err *err);
 
 /* The matmul context of a forward pass: its pool, compute mode and the scratch all its projections share.
  * vlm_mm(c, ...) = vlm_matmul with those, the one call every network makes. */

@@ -1,4 +1,5 @@
-/* gemm_i8.c — int8 weights for vlm_matmul (W8A8) and the weight quantizer vlm_quantize_i8 (see gemm.h).
+/* gemm_i8.c — integer weights for vlm_matmul: int8 (W8A8) and 4-bit blocks (W4A8), and their load-time
+ * quantizers vlm_quantize_i8 / vlm_quantize_i4 (see gemm.h).
  *
  * Weights are symmetric int8 with one scale per output channel; activations are quantized per row (per
  * token) on the fly into scratch; the dot products are exact integer sums:
@@ -13,7 +14,17 @@
  * bytes widened to 16 bits, vpmaddwd), generic C. Every level computes the same exact integer sums and the
  * same float32 epilogue, so the result is bitwise identical on every level, CPU and thread count (the
  * tests check it against NumPy bit for bit). k is never split (int32 sums stay exact for k <= VLM_I8_MAX_K);
- * threads split n; tiles of 4 rows of x by 6 rows of W (3 on AVX2), W panels sized for L2 when m > 4. */
+ * threads split n; tiles of 4 rows of x by 6 rows of W (3 on AVX2), W panels sized for L2 when m > 4.
+ *
+ * 4-bit blocks (VLM_I4, layout in gemm.h): a block's integer weights are (code - 8) * m_b, in [-120, 105], so they
+ * are int8 values and every sum above stays exact (255 * 120 * k < 2^31 for k <= VLM_I8_MAX_K): an int4 weight
+ * gives bit for bit what the int8 weight of its integer values gives. Two ways to the same sums:
+ *   m <= 4 on VNNI (decode: memory bound, 4.125 bits per weight streamed): 64 bytes of codes (4 blocks) per
+ *     load; low and high nibbles become int8 weights in registers through vpshufb with one 16-entry table per
+ *     block (the table of m_b: (c - 8) * m_b), then vpdpbusd. x is quantized in the matching order: per group
+ *     of 4 blocks, the first 16 values of each block, then the last 16 of each.
+ *   otherwise: each thread unpacks a panel of W rows to int8 in its own scratch and runs the int8 kernels on it
+ *     (prefill: the unpacking is paid once per panel for all rows of x). */
 #include "gemm.h"
 
 #include <math.h>
@@ -168,6 +179,122 @@ vlm_status vlm_quantize_i8(vlm_pool *pool, const void *src, vlm_dtype dtype, int
 }
 
 /* ------------------------------------------------------------------------------------------------ */
+/* 4-bit block quantizer                                                                            */
+
+/* I4_TAB[m][c] = (c - 8) * m: the integer weight of code c in a block of scale m (the vpshufb tables). */
+#define I4_ROW(m) {-8 * (m), -7 * (m), -6 * (m), -5 * (m), -4 * (m), -3 * (m), -2 * (m), -(m), 0, (m), 2 * (m), \
+                   3 * (m), 4 * (m), 5 * (m), 6 * (m), 7 * (m)}
+static const int8_t I4_TAB[16][16] __attribute__((aligned(64))) = {
+    I4_ROW(0), I4_ROW(1), I4_ROW(2),  I4_ROW(3),  I4_ROW(4),  I4_ROW(5),  I4_ROW(6),  I4_ROW(7),
+    I4_ROW(8), I4_ROW(9), I4_ROW(10), I4_ROW(11), I4_ROW(12), I4_ROW(13), I4_ROW(14), I4_ROW(15)};
+#undef I4_ROW
+
+static inline int i4_sub(const uint8_t *sub, long b) { return (sub[b >> 1] >> (4 * (b & 1))) & 15; }
+
+/* One row: codes and block scales (sub zeroed first), *scale, *wsum; -1 if the row holds NaN or inf. */
+static VLM_NO_CONTRACT int quant_row_i4(const void *src, int bf16, long k, uint8_t *data, uint8_t *sub,
+                                        float *scale, float *wsum) {
+    const float *f = (const float *)src;
+    const uint16_t *h = (const uint16_t *)src;
+    uint32_t ab = 0;
+    for (long t = 0; t < k; t++) {
+        uint32_t a = abs_bits(bf16 ? vlm_bf16_to_f32(h[t]) : f[t]);
+        ab = a > ab ? a : ab;
+    }
+    if (ab >= 0x7f800000u) return -1;
+    float amax;
+    memcpy(&amax, &ab, 4);
+    const float d = amax / 105.0f; /* 7 * 15: the largest block scale reaches the largest |value| */
+    memset(sub, 0, (size_t)(k > 0 ? vlm_i4_sub_stride(k) : 0));
+    *scale = d;
+    *wsum = 0.0f;
+    if (d == 0.0f) { /* an all-zero row (or one below 105 times the smallest subnormal): all weights 0 */
+        memset(data, 0x88, (size_t)(k > 0 ? k / 2 : 0));
+        return 0;
+    }
+    int64_t ws = 0;
+    for (long b = 0; b < k / VLM_I4_BLOCK; b++) {
+        float v[VLM_I4_BLOCK], a = 0.0f;
+        for (int t = 0; t < VLM_I4_BLOCK; t++) {
+            long i = b * VLM_I4_BLOCK + t;
+            v[t] = bf16 ? vlm_bf16_to_f32(h[i]) : f[i];
+            a = fabsf(v[t]) > a ? fabsf(v[t]) : a;
+        }
+        int best_m = 0;
+        int8_t best_q[VLM_I4_BLOCK] = {0};
+        if (a > 0.0f) {
+            int m0 = (int)ceilf(a / (7.0f * d));
+            m0 = m0 < 1 ? 1 : m0 > 15 ? 15 : m0;
+            double best = INFINITY;
+            for (int m = m0; m >= 1 && m >= m0 - 2; m--) {
+                const float s = d * (float)m;
+                int8_t q[VLM_I4_BLOCK];
+                double e = 0.0;
+                for (int t = 0; t < VLM_I4_BLOCK; t++) {
+                    long r = lrintf(v[t] / s); /* round half to even */
+                    r = r > 7 ? 7 : r < -8 ? -8 : r;
+                    q[t] = (int8_t)r;
+                    double diff = (double)v[t] - (double)r * (double)s;
+                    e += diff * diff;
+                }
+                if (e < best) {
+                    best = e;
+                    best_m = m;
+                    memcpy(best_q, q, sizeof q);
+                }
+            }
+        }
+        for (int t = 0; t < 16; t++)
+            data[16 * b + t] = (uint8_t)((best_q[t] + 8) | ((best_q[t + 16] + 8) << 4));
+        sub[b >> 1] = (uint8_t)(sub[b >> 1] | best_m << (4 * (b & 1)));
+        for (int t = 0; t < VLM_I4_BLOCK; t++) ws += (int64_t)best_m * best_q[t];
+    }
+    *wsum = (float)ws; /* |ws| <= 120 k < 2^24: exact */
+    return 0;
+}
+
+typedef struct {
+    int bf16;
+    const void *src;
+    long n, k;
+    uint8_t *data, *sub;
+    float *scale, *wsum;
+    int bad;
+} wq4_ctx;
+
+static void wq4_task(void *p, int ith, int nth) {
+    wq4_ctx *c = (wq4_ctx *)p;
+    long r0, r1;
+    vlm_split(c->n, 1, ith, nth, &r0, &r1);
+    size_t esz = c->bf16 ? 2 : 4;
+    for (long r = r0; r < r1; r++) {
+        if (quant_row_i4((const char *)c->src + (size_t)r * (size_t)c->k * esz, c->bf16, c->k,
+                         c->data + (size_t)r * (size_t)(c->k / 2), c->sub + (size_t)r * (size_t)vlm_i4_sub_stride(c->k),
+                         &c->scale[r], &c->wsum[r])) {
+            int cur = __atomic_load_n(&c->bad, __ATOMIC_RELAXED);
+            while ((cur == 0 || r + 1 < cur) &&
+                   !__atomic_compare_exchange_n(&c->bad, &cur, (int)(r + 1), 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+            }
+        }
+    }
+}
+
+vlm_status vlm_quantize_i4(vlm_pool *pool, const void *src, vlm_dtype dtype, int64_t n, int64_t k, uint8_t *data,
+                           uint8_t *sub, float *scale, float *wsum, vlm_err *err) {
+    if (dtype != VLM_F32 && dtype != VLM_BF16)
+        return vlm_fail(err, VLM_ERR_ARG, "quantize_i4: source dtype must be float32 or bf16");
+    if (n <= 0 || k <= 0 || k > VLM_I8_MAX_K || k % VLM_I4_BLOCK || n > INT32_MAX - 1)
+        return vlm_fail(err, VLM_ERR_ARG, "quantize_i4: bad sizes n=%lld k=%lld (k a multiple of %d, <= %d)",
+                        (long long)n, (long long)k, VLM_I4_BLOCK, VLM_I8_MAX_K);
+    if (!src || !data || !sub || !scale || !wsum) return vlm_fail(err, VLM_ERR_ARG, "quantize_i4: NULL pointer");
+    wq4_ctx c = {dtype == VLM_BF16, src, n, k, data, sub, scale, wsum, 0};
+    if (pool && n * k >= PAR_QUANT_MIN / 8) vlm_pool_run(pool, wq4_task, &c);
+    else wq4_task(&c, 0, 1);
+    if (c.bad) return vlm_fail(err, VLM_ERR_ARG, "quantize_i4: row %d holds NaN or inf", c.bad - 1);
+    return VLM_OK;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
 /* Matmul context and the epilogue                                                                  */
 
 typedef struct {
@@ -184,6 +311,12 @@ typedef struct {
     float *out;
     long ldo;
     int accumulate;
+    /* VLM_I4 */
+    int i4, direct;         /* 4-bit weight; direct: the in-register VNNI kernel (x in its group order) */
+    const uint8_t *w4, *sub4;
+    long ldw4, ldsub;
+    char *unp;              /* per-thread int8 panels (the unpacking path), unp_stride bytes each */
+    size_t unp_stride;
 } q8_ctx;
 
 static VLM_NO_CONTRACT void store_q8(const q8_ctx *c, long i0, int mr, long j0, int nr, int32_t s[4][8]) {
@@ -351,7 +484,113 @@ static VLM_TGT_AVX2 void panel_avx2(const q8_ctx *c, long i0, int mr, long j0, l
 static VLM_TGT_AVX512VNNI void panel_vnni(const q8_ctx *c, long i0, int mr, long j0, long jl) {
     Q8_PANEL(tile_vnni, 6)
 }
+
+/* The vpshufb table register of up to 4 blocks: 128-bit lane L holds I4_TAB[m of block b + L] (lanes >= g: 0). */
+static inline VLM_INLINE VLM_TGT_AVX512VNNI __m512i i4_tables(const uint8_t *sub, long b, int g) {
+    __m512i tab = _mm512_castsi128_si512(_mm_load_si128((const __m128i *)I4_TAB[i4_sub(sub, b)]));
+    if (g == 4) {
+        uint16_t sb;
+        memcpy(&sb, sub + (b >> 1), 2); /* b is a multiple of 4: blocks b..b+3 are the nibbles of two bytes */
+        tab = _mm512_inserti32x4(tab, _mm_load_si128((const __m128i *)I4_TAB[(sb >> 4) & 15]), 1);
+        tab = _mm512_inserti32x4(tab, _mm_load_si128((const __m128i *)I4_TAB[(sb >> 8) & 15]), 2);
+        return _mm512_inserti32x4(tab, _mm_load_si128((const __m128i *)I4_TAB[sb >> 12]), 3);
+    }
+    tab = _mm512_maskz_mov_epi64(0x03, tab);
+    if (g > 1) tab = _mm512_inserti32x4(tab, _mm_load_si128((const __m128i *)I4_TAB[i4_sub(sub, b + 1)]), 1);
+    if (g > 2) tab = _mm512_inserti32x4(tab, _mm_load_si128((const __m128i *)I4_TAB[i4_sub(sub, b + 2)]), 2);
+    return tab;
+}
+
+/* MR x NR (NR <= 4) tile of x (u8, group order) against 4-bit W rows, 4 blocks (128 k) per step; a last group of
+ * g < 4 blocks with masked loads (x is zero beyond it in the registers, so the table lanes there do not matter). */
+static inline VLM_INLINE VLM_TGT_AVX512VNNI void tile_i4(const int MR, const int NR, const uint8_t *x, long ldx,
+                                                         const uint8_t *w, long ldw, const uint8_t *sub, long lds,
+                                                         long k, int32_t s[4][8]) {
+    __m512i acc[4][4];
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_si512();
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    const long nb = k / VLM_I4_BLOCK;
+    for (long b = 0; b < nb; b += 4) {
+        const int g = nb - b >= 4 ? 4 : (int)(nb - b);
+        const __mmask64 mk = g == 4 ? ~(__mmask64)0 : (__mmask64)((1ULL << (16 * g)) - 1);
+        const long xo = b * VLM_I4_BLOCK; /* x: 16 g values (first halves), then 16 g (second halves) */
+        __m512i xl[4], xh[4];
+#pragma GCC unroll 4
+        for (int i = 0; i < MR; i++) {
+            xl[i] = _mm512_maskz_loadu_epi8(mk, x + i * ldx + xo);
+            xh[i] = _mm512_maskz_loadu_epi8(mk, x + i * ldx + xo + 16 * g);
+        }
+#pragma GCC unroll 4
+        for (int j = 0; j < NR; j++) {
+            const __m512i v = _mm512_maskz_loadu_epi8(mk, w + j * ldw + b * 16);
+            const __m512i tab = i4_tables(sub + j * lds, b, g);
+            const __m512i wl = _mm512_shuffle_epi8(tab, _mm512_and_si512(v, low4));
+            const __m512i wh = _mm512_shuffle_epi8(tab, _mm512_and_si512(_mm512_srli_epi16(v, 4), low4));
+#pragma GCC unroll 4
+            for (int i = 0; i < MR; i++) {
+                DPBUSD(acc[i][j], xl[i], wl);
+                DPBUSD(acc[i][j], xh[i], wh);
+            }
+        }
+    }
+    const __m512i z = _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; i++) {
+        int32_t r4[4];
+        _mm_storeu_si128((__m128i *)r4, hsum4_512i(acc[i][0], NR > 1 ? acc[i][1 % NR] : z, NR > 2 ? acc[i][2 % NR] : z,
+                                                   NR > 3 ? acc[i][3 % NR] : z));
+        for (int j = 0; j < NR; j++) s[i][j] = r4[j];
+    }
+}
+
+#define I4_TILE(MR, NR, J) tile_i4(MR, NR, x, c->ldq, c->w4 + (j0 + (J)) * c->ldw4, c->ldw4, \
+                                   c->sub4 + (j0 + (J)) * c->ldsub, c->ldsub, c->k, s)
+static VLM_TGT_AVX512VNNI void panel_i4(const q8_ctx *c, long i0, int mr, long j0, long jl) {
+    const uint8_t *x = c->xq + i0 * c->ldq;
+    int32_t s[4][8];
+    long j = 0;
+    switch (mr) {
+    case 4: for (; j + 4 <= jl; j += 4) { I4_TILE(4, 4, j); store_q8(c, i0, 4, j0 + j, 4, s); } break;
+    case 3: for (; j + 4 <= jl; j += 4) { I4_TILE(3, 4, j); store_q8(c, i0, 3, j0 + j, 4, s); } break;
+    case 2: for (; j + 4 <= jl; j += 4) { I4_TILE(2, 4, j); store_q8(c, i0, 2, j0 + j, 4, s); } break;
+    default: for (; j + 4 <= jl; j += 4) { I4_TILE(1, 4, j); store_q8(c, i0, 1, j0 + j, 4, s); } break;
+    }
+    for (; j < jl; j++) {
+        switch (mr) {
+        case 4: I4_TILE(4, 1, j); break;
+        case 3: I4_TILE(3, 1, j); break;
+        case 2: I4_TILE(2, 1, j); break;
+        default: I4_TILE(1, 1, j); break;
+        }
+        store_q8(c, i0, mr, j0 + j, 1, s);
+    }
+}
+#undef I4_TILE
+
+/* One 4-bit row -> k int8 weights (16-byte pshufb per half block). */
+static VLM_TGT_AVX2 void unpack_row_i4_avx2(const uint8_t *p, const uint8_t *sub, long k, int8_t *d) {
+    const __m128i low4 = _mm_set1_epi8(0x0f);
+    for (long b = 0; b < k / VLM_I4_BLOCK; b++) {
+        const __m128i tab = _mm_load_si128((const __m128i *)I4_TAB[i4_sub(sub, b)]);
+        const __m128i v = _mm_loadu_si128((const __m128i *)(p + 16 * b));
+        _mm_storeu_si128((__m128i *)(d + 32 * b), _mm_shuffle_epi8(tab, _mm_and_si128(v, low4)));
+        _mm_storeu_si128((__m128i *)(d + 32 * b + 16), _mm_shuffle_epi8(tab, _mm_and_si128(_mm_srli_epi16(v, 4), low4)));
+    }
+}
 #endif /* VLM_X86 */
+
+static void unpack_row_i4_generic(const uint8_t *p, const uint8_t *sub, long k, int8_t *d) {
+    for (long b = 0; b < k / VLM_I4_BLOCK; b++) {
+        const int8_t *tab = I4_TAB[i4_sub(sub, b)];
+        for (int t = 0; t < 16; t++) {
+            d[32 * b + t] = tab[p[16 * b + t] & 15];
+            d[32 * b + 16 + t] = tab[p[16 * b + t] >> 4];
+        }
+    }
+}
 
 static void panel_generic(const q8_ctx *c, long i0, int mr, long j0, long jl) {
     int32_t s[4][8];
@@ -372,6 +611,32 @@ static void quant_x_task(void *p, int ith, int nth) {
         uint8_t *d = (uint8_t *)c->xq + r * c->ldq;
         c->sx[r] = quant_row(c->level, c->x + r * c->ldx, 0, c->k, d, 128, NULL);
         memset(d + c->k, 0, (size_t)(c->ldq - c->k)); /* zero padding: u8 0 adds nothing */
+        if (c->direct) { /* the order of tile_i4: per group of g <= 4 blocks, first halves, then second halves */
+            const long nb = c->k / VLM_I4_BLOCK;
+            for (long b = 0; b < nb; b += 4) {
+                const int g = nb - b >= 4 ? 4 : (int)(nb - b);
+                uint8_t tmp[4 * VLM_I4_BLOCK];
+                uint8_t *grp = d + b * VLM_I4_BLOCK;
+                memcpy(tmp, grp, (size_t)g * VLM_I4_BLOCK);
+                for (int l = 0; l < g; l++) {
+                    memcpy(grp + 16 * l, tmp + VLM_I4_BLOCK * l, 16);
+                    memcpy(grp + 16 * (g + l), tmp + VLM_I4_BLOCK * l + 16, 16);
+                }
+            }
+        }
+    }
+}
+
+/* Rows [i0, m) of x against the W panel of rows [j0, j0 + jl) of c, 4 rows of x at a time. */
+static void q8_panels(const q8_ctx *c, long j0, long jl) {
+    for (long i0 = 0; i0 < c->m; i0 += 4) {
+        int mr = c->m - i0 < 4 ? (int)(c->m - i0) : 4;
+#if VLM_X86
+        if (c->direct) { panel_i4(c, i0, mr, j0, jl); continue; }
+        if (c->kern == 2) { panel_vnni(c, i0, mr, j0, jl); continue; }
+        if (c->kern == 1) { panel_avx2(c, i0, mr, j0, jl); continue; }
+#endif
+        panel_generic(c, i0, mr, j0, jl);
     }
 }
 
@@ -381,22 +646,48 @@ static void q8_task(void *p, int ith, int nth) {
     vlm_split(c->n, 16, ith, nth, &n0, &n1);
     for (long j0 = n0; j0 < n1; j0 += c->nb) {
         long jl = n1 - j0 < c->nb ? n1 - j0 : c->nb;
-        for (long i0 = 0; i0 < c->m; i0 += 4) {
-            int mr = c->m - i0 < 4 ? (int)(c->m - i0) : 4;
-#if VLM_X86
-            if (c->kern == 2) { panel_vnni(c, i0, mr, j0, jl); continue; }
-            if (c->kern == 1) { panel_avx2(c, i0, mr, j0, jl); continue; }
-#endif
-            panel_generic(c, i0, mr, j0, jl);
+        if (!c->i4 || c->direct) {
+            q8_panels(c, j0, jl);
+            continue;
         }
+        /* 4-bit W without the direct kernel: unpack the panel to int8 in this thread's scratch, then run the
+         * int8 kernels on it as rows [0, jl) of a weight of its own */
+        int8_t *buf = (int8_t *)(c->unp + (size_t)ith * c->unp_stride);
+        for (long r = 0; r < jl; r++) {
+            const uint8_t *pw = c->w4 + (j0 + r) * c->ldw4, *ps = c->sub4 + (j0 + r) * c->ldsub;
+#if VLM_X86
+            if (c->level >= VLM_ISA_AVX2) {
+                unpack_row_i4_avx2(pw, ps, c->k, buf + r * c->k);
+                continue;
+            }
+#endif
+            unpack_row_i4_generic(pw, ps, c->k, buf + r * c->k);
+        }
+        q8_ctx cc = *c;
+        cc.w = buf;
+        cc.scale += j0;
+        cc.wsum += j0;
+        if (cc.bias) cc.bias += j0;
+        cc.out += j0;
+        q8_panels(&cc, 0, jl);
     }
 }
 
 static long q8_ldq(int64_t k) { return (long)vlm_align_up((size_t)k, 64); }
 
-size_t vlm_matmul_i8_scratch_size(int64_t m, int64_t k) {
-    if (m <= 0 || k <= 0) return 0;
-    return vlm_align_up((size_t)m * sizeof(float), VLM_ALIGN) + (size_t)m * (size_t)q8_ldq(k) + VLM_ALIGN;
+/* 4-bit weights on the unpacking path: rows per W panel (an int8 panel of about PANEL_BYTES) and the bytes of
+ * each thread's panel buffer. */
+static long i4_panel_rows(int64_t k) {
+    long nb = (long)(PANEL_BYTES / (size_t)k);
+    return nb < 12 ? 12 : nb / 6 * 6;
+}
+static size_t i4_unp_stride(int64_t k) { return vlm_align_up((size_t)i4_panel_rows(k) * (size_t)k, VLM_ALIGN); }
+
+size_t vlm_matmul_i8_scratch_size(int64_t m, const vlm_weight *w, int n_threads) {
+    if (m <= 0 || !w || w->k <= 0) return 0;
+    size_t b = vlm_align_up((size_t)m * sizeof(float), VLM_ALIGN) + vlm_align_up((size_t)m * (size_t)q8_ldq(w->k), VLM_ALIGN) + VLM_ALIGN;
+    if (w->dtype == VLM_I4) b += (size_t)(n_threads < 1 ? 1 : n_threads) * i4_unp_stride(w->k);
+    return b;
 }
 
 /* The int8 kernel family in use: "vnni", "avx2" or "generic" (follows vlm_cpu_isa() and its cap). */
@@ -411,13 +702,19 @@ const char *vlm_matmul_i8_kernel_name(void) {
     return names[q8_kernel(vlm_cpu_isa())];
 }
 
-/* Called by vlm_matmul for VLM_I8 weights, after its common argument checks. */
+/* Called by vlm_matmul for VLM_I8 and VLM_I4 weights, after its common argument checks. */
 vlm_status vlm_matmul_i8(vlm_pool *pool, float *out, int64_t ldo, const float *x, int64_t ldx, int64_t m,
                          const vlm_weight *w, int accumulate, void *scratch, size_t scratch_size, vlm_err *err) {
-    if (!w->scale || !w->wsum) return vlm_fail(err, VLM_ERR_ARG, "matmul: int8 weight without scale or wsum");
+    const int i4 = w->dtype == VLM_I4;
+    const char *what = i4 ? "int4" : "int8";
+    if (!w->scale || !w->wsum) return vlm_fail(err, VLM_ERR_ARG, "matmul: %s weight without scale or wsum", what);
+    if (i4 && !w->sub) return vlm_fail(err, VLM_ERR_ARG, "matmul: int4 weight without its block scales (sub)");
+    if (i4 && w->k % VLM_I4_BLOCK)
+        return vlm_fail(err, VLM_ERR_ARG, "matmul: int4 weight with k=%lld, not a multiple of %d", (long long)w->k,
+                        VLM_I4_BLOCK);
     if (w->k > VLM_I8_MAX_K)
-        return vlm_fail(err, VLM_ERR_ARG, "matmul: int8 weight with k=%lld > %d", (long long)w->k, VLM_I8_MAX_K);
-    size_t need = vlm_matmul_i8_scratch_size(m, w->k);
+        return vlm_fail(err, VLM_ERR_ARG, "matmul: %s weight with k=%lld > %d", what, (long long)w->k, VLM_I8_MAX_K);
+    size_t need = vlm_matmul_i8_scratch_size(m, w, vlm_pool_size(pool));
     if (!scratch || scratch_size < need)
         return vlm_fail(err, VLM_ERR_ARG, "matmul: scratch of %zu bytes too small (need %zu)",
                         scratch ? scratch_size : (size_t)0, need);
@@ -435,13 +732,26 @@ vlm_status vlm_matmul_i8(vlm_pool *pool, float *out, int64_t ldo, const float *x
     c.sx = (float *)base;
     c.xq = (const uint8_t *)(base + vlm_align_up((size_t)m * sizeof(float), VLM_ALIGN));
     c.w = (const int8_t *)w->data;
+    if (i4) {
+        c.i4 = 1;
+        c.direct = c.kern == 2 && m <= 4; /* decode on VNNI: codes to weights in registers */
+        c.w4 = (const uint8_t *)w->data;
+        c.sub4 = w->sub;
+        c.ldw4 = (long)(w->k / 2);
+        c.ldsub = (long)vlm_i4_sub_stride(w->k);
+        c.unp = base + vlm_align_up((size_t)m * sizeof(float), VLM_ALIGN) +
+                vlm_align_up((size_t)m * (size_t)c.ldq, VLM_ALIGN);
+        c.unp_stride = i4_unp_stride(w->k);
+    }
     c.scale = w->scale;
     c.wsum = w->wsum;
     c.bias = w->bias;
     c.out = out;
     c.ldo = ldo;
     c.accumulate = accumulate;
-    if (m <= 4) {
+    if (c.i4 && !c.direct) {
+        c.nb = i4_panel_rows(c.k); /* the unpacked panel stays in L2 while every x tile passes */
+    } else if (m <= 4) {
         c.nb = c.n; /* one x tile: stream W once */
     } else {
         long nb = (long)(PANEL_BYTES / (size_t)c.k); /* a W panel stays in L2 while every x tile passes */

@@ -39,7 +39,8 @@ static PyObject *raise_status(vlm_status st, const vlm_err *err) {
     return NULL;
 }
 
-/* A weight array: 2-D, C-contiguous, float32, uint16 (bf16 bits) or int8 (the caller adds scale and wsum). */
+/* A weight array: 2-D, C-contiguous, float32, uint16 (bf16 bits), int8 or uint8 (int4 codes: k = 2 columns; the
+ * caller adds scale, wsum and sub). */
 static int to_weight(PyObject *obj, const char *name, vlm_weight *w) {
     if (!PyArray_Check(obj)) { PyErr_Format(PyExc_TypeError, "%s: expected a numpy array", name); return -1; }
     PyArrayObject *a = (PyArrayObject *)obj;
@@ -49,11 +50,16 @@ static int to_weight(PyObject *obj, const char *name, vlm_weight *w) {
     if (t == NPY_FLOAT32) w->dtype = VLM_F32;
     else if (t == NPY_UINT16) w->dtype = VLM_BF16;
     else if (t == NPY_INT8) w->dtype = VLM_I8;
-    else { PyErr_Format(PyExc_TypeError, "%s: dtype must be float32, uint16 (bf16 bits) or int8", name); return -1; }
+    else if (t == NPY_UINT8) w->dtype = VLM_I4;
+    else {
+        PyErr_Format(PyExc_TypeError, "%s: dtype must be float32, uint16 (bf16 bits), int8 or uint8 (int4 codes)", name);
+        return -1;
+    }
     w->n = PyArray_DIM(a, 0);
-    w->k = PyArray_DIM(a, 1);
+    w->k = t == NPY_UINT8 ? 2 * PyArray_DIM(a, 1) : PyArray_DIM(a, 1);
     w->data = PyArray_DATA(a);
     w->bias = w->scale = w->wsum = NULL;
+    w->sub = NULL;
     return 0;
 }
 
@@ -110,7 +116,7 @@ static int table_from_dict(PyObject *dict, vlm_tensor_table *t) {
             int type = PyArray_TYPE(a);
             e->ndim = PyArray_NDIM(a);
             for (int d = 0; d < e->ndim && d < VLM_TENSOR_MAX_DIMS; d++) e->shape[d] = PyArray_DIM(a, d);
-            e->dtype = type == NPY_FLOAT32 ? VLM_F32 : type == NPY_UINT16 ? VLM_BF16 : type == NPY_INT8 ? VLM_I8 : -1;
+            e->dtype = type == NPY_FLOAT32 ? VLM_F32 : type == NPY_UINT16 ? VLM_BF16 : type == NPY_INT8 ? VLM_I8 : type == NPY_UINT8 ? VLM_I4 : -1;
             e->contiguous = PyArray_IS_C_CONTIGUOUS(a);
             e->data = PyArray_DATA(a);
         }
@@ -661,12 +667,13 @@ static PyTypeObject VisionModelType = {
 
 static PyObject *py_matmul(PyObject *mod, PyObject *args, PyObject *kw) {
     PyObject *x_o, *w_o, *b_o = Py_None, *out_o = Py_None, *ws_o = Py_None, *sc_o = Py_None, *ws8_o = Py_None;
+    PyObject *sub_o = Py_None;
     const char *compute = "f32";
     int n_threads = 1, accumulate = 0;
     static char *kwlist[] = {"x", "w", "bias", "compute", "n_threads", "out", "accumulate", "workspace", "scale",
-                             "wsum", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OsiOpOOO", kwlist, &x_o, &w_o, &b_o, &compute, &n_threads, &out_o,
-                                     &accumulate, &ws_o, &sc_o, &ws8_o))
+                             "wsum", "sub", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OsiOpOOOO", kwlist, &x_o, &w_o, &b_o, &compute, &n_threads, &out_o,
+                                     &accumulate, &ws_o, &sc_o, &ws8_o, &sub_o))
         return NULL;
     vlm_compute cm;
     if (!strcmp(compute, "f32")) cm = VLM_COMPUTE_F32;
@@ -686,14 +693,38 @@ static PyObject *py_matmul(PyObject *mod, PyObject *args, PyObject *kw) {
         goto done;
     }
     if (b_o != Py_None && !(w.bias = to_f32_vec(b_o, "bias", w.n))) goto done;
-    if (w.dtype == VLM_I8) {
-        if (sc_o == Py_None || ws8_o == Py_None) {
-            PyErr_SetString(PyExc_TypeError, "an int8 w needs scale= and wsum= (see quantize_i8)");
+    if (w.dtype == VLM_I8 || w.dtype == VLM_I4) {
+        if (sc_o == Py_None || ws8_o == Py_None || (w.dtype == VLM_I4 && sub_o == Py_None)) {
+            PyErr_SetString(PyExc_TypeError, w.dtype == VLM_I8 ? "an int8 w needs scale= and wsum= (see quantize_i8)"
+                                                               : "a uint8 (int4) w needs scale=, wsum= and sub= (see "
+                                                                 "quantize_i4)");
             goto done;
         }
         if (!(w.scale = to_f32_vec(sc_o, "scale", w.n)) || !(w.wsum = to_f32_vec(ws8_o, "wsum", w.n))) goto done;
     } else if (sc_o != Py_None || ws8_o != Py_None) {
-        PyErr_SetString(PyExc_TypeError, "scale= and wsum= are for int8 weights only");
+        PyErr_SetString(PyExc_TypeError, "scale= and wsum= are for int8 and int4 weights only");
+        goto done;
+    }
+    if (w.dtype == VLM_I4) {
+        if (w.k % VLM_I4_BLOCK) {
+            PyErr_Format(PyExc_ValueError, "w: int4 codes need k (2 x columns) to be a multiple of %d, got %lld",
+                         VLM_I4_BLOCK, (long long)w.k);
+            goto done;
+        }
+        if (!PyArray_Check(sub_o) || PyArray_TYPE((PyArrayObject *)sub_o) != NPY_UINT8 ||
+            PyArray_NDIM((PyArrayObject *)sub_o) != 2 || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)sub_o)) {
+            PyErr_SetString(PyExc_TypeError, "sub: expected a contiguous 2-D uint8 array");
+            goto done;
+        }
+        if (PyArray_DIM((PyArrayObject *)sub_o, 0) != w.n ||
+            PyArray_DIM((PyArrayObject *)sub_o, 1) != vlm_i4_sub_stride(w.k)) {
+            PyErr_Format(PyExc_ValueError, "sub: expected shape [%lld, %lld] for int4 codes of shape [%lld, %lld]",
+                         (long long)w.n, (long long)vlm_i4_sub_stride(w.k), (long long)w.n, (long long)(w.k / 2));
+            goto done;
+        }
+        w.sub = PyArray_DATA((PyArrayObject *)sub_o);
+    } else if (sub_o != Py_None) {
+        PyErr_SetString(PyExc_TypeError, "sub= is for int4 (uint8) weights only");
         goto done;
     }
     npy_intp m = PyArray_DIM(x, 0);
@@ -741,7 +772,10 @@ static PyObject *py_quantize_i8(PyObject *mod, PyObject *args, PyObject *kw) {
     if (check_threads(n_threads)) return NULL;
     vlm_weight w;
     if (to_weight(w_o, "w", &w)) return NULL;
-    if (w.dtype == VLM_I8) { PyErr_SetString(PyExc_TypeError, "w: already int8"); return NULL; }
+    if (w.dtype == VLM_I8 || w.dtype == VLM_I4) {
+        PyErr_SetString(PyExc_TypeError, w.dtype == VLM_I8 ? "w: already int8" : "w: already int4 (uint8 codes)");
+        return NULL;
+    }
     if (w.n == 0 || w.k == 0) { PyErr_SetString(PyExc_ValueError, "w: empty matrix"); return NULL; }
     npy_intp dq[2] = {(npy_intp)w.n, (npy_intp)w.k}, dn[1] = {(npy_intp)w.n};
     PyArrayObject *q = (PyArrayObject *)PyArray_SimpleNew(2, dq, NPY_INT8);
@@ -764,6 +798,55 @@ static PyObject *py_quantize_i8(PyObject *mod, PyObject *args, PyObject *kw) {
     res = PyTuple_Pack(3, (PyObject *)q, (PyObject *)sc, (PyObject *)su);
 done:
     Py_XDECREF(q);
+    Py_XDECREF(sc);
+    Py_XDECREF(su);
+    return res;
+}
+
+/* quantize_i4(w, n_threads=1) -> (codes uint8 [n][k/2], sub uint8 [n][ceil(k/64)], scale float32 [n],
+ * wsum float32 [n]) (see gemm.h). */
+static PyObject *py_quantize_i4(PyObject *mod, PyObject *args, PyObject *kw) {
+    PyObject *w_o;
+    int n_threads = 1;
+    static char *kwlist[] = {"w", "n_threads", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|i", kwlist, &w_o, &n_threads)) return NULL;
+    if (check_threads(n_threads)) return NULL;
+    vlm_weight w;
+    if (to_weight(w_o, "w", &w)) return NULL;
+    if (w.dtype == VLM_I8 || w.dtype == VLM_I4) {
+        PyErr_SetString(PyExc_TypeError, w.dtype == VLM_I8 ? "w: already int8" : "w: already int4 (uint8 codes)");
+        return NULL;
+    }
+    if (w.n == 0 || w.k == 0) { PyErr_SetString(PyExc_ValueError, "w: empty matrix"); return NULL; }
+    if (w.k % VLM_I4_BLOCK) {
+        PyErr_Format(PyExc_ValueError, "w: int4 needs k (columns) to be a multiple of %d, got %lld", VLM_I4_BLOCK,
+                     (long long)w.k);
+        return NULL;
+    }
+    npy_intp dq[2] = {(npy_intp)w.n, (npy_intp)(w.k / 2)}, ds[2] = {(npy_intp)w.n, (npy_intp)vlm_i4_sub_stride(w.k)};
+    npy_intp dn[1] = {(npy_intp)w.n};
+    PyArrayObject *q = (PyArrayObject *)PyArray_SimpleNew(2, dq, NPY_UINT8);
+    PyArrayObject *sb = (PyArrayObject *)PyArray_SimpleNew(2, ds, NPY_UINT8);
+    PyArrayObject *sc = (PyArrayObject *)PyArray_SimpleNew(1, dn, NPY_FLOAT32);
+    PyArrayObject *su = (PyArrayObject *)PyArray_SimpleNew(1, dn, NPY_FLOAT32);
+    PyObject *res = NULL;
+    if (!q || !sb || !sc || !su) goto done;
+    vlm_err err = {{0}};
+    vlm_status st;
+    Py_BEGIN_ALLOW_THREADS
+    vlm_pool *pool = n_threads > 1 ? vlm_pool_create(n_threads) : NULL;
+    st = n_threads > 1 && !pool ? vlm_fail(&err, VLM_ERR_NOMEM, "quantize_i4: cannot start %d threads", n_threads)
+                                : VLM_OK;
+    if (st == VLM_OK)
+        st = vlm_quantize_i4(pool, w.data, w.dtype, w.n, w.k, PyArray_DATA(q), PyArray_DATA(sb), PyArray_DATA(sc),
+                             PyArray_DATA(su), &err);
+    vlm_pool_free(pool);
+    Py_END_ALLOW_THREADS
+    if (st != VLM_OK) { raise_status(st, &err); goto done; }
+    res = PyTuple_Pack(4, (PyObject *)q, (PyObject *)sb, (PyObject *)sc, (PyObject *)su);
+done:
+    Py_XDECREF(q);
+    Py_XDECREF(sb);
     Py_XDECREF(sc);
     Py_XDECREF(su);
     return res;
@@ -808,9 +891,13 @@ static PyObject *py_gemm_info(PyObject *mod, PyObject *unused) {
 static PyMethodDef module_methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_VARARGS | METH_KEYWORDS,
      "matmul(x, w, bias=None, compute='f32', n_threads=1, out=None, accumulate=False, workspace=None, scale=None, "
-     "wsum=None) -> x @ w.T + bias (int8 w: with its scale and wsum from quantize_i8)"},
+     "wsum=None, sub=None) -> x @ w.T + bias (int8 w: with its scale and wsum from quantize_i8; uint8 w: int4 "
+     "codes with scale, wsum and sub from quantize_i4)"},
     {"quantize_i8", (PyCFunction)(void (*)(void))py_quantize_i8, METH_VARARGS | METH_KEYWORDS,
      "quantize_i8(w, n_threads=1) -> (q int8, scale float32, wsum float32): per-output-channel int8 weights"},
+    {"quantize_i4", (PyCFunction)(void (*)(void))py_quantize_i4, METH_VARARGS | METH_KEYWORDS,
+     "quantize_i4(w, n_threads=1) -> (codes uint8 [n][k/2], sub uint8 [n][ceil(k/64)], scale float32, wsum float32): "
+     "4-bit blocks of 32 (csrc/gemm.h)"},
     {"fma_peak", py_fma_peak, METH_O, "fma_peak(n_threads) -> measured fp32 FMA peak in GFLOP/s"},
     {"peak", (PyCFunction)(void (*)(void))py_peak, METH_VARARGS | METH_KEYWORDS,
      "peak(family, n_threads) -> measured peak of an instruction family on n_threads threads: 'fma32' (fp32 FMA, "

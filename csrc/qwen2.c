@@ -59,8 +59,9 @@ static vlm_status bind_all(vlm_qwen2 *m, const vlm_tensor_table *t, vlm_err *err
     if (emb.n != c->vocab || emb.k != c->hidden)
         return vlm_fail(err, VLM_ERR_SHAPE, "embed_tokens has shape [%lld, %lld], expected [%d, %d]", (long long)emb.n,
                         (long long)emb.k, c->vocab, c->hidden);
-    if (emb.dtype == VLM_I8)
-        return vlm_fail(err, VLM_ERR_TYPE, "embed: the embedding table must be float32 or bf16, not int8");
+    if (emb.dtype == VLM_I8 || emb.dtype == VLM_I4)
+        return vlm_fail(err, VLM_ERR_TYPE, "embed: the embedding table must be float32 or bf16, not %s",
+                        emb.dtype == VLM_I8 ? "int8" : "int4");
     m->embed = emb.data;
     m->embed_dtype = emb.dtype;
     if (vlm_tensor_find(t, "lm_head")) VLM_TRY(vlm_tensor_weight(t, &m->lm_head, -1, err, "lm_head"));

@@ -51,22 +51,41 @@ vlm_status vlm_tensor_weight(const vlm_tensor_table *t, vlm_weight *w, int64_t n
     VLM_TRY(lookup(t, name, &a, err));
     if (a->ndim != 2) return vlm_fail(err, VLM_ERR_SHAPE, "%s: expected a 2-D array, got %d-D", name, a->ndim);
     if (!a->contiguous) return vlm_fail(err, VLM_ERR_SHAPE, "%s: array must be C-contiguous", name);
-    if (a->dtype != VLM_F32 && a->dtype != VLM_BF16 && a->dtype != VLM_I8)
-        return vlm_fail(err, VLM_ERR_TYPE, "%s: dtype must be float32, uint16 (bf16 bits) or int8", name);
+    char aux[176];
+    const vlm_tensor *sub = NULL;
+    if (a->dtype == VLM_I4) { /* uint8: 4-bit codes, with their block scales as <name>_sub */
+        snprintf(aux, sizeof aux, "%s_sub", name);
+        sub = vlm_tensor_find(t, aux);
+    }
+    if (a->dtype != VLM_F32 && a->dtype != VLM_BF16 && a->dtype != VLM_I8 && !sub)
+        return vlm_fail(err, VLM_ERR_TYPE,
+                        "%s: dtype must be float32, uint16 (bf16 bits), int8, or uint8 (int4 codes with %s_sub)", name,
+                        name);
     w->dtype = (vlm_dtype)a->dtype;
     w->n = a->shape[0];
-    w->k = a->shape[1];
+    w->k = a->dtype == VLM_I4 ? 2 * a->shape[1] : a->shape[1];
     w->data = a->data;
     w->bias = w->scale = w->wsum = NULL;
-    if (w->dtype == VLM_I8) { /* its per-channel scales and sums ride along as <name>_scale, <name>_wsum */
-        char aux[176];
+    w->sub = NULL;
+    if (w->dtype == VLM_I8 || w->dtype == VLM_I4) { /* per-channel scales and sums ride along as _scale, _wsum */
         if (w->k > VLM_I8_MAX_K)
-            return vlm_fail(err, VLM_ERR_SHAPE, "%s: int8 weight with k=%lld > %d", name, (long long)w->k,
-                            VLM_I8_MAX_K);
+            return vlm_fail(err, VLM_ERR_SHAPE, "%s: %s weight with k=%lld > %d", name,
+                            w->dtype == VLM_I4 ? "int4" : "int8", (long long)w->k, VLM_I8_MAX_K);
         snprintf(aux, sizeof aux, "%s_scale", name);
         VLM_TRY(vec(t, &w->scale, w->n, aux, err));
         snprintf(aux, sizeof aux, "%s_wsum", name);
         VLM_TRY(vec(t, &w->wsum, w->n, aux, err));
+    }
+    if (w->dtype == VLM_I4) {
+        snprintf(aux, sizeof aux, "%s_sub", name);
+        if (sub->dtype != VLM_I4 || sub->ndim != 2 || !sub->contiguous)
+            return vlm_fail(err, VLM_ERR_TYPE, "%s: expected a contiguous 2-D uint8 array", aux);
+        if (w->k % VLM_I4_BLOCK || sub->shape[0] != w->n || sub->shape[1] != vlm_i4_sub_stride(w->k))
+            return vlm_fail(err, VLM_ERR_SHAPE, "%s: shape [%lld, %lld] does not fit int4 codes of shape [%lld, %lld] "
+                            "(k = %lld, a multiple of %d; expected [%lld, %lld])", aux, (long long)sub->shape[0],
+                            (long long)sub->shape[1], (long long)w->n, (long long)a->shape[1], (long long)w->k,
+                            VLM_I4_BLOCK, (long long)w->n, (long long)vlm_i4_sub_stride(w->k));
+        w->sub = sub->data;
     }
     if (n_bias < 0) return VLM_OK;
     snprintf(bias, sizeof bias, "%s_bias", name);

@@ -16,7 +16,7 @@
 
 typedef struct {
     const char *name;
-    int dtype;                           /* VLM_F32, VLM_BF16, VLM_I8, or -1: any other element type */
+    int dtype;                           /* VLM_F32, VLM_BF16, VLM_I8, VLM_I4 (uint8), or -1: any other */
     int ndim;                            /* -1: the entry is not an array at all */
     int contiguous;                      /* row-major without gaps */
     int64_t shape[VLM_TENSOR_MAX_DIMS];  /* the first ndim used */
@@ -31,8 +31,9 @@ typedef struct {
 /* The entry called name, or NULL. */
 const vlm_tensor *vlm_tensor_find(const vlm_tensor_table *t, const char *name);
 
-/* w = the 2-D weight named by the printf-style fmt (fp32, bf16 or int8, contiguous; int8 also needs its 1-D fp32
- * "<name>_scale" and "<name>_wsum"); with n_bias >= 0 also its bias "<name>_bias", 1-D fp32 of n_bias values
+/* w = the 2-D weight named by the printf-style fmt (fp32, bf16, int8 or int4, contiguous; int8 and int4 also need
+ * their 1-D fp32 "<name>_scale" and "<name>_wsum", int4 (uint8 codes [n][k / 2]) its "<name>_sub" [n][k / 64 rounded
+ * up] uint8 block scales); with n_bias >= 0 also its bias "<name>_bias", 1-D fp32 of n_bias values
  * (n_bias < 0: no bias, w->bias = NULL). */
 vlm_status vlm_tensor_weight(const vlm_tensor_table *t, vlm_weight *w, int64_t n_bias, vlm_err *err, const char *fmt,
                              ...) __attribute__((format(printf, 5, 6)));

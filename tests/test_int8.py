@@ -111,7 +111,7 @@ def test_bad_input_raises():
     x = np.ones((2, 8), np.float32)
     with pytest.raises(TypeError, match="scale= and wsum="):
         core.matmul(x, q)
-    with pytest.raises(TypeError, match="int8 weights only"):
+    with pytest.raises(TypeError, match="int8 and int4 weights only"):
         core.matmul(x, w, scale=s, wsum=ws)
     with pytest.raises(ValueError, match="scale: expected 4 values"):
         core.matmul(x, q, scale=s[:3], wsum=ws)
@@ -202,7 +202,7 @@ def test_language_model_int8_bf16_checkpoint(tiny_bf16_soft, LanguageModel):
 
 def test_bad_dtype_option(tiny_fp32, LanguageModel):
     with pytest.raises(ValueError, match="'int8'"):
-        LanguageModel.load(tiny_fp32.path, dtype="int4")
+        LanguageModel.load(tiny_fp32.path, dtype="int16")
 
 
 def test_fo1_int8_and_mixed(fo1_tiny_ckpt):
@@ -236,5 +236,5 @@ def test_fo1_int8_and_mixed(fo1_tiny_ckpt):
             assert np.array_equal(f_ref[0], f[0]) and np.array_equal(f_ref[2], f[2])
         else:
             assert cos > 0.95
-    with pytest.raises(ValueError, match="'int8' or 'mixed', got 'int4'"):
-        VLMFO1.from_pretrained(fo1_tiny_ckpt, dtype="int4")
+    with pytest.raises(ValueError, match="'int8', 'mixed' or 'int4', got 'int16'"):
+        VLMFO1.from_pretrained(fo1_tiny_ckpt, dtype="int16")

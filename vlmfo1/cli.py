@@ -41,9 +41,10 @@ def _add_model_args(p, default_mode: str, default_max_context: int) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors + tokenizer)")
     p.add_argument("--mode", default=default_mode, choices=["exact", "reference"],
                    help=f"numeric mode (default {default_mode})")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "int8", "mixed"],
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "int8", "mixed", "int4"],
                    help="convert weights (default: as stored); int8: every linear layer quantized at load; mixed "
-                        "(VLM-FO1 only): int8 language model, vision towers as stored")
+                        "(VLM-FO1 only): int8 language model, vision towers as stored; int4: the language model in "
+                        "4-bit blocks (output layer int8), vision towers as stored")
     p.add_argument("--compute", choices=["f32", "bf16"], help="activation precision with bf16 weights")
     p.add_argument("--threads", type=int, help="worker threads (default: OMP_NUM_THREADS, else the CPUs this "
                                                "process may use)")

@@ -190,10 +190,11 @@ class LanguageModel:
 
         mode: "exact" or "reference" (see module doc). dtype: None keeps the stored dtype (F16 is
         widened to F32), or "float32" / "bfloat16" to convert, or "int8": every linear layer quantized at load
-        (per-output-channel int8 weights, activations quantized per token: vlmfo1.quant). compute: "f32" or "bf16" (how activations
+        (per-output-channel int8 weights, activations quantized per token: vlmfo1.quant), or "int4": the layers'
+        weights in 4-bit blocks of 32 (the output layer int8; the input sizes must be multiples of 32). compute: "f32" or "bf16" (how activations
         meet bf16 weights; default "bf16" when weights are bf16). The logits processors of the folder's
         generation_config.json (e.g. repetition_penalty) are applied as transformers applies them (`generation`)."""
-        check_options(mode, dtype, compute)
+        check_options(mode, dtype, compute, language_model=True)
         n_threads = check_threads(n_threads)
         path = os.fspath(path)
         raw = read_config(path)
@@ -215,7 +216,7 @@ class LanguageModel:
                         generation_eos: Sequence[int] = (),
                         generation: Optional[GenerationSettings] = None,
                         default_context: int = 4096) -> "LanguageModel":
-        check_options(mode, dtype, compute)
+        check_options(mode, dtype, compute, language_model=True)
         n_threads = check_threads(n_threads)
         config = DecoderConfig.from_dict(raw_config)
         max_context = check_max_context(max_context, config, default_context)   # before any weight is read
@@ -305,7 +306,7 @@ class LanguageModel:
         return list(self.stream(ids, max_new_tokens=max_new_tokens, **kw))
 
 
-LINEAR = ("q", "k", "v", "o", "gate", "up", "down")   # the per-layer weights int8 quantizes (all but the norms)
+LINEAR = ("q", "k", "v", "o", "gate", "up", "down")   # the per-layer weights int8 / int4 quantize (all but the norms)
 
 
 def _collect_tensors(ckpt: Checkpoint, c: DecoderConfig, dtype: Optional[str], n_threads: int = 1):
@@ -338,11 +339,20 @@ def _collect_tensors(ckpt: Checkpoint, c: DecoderConfig, dtype: Optional[str], n
     scoped = prefix in ("model.language_model.", "language_model.model.")  # only the decoder lives there
     check_tensors(ckpt, want, "decoder", lambda k: k.startswith(prefix) and not k.endswith("inv_freq")
                   and (scoped or k.startswith(prefix + "layers.")))
-    load = None if dtype == "int8" else dtype
+    if dtype == "int4":   # before any weight is read
+        bad = next(((n, shp[1]) for n, shp in want.values() if len(shp) == 2 and shp[1] % 32 and
+                    not n.endswith("embed_tokens.weight") and n != head), None)
+        if bad:
+            raise ValueError(f"dtype 'int4' needs every linear layer's input size to be a multiple of 32 (4-bit blocks "
+                             f"of 32 weights): {bad[0]} has {bad[1]}")
+    load = None if dtype in ("int8", "int4") else dtype
     out = {key: weight(ckpt, name, load, vector=len(shp) == 1) for key, (name, shp) in want.items()}
     stored = stored_kind(out)
-    if dtype == "int8":
-        keys = [f"layers.{l}.{k}" for l in range(c.num_hidden_layers) for k in LINEAR] + ["lm_head"]
-        quantize_linear(out, keys, n_threads, release=getattr(ckpt, "evict", None),
+    if dtype in ("int8", "int4"):
+        keys = [f"layers.{l}.{k}" for l in range(c.num_hidden_layers) for k in LINEAR]
+        release = getattr(ckpt, "evict", None)
+        quantize_linear(out, keys, n_threads, release=release, bits=8 if dtype == "int8" else 4)
+        # the output layer stays int8 under int4 too (as llama.cpp keeps it at 6 bits or more)
+        quantize_linear(out, ["lm_head"], n_threads, release=release,
                         sources=None if "lm_head" in out else {"lm_head": out["embed"]})
     return out, stored

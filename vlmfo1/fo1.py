@@ -159,7 +159,8 @@ class VLMFO1:
         dtype: None keeps the stored weights (bf16 stays bf16, memory-mapped), "float32" / "bfloat16" convert;
         "int8" quantizes every linear layer (and the convolutions run as matmuls) at load: int8 weights with one
         scale per output channel, activations quantized per token (vlmfo1.quant); "mixed" does that for the
-        language model only and keeps the vision towers as stored.
+        language model only and keeps the vision towers as stored; "int4" puts the language model's layers in 4-bit
+        blocks of 32 (its output layer int8) and keeps the vision towers as stored.
         threads: worker threads (default: vlmfo1.threads.default_threads() — VLMFO1_NUM_THREADS or
         OMP_NUM_THREADS if set, else the CPUs this process may use). mode: "reference" (default) reproduces the
         official run's rounding (ERRATA E1/E2); "exact" is plain fp32 maths. compute: "bf16" / "f32" activations
@@ -178,9 +179,9 @@ class VLMFO1:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
                                     or not 1 <= threads <= 256):
             raise ValueError(f"threads must be an int in [1, 256], got {threads!r}")
-        if dtype not in DTYPES + ("mixed",):
-            raise ValueError(f"dtype must be None, 'float32', 'bfloat16', 'int8' or 'mixed', got {dtype!r}")
-        check_options(mode, None if dtype == "mixed" else dtype, compute)
+        if dtype not in DTYPES + ("mixed", "int4"):
+            raise ValueError(f"dtype must be None, 'float32', 'bfloat16', 'int8', 'mixed' or 'int4', got {dtype!r}")
+        check_options(mode, None if dtype in ("mixed", "int4") else dtype, compute)
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint folder not found: {path}" if not os.path.exists(path)
@@ -190,7 +191,7 @@ class VLMFO1:
         ckpt = Checkpoint(path)
         try:
             threads = int(threads or default_threads())
-            kw = dict(mode=mode, compute=compute, dtype=None if dtype == "mixed" else dtype, n_threads=threads)
+            kw = dict(mode=mode, compute=compute, dtype=None if dtype in ("mixed", "int4") else dtype, n_threads=threads)
             if not any(k.startswith("model.object_vp_extractor.") for k in ckpt.keys()) and \
                     not any(k.startswith("model.mm_projector_aux.") for k in ckpt.keys()):
                 raise KeyError("no VLM-FO1 region encoder in this checkpoint (no model.object_vp_extractor.* / "
@@ -242,11 +243,13 @@ class VLMFO1:
                 stack.extend((key, v) for v in a)
             elif isinstance(a, np.ndarray) and id(a) not in seen:
                 seen.add(id(a))
-                if not (isinstance(key, str) and (key.endswith(("_scale", "_wsum"))    # int8 bookkeeping
+                if not (isinstance(key, str) and (key.endswith(("_scale", "_wsum", "_sub"))   # int8/int4 bookkeeping
                                                   or (key == "lm_head" and getattr(part, "tied_head_copy", False)))):
-                    n += a.size
+                    n += a.size * (2 if a.dtype == np.uint8 else 1)   # uint8: two 4-bit codes a byte
                 nbytes += a.nbytes
-                kinds.add("bf16" if a.dtype == np.uint16 else str(a.dtype).replace("float", "f"))
+                if not (isinstance(key, str) and key.endswith("_sub")):
+                    kinds.add({np.dtype(np.uint16): "bf16", np.dtype(np.uint8): "int4"}.get(
+                        a.dtype, str(a.dtype).replace("float", "f")))
         return n, nbytes, kinds
 
     @property

@@ -24,8 +24,10 @@ if TYPE_CHECKING:   # pragma: no cover
     from .decoder import DecoderConfig, LanguageModel
 
 MODES = ("exact", "reference")
-# weight storage: None keeps the stored dtype; "int8" quantizes the linear layers at load (vlmfo1.quant)
+# weight storage: None keeps the stored dtype; "int8" quantizes the linear layers at load (vlmfo1.quant); "int4"
+# (4-bit blocks) is offered for language models only (LM_DTYPES)
 DTYPES = (None, "float32", "bfloat16", "int8")
+LM_DTYPES = DTYPES + ("int4",)
 
 CONTEXT_CAP = 2 ** 20   # positions one request may ever use, whatever config.json's max_position_embeddings says
 
@@ -50,10 +52,16 @@ def check_int(v, name: str, lo: int, hi: int, why: str = "", kind: str = "an int
 
 # ---------------------------------------------------------------------------------------------- load options
 
-def check_options(mode: str, dtype: Optional[str], compute: Optional[str]) -> None:
+def check_options(mode: str, dtype: Optional[str], compute: Optional[str], language_model: bool = False) -> None:
+    """language_model: the network is a decoder, which also takes dtype "int4"."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if dtype not in DTYPES:
+    if language_model and dtype not in LM_DTYPES:
+        raise ValueError(f"dtype must be None, 'float32', 'bfloat16', 'int8' or 'int4', got {dtype!r}")
+    if dtype == "int4" and not language_model:
+        raise ValueError("dtype 'int4' is offered for language models only (4-bit vision weights are not); use "
+                         "'int8' or keep the stored weights")
+    if dtype not in LM_DTYPES:
         raise ValueError(f"dtype must be None, 'float32', 'bfloat16' or 'int8', got {dtype!r}")
     if compute not in (None, "f32", "bf16"):
         raise ValueError(f"compute must be 'f32' or 'bf16', got {compute!r}")
@@ -156,5 +164,5 @@ def read_generation_config(path: str) -> Dict:
     return g
 
 
-__all__ = ["MODES", "CONTEXT_CAP", "check_int", "check_options", "position_limit", "check_max_context", "check_ids",
+__all__ = ["MODES", "DTYPES", "LM_DTYPES", "CONTEXT_CAP", "check_int", "check_options", "position_limit", "check_max_context", "check_ids",
            "check_request_length", "read_config", "read_generation_eos", "read_generation_config"]

@@ -90,7 +90,7 @@ class QwenVL:
         2^20)]; default 8192 (or the position limit when smaller)."""
         from .tokenizer import Tokenizer
 
-        check_options(mode, dtype, compute)
+        check_options(mode, dtype, compute, language_model=True)   # int4: the decoder only
         n_threads = check_threads(n_threads)
         path = os.fspath(path)
         raw = read_config(path)
@@ -102,7 +102,8 @@ class QwenVL:
                                                 max_context=max_context, default_context=8192,
                                                 generation_eos=read_generation_eos(path),
                                                 generation=GenerationSettings.from_pretrained(path, kind="qwen"))
-            vis = VisionTower.from_checkpoint(ckpt, raw, mode=mode, compute=compute, dtype=dtype, n_threads=n_threads)
+            vis = VisionTower.from_checkpoint(ckpt, raw, mode=mode, compute=compute,
+                                              dtype=None if dtype == "int4" else dtype, n_threads=n_threads)
             tok = Tokenizer.from_pretrained(path)
             proc = QwenImageProcessor.from_pretrained(path, kind="qwen") if os.path.exists(
                 os.path.join(path, "preprocessor_config.json")) else QwenImageProcessor()
