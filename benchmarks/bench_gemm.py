@@ -6,7 +6,8 @@ AVX512-VNNI vpdpbusd, DRAM read bandwidth; 1 and --threads threads); OpenBLAS sg
 prefill shapes; the own bf16-weight kernels (compute bf16 = vdpbf16ps, compute f32 = widened weights +
 FMA) on the same shapes, each as % of the --threads peak of the family that path runs on (sgemm and
 compute f32: fma32; compute bf16: bf16dp with AVX512-BF16, else fma32); int8 weights (W8A8, csrc/gemm_i8.c,
-quantized here from the same fp32 weights) as % of the vnni peak; decode (m=1) GB/s of weight
+quantized here from the same fp32 weights) and int4 weights (4-bit blocks of 32, W4A8, same file) as % of the
+vnni peak; decode (m=1) GB/s of weight
 bytes streamed from DRAM (the weights rotate over > 1 GB of copies so no call finds them in cache), as
 % of the measured read bandwidth; and torch fp32 / bf16 on the same shapes with the ratio torch time /
 our time (> 1: we are faster). Medians of several repetitions.
@@ -100,7 +101,7 @@ def main():
     rng = np.random.default_rng(0)
     print(f"== prefill GEMM, {nt} threads, GFLOP/s (median of {reps}); % = of the {nt}-thread peak of the path's "
           f"family (sgemm, bf16/f32: fma32; bf16/bf16: {fam_bb})")
-    hdr = ["m x k x n", "sgemm", "%peak", "bf16/bf16", "%peak", "bf16/f32", "%peak", "int8", "%peak"]
+    hdr = ["m x k x n", "sgemm", "%peak", "bf16/bf16", "%peak", "bf16/f32", "%peak", "int8", "%peak", "int4", "%peak"]
     if torch is not None:
         hdr += ["torch f32", "ratio", "torch bf16", "ratio"]
     widths = [18] + [10] * (len(hdr) - 1)
@@ -116,9 +117,12 @@ def main():
         t_bf = median_time(lambda r: _core.matmul(x, wh, compute="f32", n_threads=nt, out=out), reps)
         q, qs, qw = _core.quantize_i8(w, n_threads=nt)
         t_i8 = median_time(lambda r: _core.matmul(x, q, scale=qs, wsum=qw, n_threads=nt, out=out), reps)
-        g = [flop / t / 1e9 for t in (t_f32, t_bb, t_bf, t_i8)]
+        c4, s4, q4s, q4w = _core.quantize_i4(w, n_threads=nt)
+        t_i4 = median_time(lambda r: _core.matmul(x, c4, scale=q4s, wsum=q4w, sub=s4, n_threads=nt, out=out), reps)
+        g = [flop / t / 1e9 for t in (t_f32, t_bb, t_bf, t_i8, t_i4)]
         row = [f"{m}x{k}x{n}", f"{g[0]:.1f}", pct(g[0], pf), f"{g[1]:.1f}", pct(g[1], pbb), f"{g[2]:.1f}",
-               pct(g[2], pf), f"{g[3]:.1f}", pct(g[3], pi8) if pi8 else "-"]
+               pct(g[2], pf), f"{g[3]:.1f}", pct(g[3], pi8) if pi8 else "-", f"{g[4]:.1f}",
+               pct(g[4], pi8) if pi8 else "-"]
         if torch is not None:
             tx, tw = torch.from_numpy(x), torch.from_numpy(w)
             txb, twb = tx.to(torch.bfloat16), torch.from_numpy(wh.view(np.int16)).view(torch.bfloat16)
@@ -134,7 +138,7 @@ def main():
     dreps = 3 if args.quick else max(reps, 9)
     print(f"== decode GEMV (m=1), {nt} threads, GB/s of weight bytes from DRAM (median of {dreps}, "
           f"rotating over >= {ROTATE_BYTES / 1e9:.1f} GB of weight copies); % = of the {nt}-thread read bandwidth")
-    hdr = ["m x k x n", "f32", "%bw", "bf16/bf16", "%bw", "bf16/f32", "%bw", "int8", "%bw"]
+    hdr = ["m x k x n", "f32", "%bw", "bf16/bf16", "%bw", "bf16/f32", "%bw", "int8", "%bw", "int4", "%bw"]
     if torch is not None:
         hdr += ["torch f32", "ratio", "torch bf16", "ratio"]
     widths = [18] + [10] * (len(hdr) - 1)
@@ -143,8 +147,20 @@ def main():
         x = rng.standard_normal((m, k), dtype=np.float32)
         out = np.empty((m, n), np.float32)
         res = {}
-        for dt, isz in (("f32", 4), ("bf16", 2), ("int8", 1)):
-            per = n * k * isz
+        for dt, isz in (("f32", 4), ("bf16", 2), ("int8", 1), ("int4", 0.5)):
+            per = int(n * k * isz)
+            if dt == "int4":   # copies of one weight's codes and block scales (bytes streamed: both)
+                c4, s4, q4s, q4w = _core.quantize_i4(rng.standard_normal((n, k), dtype=np.float32) * 0.05,
+                                                      n_threads=nt)
+                per = c4.nbytes + s4.nbytes
+                ncop = max(2, int(np.ceil(ROTATE_BYTES / per)))
+                cb, sb = np.empty((ncop,) + c4.shape, np.uint8), np.empty((ncop,) + s4.shape, np.uint8)
+                cb[:], sb[:] = c4, s4
+                t = median_time(lambda r: _core.matmul(x, cb[r % ncop], scale=q4s, wsum=q4w, sub=sb[r % ncop],
+                                                       n_threads=nt, out=out), dreps, warmup=ncop)
+                res[("int4", "int4")] = per / t / 1e9
+                del cb, sb
+                continue
             ncop = max(2, int(np.ceil(ROTATE_BYTES / per)))
             if dt == "int8":   # copies of one quantized weight (the scales are n floats, in cache)
                 q, qs, qw = _core.quantize_i8(rng.standard_normal((n, k), dtype=np.float32) * 0.05, n_threads=nt)
@@ -180,12 +196,14 @@ def main():
         bw = peak["bandwidth"]
         row = [f"{m}x{k}x{n}", f"{res[('f32', 'f32')]:.1f}", pct(res[("f32", "f32")], bw),
                f"{res[('bf16', 'bf16')]:.1f}", pct(res[("bf16", "bf16")], bw), f"{res[('bf16', 'f32')]:.1f}",
-               pct(res[("bf16", "f32")], bw), f"{res[('int8', 'int8')]:.1f}", pct(res[("int8", "int8")], bw)]
+               pct(res[("bf16", "f32")], bw), f"{res[('int8', 'int8')]:.1f}", pct(res[("int8", "int8")], bw),
+               f"{res[('int4', 'int4')]:.1f}", pct(res[("int4", "int4")], bw)]
         if torch is not None:
             row += [f"{res[('torch', 'f32')]:.1f}", f"{res[('f32', 'f32')] / res[('torch', 'f32')]:.2f}x",
                     f"{res[('torch', 'bf16')]:.1f}", f"{res[('bf16', 'bf16')] / res[('torch', 'bf16')]:.2f}x"]
         print(fmt_row(row, widths), flush=True)
-    print("  ratio = our GB/s / torch GB/s (same weight bytes; > 1: we are faster)")
+    print("  ratio = our GB/s / torch GB/s (same weight bytes; > 1: we are faster); int4 bytes = codes + block scales "
+          "(4.125 bits per weight)")
     print("  note: _core.matmul starts its thread pool on every call; the engine keeps one per request")
 
 

@@ -39,6 +39,7 @@ last position's logits as a NumPy array (llama-bench leaves them in its buffer);
 Engines:
   vlmfo1-bf16  vlmfo1, bf16 weights as stored (compute "bf16")
   vlmfo1-int8  vlmfo1, LanguageModel.load(..., dtype="int8"); reported as an error where this vlmfo1 has no int8
+  vlmfo1-int4  vlmfo1, dtype="int4": 4-bit blocks of 32 (4.125 bits per weight; output layer int8, embedding bf16)
   llama-bf16   llama.cpp, BF16 GGUF
   llama-q8_0   llama.cpp, Q8_0 GGUF
   llama-q4_0   llama.cpp, Q4_0 GGUF
@@ -62,13 +63,14 @@ ENGINES = {
     # name: (family, what: vlmfo1 load dtype / GGUF file type)
     "vlmfo1-bf16": ("vlmfo1", None),
     "vlmfo1-int8": ("vlmfo1", "int8"),
+    "vlmfo1-int4": ("vlmfo1", "int4"),
     "llama-bf16": ("llama", "BF16"),
     "llama-q8_0": ("llama", "Q8_0"),
     "llama-q4_0": ("llama", "Q4_0"),
 }
 DEFAULT_ENGINES = ",".join(ENGINES)
 # the like-for-like pairs, printed first among the ratios
-PAIRS = {"vlmfo1-bf16": "llama-bf16", "vlmfo1-int8": "llama-q8_0"}
+PAIRS = {"vlmfo1-bf16": "llama-bf16", "vlmfo1-int8": "llama-q8_0", "vlmfo1-int4": "llama-q4_0"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
 
 

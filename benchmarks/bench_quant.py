@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""What int8 weights cost in accuracy: per stage and end to end, against an fp32 reference (issue 12).
+"""What int8 and int4 weights cost in accuracy: per stage and end to end, against an fp32 reference (issue 12).
 
     python benchmarks/bench_quant.py --size tiny                       # all 80 coco_tiny images (~30 min here)
     python benchmarks/bench_quant.py --size full                       # the first 5 images (~19 min here)
@@ -12,6 +12,7 @@ Configurations (vlmfo1.VLMFO1.from_pretrained on the same random bf16 checkpoint
           values as fp32, so this column is what activation rounding alone costs -- the yardstick for int8
   mixed   dtype="mixed": int8 decoder, vision towers (ViT, DaViT, HFRE) as stored (their numbers equal bf16's)
   int8    dtype="int8": every linear layer of every tower int8 (per output channel; activations per token)
+  int4    dtype="int4": the decoder's linear layers in 4-bit blocks of 32 (output layer int8), vision as stored
 Checkpoints: size "tiny" (write_random_fo1(size="tiny"): full-width DaViT with depths 1,1,1,1, a 6-block ViT, a
 2-layer decoder of width 256) and "full" (the real 3B shapes, ~8.3 GB bf16), both seed 0, kept in --ckpt-dir (the
 folder bench_fo1 / bench_requests use; written once if missing). There is no "small" size (vlmfo1/testing/fo1.py).
@@ -89,8 +90,8 @@ import _common as C  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "coco_tiny")
 CONFIGS = {"fp32": dict(dtype="float32", compute="f32"), "bf16": dict(dtype=None),
-           "mixed": dict(dtype="mixed"), "int8": dict(dtype="int8")}
-COMPARED = ["bf16", "mixed", "int8"]
+           "mixed": dict(dtype="mixed"), "int8": dict(dtype="int8"), "int4": dict(dtype="int4")}
+COMPARED = ["bf16", "mixed", "int8", "int4"]
 TF_STEPS = 20
 TOP5 = 5
 DEFAULT_IMAGES = {"tiny": 80, "full": 5}
@@ -574,7 +575,7 @@ def main(argv=None):
     p.add_argument("--size", choices=["tiny", "full"], default="tiny")
     p.add_argument("--images", type=int, default=None,
                    help=f"the first N images (default: {DEFAULT_IMAGES['tiny']} tiny, {DEFAULT_IMAGES['full']} full)")
-    p.add_argument("--configs", default="fp32,bf16,mixed,int8", help="comma list (fp32 always runs first)")
+    p.add_argument("--configs", default="fp32,bf16,mixed,int8,int4", help="comma list (fp32 always runs first)")
     p.add_argument("--workdir", default="/tmp/vlmfo1_bench_quant", help="npz outputs go to <workdir>/quant_<size>/")
     p.add_argument("--ckpt-dir", default="/tmp/vlmfo1_bench_fo1",
                    help="where the random checkpoint is kept (shared with bench_fo1 / bench_requests)")

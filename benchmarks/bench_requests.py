@@ -21,7 +21,7 @@ process (peak RSS = VmHWM of that process; the main process only writes the inpu
      arena (the Workspace a request's ViT, DaViT and HFRE share, reserved once and kept between requests), each
      printed (target: peak <= 1.10 x weights + KV + state + arena; the arena is its reserved size, of which a
      request touches what its image and boxes need).
-`--dtype int8|mixed` loads the model with int8 weights (vlmfo1.quant) instead of the stored bf16.
+`--dtype int8|mixed|int4` loads the model with int8 or int4 weights (vlmfo1.quant) instead of the stored bf16.
 Answers of (1) and (2) are compared token by token: the cached path must give the same tokens.
 """
 from __future__ import annotations
@@ -173,7 +173,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default="/tmp/vlmfo1_bench_fo1")
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--dtype", choices=["int8", "mixed"], help="int8 weights (default: as stored, bf16)")
+    p.add_argument("--dtype", choices=["int8", "mixed", "int4"], help="int8 or int4 weights (default: as stored, bf16)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
