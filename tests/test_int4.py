@@ -302,3 +302,21 @@ def test_fo1_int4(fo1_tiny_ckpt):
     assert r1.token_ids == r2.token_ids                          # int4 answers do not depend on the thread count
     with pytest.raises(ValueError, match="'mixed' or 'int4', got 'int2'"):
         VLMFO1.from_pretrained(fo1_tiny_ckpt, dtype="int2")
+
+
+def test_cli_dtype_int4(fo1_tiny_ckpt, capsys):
+    import json
+    from pathlib import Path
+
+    from vlmfo1.cli import main
+
+    demo = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "demo"
+    if not (demo / "demo_image.jpg").exists():
+        pytest.skip("shared demo data not found")
+    capsys.readouterr()
+    assert main(["detect", str(demo / "demo_image.jpg"), "orange", "--model", fo1_tiny_ckpt, "--boxes",
+                 str(demo / "demo_boxes.json"), "--max-new-tokens", "3", "--threads", "2", "--dtype", "int4",
+                 "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["task"] == "detect"
+    assert "decoder" in out.err and "int4" in out.err           # the memory report names the 4-bit weights
