@@ -359,7 +359,9 @@ static inline VLM_INLINE VLM_TGT_AVX2 int32_t hsum_epi32_256(__m256i v) {
 /* MR x NR (NR <= 3) with 16 k per step: bytes widened to 16 bits, vpmaddwd pairs into 32 bits (exact:
  * 2 * 255 * 127 fits). x is zero padded to a multiple of 64, so its loads never need a mask. */
 static inline VLM_INLINE VLM_TGT_AVX2 void tile_avx2(const int MR, const int NR, const uint8_t *x, long ldx,
-                                                     const int8_t *w, long ldw, long k, int32_t s[4][8]) {
+                                                     const int8_t *w, long ldw, long k, int32_t s[4][8],
+                                                     const int8_t *pf) {
+    (void)pf;
     __m256i acc[4][3];
 #pragma GCC unroll 4
     for (int i = 0; i < MR; i++)
@@ -415,7 +417,8 @@ static inline VLM_INLINE VLM_TGT_AVX512VNNI __m128i hsum4_512i(__m512i a, __m512
 /* MR x NR (NR <= 6) with 64 k per step: vpdpbusd (u8 x s8, four products into each 32-bit lane). One loop, the W
  * loads masked (all ones but at the end of k: they never read past a row); x is zero padded to a multiple of 64. */
 static inline VLM_INLINE VLM_TGT_AVX512VNNI void tile_vnni(const int MR, const int NR, const uint8_t *x, long ldx,
-                                                           const int8_t *w, long ldw, long k, int32_t s[4][8]) {
+                                                           const int8_t *w, long ldw, long k, int32_t s[4][8],
+                                                           const int8_t *pf) {
     __m512i acc[4][6];
 #pragma GCC unroll 4
     for (int i = 0; i < MR; i++)
@@ -424,6 +427,9 @@ static inline VLM_INLINE VLM_TGT_AVX512VNNI void tile_vnni(const int MR, const i
     for (long t = 0; t < k; t += 64) {
         const __mmask64 mk = t + 64 <= k ? ~(__mmask64)0 : (__mmask64)((1ULL << (k - t)) - 1);
         __m512i xv[4];
+        if (pf) /* decode: rows two tiles ahead into L2, a line each per line streamed here (see panel_i4) */
+#pragma GCC unroll 6
+            for (int j = 0; j < NR; j++) _mm_prefetch((const char *)(pf + j * ldw + t), _MM_HINT_T1);
 #pragma GCC unroll 4
         for (int i = 0; i < MR; i++) xv[i] = _mm512_loadu_si512((const void *)(x + i * ldx + t));
 #pragma GCC unroll 6
@@ -460,22 +466,23 @@ static inline VLM_INLINE VLM_TGT_AVX512VNNI void tile_vnni(const int MR, const i
     const uint8_t *x = c->xq + i0 * c->ldq;                                                                    \
     int32_t s[4][8];                                                                                           \
     long j = 0;                                                                                                \
-    switch (mr) {                                                                                              \
-    case 4: for (; j + NRMAIN <= jl; j += NRMAIN) { TILE(4, NRMAIN, x, c->ldq, c->w + (j0 + j) * c->k, c->k, c->k, s); \
-                store_q8(c, i0, 4, j0 + j, NRMAIN, s); } break;                                                \
-    case 3: for (; j + NRMAIN <= jl; j += NRMAIN) { TILE(3, NRMAIN, x, c->ldq, c->w + (j0 + j) * c->k, c->k, c->k, s); \
-                store_q8(c, i0, 3, j0 + j, NRMAIN, s); } break;                                                \
-    case 2: for (; j + NRMAIN <= jl; j += NRMAIN) { TILE(2, NRMAIN, x, c->ldq, c->w + (j0 + j) * c->k, c->k, c->k, s); \
-                store_q8(c, i0, 2, j0 + j, NRMAIN, s); } break;                                                \
-    default: for (; j + NRMAIN <= jl; j += NRMAIN) { TILE(1, NRMAIN, x, c->ldq, c->w + (j0 + j) * c->k, c->k, c->k, s); \
-                store_q8(c, i0, 1, j0 + j, NRMAIN, s); } break;                                                \
+    for (; j + NRMAIN <= jl; j += NRMAIN) {                                                                    \
+        const int8_t *w = c->w + (j0 + j) * c->k;                                                              \
+        const int8_t *pf = c->m <= 4 && j + 3 * NRMAIN <= jl ? w + 2 * NRMAIN * c->k : NULL;                   \
+        switch (mr) {                                                                                          \
+        case 4: TILE(4, NRMAIN, x, c->ldq, w, c->k, c->k, s, pf); break;                                       \
+        case 3: TILE(3, NRMAIN, x, c->ldq, w, c->k, c->k, s, pf); break;                                       \
+        case 2: TILE(2, NRMAIN, x, c->ldq, w, c->k, c->k, s, pf); break;                                       \
+        default: TILE(1, NRMAIN, x, c->ldq, w, c->k, c->k, s, pf); break;                                      \
+        }                                                                                                      \
+        store_q8(c, i0, mr, j0 + j, NRMAIN, s);                                                                \
     }                                                                                                          \
     for (; j < jl; j++) {                                                                                      \
         switch (mr) {                                                                                          \
-        case 4: TILE(4, 1, x, c->ldq, c->w + (j0 + j) * c->k, c->k, c->k, s); break;                           \
-        case 3: TILE(3, 1, x, c->ldq, c->w + (j0 + j) * c->k, c->k, c->k, s); break;                           \
-        case 2: TILE(2, 1, x, c->ldq, c->w + (j0 + j) * c->k, c->k, c->k, s); break;                           \
-        default: TILE(1, 1, x, c->ldq, c->w + (j0 + j) * c->k, c->k, c->k, s); break;                          \
+        case 4: TILE(4, 1, x, c->ldq, c->w + (j0 + j) * c->k, c->k, c->k, s, NULL); break;                     \
+        case 3: TILE(3, 1, x, c->ldq, c->w + (j0 + j) * c->k, c->k, c->k, s, NULL); break;                     \
+        case 2: TILE(2, 1, x, c->ldq, c->w + (j0 + j) * c->k, c->k, c->k, s, NULL); break;                     \
+        default: TILE(1, 1, x, c->ldq, c->w + (j0 + j) * c->k, c->k, c->k, s, NULL); break;                    \
         }                                                                                                      \
         store_q8(c, i0, mr, j0 + j, 1, s);                                                                     \
     }
@@ -505,7 +512,7 @@ static inline VLM_INLINE VLM_TGT_AVX512VNNI __m512i i4_tables(const uint8_t *sub
  * g < 4 blocks with masked loads (x is zero beyond it in the registers, so the table lanes there do not matter). */
 static inline VLM_INLINE VLM_TGT_AVX512VNNI void tile_i4(const int MR, const int NR, const uint8_t *x, long ldx,
                                                          const uint8_t *w, long ldw, const uint8_t *sub, long lds,
-                                                         long k, int32_t s[4][8]) {
+                                                         long k, int32_t s[4][8], const uint8_t *pf) {
     __m512i acc[4][4];
 #pragma GCC unroll 4
     for (int i = 0; i < MR; i++)
@@ -517,6 +524,9 @@ static inline VLM_INLINE VLM_TGT_AVX512VNNI void tile_i4(const int MR, const int
         const int g = nb - b >= 4 ? 4 : (int)(nb - b);
         const __mmask64 mk = g == 4 ? ~(__mmask64)0 : (__mmask64)((1ULL << (16 * g)) - 1);
         const long xo = b * VLM_I4_BLOCK; /* x: 16 g values (first halves), then 16 g (second halves) */
+        if (pf) /* the next tile's rows, a line each per line streamed here (short rows: no page-long streams) */
+#pragma GCC unroll 4
+            for (int j = 0; j < NR; j++) _mm_prefetch((const char *)pf + j * ldw + b * 16, _MM_HINT_T1);
         __m512i xl[4], xh[4];
 #pragma GCC unroll 4
         for (int i = 0; i < MR; i++) {
@@ -546,24 +556,28 @@ static inline VLM_INLINE VLM_TGT_AVX512VNNI void tile_i4(const int MR, const int
     }
 }
 
-#define I4_TILE(MR, NR, J) tile_i4(MR, NR, x, c->ldq, c->w4 + (j0 + (J)) * c->ldw4, c->ldw4, \
-                                   c->sub4 + (j0 + (J)) * c->ldsub, c->ldsub, c->k, s)
+#define I4_TILE(MR, NR, J, PF) tile_i4(MR, NR, x, c->ldq, c->w4 + (j0 + (J)) * c->ldw4, c->ldw4, \
+                                       c->sub4 + (j0 + (J)) * c->ldsub, c->ldsub, c->k, s, PF)
 static VLM_TGT_AVX512VNNI void panel_i4(const q8_ctx *c, long i0, int mr, long j0, long jl) {
     const uint8_t *x = c->xq + i0 * c->ldq;
     int32_t s[4][8];
     long j = 0;
-    switch (mr) {
-    case 4: for (; j + 4 <= jl; j += 4) { I4_TILE(4, 4, j); store_q8(c, i0, 4, j0 + j, 4, s); } break;
-    case 3: for (; j + 4 <= jl; j += 4) { I4_TILE(3, 4, j); store_q8(c, i0, 3, j0 + j, 4, s); } break;
-    case 2: for (; j + 4 <= jl; j += 4) { I4_TILE(2, 4, j); store_q8(c, i0, 2, j0 + j, 4, s); } break;
-    default: for (; j + 4 <= jl; j += 4) { I4_TILE(1, 4, j); store_q8(c, i0, 1, j0 + j, 4, s); } break;
+    for (; j + 4 <= jl; j += 4) {
+        const uint8_t *pf = j + 12 <= jl ? c->w4 + (j0 + j + 8) * c->ldw4 : NULL;
+        switch (mr) {
+        case 4: I4_TILE(4, 4, j, pf); break;
+        case 3: I4_TILE(3, 4, j, pf); break;
+        case 2: I4_TILE(2, 4, j, pf); break;
+        default: I4_TILE(1, 4, j, pf); break;
+        }
+        store_q8(c, i0, mr, j0 + j, 4, s);
     }
     for (; j < jl; j++) {
         switch (mr) {
-        case 4: I4_TILE(4, 1, j); break;
-        case 3: I4_TILE(3, 1, j); break;
-        case 2: I4_TILE(2, 1, j); break;
-        default: I4_TILE(1, 1, j); break;
+        case 4: I4_TILE(4, 1, j, NULL); break;
+        case 3: I4_TILE(3, 1, j, NULL); break;
+        case 2: I4_TILE(2, 1, j, NULL); break;
+        default: I4_TILE(1, 1, j, NULL); break;
         }
         store_q8(c, i0, mr, j0 + j, 1, s);
     }
