@@ -134,6 +134,14 @@ static float quant_row(int level, const void *src, int bf16, long k, uint8_t *ds
 /* ------------------------------------------------------------------------------------------------ */
 /* Weight quantizer                                                                                 */
 
+/* *bad = the smallest r + 1 any worker reports (0: none yet): the first row that held NaN or inf. */
+static void note_bad_row(int *bad, long r) {
+    int cur = __atomic_load_n(bad, __ATOMIC_RELAXED);
+    while ((cur == 0 || r + 1 < cur) &&
+           !__atomic_compare_exchange_n(bad, &cur, (int)(r + 1), 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+}
+
 typedef struct {
     int level, bf16;
     const void *src;
@@ -153,10 +161,7 @@ static void wq_task(void *p, int ith, int nth) {
         float s = quant_row(c->level, (const char *)c->src + (size_t)r * (size_t)c->k * esz, c->bf16, c->k,
                             (uint8_t *)(c->q + r * c->k), 0, &sum);
         if (isnan(s)) {
-            int cur = __atomic_load_n(&c->bad, __ATOMIC_RELAXED);
-            while ((cur == 0 || r + 1 < cur) &&
-                   !__atomic_compare_exchange_n(&c->bad, &cur, (int)(r + 1), 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
-            }
+            note_bad_row(&c->bad, r);
         }
         c->scale[r] = s;
         c->wsum[r] = (float)sum;
@@ -302,10 +307,7 @@ static void wq4_task(void *p, int ith, int nth) {
         if (quant_row_i4(c->level, (const char *)c->src + (size_t)r * (size_t)c->k * esz, c->bf16, c->k,
                          c->data + (size_t)r * (size_t)(c->k / 2), c->sub + (size_t)r * (size_t)vlm_i4_sub_stride(c->k),
                          &c->scale[r], &c->wsum[r])) {
-            int cur = __atomic_load_n(&c->bad, __ATOMIC_RELAXED);
-            while ((cur == 0 || r + 1 < cur) &&
-                   !__atomic_compare_exchange_n(&c->bad, &cur, (int)(r + 1), 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
-            }
+            note_bad_row(&c->bad, r);
         }
     }
 }

@@ -764,19 +764,28 @@ done:
 }
 
 /* quantize_i8(w, n_threads=1) -> (q int8 [n][k], scale float32 [n], wsum float32 [n]) (see gemm.h). */
-static PyObject *py_quantize_i8(PyObject *mod, PyObject *args, PyObject *kw) {
+/* The arguments of quantize_i8 / quantize_i4: w (a nonempty float32 or bf16 2-D weight) and n_threads. */
+static int quant_args(PyObject *args, PyObject *kw, vlm_weight *w, int *n_threads) {
     PyObject *w_o;
-    int n_threads = 1;
     static char *kwlist[] = {"w", "n_threads", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|i", kwlist, &w_o, &n_threads)) return NULL;
-    if (check_threads(n_threads)) return NULL;
-    vlm_weight w;
-    if (to_weight(w_o, "w", &w)) return NULL;
-    if (w.dtype == VLM_I8 || w.dtype == VLM_I4) {
-        PyErr_SetString(PyExc_TypeError, w.dtype == VLM_I8 ? "w: already int8" : "w: already int4 (uint8 codes)");
-        return NULL;
+    *n_threads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|i", kwlist, &w_o, n_threads)) return -1;
+    if (check_threads(*n_threads) || to_weight(w_o, "w", w)) return -1;
+    if (w->dtype == VLM_I8 || w->dtype == VLM_I4) {
+        PyErr_SetString(PyExc_TypeError, w->dtype == VLM_I8 ? "w: already int8" : "w: already int4 (uint8 codes)");
+        return -1;
     }
-    if (w.n == 0 || w.k == 0) { PyErr_SetString(PyExc_ValueError, "w: empty matrix"); return NULL; }
+    if (w->n == 0 || w->k == 0) {
+        PyErr_SetString(PyExc_ValueError, "w: empty matrix");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_quantize_i8(PyObject *mod, PyObject *args, PyObject *kw) {
+    vlm_weight w;
+    int n_threads;
+    if (quant_args(args, kw, &w, &n_threads)) return NULL;
     npy_intp dq[2] = {(npy_intp)w.n, (npy_intp)w.k}, dn[1] = {(npy_intp)w.n};
     PyArrayObject *q = (PyArrayObject *)PyArray_SimpleNew(2, dq, NPY_INT8);
     PyArrayObject *sc = (PyArrayObject *)PyArray_SimpleNew(1, dn, NPY_FLOAT32);
@@ -806,18 +815,9 @@ done:
 /* quantize_i4(w, n_threads=1) -> (codes uint8 [n][k/2], sub uint8 [n][ceil(k/64)], scale float32 [n],
  * wsum float32 [n]) (see gemm.h). */
 static PyObject *py_quantize_i4(PyObject *mod, PyObject *args, PyObject *kw) {
-    PyObject *w_o;
-    int n_threads = 1;
-    static char *kwlist[] = {"w", "n_threads", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|i", kwlist, &w_o, &n_threads)) return NULL;
-    if (check_threads(n_threads)) return NULL;
     vlm_weight w;
-    if (to_weight(w_o, "w", &w)) return NULL;
-    if (w.dtype == VLM_I8 || w.dtype == VLM_I4) {
-        PyErr_SetString(PyExc_TypeError, w.dtype == VLM_I8 ? "w: already int8" : "w: already int4 (uint8 codes)");
-        return NULL;
-    }
-    if (w.n == 0 || w.k == 0) { PyErr_SetString(PyExc_ValueError, "w: empty matrix"); return NULL; }
+    int n_threads;
+    if (quant_args(args, kw, &w, &n_threads)) return NULL;
     if (w.k % VLM_I4_BLOCK) {
         PyErr_Format(PyExc_ValueError, "w: int4 needs k (columns) to be a multiple of %d, got %lld", VLM_I4_BLOCK,
                      (long long)w.k);
