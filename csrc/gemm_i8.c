@@ -131,56 +131,12 @@ static float quant_row(int level, const void *src, int bf16, long k, uint8_t *ds
     return quant_row_generic(src, bf16, k, dst, offset, sum);
 }
 
-/* ------------------------------------------------------------------------------------------------ */
-/* Weight quantizer                                                                                 */
-
 /* *bad = the smallest r + 1 any worker reports (0: none yet): the first row that held NaN or inf. */
 static void note_bad_row(int *bad, long r) {
     int cur = __atomic_load_n(bad, __ATOMIC_RELAXED);
     while ((cur == 0 || r + 1 < cur) &&
            !__atomic_compare_exchange_n(bad, &cur, (int)(r + 1), 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
     }
-}
-
-typedef struct {
-    int level, bf16;
-    const void *src;
-    long n, k;
-    int8_t *q;
-    float *scale, *wsum;
-    int bad; /* atomic: a row held NaN or inf (its first index + 1, the smallest one seen) */
-} wq_ctx;
-
-static void wq_task(void *p, int ith, int nth) {
-    wq_ctx *c = (wq_ctx *)p;
-    long r0, r1;
-    vlm_split(c->n, 1, ith, nth, &r0, &r1);
-    size_t esz = c->bf16 ? 2 : 4;
-    for (long r = r0; r < r1; r++) {
-        int32_t sum;
-        float s = quant_row(c->level, (const char *)c->src + (size_t)r * (size_t)c->k * esz, c->bf16, c->k,
-                            (uint8_t *)(c->q + r * c->k), 0, &sum);
-        if (isnan(s)) {
-            note_bad_row(&c->bad, r);
-        }
-        c->scale[r] = s;
-        c->wsum[r] = (float)sum;
-    }
-}
-
-vlm_status vlm_quantize_i8(vlm_pool *pool, const void *src, vlm_dtype dtype, int64_t n, int64_t k, int8_t *q,
-                           float *scale, float *wsum, vlm_err *err) {
-    if (dtype != VLM_F32 && dtype != VLM_BF16)
-        return vlm_fail(err, VLM_ERR_ARG, "quantize_i8: source dtype must be float32 or bf16");
-    if (n <= 0 || k <= 0 || k > VLM_I8_MAX_K || n > INT32_MAX - 1)
-        return vlm_fail(err, VLM_ERR_ARG, "quantize_i8: bad sizes n=%lld k=%lld (k <= %d)", (long long)n,
-                        (long long)k, VLM_I8_MAX_K);
-    if (!src || !q || !scale || !wsum) return vlm_fail(err, VLM_ERR_ARG, "quantize_i8: NULL pointer");
-    wq_ctx c = {vlm_cpu_isa(), dtype == VLM_BF16, src, n, k, q, scale, wsum, 0};
-    if (pool && n * k >= PAR_QUANT_MIN) vlm_pool_run(pool, wq_task, &c);
-    else wq_task(&c, 0, 1);
-    if (c.bad) return vlm_fail(err, VLM_ERR_ARG, "quantize_i8: row %d holds NaN or inf", c.bad - 1);
-    return VLM_OK;
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -289,42 +245,68 @@ static int quant_row_i4(int level, const void *src, int bf16, long k, uint8_t *d
     return quant_row_i4_generic(src, bf16, k, data, sub, scale, wsum);
 }
 
+/* ------------------------------------------------------------------------------------------------ */
+/* Both weight quantizers: rows shared out over the pool                                            */
+
 typedef struct {
-    int level, bf16;
+    int level, bf16, bits;
     const void *src;
     long n, k;
-    uint8_t *data, *sub;
+    void *q;        /* bits 8: int8 [n][k]; bits 4: codes [n][k / 2] */
+    uint8_t *sub;   /* bits 4: [n][vlm_i4_sub_stride(k)] */
     float *scale, *wsum;
-    int bad;
-} wq4_ctx;
+    int bad;        /* atomic: a row held NaN or inf (its first index + 1, the smallest one seen) */
+} wq_ctx;
 
-static void wq4_task(void *p, int ith, int nth) {
-    wq4_ctx *c = (wq4_ctx *)p;
+static void wq_task(void *p, int ith, int nth) {
+    wq_ctx *c = (wq_ctx *)p;
     long r0, r1;
     vlm_split(c->n, 1, ith, nth, &r0, &r1);
-    size_t esz = c->bf16 ? 2 : 4;
+    const size_t esz = c->bf16 ? 2 : 4;
     for (long r = r0; r < r1; r++) {
-        if (quant_row_i4(c->level, (const char *)c->src + (size_t)r * (size_t)c->k * esz, c->bf16, c->k,
-                         c->data + (size_t)r * (size_t)(c->k / 2), c->sub + (size_t)r * (size_t)vlm_i4_sub_stride(c->k),
-                         &c->scale[r], &c->wsum[r])) {
-            note_bad_row(&c->bad, r);
+        const void *src = (const char *)c->src + (size_t)r * (size_t)c->k * esz;
+        int bad;
+        if (c->bits == 8) {
+            int32_t sum;
+            float s = quant_row(c->level, src, c->bf16, c->k, (uint8_t *)c->q + (size_t)r * (size_t)c->k, 0, &sum);
+            c->scale[r] = s;
+            c->wsum[r] = (float)sum;
+            bad = isnan(s);
+        } else {
+            bad = quant_row_i4(c->level, src, c->bf16, c->k, (uint8_t *)c->q + (size_t)r * (size_t)(c->k / 2),
+                               c->sub + (size_t)r * (size_t)vlm_i4_sub_stride(c->k), &c->scale[r], &c->wsum[r]);
         }
+        if (bad) note_bad_row(&c->bad, r);
     }
+}
+
+static vlm_status quantize_rows(vlm_pool *pool, wq_ctx *c, vlm_dtype dtype, const char *what, vlm_err *err) {
+    if (dtype != VLM_F32 && dtype != VLM_BF16)
+        return vlm_fail(err, VLM_ERR_ARG, "%s: source dtype must be float32 or bf16", what);
+    if (c->n <= 0 || c->k <= 0 || c->k > VLM_I8_MAX_K || (c->bits == 4 && c->k % VLM_I4_BLOCK) || c->n > INT32_MAX - 1)
+        return vlm_fail(err, VLM_ERR_ARG, "%s: bad sizes n=%lld k=%lld (k <= %d%s)", what, (long long)c->n,
+                        (long long)c->k, VLM_I8_MAX_K, c->bits == 4 ? ", a multiple of 32" : "");
+    if (!c->src || !c->q || !c->scale || !c->wsum || (c->bits == 4 && !c->sub))
+        return vlm_fail(err, VLM_ERR_ARG, "%s: NULL pointer", what);
+    c->level = vlm_cpu_isa();
+    c->bf16 = dtype == VLM_BF16;
+    c->bad = 0;
+    if (pool && c->n * c->k >= (c->bits == 8 ? PAR_QUANT_MIN : PAR_QUANT_MIN / 8)) vlm_pool_run(pool, wq_task, c);
+    else wq_task(c, 0, 1);
+    if (c->bad) return vlm_fail(err, VLM_ERR_ARG, "%s: row %d holds NaN or inf", what, c->bad - 1);
+    return VLM_OK;
+}
+
+vlm_status vlm_quantize_i8(vlm_pool *pool, const void *src, vlm_dtype dtype, int64_t n, int64_t k, int8_t *q,
+                           float *scale, float *wsum, vlm_err *err) {
+    wq_ctx c = {.bits = 8, .src = src, .n = (long)n, .k = (long)k, .q = q, .scale = scale, .wsum = wsum};
+    return quantize_rows(pool, &c, dtype, "quantize_i8", err);
 }
 
 vlm_status vlm_quantize_i4(vlm_pool *pool, const void *src, vlm_dtype dtype, int64_t n, int64_t k, uint8_t *data,
                            uint8_t *sub, float *scale, float *wsum, vlm_err *err) {
-    if (dtype != VLM_F32 && dtype != VLM_BF16)
-        return vlm_fail(err, VLM_ERR_ARG, "quantize_i4: source dtype must be float32 or bf16");
-    if (n <= 0 || k <= 0 || k > VLM_I8_MAX_K || k % VLM_I4_BLOCK || n > INT32_MAX - 1)
-        return vlm_fail(err, VLM_ERR_ARG, "quantize_i4: bad sizes n=%lld k=%lld (k a multiple of %d, <= %d)",
-                        (long long)n, (long long)k, VLM_I4_BLOCK, VLM_I8_MAX_K);
-    if (!src || !data || !sub || !scale || !wsum) return vlm_fail(err, VLM_ERR_ARG, "quantize_i4: NULL pointer");
-    wq4_ctx c = {vlm_cpu_isa(), dtype == VLM_BF16, src, n, k, data, sub, scale, wsum, 0};
-    if (pool && n * k >= PAR_QUANT_MIN / 8) vlm_pool_run(pool, wq4_task, &c);
-    else wq4_task(&c, 0, 1);
-    if (c.bad) return vlm_fail(err, VLM_ERR_ARG, "quantize_i4: row %d holds NaN or inf", c.bad - 1);
-    return VLM_OK;
+    wq_ctx c = {.bits = 4, .src = src, .n = (long)n, .k = (long)k, .q = data, .sub = sub, .scale = scale, .wsum = wsum};
+    return quantize_rows(pool, &c, dtype, "quantize_i4", err);
 }
 
 /* ------------------------------------------------------------------------------------------------ */
