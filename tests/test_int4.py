@@ -215,7 +215,7 @@ def _variants(lm4, LanguageModel):
 
 def test_language_model_int4(tiny_i4, tiny_i4_untied_soft, LanguageModel):
     # measured: int4 vs the dequantized fp32 model 0.99179 / 0.99938 min cosine; vs the original fp32 model 0.424 /
-    # 0.934 (4-bit weights on these tiny models: the sharp one amplifies every error; int8 gives 0.964 / 0.9989)
+    # 0.934 (4-bit weights on these tiny models: the sharp one amplifies every error)
     for path, to_deq, to_fp32 in ((tiny_i4.path, 0.98, None), (tiny_i4_untied_soft.path, 0.995, 0.9)):
         ref = LanguageModel.load(path, dtype="float32", n_threads=1)
         i8 = LanguageModel.load(path, dtype="int8", n_threads=2)
