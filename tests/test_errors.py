@@ -188,7 +188,7 @@ def test_bad_options(good):
     with pytest.raises(ValueError, match="mode"):
         vlmfo1.LanguageModel.load(good, mode="fast")
     with pytest.raises(ValueError, match="dtype"):
-        vlmfo1.LanguageModel.load(good, dtype="int4")
+        vlmfo1.LanguageModel.load(good, dtype="int3")
     with pytest.raises(ValueError, match="compute"):
         vlmfo1.LanguageModel.load(good, compute="fp8")
 

@@ -374,7 +374,7 @@ def test_load_refuses_bad_options_at_once(ckpt_dir):
         for load in (QwenVL.load, LanguageModel.load):
             refused(lambda: load(str(ckpt_dir), n_threads=bad), exc,
                     r"n_threads must be (None or an int )?in \[1, 256\]")
-    for kw, match in [(dict(mode="fast"), "mode"), (dict(dtype="int4"), "dtype"), (dict(compute="fp8"), "compute")]:
+    for kw, match in [(dict(mode="fast"), "mode"), (dict(dtype="int3"), "dtype"), (dict(compute="fp8"), "compute")]:
         refused(lambda: QwenVL.load(str(ckpt_dir), n_threads=1, **kw), ValueError, match)
     assert QwenVL.load(str(ckpt_dir), n_threads=np.int64(1)).decoder.n_threads == 1
 
