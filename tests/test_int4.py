@@ -320,3 +320,22 @@ def test_cli_dtype_int4(fo1_tiny_ckpt, capsys):
     out = capsys.readouterr()
     assert json.loads(out.out)["task"] == "detect"
     assert "decoder" in out.err and "int4" in out.err           # the memory report names the 4-bit weights
+
+
+def test_qwen_vl_int4(tmp_path_factory):
+    """QwenVL(dtype="int4"): the decoder in 4-bit blocks, the vision tower as stored (its image tokens bit-identical to
+    the stored-dtype model's), answers independent of the thread count."""
+    pytest.importorskip("transformers")
+    from test_vl_parity import build_tiny_vl, synthetic_strip
+    from vlmfo1.qwen_vl import QwenVL
+
+    d = str(build_tiny_vl(tmp_path_factory.getbasetemp()))
+    img = synthetic_strip(56, 84)
+    base = QwenVL.load(d, n_threads=2)
+    vl = QwenVL.load(d, dtype="int4", n_threads=2)
+    assert vl.decoder._tensors["layers.0.up"].dtype == np.uint8 and vl.decoder._tensors["lm_head"].dtype == np.int8
+    assert vl.vision._tensors["blocks.0.qkv"].dtype == base.vision._tensors["blocks.0.qkv"].dtype
+    assert np.array_equal(vl.encode_image(img)[0], base.encode_image(img)[0])
+    a = vl.generate_ids(img, "Hi.", max_new_tokens=4, stop_ids=[])
+    b = QwenVL.load(d, dtype="int4", n_threads=1).generate_ids(img, "Hi.", max_new_tokens=4, stop_ids=[])
+    assert len(a) == 4 and a == b
