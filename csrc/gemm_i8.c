@@ -152,13 +152,10 @@ static const int8_t I4_TAB[16][16] __attribute__((aligned(64))) = {
 
 static inline int i4_sub(const uint8_t *sub, long b) { return (sub[b >> 1] >> (4 * (b & 1))) & 15; }
 
-/* One row: codes and block scales (sub zeroed first), *scale, *wsum; -1 if the row holds NaN or inf. The body is
- * compiled twice (plain and AVX-512, below) from the same IEEE operations in the same order, so both give the same
- * bytes: the per-value division and rounding vectorize, and a candidate's squared error is summed in 8 interleaved
- * partial sums added in a fixed tree (no contraction), not one serial chain. */
-static inline __attribute__((always_inline)) VLM_NO_CONTRACT int quant_row_i4_body(const void *src, int bf16, long k,
-                                                                                  uint8_t *data, uint8_t *sub,
-                                                                                  float *scale, float *wsum) {
+/* One row: codes and block scales (sub zeroed first), *scale, *wsum; -1 if the row holds NaN or inf. A candidate's
+ * squared error is summed in 8 interleaved partial sums added in a fixed tree (no contraction). */
+static VLM_NO_CONTRACT int quant_row_i4(const void *src, int bf16, long k, uint8_t *data, uint8_t *sub, float *scale,
+                                        float *wsum) {
     const float *f = (const float *)src;
     const uint16_t *h = (const uint16_t *)src;
     uint32_t ab = 0;
@@ -225,26 +222,6 @@ static inline __attribute__((always_inline)) VLM_NO_CONTRACT int quant_row_i4_bo
     return 0;
 }
 
-static VLM_NO_CONTRACT int quant_row_i4_generic(const void *src, int bf16, long k, uint8_t *data, uint8_t *sub,
-                                                float *scale, float *wsum) {
-    return quant_row_i4_body(src, bf16, k, data, sub, scale, wsum);
-}
-#if VLM_X86
-static VLM_TGT_AVX512 VLM_NO_CONTRACT int quant_row_i4_512(const void *src, int bf16, long k, uint8_t *data,
-                                                           uint8_t *sub, float *scale, float *wsum) {
-    return quant_row_i4_body(src, bf16, k, data, sub, scale, wsum);
-}
-#endif
-
-static int quant_row_i4(int level, const void *src, int bf16, long k, uint8_t *data, uint8_t *sub, float *scale,
-                        float *wsum) {
-#if VLM_X86
-    if (level >= VLM_ISA_AVX512) return quant_row_i4_512(src, bf16, k, data, sub, scale, wsum);
-#endif
-    (void)level;
-    return quant_row_i4_generic(src, bf16, k, data, sub, scale, wsum);
-}
-
 /* ------------------------------------------------------------------------------------------------ */
 /* Both weight quantizers: rows shared out over the pool                                            */
 
@@ -273,7 +250,7 @@ static void wq_task(void *p, int ith, int nth) {
             c->wsum[r] = (float)sum;
             bad = isnan(s);
         } else {
-            bad = quant_row_i4(c->level, src, c->bf16, c->k, (uint8_t *)c->q + (size_t)r * (size_t)(c->k / 2),
+            bad = quant_row_i4(src, c->bf16, c->k, (uint8_t *)c->q + (size_t)r * (size_t)(c->k / 2),
                                c->sub + (size_t)r * (size_t)vlm_i4_sub_stride(c->k), &c->scale[r], &c->wsum[r]);
         }
         if (bad) note_bad_row(&c->bad, r);
@@ -283,9 +260,12 @@ static void wq_task(void *p, int ith, int nth) {
 static vlm_status quantize_rows(vlm_pool *pool, wq_ctx *c, vlm_dtype dtype, const char *what, vlm_err *err) {
     if (dtype != VLM_F32 && dtype != VLM_BF16)
         return vlm_fail(err, VLM_ERR_ARG, "%s: source dtype must be float32 or bf16", what);
-    if (c->n <= 0 || c->k <= 0 || c->k > VLM_I8_MAX_K || (c->bits == 4 && c->k % VLM_I4_BLOCK) || c->n > INT32_MAX - 1)
-        return vlm_fail(err, VLM_ERR_ARG, "%s: bad sizes n=%lld k=%lld (k <= %d%s)", what, (long long)c->n,
-                        (long long)c->k, VLM_I8_MAX_K, c->bits == 4 ? ", a multiple of 32" : "");
+    if (c->n <= 0 || c->k <= 0 || c->k > VLM_I8_MAX_K || c->n > INT32_MAX - 1)
+        return vlm_fail(err, VLM_ERR_ARG, "%s: bad sizes n=%lld k=%lld (k <= %d)", what, (long long)c->n,
+                        (long long)c->k, VLM_I8_MAX_K);
+    if (c->bits == 4 && c->k % VLM_I4_BLOCK)
+        return vlm_fail(err, VLM_ERR_ARG, "%s: k (columns) must be a multiple of %d, got %lld", what, VLM_I4_BLOCK,
+                        (long long)c->k);
     if (!c->src || !c->q || !c->scale || !c->wsum || (c->bits == 4 && !c->sub))
         return vlm_fail(err, VLM_ERR_ARG, "%s: NULL pointer", what);
     c->level = vlm_cpu_isa();
@@ -739,8 +719,8 @@ vlm_status vlm_matmul_i8(vlm_pool *pool, float *out, int64_t ldo, const float *x
     if (!w->scale || !w->wsum) return vlm_fail(err, VLM_ERR_ARG, "matmul: %s weight without scale or wsum", what);
     if (i4 && !w->sub) return vlm_fail(err, VLM_ERR_ARG, "matmul: int4 weight without its block scales (sub)");
     if (i4 && w->k % VLM_I4_BLOCK)
-        return vlm_fail(err, VLM_ERR_ARG, "matmul: int4 weight with k=%lld, not a multiple of %d", (long long)w->k,
-                        VLM_I4_BLOCK);
+        return vlm_fail(err, VLM_ERR_ARG, "matmul: int4 weight: k (2 x the codes' columns) must be a multiple of %d, "
+                        "got %lld", VLM_I4_BLOCK, (long long)w->k);
     if (w->k > VLM_I8_MAX_K)
         return vlm_fail(err, VLM_ERR_ARG, "matmul: %s weight with k=%lld > %d", what, (long long)w->k, VLM_I8_MAX_K);
     size_t need = vlm_matmul_i8_scratch_size(m, w, vlm_pool_size(pool));

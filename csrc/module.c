@@ -706,11 +706,6 @@ static PyObject *py_matmul(PyObject *mod, PyObject *args, PyObject *kw) {
         goto done;
     }
     if (w.dtype == VLM_I4) {
-        if (w.k % VLM_I4_BLOCK) {
-            PyErr_Format(PyExc_ValueError, "w: int4 codes need k (2 x columns) to be a multiple of %d, got %lld",
-                         VLM_I4_BLOCK, (long long)w.k);
-            goto done;
-        }
         if (!PyArray_Check(sub_o) || PyArray_TYPE((PyArrayObject *)sub_o) != NPY_UINT8 ||
             PyArray_NDIM((PyArrayObject *)sub_o) != 2 || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)sub_o)) {
             PyErr_SetString(PyExc_TypeError, "sub: expected a contiguous 2-D uint8 array");
@@ -818,11 +813,6 @@ static PyObject *py_quantize_i4(PyObject *mod, PyObject *args, PyObject *kw) {
     vlm_weight w;
     int n_threads;
     if (quant_args(args, kw, &w, &n_threads)) return NULL;
-    if (w.k % VLM_I4_BLOCK) {
-        PyErr_Format(PyExc_ValueError, "w: int4 needs k (columns) to be a multiple of %d, got %lld", VLM_I4_BLOCK,
-                     (long long)w.k);
-        return NULL;
-    }
     npy_intp dq[2] = {(npy_intp)w.n, (npy_intp)(w.k / 2)}, ds[2] = {(npy_intp)w.n, (npy_intp)vlm_i4_sub_stride(w.k)};
     npy_intp dn[1] = {(npy_intp)w.n};
     PyArrayObject *q = (PyArrayObject *)PyArray_SimpleNew(2, dq, NPY_UINT8);
