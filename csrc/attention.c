@@ -482,3 +482,119 @@ void vlm_channel_attention_apply(vlm_pool *pool, float *att, const float *v, con
     chV_ctx c = {att, v, At, nr, C, C / G, G};
     vlm_pool_run(pool, chV_task, &c);
 }
+
+/* ---------------------------------------------------------------- Swin window attention
+ * Work item = (window, head), window-major, interleaved over threads. Per item the keys are transposed
+ * once (kt[d][j]); each query row gets its full score row (N <= VLM_MAX_WINDOW_TOKENS): q·scale·kᵀ, + the
+ * dense bias, + the mask, softmax (max subtracted, exp, divided by the sum as torch does), then p·v. */
+
+static int swin_np(int N) { return (N + 15) / 16 * 16; }
+
+size_t vlm_swin_attention_scratch_floats(int N, int D) {
+    return vlm_align_up((size_t)D * swin_np(N) + 2 * (size_t)swin_np(N) + 64, 16);
+}
+
+typedef struct {
+    float *att; const float *qkv, *bias; const uint8_t *labels;
+    int nwin, N, C, heads; float scale, mask; float *scratch; size_t per;
+} swin_ctx;
+
+VLM_CLONES static void swin_item(float *att, const float *qkv, const float *bias, const uint8_t *lab, int N, int C,
+                                 int D, int h, float scale, float mask, float *kt, float *s) {
+    const int np = swin_np(N), ld = 3 * C;
+    for (int j = 0; j < N; j++) {
+        const float *k = qkv + (size_t)j * ld + C + (size_t)h * D;
+        for (int d = 0; d < D; d++) kt[(size_t)d * np + j] = k[d];
+    }
+    for (int i = 0; i < N; i++) {
+        const float *q = qkv + (size_t)i * ld + (size_t)h * D;
+        for (int j = 0; j < N; j++) s[j] = 0.f;
+        for (int d = 0; d < D; d++) {
+            const float qd = q[d] * scale, *kr = kt + (size_t)d * np;
+            for (int j = 0; j < N; j++) s[j] += qd * kr[j];
+        }
+        const float *b = bias + ((size_t)h * N + i) * N;
+        for (int j = 0; j < N; j++) s[j] += b[j];
+        if (lab)
+            for (int j = 0; j < N; j++) s[j] += lab[j] != lab[i] ? mask : 0.f;
+        float mx = s[0], sum = 0.f;
+        for (int j = 1; j < N; j++) mx = s[j] > mx ? s[j] : mx;
+        for (int j = 0; j < N; j++) { s[j] = vlm_expf(s[j] - mx); sum += s[j]; }
+        for (int j = 0; j < N; j++) s[j] = s[j] / sum;
+        float *o = att + (size_t)i * C + (size_t)h * D;
+        for (int d = 0; d < D; d++) o[d] = 0.f;
+        for (int j = 0; j < N; j++) {
+            const float pj = s[j], *v = qkv + (size_t)j * ld + 2 * C + (size_t)h * D;
+            for (int d = 0; d < D; d++) o[d] += pj * v[d];
+        }
+    }
+}
+
+static void swin_task(void *p, int ith, int nth) {
+    const swin_ctx *c = p;
+    const int D = c->C / c->heads, N = c->N;
+    float *kt = c->scratch + (size_t)ith * c->per, *s = kt + (size_t)D * swin_np(N);
+    for (long it = ith; it < (long)c->nwin * c->heads; it += nth) {
+        int w = (int)(it / c->heads), h = (int)(it % c->heads);
+        swin_item(c->att + (size_t)w * N * c->C, c->qkv + (size_t)w * N * 3 * c->C, c->bias,
+                  c->labels ? c->labels + (size_t)w * N : NULL, N, c->C, D, h, c->scale, c->mask, kt, s);
+    }
+}
+
+void vlm_swin_attention(vlm_pool *pool, float *att, const float *qkv, const float *bias, const uint8_t *labels,
+                        float mask, int nwin, int N, int C, int heads, float scale, float *scratch) {
+    swin_ctx c = {att, qkv, bias, labels, nwin, N, C, heads, scale, mask, scratch,
+                  vlm_swin_attention_scratch_floats(N, C / heads)};
+    vlm_pool_run(pool, swin_task, &c);
+}
+
+void vlm_swin_rel_bias(float *bias, const float *table, int ws, int heads) {
+    const int N = ws * ws, L = 2 * ws - 1;
+    for (int h = 0; h < heads; h++)
+        for (int i = 0; i < N; i++)
+            for (int j = 0; j < N; j++) {
+                int idx = (i / ws - j / ws + ws - 1) * L + (i % ws - j % ws + ws - 1);
+                bias[((size_t)h * N + i) * N + j] = table[(size_t)idx * heads + h];
+            }
+}
+
+/* ---------------------------------------------------------------- shifted-window partition of one band */
+
+typedef struct {
+    float *x; const float *src; const float *w, *b; float eps; int H, W, C, ws, shift, wy, scatter;
+} wg_ctx;
+
+static void wg_task(void *p, int ith, int nth) {
+    const wg_ctx *c = p;
+    const int ws = c->ws, Hp = (c->H + ws - 1) / ws * ws, Wp = (c->W + ws - 1) / ws * ws, C = c->C;
+    const long n = (long)ws * Wp;   /* tokens of the band, window-major */
+    long lo, hi;
+    vlm_split(n, 1, ith, nth, &lo, &hi);
+    for (long r = lo; r < hi; r++) {
+        int w = (int)(r / (ws * ws)), t = (int)(r % (ws * ws)), a = t / ws, bb = t % ws;
+        int i = (c->wy * ws + a + c->shift) % Hp, j = (w * ws + bb + c->shift) % Wp;
+        int real = i < c->H && j < c->W;
+        if (c->scatter) {
+            if (!real) continue;
+            float *xo = c->x + ((size_t)i * c->W + j) * C;
+            const float *y = c->src + (size_t)r * C;
+            for (int k = 0; k < C; k++) xo[k] += y[k];
+        } else {
+            float *o = c->x + (size_t)r * C;
+            if (!real) memset(o, 0, (size_t)C * sizeof(float));
+            else if (c->w) vlm_layernorm_row(o, c->src + ((size_t)i * c->W + j) * C, c->w, c->b, c->eps, C);
+            else memcpy(o, c->src + ((size_t)i * c->W + j) * C, (size_t)C * sizeof(float));
+        }
+    }
+}
+
+void vlm_window_gather(vlm_pool *pool, float *out, const float *x, const float *w, const float *b, float eps, int H,
+                       int W, int C, int ws, int shift, int wy) {
+    wg_ctx c = {out, x, w, b, eps, H, W, C, ws, shift, wy, 0};
+    vlm_pool_run(pool, wg_task, &c);
+}
+
+void vlm_window_scatter_add(vlm_pool *pool, float *x, const float *y, int H, int W, int C, int ws, int shift, int wy) {
+    wg_ctx c = {x, y, NULL, NULL, 0.f, H, W, C, ws, shift, wy, 1};
+    vlm_pool_run(pool, wg_task, &c);
+}

@@ -178,3 +178,30 @@ void vlm_maxpool2x2(vlm_pool *pool, float *P, const float *x, int H, int W, int 
     mp_ctx c = {P, x, H, W, C};
     vlm_pool_run(pool, mp_task, &c);
 }
+
+/* ---------------------------------------------------------------- Swin patch merging (2x2 space-to-depth) */
+
+typedef struct { float *out; const float *x; int H, W, C; long r0, nr; } pm_ctx;
+
+static void pm_task(void *p, int ith, int nth) {
+    const pm_ctx *c = p;
+    const int Wo = (c->W + 1) / 2, C = c->C;
+    static const int dy[4] = {0, 1, 0, 1}, dx[4] = {0, 0, 1, 1};
+    long lo, hi;
+    vlm_split(c->nr, 1, ith, nth, &lo, &hi);
+    for (long r = lo; r < hi; r++) {
+        long pix = c->r0 + r;
+        int oy = (int)(pix / Wo), ox = (int)(pix % Wo);
+        for (int q = 0; q < 4; q++) {
+            int y = 2 * oy + dy[q], x = 2 * ox + dx[q];
+            float *o = c->out + (size_t)r * 4 * C + (size_t)q * C;
+            if (y < c->H && x < c->W) memcpy(o, c->x + ((size_t)y * c->W + x) * C, (size_t)C * sizeof(float));
+            else memset(o, 0, (size_t)C * sizeof(float));
+        }
+    }
+}
+
+void vlm_patch_merge_gather(vlm_pool *pool, float *out, const float *x, int H, int W, int C, long r0, long nr) {
+    pm_ctx c = {out, x, H, W, C, r0, nr};
+    vlm_pool_run(pool, pm_task, &c);
+}

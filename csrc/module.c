@@ -97,6 +97,31 @@ static int get_int(PyObject *dict, const char *key, int *out) {
     return 0;
 }
 
+/* out[0 .. n-1] = the config entry `key`, a sequence of exactly n ints ("<net> config '<key>'" in errors). */
+static int get_int_list(PyObject *cfg, const char *net, const char *key, int *out, int n) {
+    PyObject *v = get_item(cfg, key);
+    if (!v) return -1;
+    PyObject *seq = PySequence_Fast(v, "config lists must be sequences");
+    if (!seq) return -1;
+    if (PySequence_Fast_GET_SIZE(seq) != n) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "%s config '%s' must have %d entries", net, key, n);
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        long x = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (x == -1 && PyErr_Occurred()) { Py_DECREF(seq); return -1; }
+        if (x < INT32_MIN || x > INT32_MAX) {
+            Py_DECREF(seq);
+            PyErr_Format(PyExc_ValueError, "%s config '%s' out of range", net, key);
+            return -1;
+        }
+        out[i] = (int)x;
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
 /* The entries of a tensors dict as a vlm_tensor_table (names and data borrowed from the dict, which the
  * caller keeps alive). t->items is PyMem-allocated: free it with PyMem_Free. */
 static int table_from_dict(PyObject *dict, vlm_tensor_table *t) {
@@ -659,6 +684,7 @@ static PyTypeObject VisionModelType = {
 /* ---------------------------------------------------------------- DaViT and HFRE bindings */
 
 #include "py_davit.h"
+#include "py_swin.h"
 #include "py_hfre.h"
 #include "py_fo1.h"
 #include "py_ops.h"
@@ -907,7 +933,7 @@ static int module_exec(PyObject *mod) {
         return -1;
     if (PyModule_AddObjectRef(mod, "Workspace", (PyObject *)&WorkspaceType) < 0) return -1;
     if (PyModule_AddObjectRef(mod, "VisionModel", (PyObject *)&VisionModelType) < 0) return -1;
-    if (py_davit_register(mod) < 0 || py_hfre_register(mod) < 0 || py_fo1_register(mod) < 0) return -1;
+    if (py_davit_register(mod) < 0 || py_swin_register(mod) < 0 || py_hfre_register(mod) < 0 || py_fo1_register(mod) < 0) return -1;
     if (PyModule_AddObjectRef(mod, "Qwen2Model", (PyObject *)&Qwen2ModelType) < 0) return -1;
     if (PyModule_AddObjectRef(mod, "Qwen2State", (PyObject *)&Qwen2StateType) < 0) return -1;
     return 0;

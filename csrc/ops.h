@@ -95,6 +95,11 @@ void vlm_zero_border(float *P, long H, long W, int C);
 /* 2x2 max-pool (floor) of x: [H][W][C] into the interior of a padded map P: [(H/2+2)][(W/2+2)][C]. */
 void vlm_maxpool2x2(vlm_pool *pool, float *P, const float *x, int H, int W, int C);
 
+/* Swin's PatchMerging gather for output pixels r0 .. r0+nr-1 (p = oy·Wo + ox, Wo = ceil(W/2)) of a map
+ * x: [H][W][C]: out[r] = x[2oy][2ox] | x[2oy+1][2ox] | x[2oy][2ox+1] | x[2oy+1][2ox+1], zeros outside the map.
+ * out: [nr][4C] */
+void vlm_patch_merge_gather(vlm_pool *pool, float *out, const float *x, int H, int W, int C, long r0, long nr);
+
 /* ---------------------------------------------------------------- attention (attention.c) */
 
 /* Causal grouped-query attention of T new queries against a KV cache.
@@ -132,6 +137,28 @@ void vlm_channel_attention_scores(vlm_pool *pool, float *A, const float *qk, flo
                                   int G);
 void vlm_channel_attention_softmax(vlm_pool *pool, float *At, const float *A, int G, int d);
 void vlm_channel_attention_apply(vlm_pool *pool, float *att, const float *v, const float *At, long nr, int C, int G);
+
+/* Swin window attention over nwin windows of N tokens: qkv: [nwin][N][3C] (q | k | v of each token), heads of
+ * D = C/heads; per window and head softmax(q·scale·kᵀ + bias[h] (+ mask where labels differ))·v.
+ * bias: [heads][N][N] (vlm_swin_rel_bias); labels: [nwin][N] region labels of the shifted-window mask, or NULL
+ * (no mask); mask: the value added between different labels (-100 in Swin). att: [nwin][N][C].
+ * scratch: n_threads · vlm_swin_attention_scratch_floats(N, D) floats. */
+size_t vlm_swin_attention_scratch_floats(int N, int D);
+void vlm_swin_attention(vlm_pool *pool, float *att, const float *qkv, const float *bias, const uint8_t *labels,
+                        float mask, int nwin, int N, int C, int heads, float scale, float *scratch);
+
+/* Dense relative position bias of a ws x ws window: bias[h][i][j] = table[(yi - yj + ws - 1)(2ws - 1) +
+ * (xi - xj + ws - 1)][h], tokens in raster order. table: [(2ws-1)^2][heads], bias: [heads][ws²][ws²] */
+void vlm_swin_rel_bias(float *bias, const float *table, int ws, int heads);
+
+/* Swin's shifted-window partition of band wy (window row) of a map x: [H][W][C], zero-padded bottom/right to
+ * Hp x Wp (multiples of ws), then rolled by -shift over the padded map: out[w][a·ws + b] = LN(x[i][j]) with
+ * i = (wy·ws + a + shift) mod Hp, j = (w·ws + b + shift) mod Wp, or zeros where i >= H or j >= W (w, b: NULL:
+ * a plain copy). out: [Wp/ws][ws²][C]. vlm_window_scatter_add is its inverse on the real tokens:
+ * x[i][j] += y[w][a·ws + b]. */
+void vlm_window_gather(vlm_pool *pool, float *out, const float *x, const float *w, const float *b, float eps, int H,
+                       int W, int C, int ws, int shift, int wy);
+void vlm_window_scatter_add(vlm_pool *pool, float *x, const float *y, int H, int W, int C, int ws, int shift, int wy);
 
 /* ---------------------------------------------------------------- RoIAlign (roi_align.c) */
 

@@ -1,5 +1,5 @@
 /* py_davit.h — Python bindings of the DaViT core (included by module.c, after its shared helpers:
- * raise_status, get_item, get_int, bind_from_dict, check_threads, lease_begin/lease_end).
+ * raise_status, get_item, get_int, get_int_list, bind_from_dict, check_threads, lease_begin/lease_end).
  * Only module.c includes it.
  *
  * DavitModel(config: dict, tensors: dict): read-only weights borrowed from NumPy arrays (the object keeps
@@ -22,30 +22,6 @@ static void DavitModel_dealloc(DavitModel *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static int davit_int_list(PyObject *cfg, const char *key, int out[VLM_DAVIT_STAGES]) {
-    PyObject *v = get_item(cfg, key);
-    if (!v) return -1;
-    PyObject *seq = PySequence_Fast(v, "davit config lists must be sequences");
-    if (!seq) return -1;
-    if (PySequence_Fast_GET_SIZE(seq) != VLM_DAVIT_STAGES) {
-        Py_DECREF(seq);
-        PyErr_Format(PyExc_ValueError, "davit config '%s' must have %d entries", key, VLM_DAVIT_STAGES);
-        return -1;
-    }
-    for (int i = 0; i < VLM_DAVIT_STAGES; i++) {
-        long x = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
-        if (x == -1 && PyErr_Occurred()) { Py_DECREF(seq); return -1; }
-        if (x < INT32_MIN || x > INT32_MAX) {
-            Py_DECREF(seq);
-            PyErr_Format(PyExc_ValueError, "davit config '%s' out of range", key);
-            return -1;
-        }
-        out[i] = (int)x;
-    }
-    Py_DECREF(seq);
-    return 0;
-}
-
 static int DavitModel_init(DavitModel *self, PyObject *args, PyObject *kw) {
     PyObject *cfg, *t;
     static char *kwlist[] = {"config", "tensors", NULL};
@@ -55,13 +31,14 @@ static int DavitModel_init(DavitModel *self, PyObject *args, PyObject *kw) {
     int compute = 0;
     vlm_davit_unbind(m);
     memset(m, 0, sizeof *m);
+    static const char *lists[] = {"dims", "depths", "heads", "groups", "mlp_hidden", "kernel", "stride", "pad",
+                                  "prenorm"};
+    int *dst[] = {c->dim, c->depth, c->heads, c->groups, c->mlp_hidden, c->kernel, c->stride, c->pad, c->prenorm};
     if (get_int(cfg, "in_chans", &c->in_chans) || get_int(cfg, "window", &c->window) ||
-        get_int(cfg, "compute", &compute) || davit_int_list(cfg, "dims", c->dim) ||
-        davit_int_list(cfg, "depths", c->depth) || davit_int_list(cfg, "heads", c->heads) ||
-        davit_int_list(cfg, "groups", c->groups) || davit_int_list(cfg, "mlp_hidden", c->mlp_hidden) ||
-        davit_int_list(cfg, "kernel", c->kernel) || davit_int_list(cfg, "stride", c->stride) ||
-        davit_int_list(cfg, "pad", c->pad) || davit_int_list(cfg, "prenorm", c->prenorm))
+        get_int(cfg, "compute", &compute))
         return -1;
+    for (size_t i = 0; i < sizeof lists / sizeof lists[0]; i++)
+        if (get_int_list(cfg, "davit", lists[i], dst[i], VLM_DAVIT_STAGES)) return -1;
     c->compute = compute ? VLM_COMPUTE_BF16 : VLM_COMPUTE_F32;
     PyObject *eps = get_item(cfg, "eps");
     if (!eps) return -1;

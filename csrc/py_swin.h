@@ -1,0 +1,125 @@
+/* py_swin.h — Python binding of the Swin backbone of UPN, csrc/swin.c (included by module.c, after its shared
+ * helpers: raise_status, get_item, get_int, get_int_list, bind_from_dict, check_threads, lease_begin/lease_end).
+ * Only module.c includes it.
+ *
+ * SwinModel(config: dict, tensors: dict): read-only weights borrowed from NumPy arrays (the object keeps the dict
+ * alive; vlm_swin_bind in swin.c names the tensors). config keys: in_chans, patch, embed, window, eps, compute
+ * (0 f32 / 1 bf16) and the 4-entry lists depths, heads, mlp_hidden.
+ * forward(pixels [in_chans, H, W] float32, n_threads=1, workspace=None) -> tuple of 4 float32 arrays
+ * [H_s, W_s, C_s]; with a Workspace its pool and scratch are reused. */
+#include "swin.h"
+
+typedef struct {
+    PyObject_HEAD
+    vlm_swin m;            /* m.blocks[0] == NULL: not (successfully) initialised */
+    PyObject *tensors;
+} SwinModel;
+
+static void SwinModel_dealloc(SwinModel *self) {
+    vlm_swin_unbind(&self->m);
+    Py_XDECREF(self->tensors);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int SwinModel_init(SwinModel *self, PyObject *args, PyObject *kw) {
+    PyObject *cfg, *t;
+    static char *kwlist[] = {"config", "tensors", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!", kwlist, &PyDict_Type, &cfg, &PyDict_Type, &t)) return -1;
+    vlm_swin *m = &self->m;
+    vlm_swin_config *c = &m->cfg;
+    int compute = 0;
+    vlm_swin_unbind(m);
+    memset(m, 0, sizeof *m);
+    if (get_int(cfg, "in_chans", &c->in_chans) || get_int(cfg, "patch", &c->patch) || get_int(cfg, "embed", &c->embed) ||
+        get_int(cfg, "window", &c->window) || get_int(cfg, "compute", &compute) ||
+        get_int_list(cfg, "swin", "depths", c->depth, VLM_SWIN_STAGES) ||
+        get_int_list(cfg, "swin", "heads", c->heads, VLM_SWIN_STAGES) ||
+        get_int_list(cfg, "swin", "mlp_hidden", c->mlp_hidden, VLM_SWIN_STAGES))
+        return -1;
+    c->compute = compute ? VLM_COMPUTE_BF16 : VLM_COMPUTE_F32;
+    PyObject *eps = get_item(cfg, "eps");
+    if (!eps) return -1;
+    c->eps = (float)PyFloat_AsDouble(eps);
+    if (PyErr_Occurred()) return -1;
+    Py_XSETREF(self->tensors, Py_NewRef(t));
+    return bind_from_dict(t, (bind_fn)vlm_swin_bind, m);
+}
+
+static PyObject *SwinModel_forward(SwinModel *self, PyObject *args, PyObject *kw) {
+    PyObject *px_o, *ws_o = Py_None;
+    int n_threads = 1;
+    static char *kwlist[] = {"pixels", "n_threads", "workspace", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iO", kwlist, &px_o, &n_threads, &ws_o)) return NULL;
+    const vlm_swin *m = &self->m;
+    if (!m->blocks[0]) { PyErr_SetString(PyExc_ValueError, "model is not initialised"); return NULL; }
+    if (check_threads(n_threads)) return NULL;
+    PyArrayObject *px = (PyArrayObject *)PyArray_FROM_OTF(px_o, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
+    if (!px) return NULL;
+    PyArrayObject *outs[VLM_SWIN_STAGES] = {NULL};
+    PyObject *res = NULL;
+    ws_lease wl;
+    if (PyArray_NDIM(px) != 3 || PyArray_DIM(px, 0) != m->cfg.in_chans || PyArray_DIM(px, 1) <= 0 ||
+        PyArray_DIM(px, 2) <= 0 || PyArray_DIM(px, 1) > 16384 || PyArray_DIM(px, 2) > 16384) {
+        PyErr_Format(PyExc_ValueError, "pixels must have shape [%d, H, W] with 1 <= H, W <= 16384", m->cfg.in_chans);
+        goto done;
+    }
+    int H = (int)PyArray_DIM(px, 1), W = (int)PyArray_DIM(px, 2);
+    int hs[VLM_SWIN_STAGES], ws[VLM_SWIN_STAGES];
+    vlm_err err = {{0}};
+    vlm_status st = vlm_swin_stage_sizes(m, H, W, hs, ws, &err);
+    if (st != VLM_OK) { raise_status(st, &err); goto done; }
+    float *optr[VLM_SWIN_STAGES];
+    for (int s = 0; s < VLM_SWIN_STAGES; s++) {
+        npy_intp d[3] = {hs[s], ws[s], (npy_intp)m->cfg.embed << s};
+        outs[s] = (PyArrayObject *)PyArray_SimpleNew(3, d, NPY_FLOAT32);
+        if (!outs[s]) goto done;
+        optr[s] = PyArray_DATA(outs[s]);
+    }
+    size_t ss = vlm_swin_scratch_size(m, H, W, n_threads);
+    if (lease_begin(&wl, ws_o)) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    vlm_pool *pool;
+    void *scratch;
+    st = vlm_workspace_get(wl.ws, n_threads, ss, &pool, &scratch, &err);
+    if (st == VLM_OK) st = vlm_swin_forward(m, pool, PyArray_DATA(px), H, W, optr, scratch, ss, &err);
+    lease_end(&wl);
+    Py_END_ALLOW_THREADS
+    if (st != VLM_OK) { raise_status(st, &err); goto done; }
+    res = PyTuple_Pack(4, outs[0], outs[1], outs[2], outs[3]);
+done:
+    Py_XDECREF(px);
+    for (int s = 0; s < VLM_SWIN_STAGES; s++) Py_XDECREF(outs[s]);
+    return res;
+}
+
+static PyObject *SwinModel_scratch_bytes(SwinModel *self, PyObject *args, PyObject *kw) {
+    int H, W, n_threads = 1;
+    static char *kwlist[] = {"height", "width", "n_threads", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ii|i", kwlist, &H, &W, &n_threads)) return NULL;
+    if (!self->m.blocks[0]) { PyErr_SetString(PyExc_ValueError, "model is not initialised"); return NULL; }
+    return PyLong_FromSize_t(vlm_swin_scratch_size(&self->m, H, W, n_threads));
+}
+
+static PyMethodDef SwinModel_methods[] = {
+    {"forward", (PyCFunction)(void (*)(void))SwinModel_forward, METH_VARARGS | METH_KEYWORDS,
+     "forward(pixels [C, H, W] float32, n_threads=1, workspace=None) -> 4 stage maps, float32 [H_s, W_s, C_s] each"},
+    {"scratch_bytes", (PyCFunction)(void (*)(void))SwinModel_scratch_bytes, METH_VARARGS | METH_KEYWORDS,
+     "scratch_bytes(height, width, n_threads=1) -> bytes of scratch a forward pass allocates"},
+    {NULL}};
+
+static PyTypeObject SwinModelType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "vlmfo1._core.SwinModel",
+    .tp_basicsize = sizeof(SwinModel),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "SwinModel(config: dict, tensors: dict) - Swin backbone (UPN proposal network) weights",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)SwinModel_init,
+    .tp_dealloc = (destructor)SwinModel_dealloc,
+    .tp_methods = SwinModel_methods,
+};
+
+static int py_swin_register(PyObject *mod) {
+    if (PyType_Ready(&SwinModelType) < 0) return -1;
+    return PyModule_AddObjectRef(mod, "SwinModel", (PyObject *)&SwinModelType);
+}
