@@ -103,3 +103,21 @@ void vlm_silu_mul(vlm_pool *pool, float *g, const float *u, int T, int C) {
     act_ctx c = {g, u, (size_t)T * C};
     vlm_pool_run(pool, silu_task, &c);
 }
+
+/* ---------------------------------------------------------------- ReLU */
+
+VLM_CLONES static void relu_range(float *x, size_t lo, size_t hi) {
+    for (size_t i = lo; i < hi; i++) x[i] = x[i] < 0.f ? 0.f : x[i];   /* NaN stays NaN, as in torch */
+}
+
+static void relu_task(void *p, int ith, int nth) {
+    act_ctx *c = p;
+    long lo, hi;
+    vlm_split((long)c->n, 64, ith, nth, &lo, &hi);
+    relu_range(c->x, (size_t)lo, (size_t)hi);
+}
+
+void vlm_relu(vlm_pool *pool, float *x, size_t n) {
+    act_ctx c = {x, NULL, n};
+    vlm_pool_run(pool, relu_task, &c);
+}

@@ -685,6 +685,7 @@ static PyTypeObject VisionModelType = {
 
 #include "py_davit.h"
 #include "py_swin.h"
+#include "py_upn.h"
 #include "py_hfre.h"
 #include "py_fo1.h"
 #include "py_ops.h"
@@ -933,7 +934,7 @@ static int module_exec(PyObject *mod) {
         return -1;
     if (PyModule_AddObjectRef(mod, "Workspace", (PyObject *)&WorkspaceType) < 0) return -1;
     if (PyModule_AddObjectRef(mod, "VisionModel", (PyObject *)&VisionModelType) < 0) return -1;
-    if (py_davit_register(mod) < 0 || py_swin_register(mod) < 0 || py_hfre_register(mod) < 0 || py_fo1_register(mod) < 0) return -1;
+    if (py_davit_register(mod) < 0 || py_swin_register(mod) < 0 || py_upn_register(mod) < 0 || py_hfre_register(mod) < 0 || py_fo1_register(mod) < 0) return -1;
     if (PyModule_AddObjectRef(mod, "Qwen2Model", (PyObject *)&Qwen2ModelType) < 0) return -1;
     if (PyModule_AddObjectRef(mod, "Qwen2State", (PyObject *)&Qwen2StateType) < 0) return -1;
     return 0;

@@ -27,6 +27,9 @@ void vlm_gelu_erf(vlm_pool *pool, float *x, size_t n);
  * else plain C (the two differ in FMA rounding). x: [n] */
 void vlm_gelu_erf_poly(vlm_pool *pool, float *x, size_t n);
 
+/* x[i] = max(x[i], 0), NaN kept (torch's relu). x: [n] */
+void vlm_relu(vlm_pool *pool, float *x, size_t n);
+
 /* g = silu(g) · u; g, u: [T][C] */
 void vlm_silu_mul(vlm_pool *pool, float *g, const float *u, int T, int C);
 

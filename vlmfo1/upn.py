@@ -1,0 +1,408 @@
+"""UPN, the proposal network of the official VLM-FO1 pipeline (ChatRex's Universal Proposal Network), on the CPU.
+
+    upn = UPN.from_pretrained("upn_large.pth")                 # or a .safetensors conversion, or a folder holding one
+    props = upn("photo.jpg")                                    # Proposals: int boxes, scores, <= 100, the UPN filter
+    raw = upn.predict(image)                                    # every query: xyxy pixel boxes, scores, sorted
+    model.detect(image, ["cat"], proposals=upn)                 # a ProposalSource: the whole pipeline in one call
+
+The official UPN runs only on CUDA (its wrapper calls `.to("cuda")`, its deformable-attention op raises "Not
+implement on cpu"); this is the same network in the C core: a Swin backbone (csrc/swin.c), the 4+1 level neck, the
+deformable-DETR encoder, two-stage selection of the top 900 queries and the decoder (csrc/upn.c), in float32.
+
+Checkpoints: the published `upn_large.pth` (a `torch.save` zip; read by `vlmfo1.torch_checkpoint` without torch and
+without running any code from the file; the state dict is under "model") or a safetensors file with the same tensor
+names (`vlmfo1.testing.write_random_upn` writes one). The architecture is read from the tensor shapes (Swin embed width,
+depths, heads and window; encoder / decoder depth, FFN width, query count); attention heads, sampling points,
+GroupNorm groups and the position-embedding temperature are UPN-large's (8, 4, 32, 20) unless the safetensors
+metadata "upn_config" says otherwise.
+
+Pre/post-processing as the reference (`detect_tools/upn/inference_wrapper.py`, spec fo1_architecture.md §7):
+  * resize: short side 800, long side <= 1333 (`upn_input_size`, the reference's rounding), Pillow bilinear;
+    ToTensor (/255) and ImageNet normalization in float32. Images are converted to RGB first (the reference
+    would fail on a grey or RGBA image: its network takes 3 channels);
+  * scores = sigmoid(logits); boxes cxcywh -> xyxy (x0 = cx - w/2, y0 = cy - h/2, x1 = x0 + w, y1 = y0 + h, in that
+    order, float32) times the original (W, H); sorted by score, descending;
+  * the filter (`vlmfo1.proposals.filter_proposals`): score >= min_score (0.3), NMS at IoU 0.8, int32 boxes, top 100,
+    scores rounded to 2 decimals. When nothing passes the threshold the result is empty (the reference crashes).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Hashable, Optional, Tuple
+
+import numpy as np
+
+from ._native import core
+from .proposals import Proposals, filter_proposals
+from .threads import check_threads, default_threads
+
+__all__ = ["UPN", "UPNConfig", "upn_input_size", "load_upn_state_dict", "PROMPTS"]
+
+PROMPTS = ("fine_grained_prompt", "coarse_grained_prompt")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SHORT_SIDE, MAX_SIDE = 800, 1333
+
+_SWIN = "backbone.model.backbone."
+
+
+@dataclass
+class UPNConfig:
+    """The UPN architecture (defaults: UPN-large, `detect_tools/upn/configs/upn_large.py`)."""
+    embed: int = 192
+    depths: Tuple[int, ...] = (2, 2, 18, 2)
+    heads: Tuple[int, ...] = (6, 12, 24, 48)
+    window: int = 12
+    mlp_ratio: int = 4
+    d_model: int = 256
+    attn_heads: int = 8
+    points: int = 4
+    enc_layers: int = 6
+    dec_layers: int = 6
+    ffn: int = 2048
+    queries: int = 900
+    groups: int = 32
+    temperature: float = 20.0
+
+    def __post_init__(self):
+        self.depths, self.heads = tuple(int(x) for x in self.depths), tuple(int(x) for x in self.heads)
+        if len(self.depths) != 4 or len(self.heads) != 4:
+            raise ValueError("UPN config: depths and heads need 4 entries (Swin stages)")
+        if self.d_model != 256:
+            raise ValueError(f"UPN config: d_model must be 256 (the decoder's sine embedding), got {self.d_model}")
+
+    @classmethod
+    def from_dict(cls, raw: Dict[str, Any]) -> "UPNConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"UPN config: unknown keys {unknown}")
+        return cls(**raw)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["depths"], d["heads"] = list(self.depths), list(self.heads)
+        return d
+
+    def swin_core(self) -> Dict[str, Any]:
+        return dict(in_chans=3, patch=4, embed=self.embed, window=self.window, eps=1e-5, compute=0,
+                    depths=list(self.depths), heads=list(self.heads),
+                    mlp_hidden=[self.mlp_ratio * (self.embed << s) for s in range(4)])
+
+    def upn_core(self) -> Dict[str, Any]:
+        return dict(d_model=self.d_model, heads=self.attn_heads, points=self.points, enc_layers=self.enc_layers,
+                    dec_layers=self.dec_layers, ffn=self.ffn, queries=self.queries, groups=self.groups,
+                    temperature=float(self.temperature), eps=1e-5)
+
+
+def upn_input_size(width: int, height: int, size: int = SHORT_SIDE, max_size: Optional[int] = MAX_SIDE
+                   ) -> Tuple[int, int]:
+    """(width, height) the reference resizes a width x height image to (transforms/transform.py: resize with
+    RandomResize([800], max_size=1333)): the short side becomes `size` unless the long side would exceed
+    `max_size`, then the short side is int(round(max_size * short / long)); the long side is int(size * long / short)."""
+    w, h = int(width), int(height)
+    if w <= 0 or h <= 0:
+        raise ValueError(f"image size must be positive, got {w}x{h}")
+    if max_size is not None:
+        mn, mx = float(min(w, h)), float(max(w, h))
+        if mx / mn * size > max_size:
+            size = int(round(max_size * mn / mx))
+    if (w <= h and w == size) or (h <= w and h == size):
+        return w, h
+    if w < h:
+        return size, int(size * h / w)
+    return int(size * w / h), size
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+
+def load_upn_state_dict(path: str) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, Any]]]:
+    """The tensors of a UPN checkpoint (name -> array; bf16 as uint16 bits) and the "upn_config" metadata if any.
+    path: a .pth (torch.save zip, state dict under "model"), a .safetensors file, or a folder holding one of them."""
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        found = sorted(f for f in os.listdir(p) if f.endswith((".safetensors", ".pth", ".pt")))
+        if len(found) != 1:
+            raise ValueError(f"{p}: expected exactly one .safetensors / .pth file in the folder, found {found}")
+        p = os.path.join(p, found[0])
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"UPN checkpoint not found: {p}")
+    if p.endswith(".safetensors"):
+        from .safetensors import Checkpoint, read_header
+        meta = read_header(p).metadata or {}
+        ck = Checkpoint(p)
+        tensors = {name: ck.get(name) for name in ck.keys()}
+        try:
+            cfg = json.loads(meta["upn_config"]) if "upn_config" in meta else None
+        except ValueError as e:
+            raise ValueError(f"{p}: the 'upn_config' metadata is not JSON: {e}") from None
+        if cfg is not None and not isinstance(cfg, dict):
+            raise ValueError(f"{p}: the 'upn_config' metadata must be a JSON object")
+        return tensors, cfg
+    from .torch_checkpoint import load_state_dict
+    return load_state_dict(p, key="model"), None
+
+
+def _f32(a: np.ndarray, name: str) -> np.ndarray:
+    if a.dtype == np.uint16:   # bf16 bits
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    if a.dtype not in (np.float32, np.float16, np.float64):
+        raise ValueError(f"UPN checkpoint: tensor {name} has dtype {a.dtype}, expected a float")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _count(names, pattern: str) -> int:
+    rx = re.compile(pattern)
+    idx = {int(m.group(1)) for n in names for m in [rx.match(n)] if m}
+    if idx and idx != set(range(max(idx) + 1)):
+        raise ValueError(f"UPN checkpoint: layers {sorted(idx)} are not numbered 0..{max(idx)} ({pattern})")
+    return len(idx)
+
+
+def infer_config(sd: Dict[str, np.ndarray], meta: Optional[Dict[str, Any]] = None) -> UPNConfig:
+    """The architecture from the tensor shapes (UPN-large's fixed choices for what shapes cannot tell)."""
+    def shape(name):
+        if name not in sd:
+            raise ValueError(f"not a UPN checkpoint: tensor {name!r} is missing")
+        return tuple(sd[name].shape)
+
+    base = UPNConfig.from_dict(meta) if meta else UPNConfig()
+    names = list(sd)
+    embed = shape(_SWIN + "patch_embed.proj.weight")[0]
+    depths = tuple(_count(names, re.escape(_SWIN) + rf"layers\.{s}\.blocks\.(\d+)\.") for s in range(4))
+    heads = tuple(shape(_SWIN + f"layers.{s}.blocks.0.attn.relative_position_bias_table")[1] if depths[s] else
+                  base.heads[s] for s in range(4))
+    L = shape(_SWIN + "layers.0.blocks.0.attn.relative_position_bias_table")[0]
+    window = (int(round(L ** 0.5)) + 1) // 2
+    if (2 * window - 1) ** 2 != L:
+        raise ValueError(f"UPN checkpoint: relative position table of {L} rows is not (2w-1)^2")
+    hidden = shape(_SWIN + "layers.0.blocks.0.mlp.fc1.weight")[0]
+    if hidden % embed:
+        raise ValueError("UPN checkpoint: the Swin MLP width is not a multiple of the embedding width")
+    q, d = shape("transformer.tgt_embed.weight")
+    return UPNConfig(embed=embed, depths=depths, heads=heads, window=window, mlp_ratio=hidden // embed, d_model=d,
+                     attn_heads=base.attn_heads, points=base.points,
+                     enc_layers=_count(names, r"transformer\.encoder\.layers\.(\d+)\."),
+                     dec_layers=_count(names, r"transformer\.decoder\.layers\.(\d+)\."),
+                     ffn=shape("transformer.encoder.layers.0.linear1.weight")[0] if "transformer.encoder.layers.0."
+                     "linear1.weight" in sd else shape("transformer.decoder.layers.0.linear1.weight")[0],
+                     queries=q, groups=base.groups, temperature=base.temperature)
+
+
+def _expected_rel_index(ws: int) -> np.ndarray:
+    y, x = np.divmod(np.arange(ws * ws), ws)
+    return (y[:, None] - y[None, :] + ws - 1) * (2 * ws - 1) + (x[:, None] - x[None, :] + ws - 1)
+
+
+def core_tensors(sd: Dict[str, np.ndarray], c: UPNConfig) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """(swin, upn) name -> float32 array tables in the C core's names (csrc/swin.h, csrc/upn.h), shapes checked."""
+    used = set()
+
+    def get(name, shape):
+        if name not in sd:
+            raise ValueError(f"not a UPN checkpoint: tensor {name!r} is missing")
+        a = sd[name]
+        if tuple(a.shape) != tuple(shape):
+            raise ValueError(f"UPN checkpoint: {name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+        used.add(name)
+        return _f32(a, name)
+
+    def lin(dst, key, name, n, k, bias=True):
+        dst[key] = get(name + ".weight", (n, k))
+        if bias:
+            dst[key + "_bias"] = get(name + ".bias", (n,))
+
+    def norm(dst, key, name, n):
+        dst[key] = get(name + ".weight", (n,))
+        dst[key + "_bias"] = get(name + ".bias", (n,))
+
+    sw: Dict[str, np.ndarray] = {}
+    E, ws = c.embed, c.window
+    sw["patch"] = get(_SWIN + "patch_embed.proj.weight", (E, 3, 4, 4)).reshape(E, 48)
+    sw["patch_bias"] = get(_SWIN + "patch_embed.proj.bias", (E,))
+    norm(sw, "patch_norm", _SWIN + "patch_embed.norm", E)
+    rel_index = _expected_rel_index(ws)
+    for s in range(4):
+        C, I = E << s, c.mlp_ratio * (E << s)
+        for j in range(c.depths[s]):
+            p, q = _SWIN + f"layers.{s}.blocks.{j}.", f"layers.{s}.blocks.{j}."
+            norm(sw, q + "norm1", p + "norm1", C)
+            norm(sw, q + "norm2", p + "norm2", C)
+            lin(sw, q + "qkv", p + "attn.qkv", 3 * C, C)
+            lin(sw, q + "proj", p + "attn.proj", C, C)
+            lin(sw, q + "fc1", p + "mlp.fc1", I, C)
+            lin(sw, q + "fc2", p + "mlp.fc2", C, I)
+            sw[q + "rel"] = get(p + "attn.relative_position_bias_table", ((2 * ws - 1) ** 2, c.heads[s])).reshape(-1)
+            idx_name = p + "attn.relative_position_index"
+            if idx_name in sd:   # a buffer: the C core computes it; a checkpoint with another one is refused
+                used.add(idx_name)
+                if not np.array_equal(np.asarray(sd[idx_name]).astype(np.int64), rel_index):
+                    raise ValueError(f"UPN checkpoint: {idx_name} is not Swin's relative position index")
+        if s < 3:
+            norm(sw, f"layers.{s}.merge_norm", _SWIN + f"layers.{s}.downsample.norm", 4 * C)
+            lin(sw, f"layers.{s}.merge", _SWIN + f"layers.{s}.downsample.reduction", 2 * C, 4 * C, bias=False)
+        norm(sw, f"norm{s}", _SWIN + f"norm{s}", C)
+
+    up: Dict[str, np.ndarray] = {}
+    d, F, Q = c.d_model, c.ffn, c.queries
+    hlp = c.attn_heads * 5 * c.points
+    for l in range(5):
+        k = (E << l) if l < 4 else (E << 3) * 9
+        shp = (d, E << l, 1, 1) if l < 4 else (d, E << 3, 3, 3)
+        up[f"neck.{l}"] = get(f"input_proj.{l}.0.weight", shp).reshape(d, k)
+        up[f"neck.{l}_bias"] = get(f"input_proj.{l}.0.bias", (d,))
+        norm(up, f"neck.{l}.gn", f"input_proj.{l}.1", d)
+    up["level_embed"] = get("transformer.level_embed", (5, d)).reshape(-1)
+
+    def msda(dst, key, name):
+        lin(dst, key + ".offsets", name + ".sampling_offsets", 2 * hlp, d)
+        lin(dst, key + ".weights", name + ".attention_weights", hlp, d)
+        lin(dst, key + ".value", name + ".value_proj", d, d)
+        lin(dst, key + ".out", name + ".output_proj", d, d)
+
+    for i in range(c.enc_layers):
+        p = f"transformer.encoder.layers.{i}."
+        msda(up, f"enc.{i}", p + "self_attn")
+        norm(up, f"enc.{i}.ln1", p + "norm1", d)
+        norm(up, f"enc.{i}.ln2", p + "norm2", d)
+        lin(up, f"enc.{i}.lin1", p + "linear1", F, d)
+        lin(up, f"enc.{i}.lin2", p + "linear2", d, F)
+    lin(up, "enc_output", "transformer.enc_output", d, d)
+    norm(up, "enc_norm", "transformer.enc_output_norm", d)
+    for k in range(3):
+        lin(up, f"enc_box.{k}", f"transformer.enc_out_bbox_embed.layers.{k}", 4 if k == 2 else d, d)
+        lin(up, f"box.{k}", f"bbox_embed.0.layers.{k}", 4 if k == 2 else d, d)
+    up["prompt.fine"] = get("transformer.fine_grained_prompt.weight", (1, d)).reshape(d)
+    up["prompt.coarse"] = get("transformer.coarse_grained_prompt.weight", (1, d)).reshape(d)
+    up["tgt"] = get("transformer.tgt_embed.weight", (Q, d)).reshape(-1)
+    for i in range(c.dec_layers):
+        p = f"transformer.decoder.layers.{i}."
+        msda(up, f"dec.{i}", p + "cross_attn")
+        up[f"dec.{i}.in_proj"] = get(p + "self_attn.in_proj_weight", (3 * d, d))
+        up[f"dec.{i}.in_proj_bias"] = get(p + "self_attn.in_proj_bias", (3 * d,))
+        lin(up, f"dec.{i}.out_proj", p + "self_attn.out_proj", d, d)
+        for k in (1, 2, 3):
+            norm(up, f"dec.{i}.ln{k}", p + f"norm{k}", d)
+        lin(up, f"dec.{i}.lin1", p + "linear1", F, d)
+        lin(up, f"dec.{i}.lin2", p + "linear2", d, F)
+    lin(up, "ref_head.0", "transformer.decoder.ref_point_head.layers.0", d, 2 * d)
+    lin(up, "ref_head.1", "transformer.decoder.ref_point_head.layers.1", d, d)
+    norm(up, "dec_norm", "transformer.decoder.norm", d)
+    # the shared box MLP is stored under every alias; they must agree
+    for alias in [n for n in sd if re.match(r"(transformer\.decoder\.)?bbox_embed\.\d+\.layers\.\d\.", n)]:
+        canon = re.sub(r"^(transformer\.decoder\.)?bbox_embed\.\d+\.", "bbox_embed.0.", alias)
+        if canon in sd and not np.array_equal(np.asarray(sd[alias]), np.asarray(sd[canon])):
+            raise ValueError(f"UPN checkpoint: {alias} differs from {canon} (the box head is shared)")
+        used.add(alias)
+    return ({k: np.ascontiguousarray(v) for k, v in sw.items()}, {k: np.ascontiguousarray(v) for k, v in up.items()})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the network
+# ---------------------------------------------------------------------------------------------------------------
+
+def _rgb(image: Any):
+    from PIL import Image
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as im:
+            im.load()
+            return im.convert("RGB") if im.mode != "RGB" else im.copy()
+    if isinstance(image, Image.Image):
+        return image.convert("RGB") if image.mode != "RGB" else image
+    a = np.asarray(image)
+    if a.ndim == 2:
+        a = np.stack([a] * 3, -1)
+    if a.ndim != 3 or a.shape[2] not in (3, 4) or a.dtype != np.uint8:
+        raise ValueError(f"image array must be uint8 HxWx3 (or HxWx4 / HxW), got {a.dtype} {a.shape}")
+    return Image.fromarray(np.ascontiguousarray(a[..., :3]), "RGB")
+
+
+def preprocess(image: Any) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """(pixels float32 [3, h, w], (W, H) of the original image): the reference's resize, ToTensor and Normalize."""
+    from PIL import Image
+    im = _rgb(image)
+    W, H = im.size
+    w, h = upn_input_size(W, H)
+    if (w, h) != (W, H):
+        im = im.resize((w, h), Image.BILINEAR)
+    x = np.asarray(im, dtype=np.uint8).astype(np.float32).transpose(2, 0, 1) / np.float32(255)
+    mean = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None]
+    std = np.asarray(IMAGENET_STD, np.float32)[:, None, None]
+    return np.ascontiguousarray((x - mean) / std, dtype=np.float32), (W, H)
+
+
+def postprocess(logits: np.ndarray, boxes: np.ndarray, size: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
+    """(xyxy boxes float32 [Q, 4] in original pixels, scores float32 [Q]), sorted by score descending (stable)."""
+    W, H = size
+    scores = (np.float32(1) / (np.float32(1) + np.exp(-logits.astype(np.float32)))).astype(np.float32)
+    b = boxes.astype(np.float32).copy()
+    b[:, 0] = b[:, 0] - b[:, 2] / np.float32(2)
+    b[:, 1] = b[:, 1] - b[:, 3] / np.float32(2)
+    b[:, 2] = b[:, 0] + b[:, 2]
+    b[:, 3] = b[:, 1] + b[:, 3]
+    b *= np.asarray([W, H, W, H], dtype=np.float32)
+    order = np.argsort(-scores, kind="stable")
+    return b[order], scores[order]
+
+
+class UPN:
+    """The UPN proposal network; calling it on an image gives the filtered proposals (a ProposalSource)."""
+
+    def __init__(self, config: UPNConfig, state: Dict[str, np.ndarray], *, n_threads: Optional[int] = None,
+                 prompt: str = "fine_grained_prompt", min_score: Optional[float] = 0.3, nms_iou: Optional[float] = 0.8,
+                 max_boxes: Optional[int] = 100, path: Optional[str] = None):
+        self.config = config
+        self.n_threads = default_threads() if n_threads is None else check_threads(n_threads)
+        self.prompt = self._check_prompt(prompt)
+        self.min_score, self.nms_iou, self.max_boxes = min_score, nms_iou, max_boxes
+        self.path = path
+        sw, up = core_tensors(state, config)
+        self._swin = core.SwinModel(config.swin_core(), sw)
+        self._net = core.UPNModel(self._swin, config.upn_core(), up)
+
+    @classmethod
+    def from_pretrained(cls, path, **kw) -> "UPN":
+        sd, meta = load_upn_state_dict(path)
+        return cls(infer_config(sd, meta), sd, path=os.fspath(path), **kw)
+
+    @staticmethod
+    def _check_prompt(prompt: str) -> str:
+        if prompt not in PROMPTS:
+            raise ValueError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
+        return prompt
+
+    def forward(self, pixels: np.ndarray, prompt: Optional[str] = None, taps: bool = False):
+        """The raw network on preprocessed pixels [3, h, w]: (logits [Q], boxes [Q, 4] cxcywh normalized)."""
+        p = PROMPTS.index(self._check_prompt(prompt or self.prompt))
+        return self._net.forward(pixels, prompt=p, n_threads=self.n_threads, taps=taps)
+
+    def predict(self, image: Any, prompt: Optional[str] = None) -> Dict[str, np.ndarray]:
+        """Every query of one image: {"boxes": xyxy float32 [Q, 4] original pixels, "scores": float32 [Q]}, sorted by
+        score descending (the reference's postprocess)."""
+        pixels, size = preprocess(image)
+        logits, boxes = self.forward(pixels, prompt)
+        b, s = postprocess(logits, boxes, size)
+        return {"boxes": b, "scores": s}
+
+    def proposals(self, image: Any, *, prompt: Optional[str] = None, min_score: Optional[float] = None,
+                  nms_iou: Optional[float] = None, max_boxes: Optional[int] = None) -> Proposals:
+        """The filtered proposals (the reference's `filter` then `[:100]`; defaults from the constructor)."""
+        raw = self.predict(image, prompt)
+        props = Proposals(raw["boxes"].astype(np.float64), raw["scores"].astype(np.float64))
+        return filter_proposals(props, self.min_score if min_score is None else min_score,
+                                self.nms_iou if nms_iou is None else nms_iou,
+                                self.max_boxes if max_boxes is None else max_boxes)
+
+    def __call__(self, image: Any, image_id: Optional[Hashable] = None) -> Proposals:
+        return self.proposals(image)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"UPN(swin embed={c.embed} depths={list(c.depths)}, encoder x{c.enc_layers}, decoder x{c.dec_layers}, "
+                f"{c.queries} queries, prompt={self.prompt!r}, min_score={self.min_score}, nms_iou={self.nms_iou}, "
+                f"max_boxes={self.max_boxes}, n_threads={self.n_threads})")
