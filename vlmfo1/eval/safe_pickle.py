@@ -31,31 +31,17 @@ import copyreg
 import io
 import os
 import pickle
-import pickletools
 from typing import Any, Optional, Union
+
+from ..pickle_opcodes import PLAIN_OPCODES, dispatch_table
+from ..pickle_opcodes import Refused as _Refused
 
 __all__ = ["load_plain", "loads_plain", "MAX_BYTES", "MAX_DEPTH"]
 
 MAX_BYTES = 1 << 30     # 1 GiB; the largest refer pickle (refcocog, google split) is tens of MB
 MAX_DEPTH = 100         # containers inside containers; a refs file is 5 deep (list/dict/list/dict/list)
 
-_PLAIN_OPCODES = frozenset([
-    "PROTO", "FRAME", "STOP", "MARK", "POP", "POP_MARK", "DUP",
-    "NONE", "NEWTRUE", "NEWFALSE",
-    "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT",
-    "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8",
-    "BINBYTES", "SHORT_BINBYTES", "BINBYTES8",
-    "EMPTY_LIST", "APPEND", "APPENDS", "LIST",
-    "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3",
-    "EMPTY_DICT", "DICT", "SETITEM", "SETITEMS",
-    "PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE", "GET", "BINGET", "LONG_BINGET",
-])
-_OPCODE_NAMES = {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes}
 _SCALARS = (type(None), bool, int, float, str)
-
-
-class _Refused(pickle.UnpicklingError):
-    """An opcode or lookup this reader never performs."""
 
 
 class _FastUnpickler(pickle.Unpickler):
@@ -68,20 +54,10 @@ class _FastUnpickler(pickle.Unpickler):
         raise _Refused("the pickle holds a persistent id")
 
 
-class _RefusingDispatch(dict):
-    def __missing__(self, code: int):
-        name = _OPCODE_NAMES.get(code, f"unknown opcode 0x{code:02x}")
-
-        def refuse(_self) -> None:
-            raise _Refused(f"the pickle uses the {name} opcode")
-        return refuse
-
-
 class _StrictUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # the pure-Python unpickler
     """Python's own unpickler, restricted to the plain-data opcodes (any other opcode is refused before it runs)."""
 
-    dispatch = _RefusingDispatch({code: fn for code, fn in pickle._Unpickler.dispatch.items()  # type: ignore
-                                  if _OPCODE_NAMES.get(code) in _PLAIN_OPCODES})
+    dispatch = dispatch_table(PLAIN_OPCODES)
 
     def find_class(self, module: str, name: str) -> Any:   # unreachable (GLOBAL is not dispatched); kept as a net
         raise _Refused(f"the pickle asks for the global {module}.{name}")
