@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdarg.h>
+#include <time.h>
 
 typedef enum {
     VLM_OK = 0,
@@ -38,6 +39,13 @@ static inline vlm_status vlm_fail(vlm_err *err, vlm_status st, const char *fmt, 
 }
 
 #define VLM_TRY(expr) do { vlm_status _st = (expr); if (_st != VLM_OK) return _st; } while (0)
+
+/* Monotonic wall-clock seconds (stage timings). */
+static inline double vlm_seconds(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
 
 #define VLM_ALIGN 64
 static inline size_t vlm_align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }

@@ -133,12 +133,6 @@ void vlm_fo1_state_free(vlm_fo1_state *s) {
 static vlm_status encode(const vlm_fo1_model *m, vlm_fo1_state *s, const vlm_fo1_input *in, int n_threads, float *emb,
                          int hidden, int64_t image_row, const int64_t *region_rows, double t[3], vlm_err *err);
 
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
 static int all_finite(const float *x, size_t n) {
     float acc = 0.0f;   /* inf - inf and NaN propagate to NaN; finite values keep acc at 0 */
     for (size_t i = 0; i < n; i++) acc += x[i] - x[i];
@@ -147,7 +141,7 @@ static int all_finite(const float *x, size_t n) {
 
 vlm_status vlm_fo1_encode(const vlm_fo1_model *m, vlm_fo1_state *s, const vlm_fo1_input *in, int n_threads, float *emb,
                           int hidden, int64_t image_row, const int64_t *region_rows, double *seconds, vlm_err *err) {
-    double sec[3] = {0, 0, 0}, t0 = now();
+    double sec[3] = {0, 0, 0}, t0 = vlm_seconds();
     vlm_status st = encode(m, s, in, n_threads, emb, hidden, image_row, region_rows, sec, err);
     if (seconds) {
         seconds[0] = sec[0] - t0;
@@ -186,7 +180,7 @@ static vlm_status encode(const vlm_fo1_model *m, vlm_fo1_state *s, const vlm_fo1
     float *img = emb + image_row * hidden;
     if (m->proj_image) VLM_TRY(vlm_mlp_forward(m->proj_image, pool, img, A.tokens, U, A.scratch, A.scratch_size, err));
     else memcpy(img, A.tokens, sizeof(float) * (size_t)U * hidden);
-    t[0] = now();
+    t[0] = vlm_seconds();
     if (N == 0) return VLM_OK;
 
     /* DaViT -> HFRE -> mm_projector_aux -> the region rows */
@@ -204,7 +198,7 @@ static vlm_status encode(const vlm_fo1_model *m, vlm_fo1_state *s, const vlm_fo1
                 return vlm_fail(err, VLM_ERR_ARG, "aux maps contain NaN or inf");
         }
     }
-    t[1] = now();
+    t[1] = vlm_seconds();
     const float *vt[VLM_HFRE_MAX_VT] = {0};
     if (hc->use_vt)
         for (int k = 0; k < hc->n_vt; k++) {
@@ -222,6 +216,6 @@ static vlm_status encode(const vlm_fo1_model *m, vlm_fo1_state *s, const vlm_fo1
         if (region_rows[i] < 0) return vlm_fail(err, VLM_ERR_ARG, "fo1: negative region row");
         memcpy(emb + region_rows[i] * hidden, A.proj + (size_t)i * hidden, sizeof(float) * hidden);
     }
-    t[2] = now();
+    t[2] = vlm_seconds();
     return VLM_OK;
 }

@@ -4,7 +4,7 @@
  *
  * UPNModel(swin: SwinModel, config: dict, tensors: dict): the proposal network's weights (the object keeps the
  * backbone and the dict alive; vlm_upn_bind in upn.c names the tensors). config keys: d_model, heads, points,
- * enc_layers, dec_layers, ffn, queries, groups, temperature, eps.
+ * enc_layers, dec_layers, ffn, queries, groups, temperature, eps, compute (0 f32 / 1 bf16).
  * forward(pixels [3, H, W] float32, prompt=0, n_threads=1, workspace=None, taps=False) -> (logits [Q],
  * boxes [Q, 4] cxcywh normalized), plus a dict of intermediate tensors with taps=True (see vlm_upn_taps). */
 #include "upn.h"
@@ -13,6 +13,8 @@ typedef struct {
     PyObject_HEAD
     vlm_upn m;             /* m.tgt == NULL: not (successfully) initialised */
     PyObject *swin, *tensors;
+    double seconds[VLM_UPN_STAGES];   /* stage times of the last forward */
+    int seconds_py_set;
 } UPNModel;
 
 static void UPNModel_dealloc(UPNModel *self) {
@@ -29,12 +31,15 @@ static int UPNModel_init(UPNModel *self, PyObject *args, PyObject *kw) {
         return -1;
     if (!((SwinModel *)sw)->m.blocks[0]) { PyErr_SetString(PyExc_ValueError, "the backbone is not initialised"); return -1; }
     vlm_upn *m = &self->m;
+    int compute = 0;
     memset(m, 0, sizeof *m);
     vlm_upn_config *c = &m->cfg;
     if (get_int(cfg, "d_model", &c->d_model) || get_int(cfg, "heads", &c->heads) || get_int(cfg, "points", &c->points) ||
         get_int(cfg, "enc_layers", &c->enc_layers) || get_int(cfg, "dec_layers", &c->dec_layers) ||
-        get_int(cfg, "ffn", &c->ffn) || get_int(cfg, "queries", &c->queries) || get_int(cfg, "groups", &c->groups))
+        get_int(cfg, "ffn", &c->ffn) || get_int(cfg, "queries", &c->queries) || get_int(cfg, "groups", &c->groups) ||
+        get_int(cfg, "compute", &compute))
         return -1;
+    c->compute = compute ? VLM_COMPUTE_BF16 : VLM_COMPUTE_F32;
     const char *fk[2] = {"temperature", "eps"};
     float *fv[2] = {&c->temperature, &c->eps};
     for (int i = 0; i < 2; i++) {
@@ -122,15 +127,19 @@ static PyObject *UPNModel_forward(UPNModel *self, PyObject *args, PyObject *kw) 
     size_t ss = vlm_upn_scratch_size(m, H, W, n_threads);
     if (lease_begin(&wl, ws_o)) goto done;
     float *lp = PyArray_DATA((PyArrayObject *)logits), *bp = PyArray_DATA((PyArrayObject *)boxes);
+    double sec[VLM_UPN_STAGES] = {0};
     Py_BEGIN_ALLOW_THREADS
     vlm_pool *pool;
     void *scratch;
     st = vlm_workspace_get(wl.ws, n_threads, ss, &pool, &scratch, &err);
     if (st == VLM_OK)
-        st = vlm_upn_forward(m, pool, PyArray_DATA(px), H, W, prompt, lp, bp, want_taps ? &taps : NULL, scratch, ss, &err);
+        st = vlm_upn_forward(m, pool, PyArray_DATA(px), H, W, prompt, lp, bp, want_taps ? &taps : NULL, sec, scratch, ss,
+                             &err);
     lease_end(&wl);
     Py_END_ALLOW_THREADS
     if (st != VLM_OK) { raise_status(st, &err); goto done; }
+    self->seconds_py_set = 1;
+    memcpy(self->seconds, sec, sizeof sec);
     res = want_taps ? PyTuple_Pack(3, logits, boxes, tapd) : PyTuple_Pack(2, logits, boxes);
 done:
     Py_XDECREF(px);
@@ -147,6 +156,16 @@ static PyObject *UPNModel_scratch_bytes(UPNModel *self, PyObject *args, PyObject
     if (!self->m.tgt) { PyErr_SetString(PyExc_ValueError, "model is not initialised"); return NULL; }
     return PyLong_FromSize_t(vlm_upn_scratch_size(&self->m, H, W, n_threads));
 }
+
+static PyObject *UPNModel_get_seconds(UPNModel *self, void *c) {
+    if (!self->seconds_py_set) Py_RETURN_NONE;
+    return Py_BuildValue("{s:d,s:d,s:d,s:d,s:d}", "backbone", self->seconds[0], "neck", self->seconds[1], "encoder",
+                         self->seconds[2], "two_stage", self->seconds[3], "decoder", self->seconds[4]);
+}
+
+static PyGetSetDef UPNModel_getset[] = {
+    {"seconds", (getter)UPNModel_get_seconds, NULL, "stage wall times of the last forward (dict) or None", NULL},
+    {NULL}};
 
 static PyMethodDef UPNModel_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))UPNModel_forward, METH_VARARGS | METH_KEYWORDS,
@@ -166,6 +185,7 @@ static PyTypeObject UPNModelType = {
     .tp_init = (initproc)UPNModel_init,
     .tp_dealloc = (destructor)UPNModel_dealloc,
     .tp_methods = UPNModel_methods,
+    .tp_getset = UPNModel_getset,
 };
 
 static int py_upn_register(PyObject *mod) {

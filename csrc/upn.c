@@ -164,26 +164,26 @@ static size_t carve(up_scratch *S_, const vlm_upn *m, int H, int W, int nth, cha
     if (n4 * C3 * 9 > hid) hid = n4 * C3 * 9;
     size_t mm = 0;
     for (int l = 0; l < VLM_UPN_LEVELS; l++)
-        mm = vlm_matmul_scratch_max(mm, l < 4 ? (int64_t)hs[l] * ws[l] : (int64_t)n4, &m->proj[l], VLM_COMPUTE_F32, nth);
+        mm = vlm_matmul_scratch_max(mm, l < 4 ? (int64_t)hs[l] * ws[l] : (int64_t)n4, &m->proj[l], c->compute, nth);
     for (int i = 0; i < c->enc_layers; i++) {
         const vlm_upn_enc_layer *L = &m->enc[i];
         const vlm_weight *w[] = {&L->attn.offsets, &L->attn.weights, &L->attn.out, &L->lin1, &L->lin2};
-        mm = vlm_matmul_scratch_max(mm, S, &L->attn.value, VLM_COMPUTE_F32, nth);
-        for (int k = 0; k < 5; k++) mm = vlm_matmul_scratch_max(mm, ch, w[k], VLM_COMPUTE_F32, nth);
+        mm = vlm_matmul_scratch_max(mm, S, &L->attn.value, c->compute, nth);
+        for (int k = 0; k < 5; k++) mm = vlm_matmul_scratch_max(mm, ch, w[k], c->compute, nth);
     }
-    mm = vlm_matmul_scratch_max(mm, ch, &m->enc_output, VLM_COMPUTE_F32, nth);
+    mm = vlm_matmul_scratch_max(mm, ch, &m->enc_output, c->compute, nth);
     for (int k = 0; k < 3; k++) {
-        mm = vlm_matmul_scratch_max(mm, (int64_t)Q, &m->enc_box[k], VLM_COMPUTE_F32, nth);
-        mm = vlm_matmul_scratch_max(mm, (int64_t)Q, &m->box[k], VLM_COMPUTE_F32, nth);
+        mm = vlm_matmul_scratch_max(mm, (int64_t)Q, &m->enc_box[k], c->compute, nth);
+        mm = vlm_matmul_scratch_max(mm, (int64_t)Q, &m->box[k], c->compute, nth);
     }
     for (int i = 0; i < c->dec_layers; i++) {
         const vlm_upn_dec_layer *L = &m->dec[i];
         const vlm_weight *w[] = {&L->cross.offsets, &L->cross.weights, &L->cross.out, &L->in_proj, &L->out_proj,
                                  &L->lin1, &L->lin2};
-        mm = vlm_matmul_scratch_max(mm, S, &L->cross.value, VLM_COMPUTE_F32, nth);
-        for (int k = 0; k < 7; k++) mm = vlm_matmul_scratch_max(mm, (int64_t)Q, w[k], VLM_COMPUTE_F32, nth);
+        mm = vlm_matmul_scratch_max(mm, S, &L->cross.value, c->compute, nth);
+        for (int k = 0; k < 7; k++) mm = vlm_matmul_scratch_max(mm, (int64_t)Q, w[k], c->compute, nth);
     }
-    for (int k = 0; k < 2; k++) mm = vlm_matmul_scratch_max(mm, (int64_t)Q, &m->ref_head[k], VLM_COMPUTE_F32, nth);
+    for (int k = 0; k < 2; k++) mm = vlm_matmul_scratch_max(mm, (int64_t)Q, &m->ref_head[k], c->compute, nth);
     const size_t per = vlm_align_up(vlm_segment_attention_scratch_floats((int)Q, (int)(d / c->heads)), 16);
 
     vlm_arena a = {base, 0};
@@ -500,8 +500,8 @@ static vlm_status decoder(up_run *r, const float *prompt, float *logits, float *
 }
 
 vlm_status vlm_upn_forward(const vlm_upn *m, vlm_pool *pool, const float *pixels, int H, int W, int prompt,
-                           float *logits, float *boxes, const vlm_upn_taps *taps, void *scratch, size_t scratch_size,
-                           vlm_err *err) {
+                           float *logits, float *boxes, const vlm_upn_taps *taps, double *seconds, void *scratch,
+                           size_t scratch_size, vlm_err *err) {
     const vlm_upn_config *c = &m->cfg;
     if (!pixels || !logits || !boxes) return vlm_fail(err, VLM_ERR_ARG, "upn: NULL pixels or outputs");
     if (!m->swin || !m->swin->blocks[0] || !m->tgt) return vlm_fail(err, VLM_ERR_STATE, "upn: the model is not bound");
@@ -517,21 +517,31 @@ vlm_status vlm_upn_forward(const vlm_upn *m, vlm_pool *pool, const float *pixels
     if (!scratch || scratch_size < need)
         return vlm_fail(err, VLM_ERR_ARG, "upn scratch too small: %zu < %zu bytes", scratch_size, need);
     carve(&r->S, m, H, W, nth, scratch);
-    r->mm = (vlm_mm_ctx){pool, VLM_COMPUTE_F32, r->S.mm, r->S.mm_size, err};
+    r->mm = (vlm_mm_ctx){pool, c->compute, r->S.mm, r->S.mm_size, err};
     const int d = c->d_model;
     const size_t Sd = (size_t)r->n_tok * d * sizeof(float);
 
+    double t[VLM_UPN_STAGES + 1];
+    t[0] = vlm_seconds();
     VLM_TRY(vlm_swin_forward(m->swin, pool, pixels, H, W, r->S.feat, r->S.swin, r->S.swin_size, err));
     if (taps)
         for (int l = 0; l < VLM_SWIN_STAGES; l++)
             if (taps->backbone[l])
                 memcpy(taps->backbone[l], r->S.feat[l],
                        (size_t)r->hs[l] * r->ws[l] * ((size_t)m->swin->cfg.embed << l) * sizeof(float));
+    t[1] = vlm_seconds();
     VLM_TRY(neck(r));
     if (taps && taps->srcs) memcpy(taps->srcs, r->S.src, Sd);
     if (taps && taps->pos) memcpy(taps->pos, r->S.pos, Sd);
+    t[2] = vlm_seconds();
     VLM_TRY(encoder(r));
     if (taps && taps->memory) memcpy(taps->memory, r->S.src, Sd);
+    t[3] = vlm_seconds();
     VLM_TRY(two_stage(r, prompt, taps ? taps->enc_logits : NULL, taps ? taps->topk : NULL, taps ? taps->ref0 : NULL));
-    return decoder(r, m->prompt[prompt], logits, boxes, taps);
+    t[4] = vlm_seconds();
+    VLM_TRY(decoder(r, m->prompt[prompt], logits, boxes, taps));
+    t[5] = vlm_seconds();
+    if (seconds)
+        for (int i = 0; i < VLM_UPN_STAGES; i++) seconds[i] = t[i + 1] - t[i];
+    return VLM_OK;
 }

@@ -43,6 +43,7 @@ typedef struct {
     int groups;        /* GroupNorm groups of the neck, 32 */
     float temperature; /* of the neck's sine position embedding, 20 */
     float eps;         /* LayerNorm and GroupNorm eps, 1e-5 */
+    vlm_compute compute; /* how activations meet bf16 weights (gemm.h) */
 } vlm_upn_config;
 
 typedef struct {
@@ -106,9 +107,12 @@ typedef struct {
 
 size_t vlm_upn_scratch_size(const vlm_upn *m, int H, int W, int n_threads);
 
-/* pixels: [3][H][W]; prompt: 0 fine-grained, 1 coarse-grained; logits: [Q]; boxes: [Q][4] (cx, cy, w, h). */
+#define VLM_UPN_STAGES 5   /* timed stages: backbone, neck, encoder, two-stage selection, decoder */
+
+/* pixels: [3][H][W]; prompt: 0 fine-grained, 1 coarse-grained; logits: [Q]; boxes: [Q][4] (cx, cy, w, h);
+ * seconds: NULL or [VLM_UPN_STAGES] wall time per stage. */
 vlm_status vlm_upn_forward(const vlm_upn *m, vlm_pool *pool, const float *pixels, int H, int W, int prompt,
-                           float *logits, float *boxes, const vlm_upn_taps *taps, void *scratch, size_t scratch_size,
-                           vlm_err *err);
+                           float *logits, float *boxes, const vlm_upn_taps *taps, double *seconds, void *scratch,
+                           size_t scratch_size, vlm_err *err);
 
 #endif

@@ -117,11 +117,24 @@ def _parser() -> argparse.ArgumentParser:
                             "CountBench/PixmoCount .json, or COCO detection results), looked up by the image's file "
                             "name or --image-id")
         p.add_argument("--image-id", type=int, help="the image's id in a COCO-keyed --proposals file")
+        p.add_argument("--upn", metavar="CKPT",
+                       help="instead of --boxes: propose the boxes with UPN on the CPU (upn_large.pth or a safetensors "
+                            "conversion), filtered as the official pipeline does (score >= 0.3, NMS 0.8, top 100)")
         p.add_argument("--truncate-boxes", action="store_true", help="keep the first 100 boxes instead of failing")
         p.add_argument("--json", action="store_true", help="print the result as one JSON object")
         p.add_argument("--draw", metavar="PNG", help="also save the image with the picked boxes drawn on it")
         _add_model_args(p, "reference", 8192)
         _add_sampling_args(p, None)
+
+    u = sub.add_parser("propose", help="propose boxes for an image with UPN on the CPU (the official proposal network)")
+    u.add_argument("image", metavar="IMAGE", help="image file (JPEG, PNG, ...)")
+    u.add_argument("--upn", metavar="CKPT", required=True, help="upn_large.pth or a safetensors conversion")
+    u.add_argument("--prompt", choices=["fine_grained_prompt", "coarse_grained_prompt"], default="fine_grained_prompt")
+    u.add_argument("--min-score", type=float, default=0.3, help="score threshold (default %(default)s)")
+    u.add_argument("--nms", type=float, default=0.8, help="NMS IoU threshold (default %(default)s)")
+    u.add_argument("--max-boxes", type=int, default=100, help="keep at most this many (default %(default)s)")
+    u.add_argument("--out", metavar="JSON", help='also write {"boxes": [...], "scores": [...]} there (a --boxes file)')
+    u.add_argument("--threads", type=int)
 
     g = sub.add_parser("generate", help="generate text with a Qwen2/Qwen2.5 (or, with --image, Qwen2.5-VL) checkpoint")
     g.add_argument("prompt")
@@ -207,6 +220,8 @@ def _run(args) -> int:
         return _fo1_task(args)
     if args.cmd == "generate":
         return _generate(args)
+    if args.cmd == "propose":
+        return _propose(args)
     if args.cmd == "random-checkpoint":
         return _random_checkpoint(args)
     if args.cmd == "eval":
@@ -291,10 +306,10 @@ def _fo1_task(args) -> int:
     task, positional, region = FO1_COMMANDS[args.cmd]
     if not os.path.exists(args.image):
         raise FileNotFoundError(f"image file not found: {args.image}")
-    if args.boxes and args.proposals:
-        raise ValueError("give --boxes or --proposals, not both")
-    if not args.boxes and not args.proposals and args.cmd != "chat":
-        raise ValueError("the proposal boxes are missing: give --boxes FILE (or --proposals FILE)")
+    if sum(bool(x) for x in (args.boxes, args.proposals, args.upn)) > 1:
+        raise ValueError("give one of --boxes, --proposals and --upn")
+    if not args.boxes and not args.proposals and not args.upn and args.cmd != "chat":
+        raise ValueError("the proposal boxes are missing: give --boxes FILE, --proposals FILE or --upn CKPT")
     if args.box_format and not args.boxes:
         raise ValueError("--box-format needs --boxes")
     if args.image_id is not None and not args.proposals:
@@ -304,6 +319,11 @@ def _fo1_task(args) -> int:
         from .proposals import open_proposals
 
         source = open_proposals(args.proposals)
+        boxes, fmt, scores = None, None, None
+    elif args.upn:
+        from .upn import UPN
+
+        source = UPN.from_pretrained(args.upn, n_threads=args.threads)
         boxes, fmt, scores = None, None, None
     else:
         boxes, fmt, scores = read_boxes_file(args.boxes, args.box_format) if args.boxes else ([], "xyxy", None)
@@ -472,6 +492,23 @@ def _write_atomically(path: str, write) -> None:
         os.replace(work, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _propose(args) -> int:
+    from .upn import UPN
+
+    if not os.path.exists(args.image):
+        raise FileNotFoundError(f"image file not found: {args.image}")
+    upn = UPN.from_pretrained(args.upn, n_threads=args.threads, prompt=args.prompt)
+    props = upn.proposals(args.image, min_score=args.min_score, nms_iou=args.nms, max_boxes=args.max_boxes)
+    out = {"boxes": props.boxes.tolist(), "box_format": "xyxy", "scores": props.scores.tolist()}
+    if args.out:
+        tmp = args.out + ".partial"
+        with open(tmp, "w") as f:
+            json.dump(out, f)
+        os.replace(tmp, args.out)
+    print(json.dumps(out))
+    return 0
 
 
 def _random_checkpoint(args) -> int:

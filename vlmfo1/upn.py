@@ -39,9 +39,10 @@ from ._native import core
 from .proposals import Proposals, filter_proposals
 from .threads import check_threads, default_threads
 
-__all__ = ["UPN", "UPNConfig", "upn_input_size", "load_upn_state_dict", "PROMPTS"]
+__all__ = ["UPN", "UPNConfig", "upn_input_size", "load_upn_state_dict", "PROMPTS", "DTYPES"]
 
 PROMPTS = ("fine_grained_prompt", "coarse_grained_prompt")
+DTYPES = ("float32", "bfloat16", "int8")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SHORT_SIDE, MAX_SIDE = 800, 1333
@@ -87,15 +88,15 @@ class UPNConfig:
         d["depths"], d["heads"] = list(self.depths), list(self.heads)
         return d
 
-    def swin_core(self) -> Dict[str, Any]:
-        return dict(in_chans=3, patch=4, embed=self.embed, window=self.window, eps=1e-5, compute=0,
+    def swin_core(self, compute: int = 0) -> Dict[str, Any]:
+        return dict(in_chans=3, patch=4, embed=self.embed, window=self.window, eps=1e-5, compute=compute,
                     depths=list(self.depths), heads=list(self.heads),
                     mlp_hidden=[self.mlp_ratio * (self.embed << s) for s in range(4)])
 
-    def upn_core(self) -> Dict[str, Any]:
+    def upn_core(self, compute: int = 0) -> Dict[str, Any]:
         return dict(d_model=self.d_model, heads=self.attn_heads, points=self.points, enc_layers=self.enc_layers,
                     dec_layers=self.dec_layers, ffn=self.ffn, queries=self.queries, groups=self.groups,
-                    temperature=float(self.temperature), eps=1e-5)
+                    temperature=float(self.temperature), eps=1e-5, compute=compute)
 
 
 def upn_input_size(width: int, height: int, size: int = SHORT_SIDE, max_size: Optional[int] = MAX_SIDE
@@ -145,7 +146,9 @@ def load_upn_state_dict(path: str) -> Tuple[Dict[str, np.ndarray], Optional[Dict
             raise ValueError(f"{p}: the 'upn_config' metadata must be a JSON object")
         return tensors, cfg
     from .torch_checkpoint import load_state_dict
-    return load_state_dict(p, key="model"), None
+    # Placeholders stand in for any non-tensor object the file holds beside the weights (e.g. training arguments):
+    # nothing the file names is imported or called; the "model" entry must be a plain mapping of tensors.
+    return load_state_dict(p, key="model", allow_placeholders=True), None
 
 
 def _f32(a: np.ndarray, name: str) -> np.ndarray:
@@ -171,7 +174,7 @@ def infer_config(sd: Dict[str, np.ndarray], meta: Optional[Dict[str, Any]] = Non
             raise ValueError(f"not a UPN checkpoint: tensor {name!r} is missing")
         return tuple(sd[name].shape)
 
-    base = UPNConfig.from_dict(meta) if meta else UPNConfig()
+    base = _config_from_meta(meta) if meta else UPNConfig()
     names = list(sd)
     embed = shape(_SWIN + "patch_embed.proj.weight")[0]
     depths = tuple(_count(names, re.escape(_SWIN) + rf"layers\.{s}\.blocks\.(\d+)\.") for s in range(4))
@@ -192,6 +195,27 @@ def infer_config(sd: Dict[str, np.ndarray], meta: Optional[Dict[str, Any]] = Non
                      ffn=shape("transformer.encoder.layers.0.linear1.weight")[0] if "transformer.encoder.layers.0."
                      "linear1.weight" in sd else shape("transformer.decoder.layers.0.linear1.weight")[0],
                      queries=q, groups=base.groups, temperature=base.temperature)
+
+
+def _config_from_meta(m: Dict[str, Any]) -> UPNConfig:
+    """UPNConfig from the "upn_config" metadata (vlmfo1.testing.upn's layout: the reference config's names)."""
+    try:
+        sw, pe = m["swin"], m.get("position_embedding", {})
+        if m.get("n_levels", 5) != 5 or pe.get("normalize", True) is not True or \
+                pe.get("temperatureH", 20) != pe.get("temperatureW", 20) or sw.get("patch_size", 4) != 4 or \
+                sw.get("in_chans", 3) != 3:
+            raise ValueError("only 5 levels, 4x4 patches, 3 channels and a normalized sine embedding with one "
+                             "temperature are supported")
+        ratio = float(sw.get("mlp_ratio", 4))
+        if ratio != int(ratio):
+            raise ValueError(f"mlp_ratio {ratio} is not an integer")
+        return UPNConfig(embed=int(sw["embed_dim"]), depths=tuple(sw["depths"]), heads=tuple(sw["num_heads"]),
+                         window=int(sw["window_size"]), mlp_ratio=int(ratio), d_model=int(m["d_model"]),
+                         attn_heads=int(m["n_heads"]), points=int(m["n_points"]), enc_layers=int(m["enc_layers"]),
+                         dec_layers=int(m["dec_layers"]), ffn=int(m["d_ffn"]), queries=int(m["num_queries"]),
+                         groups=int(m.get("groupnorm_groups", 32)), temperature=float(pe.get("temperatureH", 20)))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"UPN checkpoint: the 'upn_config' metadata is malformed ({type(e).__name__}: {e})") from None
 
 
 def _expected_rel_index(ws: int) -> np.ndarray:
@@ -306,6 +330,12 @@ def core_tensors(sd: Dict[str, np.ndarray], c: UPNConfig) -> Tuple[Dict[str, np.
 # the network
 # ---------------------------------------------------------------------------------------------------------------
 
+def _matrices_bf16(t: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """every 2-D (matmul) weight as bf16 bits (round to nearest even); vectors stay float32"""
+    from .safetensors import f32_to_bf16_bits
+    return {k: (f32_to_bf16_bits(v) if v.ndim == 2 else v) for k, v in t.items()}
+
+
 def _rgb(image: Any):
     from PIL import Image
     if isinstance(image, (str, os.PathLike)):
@@ -354,16 +384,26 @@ class UPN:
     """The UPN proposal network; calling it on an image gives the filtered proposals (a ProposalSource)."""
 
     def __init__(self, config: UPNConfig, state: Dict[str, np.ndarray], *, n_threads: Optional[int] = None,
-                 prompt: str = "fine_grained_prompt", min_score: Optional[float] = 0.3, nms_iou: Optional[float] = 0.8,
-                 max_boxes: Optional[int] = 100, path: Optional[str] = None):
-        self.config = config
+                 dtype: str = "float32", prompt: str = "fine_grained_prompt", min_score: Optional[float] = 0.3,
+                 nms_iou: Optional[float] = 0.8, max_boxes: Optional[int] = 100, path: Optional[str] = None):
+        """dtype: the matmul weights in "float32" (the reference's numerics), "bfloat16" (bf16 weights and
+        activations into the matmuls, fp32 accumulation: ~2x faster) or "int8" (per-channel int8 weights)."""
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        self.config, self.dtype = config, dtype
         self.n_threads = default_threads() if n_threads is None else check_threads(n_threads)
         self.prompt = self._check_prompt(prompt)
         self.min_score, self.nms_iou, self.max_boxes = min_score, nms_iou, max_boxes
         self.path = path
         sw, up = core_tensors(state, config)
-        self._swin = core.SwinModel(config.swin_core(), sw)
-        self._net = core.UPNModel(self._swin, config.upn_core(), up)
+        if dtype == "bfloat16":
+            sw, up = _matrices_bf16(sw), _matrices_bf16(up)
+        elif dtype == "int8":
+            from .quant import quantize_matrices
+            sw, up = quantize_matrices(sw, self.n_threads), quantize_matrices(up, self.n_threads)
+        compute = int(dtype == "bfloat16")
+        self._swin = core.SwinModel(config.swin_core(compute), sw)
+        self._net = core.UPNModel(self._swin, config.upn_core(compute), up)
 
     @classmethod
     def from_pretrained(cls, path, **kw) -> "UPN":
@@ -380,6 +420,11 @@ class UPN:
         """The raw network on preprocessed pixels [3, h, w]: (logits [Q], boxes [Q, 4] cxcywh normalized)."""
         p = PROMPTS.index(self._check_prompt(prompt or self.prompt))
         return self._net.forward(pixels, prompt=p, n_threads=self.n_threads, taps=taps)
+
+    @property
+    def seconds(self) -> Optional[Dict[str, float]]:
+        """Wall time per stage of the last forward: backbone, neck, encoder, two_stage, decoder."""
+        return self._net.seconds
 
     def predict(self, image: Any, prompt: Optional[str] = None) -> Dict[str, np.ndarray]:
         """Every query of one image: {"boxes": xyxy float32 [Q, 4] original pixels, "scores": float32 [Q]}, sorted by
