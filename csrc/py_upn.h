@@ -66,10 +66,11 @@ static int upn_new(PyObject *dict, const char *key, int nd, npy_intp *dims, int 
 }
 
 static PyObject *UPNModel_forward(UPNModel *self, PyObject *args, PyObject *kw) {
-    PyObject *px_o, *ws_o = Py_None;
+    PyObject *px_o, *ws_o = Py_None, *sel_o = Py_None;
     int prompt = 0, n_threads = 1, want_taps = 0;
-    static char *kwlist[] = {"pixels", "prompt", "n_threads", "workspace", "taps", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iiOp", kwlist, &px_o, &prompt, &n_threads, &ws_o, &want_taps))
+    static char *kwlist[] = {"pixels", "prompt", "n_threads", "workspace", "taps", "select", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iiOpO", kwlist, &px_o, &prompt, &n_threads, &ws_o, &want_taps,
+                                     &sel_o))
         return NULL;
     const vlm_upn *m = &self->m;
     if (!m->tgt) { PyErr_SetString(PyExc_ValueError, "model is not initialised"); return NULL; }
@@ -78,6 +79,7 @@ static PyObject *UPNModel_forward(UPNModel *self, PyObject *args, PyObject *kw) 
     PyArrayObject *px = (PyArrayObject *)PyArray_FROM_OTF(px_o, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
     if (!px) return NULL;
     PyObject *logits = NULL, *boxes = NULL, *tapd = NULL, *res = NULL;
+    PyArrayObject *sel = NULL;
     vlm_upn_taps taps;
     memset(&taps, 0, sizeof taps);
     ws_lease wl;
@@ -92,6 +94,19 @@ static PyObject *UPNModel_forward(UPNModel *self, PyObject *args, PyObject *kw) 
     vlm_err err = {{0}};
     vlm_status st = vlm_upn_levels(m, H, W, hs, ws, &S, &err);
     if (st != VLM_OK) { raise_status(st, &err); goto done; }
+    if (sel_o != Py_None) {
+        if (!want_taps) { PyErr_SetString(PyExc_ValueError, "select needs taps=True (a parity-test hook)"); goto done; }
+        sel = (PyArrayObject *)PyArray_FROM_OTF(sel_o, NPY_INT32, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST);
+        if (!sel) goto done;
+        if (PyArray_NDIM(sel) != 1 || PyArray_DIM(sel, 0) != Q) {
+            PyErr_Format(PyExc_ValueError, "select must hold %d token indices", Q);
+            goto done;
+        }
+        const int32_t *sp = PyArray_DATA(sel);
+        for (int k = 0; k < Q; k++)
+            if (sp[k] < 0 || sp[k] >= S) { PyErr_Format(PyExc_ValueError, "select[%d] = %d is not in [0, %ld)", k, sp[k], S); goto done; }
+        taps.select = sp;
+    }
     npy_intp dq[2] = {Q, 4};
     logits = PyArray_SimpleNew(1, dq, NPY_FLOAT32);
     boxes = PyArray_SimpleNew(2, dq, NPY_FLOAT32);
@@ -143,6 +158,7 @@ static PyObject *UPNModel_forward(UPNModel *self, PyObject *args, PyObject *kw) 
     res = want_taps ? PyTuple_Pack(3, logits, boxes, tapd) : PyTuple_Pack(2, logits, boxes);
 done:
     Py_XDECREF(px);
+    Py_XDECREF(sel);
     Py_XDECREF(logits);
     Py_XDECREF(boxes);
     Py_XDECREF(tapd);

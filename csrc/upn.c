@@ -403,7 +403,8 @@ static int by_logit(const void *pa, const void *pb) {
 }
 
 /* Two-stage selection: logits of every token, the top Q, their reference boxes (logit space) in S.box. */
-static vlm_status two_stage(up_run *r, int prompt, float *logit_tap, int32_t *topk_tap, float *ref0_tap) {
+static vlm_status two_stage(up_run *r, int prompt, float *logit_tap, int32_t *topk_tap, float *ref0_tap,
+                            const int32_t *select) {
     const vlm_upn *m = r->m;
     const vlm_upn_config *c = &m->cfg;
     const int d = c->d_model, Q = c->queries;
@@ -430,6 +431,11 @@ static vlm_status two_stage(up_run *r, int prompt, float *logit_tap, int32_t *to
     qsort(key, (size_t)S, sizeof *key, by_logit);
     int32_t *ord = (int32_t *)r->S.logit;   /* the logits are no longer needed: reuse their room for the indices */
     for (int k = 0; k < Q; k++) ord[k] = key[k].i;
+    if (select) {
+        for (int k = 0; k < Q; k++)
+            if (select[k] < 0 || select[k] >= S) return vlm_fail(r->mm.err, VLM_ERR_ARG, "upn: selected token out of range");
+        memcpy(ord, select, (size_t)Q * sizeof(int32_t));
+    }
     if (topk_tap) memcpy(topk_tap, ord, (size_t)Q * sizeof(int32_t));
     /* reference boxes: enc_box(om[sel]) + proposal (logit space; +inf for invalid proposals) */
     for (int k = 0; k < Q; k++)
@@ -537,7 +543,8 @@ vlm_status vlm_upn_forward(const vlm_upn *m, vlm_pool *pool, const float *pixels
     VLM_TRY(encoder(r));
     if (taps && taps->memory) memcpy(taps->memory, r->S.src, Sd);
     t[3] = vlm_seconds();
-    VLM_TRY(two_stage(r, prompt, taps ? taps->enc_logits : NULL, taps ? taps->topk : NULL, taps ? taps->ref0 : NULL));
+    VLM_TRY(two_stage(r, prompt, taps ? taps->enc_logits : NULL, taps ? taps->topk : NULL, taps ? taps->ref0 : NULL,
+                      taps ? taps->select : NULL));
     t[4] = vlm_seconds();
     VLM_TRY(decoder(r, m->prompt[prompt], logits, boxes, taps));
     t[5] = vlm_seconds();

@@ -98,11 +98,14 @@ vlm_status vlm_upn_levels(const vlm_upn *m, int H, int W, int hs[VLM_UPN_LEVELS]
  * position + level embeddings; memory: [S][d] the encoder output; enc_logits: [S] the two-stage logits;
  * topk: [Q] the selected token indices (descending logit, ties by lower index); ref0: [Q][4] the selected boxes
  * in logit space; hs: [D][Q][d] every decoder layer's output after the decoder norm; refs: [D + 1][Q][4] the
- * reference boxes (sigmoid space) before each layer and after the last. */
+ * reference boxes (sigmoid space) before each layer and after the last.
+ * select (an input): NULL, or [Q] token indices (each in [0, S)) that replace the top-Q selection, so a parity test
+ * can run the decoder on a reference's query order where near-equal logits make the order ambiguous. */
 typedef struct {
     float *backbone[VLM_SWIN_STAGES];
     float *srcs, *pos, *memory, *enc_logits, *ref0, *hs, *refs;
     int32_t *topk;
+    const int32_t *select;
 } vlm_upn_taps;
 
 size_t vlm_upn_scratch_size(const vlm_upn *m, int H, int W, int n_threads);

@@ -3,15 +3,11 @@ tests/golden/make_upn_golden.py (random tiny weights, real COCO images), thread 
 bad input (a checkpoint that is not UPN, hostile pickles, an image with no proposal above the threshold)."""
 import json
 import os
-import pickle
-import subprocess
-import sys
-import zipfile
 
 import numpy as np
 import pytest
 
-from vlmfo1.proposals import Proposals
+from vlmfo1.proposals import Proposals, filter_proposals
 from vlmfo1.testing import upn_config, write_random_upn
 from vlmfo1.upn import UPN, load_upn_state_dict, postprocess, preprocess, upn_input_size
 
@@ -39,12 +35,10 @@ def _coco_image(i=0):
 
 def test_input_size_matches_the_reference_rule():
     with open(os.path.join(GOLDEN, "upn_resize_golden.json")) as f:
-        gold = json.load(f)
-    cases = gold["cases"] if isinstance(gold, dict) and "cases" in gold else gold
-    assert len(cases) >= 6
+        cases = json.load(f)["cases"]
+    assert len(cases) >= 20
     for case in cases:
-        (w, h), want = case["in"], case["out"]
-        assert tuple(upn_input_size(w, h)) == tuple(want), (w, h)
+        assert tuple(upn_input_size(*case["in_wh"])) == tuple(case["out_wh"]), case
 
 
 def test_input_size_refuses_empty_images():
@@ -59,50 +53,82 @@ def _golden_files():
     return sorted(f for f in os.listdir(GOLDEN) if f.startswith("upn_tiny_") and f.endswith(".npz"))
 
 
-def _at(arr, idx):
-    """arr[idx[:, 0], idx[:, 1], ...] for an index matrix"""
-    return arr[tuple(idx.T)]
+def _subset_err(ours, g, key):
+    """max |ours - golden| over the golden's stored subset of `key` (ours in the golden's layout)"""
+    if key + "__shape" in g:
+        assert tuple(ours.shape) == tuple(g[key + "__shape"]), (key, ours.shape, g[key + "__shape"])
+    idx = g[key + "__idx"].astype(np.int64)
+    return float(np.abs(ours[tuple(idx.T)] - g[key + "__val"]).max())
 
 
 @needs_coco
 @pytest.mark.parametrize("name", _golden_files())
-def test_parity_with_the_official_upn(upn, name):
+def test_parity_with_the_official_upn(upn, tiny_path, name):
     g = np.load(os.path.join(GOLDEN, name), allow_pickle=False)
-    image = os.path.join(COCO, str(g["image"]))
+    meta = json.loads(str(g["meta_json"]))
+    image = os.path.join(COCO, meta["image"])
     pixels, size = preprocess(image)
     assert tuple(pixels.shape[1:]) == tuple(int(x) for x in g["input_hw"])
+    assert abs(float(pixels.astype(np.float64).sum()) - float(g["input__sum"])) < 1e-3 * abs(float(g["input__sum"])) + 1
+    assert _subset_err(pixels, g, "input") == 0.0
     logits, boxes, taps = upn.forward(pixels, taps=True)
+    level_embed = np.asarray(load_upn_state_dict(tiny_path)[0]["transformer.level_embed"], np.float32)
+    np.testing.assert_array_equal(taps["shapes"], g["spatial_shapes"])
     errs = {}
-    # backbone levels and neck: subsets of (channel, y, x) entries of the NCHW maps
     for l in range(4):
-        ours = taps[f"backbone{l}"].transpose(2, 0, 1)
-        errs[f"backbone{l}"] = np.abs(_at(ours, g[f"backbone{l}_idx"]) - g[f"backbone{l}_val"]).max()
+        errs[f"backbone{l}"] = _subset_err(taps[f"backbone{l}"].transpose(2, 0, 1), g, f"backbone{l}")
     shapes = taps["shapes"]
     start = np.concatenate([[0], np.cumsum(shapes[:, 0] * shapes[:, 1])])
     for l in range(5):
         h, w = shapes[l]
-        for key, ours_all in (("srcs", taps["srcs"]), ("pos", taps["pos"]), ("memory", taps["memory"])):
-            k = f"{key}{l}"
-            if k + "_idx" not in g:
-                continue
-            ours = ours_all[start[l]:start[l + 1]].reshape(h, w, -1).transpose(2, 0, 1)
-            errs[k] = np.abs(_at(ours, g[k + "_idx"]) - g[k + "_val"]).max()
-    # two-stage selection: the same tokens in the same order
-    np.testing.assert_array_equal(taps["topk"], g["topk"])
-    errs["ref0"] = np.abs(taps["ref0"] - g["ref0"]).max()
-    errs["hs"] = np.abs(taps["hs"] - g["hs"]).max()
-    errs["logits"] = np.abs(logits - g["pred_logits"]).max()
-    errs["boxes"] = np.abs(boxes - g["pred_boxes"]).max()
-    print(name, {k: f"{v:.2e}" for k, v in errs.items()})
+        for key, tap in (("proj", "srcs"), ("pos", "pos")):
+            ours = taps[tap][start[l]:start[l + 1]]
+            if key == "pos":   # the golden holds the sine embedding; our tap has the level embedding added
+                ours = ours - level_embed[l]
+            errs[f"{key}{l}"] = _subset_err(ours.reshape(h, w, -1).transpose(2, 0, 1), g, f"{key}{l}")
+    errs["memory"] = _subset_err(taps["memory"], g, "memory")
+    errs["enc_logits"] = _subset_err(taps["enc_logits"][:, None], g, "enc_logits")
+    # two-stage selection: the same tokens; the order may differ only where the golden's adjacent logits are
+    # closer than our logit error allows (near-ties of 300 picks out of ~80k continuous values)
+    gk = g["topk_proposals"].astype(np.int64)
+    assert set(taps["topk"].tolist()) == set(gk.tolist())
+    swapped = np.nonzero(taps["topk"] != gk)[0]
+    gaps = g["topk_adjacent_rel_gap"]
+    for i in swapped:
+        near = [gaps[j] for j in (i - 1, i) if 0 <= j < len(gaps)]
+        assert min(near) < 1e-5, (i, near)
+    slot = {t: j for j, t in enumerate(gk.tolist())}
+    perm = np.array([slot[t] for t in taps["topk"].tolist()])
+    errs["ref0"] = float(np.abs(taps["ref0"] - g["topk_refpoints_unsig"][perm]).max())
+    print(name, "swapped top-k slots:", swapped.tolist(), {k: f"{v:.1e}" for k, v in errs.items()})
     for k, v in errs.items():
-        assert v < 2e-3, (k, v)
-    assert errs["boxes"] < 1e-4 and errs["logits"] < 2e-3
-    # post-processing and the filter: identical int boxes and scores
+        assert v < 1e-3, (k, v)
+    if swapped.size:   # run the decoder on the reference's query order
+        logits, boxes, taps = upn.forward(pixels, taps=True, select=gk.astype(np.int32))
+    if True:
+        errs["hs"] = float(np.abs(taps["hs"] - g["dec_hs"]).max())
+        errs["refs"] = float(np.abs(taps["refs"] - g["dec_refs"]).max())
+        errs["logits"] = float(np.abs(logits - g["pred_logits"]).max())
+        errs["boxes"] = float(np.abs(boxes - g["pred_boxes"]).max())
+        print(name, {k: f"{errs[k]:.1e}" for k in ("hs", "refs", "logits", "boxes")})
+        assert errs["hs"] < 1e-3 and errs["refs"] < 1e-4 and errs["logits"] < 1e-3 and errs["boxes"] < 1e-4
+    # post-processing and the filter: the same boxes and 2-decimal scores
     b, s = postprocess(logits, boxes, size)
+    assert np.abs(s - g["post_scores"]).max() < 1e-4
     assert np.abs(b - g["post_boxes"]).max() < 0.05
-    props = upn.proposals(image)
-    np.testing.assert_array_equal(props.boxes, g["filter_boxes"])
-    np.testing.assert_array_equal(props.scores, g["filter_scores"])
+    for f, (ms, nms) in (("filter0", (0.3, 0.8)), ("filter1", (0.3, 0.5))):
+        # every box that survives (no top-100 cut: near-equal scores may trade places across it), from the outputs
+        # compared above (the reference's query order)
+        props = filter_proposals(Proposals(b.astype(np.float64), s.astype(np.float64)), ms, nms, None)
+        gb, gs = g[f + "_boxes"].astype(np.float64), np.round(g[f + "_scores"].astype(np.float32), 2)
+        assert len(props) == len(gb), (f, len(props), len(gb))
+        # the filter sorts by the float32 score, so scores within our ~1e-6 error may trade places: match each box
+        # to its nearest reference box; int truncation may put a coordinate within our error of an integer one apart
+        d = np.abs(props.boxes[:, None, :] - gb[None, :, :]).max(-1)
+        assert d.min(1).max() <= 1 and d.min(0).max() <= 1, f
+        assert (d.min(1) > 0).mean() < 0.02, f
+        np.testing.assert_allclose(np.sort(props.scores), np.sort(gs.astype(np.float64)), atol=0.0100001)
+    assert len(upn.proposals(image)) == min(100, len(g["filter0_boxes"]))   # the network's own order, top 100
 
 
 # ----------------------------------------------------------------------------------------------- invariance
@@ -226,21 +252,26 @@ def test_missing_checkpoint(tmp_path):
 
 
 @needs_coco
-def test_cli_propose(tiny_path, tmp_path):
+def test_cli_propose(tiny_path, tmp_path, capsys):
+    from vlmfo1.cli import main
     out = tmp_path / "boxes.json"
-    r = subprocess.run([sys.executable, "-m", "vlmfo1", "propose", _coco_image(0), "--upn", tiny_path, "--out",
-                        str(out), "--threads", "2"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert main(["propose", _coco_image(0), "--upn", tiny_path, "--out", str(out), "--threads", "2"]) == 0
     got = json.loads(out.read_text())
+    assert got == json.loads(capsys.readouterr().out)
     assert got["box_format"] == "xyxy" and 0 < len(got["boxes"]) <= 100 and len(got["scores"]) == len(got["boxes"])
+    # the file is a --boxes file
+    from vlmfo1.cli import read_boxes_file
+    boxes, fmt, scores = read_boxes_file(str(out))
+    assert fmt == "xyxy" and len(boxes) == len(got["boxes"])
 
 
-def test_cli_propose_bad_checkpoint_is_one_line(tmp_path):
+def test_cli_propose_bad_checkpoint_is_one_line(tmp_path, capsys):
+    from PIL import Image
+    from vlmfo1.cli import main
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
     img = tmp_path / "x.png"
-    from PIL import Image
     Image.new("RGB", (32, 32)).save(img)
-    r = subprocess.run([sys.executable, "-m", "vlmfo1", "propose", str(img), "--upn", str(bad)],
-                       capture_output=True, text=True)
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "error" in r.stderr
+    assert main(["propose", str(img), "--upn", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "vlmfo1 propose: error" in err

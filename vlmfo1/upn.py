@@ -48,6 +48,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SHORT_SIDE, MAX_SIDE = 800, 1333
 
 _SWIN = "backbone.model.backbone."
+_DEFAULT = object()   # "the constructor's setting" (None has a meaning of its own: skip the step)
 
 
 @dataclass
@@ -416,10 +417,12 @@ class UPN:
             raise ValueError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
         return prompt
 
-    def forward(self, pixels: np.ndarray, prompt: Optional[str] = None, taps: bool = False):
-        """The raw network on preprocessed pixels [3, h, w]: (logits [Q], boxes [Q, 4] cxcywh normalized)."""
+    def forward(self, pixels: np.ndarray, prompt: Optional[str] = None, taps: bool = False, select=None):
+        """The raw network on preprocessed pixels [3, h, w]: (logits [Q], boxes [Q, 4] cxcywh normalized), plus a dict
+        of intermediate tensors with taps=True (parity tests; `select` then replaces the top-Q token selection)."""
         p = PROMPTS.index(self._check_prompt(prompt or self.prompt))
-        return self._net.forward(pixels, prompt=p, n_threads=self.n_threads, taps=taps)
+        kw = {} if select is None else {"select": select}
+        return self._net.forward(pixels, prompt=p, n_threads=self.n_threads, taps=taps, **kw)
 
     @property
     def seconds(self) -> Optional[Dict[str, float]]:
@@ -434,14 +437,15 @@ class UPN:
         b, s = postprocess(logits, boxes, size)
         return {"boxes": b, "scores": s}
 
-    def proposals(self, image: Any, *, prompt: Optional[str] = None, min_score: Optional[float] = None,
-                  nms_iou: Optional[float] = None, max_boxes: Optional[int] = None) -> Proposals:
-        """The filtered proposals (the reference's `filter` then `[:100]`; defaults from the constructor)."""
+    def proposals(self, image: Any, *, prompt: Optional[str] = None, min_score: Any = _DEFAULT,
+                  nms_iou: Any = _DEFAULT, max_boxes: Any = _DEFAULT) -> Proposals:
+        """The filtered proposals (the reference's `filter` then `[:100]`). Omitted settings come from the
+        constructor; None skips that step (no threshold, no NMS, no limit)."""
         raw = self.predict(image, prompt)
         props = Proposals(raw["boxes"].astype(np.float64), raw["scores"].astype(np.float64))
-        return filter_proposals(props, self.min_score if min_score is None else min_score,
-                                self.nms_iou if nms_iou is None else nms_iou,
-                                self.max_boxes if max_boxes is None else max_boxes)
+        pick = lambda v, d: d if v is _DEFAULT else v   # noqa: E731
+        return filter_proposals(props, pick(min_score, self.min_score), pick(nms_iou, self.nms_iou),
+                                pick(max_boxes, self.max_boxes))
 
     def __call__(self, image: Any, image_id: Optional[Hashable] = None) -> Proposals:
         return self.proposals(image)
