@@ -431,12 +431,12 @@ static vlm_status two_stage(up_run *r, int prompt, float *logit_tap, int32_t *to
     qsort(key, (size_t)S, sizeof *key, by_logit);
     int32_t *ord = (int32_t *)r->S.logit;   /* the logits are no longer needed: reuse their room for the indices */
     for (int k = 0; k < Q; k++) ord[k] = key[k].i;
+    if (topk_tap) memcpy(topk_tap, ord, (size_t)Q * sizeof(int32_t));   /* the network's own selection */
     if (select) {
         for (int k = 0; k < Q; k++)
             if (select[k] < 0 || select[k] >= S) return vlm_fail(r->mm.err, VLM_ERR_ARG, "upn: selected token out of range");
         memcpy(ord, select, (size_t)Q * sizeof(int32_t));
     }
-    if (topk_tap) memcpy(topk_tap, ord, (size_t)Q * sizeof(int32_t));
     /* reference boxes: enc_box(om[sel]) + proposal (logit space; +inf for invalid proposals) */
     for (int k = 0; k < Q; k++)
         memcpy(r->S.tgt + (size_t)k * d, r->S.val + (size_t)ord[k] * d, (size_t)d * sizeof(float));

@@ -96,7 +96,7 @@ vlm_status vlm_upn_levels(const vlm_upn *m, int H, int W, int hs[VLM_UPN_LEVELS]
 /* Optional copies of intermediate tensors for parity tests (any pointer may be NULL):
  * backbone[l]: [H_l][W_l][C_l] swin levels; srcs: [S][d] the neck output (levels concatenated); pos: [S][d] the
  * position + level embeddings; memory: [S][d] the encoder output; enc_logits: [S] the two-stage logits;
- * topk: [Q] the selected token indices (descending logit, ties by lower index); ref0: [Q][4] the selected boxes
+ * topk: [Q] the top-Q token indices (descending logit, ties by lower index; before any `select`); ref0: [Q][4] the selected boxes
  * in logit space; hs: [D][Q][d] every decoder layer's output after the decoder norm; refs: [D + 1][Q][4] the
  * reference boxes (sigmoid space) before each layer and after the last.
  * select (an input): NULL, or [Q] token indices (each in [0, S)) that replace the top-Q selection, so a parity test

@@ -275,3 +275,64 @@ def test_cli_propose_bad_checkpoint_is_one_line(tmp_path, capsys):
     assert main(["propose", str(img), "--upn", str(bad)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "vlmfo1 propose: error" in err
+
+
+# ----------------------------------------------------------------------------------------------- the whole pipeline
+
+
+@needs_coco
+def test_image_to_answer_with_upn_proposals(fo1_tiny_ckpt, upn, tiny_path, capsys):
+    """image -> UPN proposals -> VLM-FO1 -> boxes, in one call (Python and CLI)."""
+    from vlmfo1.cli import main
+    from vlmfo1.fo1 import VLMFO1
+    image = _coco_image(0)
+    props = upn(image)
+    model = VLMFO1.from_pretrained(fo1_tiny_ckpt, threads=2)
+    res = model.detect(image, ["person"], proposals=upn, max_new_tokens=3)
+    np.testing.assert_array_equal(np.asarray(res.proposals.boxes if hasattr(res.proposals, "boxes") else
+                                             res.proposals, dtype=np.float64), props.boxes)
+    for d in res.detections:   # every detection is one of UPN's boxes
+        assert list(d.box) == props.boxes[d.index].tolist()
+    capsys.readouterr()
+    assert main(["detect", image, "person", "--model", fo1_tiny_ckpt, "--upn", tiny_path, "--max-new-tokens", "3",
+                 "--threads", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["proposals"] == props.boxes.tolist()
+
+
+def test_cli_refuses_two_proposal_sources(fo1_tiny_ckpt, tiny_path, tmp_path, capsys):
+    from PIL import Image
+    from vlmfo1.cli import main
+    img = tmp_path / "x.png"
+    Image.new("RGB", (64, 48)).save(img)
+    (tmp_path / "b.json").write_text("[[0, 0, 10, 10]]")
+    assert main(["detect", str(img), "cat", "--model", fo1_tiny_ckpt, "--upn", tiny_path, "--boxes",
+                 str(tmp_path / "b.json")]) == 1
+    assert "one of --boxes, --proposals and --upn" in capsys.readouterr().err
+
+
+def test_cli_random_upn_checkpoint(tmp_path, capsys):
+    from vlmfo1.cli import main
+    p = tmp_path / "upn.safetensors"
+    assert main(["random-checkpoint", "--upn", str(p), "--dtype", "float32"]) == 0
+    sd, meta = load_upn_state_dict(str(p))
+    assert meta is not None and len(sd) == 277
+    assert main(["random-checkpoint", "--upn", str(p)]) == 1          # never overwrites
+    assert main(["random-checkpoint", "--upn", str(tmp_path / "x")]) == 1
+    assert "exists" in capsys.readouterr().err
+
+
+def test_bfloat16_and_int8_weights_stay_close(tiny_path):
+    rng = np.random.default_rng(1)
+    pixels = rng.standard_normal((3, 160, 224)).astype(np.float32)
+    ref_logits, ref_boxes, ref = UPN.from_pretrained(tiny_path, n_threads=2).forward(pixels, taps=True)
+    for dtype, tol in (("bfloat16", 0.05), ("int8", 0.05)):
+        # on fp32's query selection: near-equal logits may pick other queries at lower precision
+        net = UPN.from_pretrained(tiny_path, n_threads=2, dtype=dtype)
+        logits, boxes, taps = net.forward(pixels, taps=True, select=ref["topk"])
+        err = np.abs(boxes - ref_boxes).max()
+        same = len(set(taps["topk"].tolist()) & set(ref["topk"].tolist())) / len(ref["topk"])
+        print(dtype, "max box error", err, "max logit error", np.abs(logits - ref_logits).max(), "same top-k", same)
+        assert err < tol and same > 0.9, (dtype, err, same)
+    with pytest.raises(ValueError, match="dtype"):
+        UPN.from_pretrained(tiny_path, dtype="int4")

@@ -153,6 +153,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--fo1", action="store_true", help="a VLM-FO1 checkpoint in the official layout (the folder name "
                                                       "should contain 'vlm-fo1' and 'qwen2.5-vl' for the official "
                                                       "loader)")
+    r.add_argument("--upn", action="store_true", help="a UPN proposal network (one .safetensors file with the official "
+                                                      "tensor names; full = UPN-large)")
     r.add_argument("--size", choices=["tiny", "3b", "full"], default="tiny", help="3b = full = the real shapes")
     r.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     r.add_argument("--seed", type=int, default=0)
@@ -512,8 +514,22 @@ def _propose(args) -> int:
 
 
 def _random_checkpoint(args) -> int:
-    tk = find_tiktoken(args.tiktoken) if (args.fo1 or args.tiktoken) else None
     size = "tiny" if args.size == "tiny" else "full"
+    if args.upn:
+        from .testing.upn import write_random_upn
+
+        if args.fo1 or args.tiktoken:
+            raise ValueError("--upn writes a UPN checkpoint: --fo1 and --tiktoken do not apply")
+        if not args.path.endswith(".safetensors"):
+            raise ValueError(f"--upn writes one file: give a path ending in .safetensors, got {args.path}")
+        if os.path.exists(args.path):
+            raise FileExistsError(f"{args.path} exists")
+        tmp = args.path + ".partial.safetensors"
+        write_random_upn(tmp, size=size, seed=args.seed, dtype=args.dtype)
+        os.replace(tmp, args.path)
+        print(f"wrote {args.path}")
+        return 0
+    tk = find_tiktoken(args.tiktoken) if (args.fo1 or args.tiktoken) else None
     if args.fo1:
         from .testing.fo1 import write_random_fo1
 
