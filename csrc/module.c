@@ -3,7 +3,8 @@
  * Types: Qwen2Model (read-only weights borrowed from NumPy arrays, typically views of memory-mapped
  * safetensors files; the object keeps them alive), Qwen2State (one request: KV cache + scratch +
  * threads), Workspace (a thread pool + growing scratch block the encoder calls reuse), VisionModel,
- * DavitModel / HFREModel (py_davit.h, py_hfre.h) and FO1Model (py_fo1.h: the vision side in one call). Functions: matmul, fma_peak, peak, gemm_info (for tests and benchmarks), op / ops (single ops, tests only).
+ * DavitModel / HFREModel (py_davit.h, py_hfre.h) and FO1Model (py_fo1.h: the vision side in one call). Functions: matmul, fma_peak, peak, gemm_info (for tests and benchmarks), op / ops (single ops, tests only),
+ * msda / group_norm / sine_pos_embed_hw / sine_embed_boxes (UPN's deformable-DETR ops on whole arrays, py_ops.h).
  * Arguments are checked and outputs allocated with the GIL held; the compute runs with the GIL
  * released; a vlm_status becomes a Python exception on the way out. */
 #define PY_SSIZE_T_CLEAN
@@ -924,6 +925,7 @@ static PyMethodDef module_methods[] = {
     {"op", (PyCFunction)(void (*)(void))py_op, METH_VARARGS | METH_KEYWORDS,
      "op(name, arrays, ints=(), floats=(), n_threads=1): run one core op in place (tests only, see py_ops.h)"},
     {"ops", py_ops, METH_NOARGS, "ops() -> {name: (array dtypes, n_ints, n_floats)} of op() (tests only)"},
+    PY_DETR_METHODS
     {NULL}};
 
 static int module_exec(PyObject *mod) {

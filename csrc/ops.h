@@ -1,7 +1,7 @@
 /* ops.h — the operations of the vlmfo1 core, by family: activations (act.c), normalization (norm.c),
- * rotary embedding (rope.c), convolution helpers (conv.c), attention (attention.c) and RoIAlign
- * (roi_align.c). GEMM is gemm.h. The networks (qwen2.c, qwen_vit.c, davit.c, hfre.c) are flat lists of
- * these calls.
+ * rotary embedding (rope.c), convolution helpers (conv.c), attention (attention.c), RoIAlign
+ * (roi_align.c) and the deformable-DETR ops of UPN (detr.c). GEMM is gemm.h. The networks (qwen2.c,
+ * qwen_vit.c, davit.c, hfre.c) are flat lists of these calls.
  *
  * Rules every op keeps: outputs first, sizes last, a shape comment; the work is split over a vlm_pool
  * (which may be NULL for one thread); ops never allocate (scratch, where needed, comes from the caller,
@@ -211,5 +211,50 @@ typedef struct {
 size_t vlm_roi_pool_scratch_floats(void);
 void vlm_roi_pool(vlm_pool *pool, float *out, int ld_out, const vlm_roi_job *jobs, int n_jobs, const vlm_roi_plan *plan,
                   float *scratch);
+
+/* ---------------------------------------------------------------- deformable DETR (detr.c) */
+
+#define VLM_MSDA_MAX_LEVELS 16      /* feature levels of one vlm_msda call */
+#define VLM_MSDA_MAX_POINTS 16      /* sampling points per level */
+#define VLM_MSDA_MAX_HEADS 1024
+#define VLM_MSDA_MAX_SIDE (1 << 20) /* level height / width limit (exact as floats) */
+#define VLM_SINE_MAX_FEATS 1024     /* num_pos_feats limit of the sine embeddings */
+
+/* Multi-scale deformable attention sampling: Deformable-DETR's ms_deform_attn_core_pytorch at batch 1,
+ *   out[q][m·D + d] = Σ_l Σ_p aw[q][m][l][p] · bilinear_l(m, d, loc[q][m][l][p]),
+ * bilinear_l = F.grid_sample(level l as [M][D][H_l][W_l], 2·loc - 1, bilinear, zeros padding,
+ * align_corners=False): pixel x = loc_x·W_l - 0.5 (y alike; torch's float32 expressions), corners outside the
+ * level read 0. A location outside the level, NaN or infinite contributes nothing (torch gives NaN for
+ * non-finite ones); no float becomes an index unchecked. Summed in fp32 as ((S_nw + S_ne) + S_sw) + S_se,
+ * S_corner = Σ over l, then p of (aw · corner weight) · value: AVX-512 with FMAs, else portable C with every
+ * product and sum rounded alone (the two differ by FMA rounding only). Queries split over threads.
+ * value: [S][ld_v] (head m's D channels at m·D of each token row; level l occupies tokens start[l] ..
+ * start[l] + H[l]·W[l], row-major (y, x)); loc: [Lq][M][L][P][2] (x, y, normalized to [0, 1]);
+ * aw: [Lq][M][L][P]; H, W, start: [L]; out: [Lq][M·D].
+ * Checks the sizes (levels contiguous from token 0 holding S <= 2^31 - 1 tokens, 1 <= L <= VLM_MSDA_MAX_LEVELS,
+ * 1 <= P <= VLM_MSDA_MAX_POINTS, 1 <= M <= VLM_MSDA_MAX_HEADS, 1 <= D <= VLM_MAX_HEAD, sides in
+ * [1, VLM_MSDA_MAX_SIDE], ld_v >= M·D): VLM_ERR_ARG and a message in err (may be NULL) otherwise. */
+vlm_status vlm_msda(vlm_pool *pool, float *out, const float *value, size_t ld_v, const float *loc, const float *aw,
+                    const int *H, const int *W, const long *start, long S, int L, int M, int D, int P, long Lq,
+                    vlm_err *err);
+
+/* GroupNorm (torch.nn.GroupNorm(G, C) on the NCHW transpose) of a channels-last map: group g holds channels
+ * [g·C/G, (g+1)·C/G); y = (x - mean_g) / sqrt(var_g + eps) · w[c] + b[c], mean and biased variance over the
+ * HW·C/G values of the group, in double: Σ over the group's channels in order of (Σ over pixels in order),
+ * the variance about the mean (two passes), y evaluated in double and rounded once. Threads split the groups.
+ * x, y: [HW][C] (may alias), w, b: [C]; C % G == 0 (else nothing is done). */
+void vlm_group_norm(vlm_pool *pool, float *y, const float *x, const float *w, const float *b, float eps, long HW, int C,
+                    int G);
+
+/* DETR's PositionEmbeddingSineHW for an unmasked H x W map (normalize=True, scale 2π, eps 1e-6), in torch's
+ * float32 steps: ey = (i+1) / (H + 1e-6) · 2π, ex = (j+1) / (W + 1e-6) · 2π, dim_t[k] = T^(2·floor(k/2)/F)
+ * (pow rounded once), channel k < F: sin(ey / dim_t_h[k]) for even k, cos for odd k; channel F + k the same
+ * of ex with dim_t_w. sinf / cosf from libm. out: [H·W][2F] (pixel i·W + j); F even, <= VLM_SINE_MAX_FEATS. */
+void vlm_sine_pos_embed_hw(vlm_pool *pool, float *out, float temp_h, float temp_w, int H, int W, int F);
+
+/* DINO's gen_sineembed_for_position of 4-d boxes (cx, cy, w, h): e = coord · 2π (float32), channel k of a
+ * coordinate's block: sin(e / dim_t[k]) for even k, cos for odd k, dim_t[k] = T^(2·floor(k/2)/F); blocks in
+ * the order y, x, w, h. box: [N][4]; out: [N][4F]; F even, <= VLM_SINE_MAX_FEATS. */
+void vlm_sine_embed_boxes(vlm_pool *pool, float *out, const float *box, float temperature, long N, int F);
 
 #endif

@@ -358,3 +358,254 @@ static PyObject *py_ops(PyObject *mod, PyObject *unused) {
     }
     return d;
 }
+
+/* ---------------------------------------------------------------- deformable-DETR ops, arrays in and out
+ *
+ *   _core.msda(value, loc, aw, shapes, n_threads=1, out=None, workspace=None) -> out [Lq, M·D]
+ *   _core.group_norm(x, w, b, groups, eps=1e-5, n_threads=1, workspace=None) -> y [HW, C]
+ *   _core.sine_pos_embed_hw(H, W, num_pos_feats=128, temperature_h=20, temperature_w=20, n_threads=1,
+ *                           workspace=None) -> [H·W, 2F]
+ *   _core.sine_embed_boxes(boxes, num_pos_feats=128, temperature=10000, n_threads=1, workspace=None) -> [N, 4F]
+ *
+ * The ops of detr.c (see ops.h) on whole arrays, for tests and benchmarks at real sizes (the ints of _core.op
+ * stop at 2^15). Inputs are converted to float32 (safe casts only); value may have rows further apart than
+ * M·D floats (value[:, :M] of a wider array: the op's ld_v). The op runs on n_threads, GIL released, on the pool of
+ * `workspace` (a _core.Workspace, kept between calls) or on one started for the call. */
+
+/* `o` as an aligned array of `type` with `ndim` dimensions (C-contiguous unless `strided`), or NULL with an exception. */
+static PyArrayObject *detr_array(PyObject *o, const char *name, int type, int ndim, int strided) {
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROM_OTF(o, type, strided ? NPY_ARRAY_ALIGNED : NPY_ARRAY_IN_ARRAY);
+    if (a && PyArray_NDIM(a) != ndim) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a %d-D array, got %d-D", name, ndim, PyArray_NDIM(a));
+        Py_CLEAR(a);
+    }
+    return a;
+}
+
+static PyObject *py_msda(PyObject *mod, PyObject *args, PyObject *kw) {
+    PyObject *v_o, *l_o, *a_o, *s_o, *out_o = Py_None, *ws_o = Py_None;
+    int n_threads = 1;
+    static char *kwlist[] = {"value", "loc", "aw", "shapes", "n_threads", "out", "workspace", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|iOO:msda", kwlist, &v_o, &l_o, &a_o, &s_o, &n_threads, &out_o,
+                                     &ws_o))
+        return NULL;
+    if (check_threads(n_threads)) return NULL;
+    PyArrayObject *val = NULL, *loc = NULL, *aw = NULL, *shp = NULL, *out = NULL;
+    PyObject *res = NULL;
+    if (!(val = detr_array(v_o, "value", NPY_FLOAT32, 3, 1)) || !(loc = detr_array(l_o, "loc", NPY_FLOAT32, 5, 0)) ||
+        !(aw = detr_array(a_o, "aw", NPY_FLOAT32, 4, 0)) || !(shp = detr_array(s_o, "shapes", NPY_INT64, 2, 0)))
+        goto done;
+    const npy_intp S = PyArray_DIM(val, 0), M = PyArray_DIM(val, 1), D = PyArray_DIM(val, 2);
+    const npy_intp *ld = PyArray_DIMS(loc), *ad = PyArray_DIMS(aw);
+    const npy_intp Lq = ld[0], L = PyArray_DIM(shp, 0), P = ld[3];
+    if (PyArray_DIM(shp, 1) != 2 || L < 1 || L > VLM_MSDA_MAX_LEVELS) {
+        PyErr_Format(PyExc_ValueError, "shapes: expected [L, 2] (H, W) rows, 1 <= L <= %d", VLM_MSDA_MAX_LEVELS);
+        goto done;
+    }
+    if (ld[1] != M || ld[2] != L || ld[4] != 2 || ad[0] != Lq || ad[1] != M || ad[2] != L || ad[3] != P) {
+        PyErr_Format(PyExc_ValueError, "msda: value [S, M, D] = [%zd, %zd, %zd] with %zd levels needs loc [Lq, %zd, %zd, "
+                     "P, 2] and aw [Lq, %zd, %zd, P]", (Py_ssize_t)S, (Py_ssize_t)M, (Py_ssize_t)D, (Py_ssize_t)L,
+                     (Py_ssize_t)M, (Py_ssize_t)L, (Py_ssize_t)M, (Py_ssize_t)L);
+        goto done;
+    }
+    if (M > VLM_MSDA_MAX_HEADS || D > VLM_MAX_HEAD || P > VLM_MSDA_MAX_POINTS) {
+        PyErr_Format(PyExc_ValueError, "msda: at most %d heads, %d channels per head and %d points", VLM_MSDA_MAX_HEADS,
+                     VLM_MAX_HEAD, VLM_MSDA_MAX_POINTS);
+        goto done;
+    }
+    /* value rows may be further apart than M·D floats; anything else is copied to a contiguous array */
+    const npy_intp *vs = PyArray_STRIDES(val);
+    if (S > 0 && M * D > 0 && (vs[2] != 4 || vs[1] != 4 * D || vs[0] % 4 || vs[0] < 4 * M * D)) {
+        PyArrayObject *c = (PyArrayObject *)PyArray_NewCopy(val, NPY_CORDER);
+        if (!c) goto done;
+        Py_SETREF(val, c);
+    }
+    const size_t ld_v = S > 0 && M * D > 0 ? (size_t)PyArray_STRIDE(val, 0) / 4 : (size_t)(M * D);
+    int H[VLM_MSDA_MAX_LEVELS], W[VLM_MSDA_MAX_LEVELS];
+    long start[VLM_MSDA_MAX_LEVELS], tok = 0;
+    const int64_t *sv = PyArray_DATA(shp);
+    for (int l = 0; l < L; l++) {
+        if (sv[2 * l] < 1 || sv[2 * l + 1] < 1 || sv[2 * l] > VLM_MSDA_MAX_SIDE || sv[2 * l + 1] > VLM_MSDA_MAX_SIDE) {
+            PyErr_Format(PyExc_ValueError, "shapes: level %d is %lld x %lld (sides must be in [1, %d])", l,
+                         (long long)sv[2 * l], (long long)sv[2 * l + 1], VLM_MSDA_MAX_SIDE);
+            goto done;
+        }
+        H[l] = (int)sv[2 * l];
+        W[l] = (int)sv[2 * l + 1];
+        start[l] = tok;
+        tok += (long)H[l] * W[l];
+    }
+    npy_intp od[2] = {Lq, M * D};
+    if (out_o != Py_None) {   /* a reused output (benchmarks: no page faults in the timing) */
+        PyArrayObject *o = (PyArrayObject *)out_o;
+        if (!PyArray_Check(out_o) || PyArray_TYPE(o) != NPY_FLOAT32 || PyArray_NDIM(o) != 2 || PyArray_DIM(o, 0) != Lq ||
+            PyArray_DIM(o, 1) != M * D || !PyArray_IS_C_CONTIGUOUS(o) || !PyArray_ISWRITEABLE(o)) {
+            PyErr_SetString(PyExc_ValueError, "out must be a writable C-contiguous float32 array of shape [Lq, M*D]");
+            goto done;
+        }
+        out = (PyArrayObject *)Py_NewRef(out_o);
+    } else if (!(out = (PyArrayObject *)PyArray_SimpleNew(2, od, NPY_FLOAT32)))
+        goto done;
+    vlm_err err = {{0}};
+    vlm_status st;
+    ws_lease wl;
+    if (lease_begin(&wl, ws_o)) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    vlm_pool *pool;
+    void *scratch;
+    st = vlm_workspace_get(wl.ws, n_threads, 0, &pool, &scratch, &err);
+    if (st == VLM_OK)
+        st = vlm_msda(pool, PyArray_DATA(out), PyArray_DATA(val), ld_v, PyArray_DATA(loc), PyArray_DATA(aw), H, W, start,
+                      (long)S, (int)L, (int)M, (int)D, (int)P, (long)Lq, &err);
+    lease_end(&wl);
+    Py_END_ALLOW_THREADS
+    if (st != VLM_OK) { raise_status(st, &err); goto done; }
+    res = (PyObject *)out;
+    out = NULL;
+done:
+    Py_XDECREF(val);
+    Py_XDECREF(loc);
+    Py_XDECREF(aw);
+    Py_XDECREF(shp);
+    Py_XDECREF(out);
+    return res;
+}
+
+static PyObject *py_group_norm(PyObject *mod, PyObject *args, PyObject *kw) {
+    PyObject *x_o, *w_o, *b_o, *ws_o = Py_None;
+    int groups, n_threads = 1;
+    double eps = 1e-5;
+    static char *kwlist[] = {"x", "w", "b", "groups", "eps", "n_threads", "workspace", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOi|diO:group_norm", kwlist, &x_o, &w_o, &b_o, &groups, &eps,
+                                     &n_threads, &ws_o))
+        return NULL;
+    if (check_threads(n_threads)) return NULL;
+    PyArrayObject *x = NULL, *w = NULL, *b = NULL, *y = NULL;
+    PyObject *res = NULL;
+    if (!(x = detr_array(x_o, "x", NPY_FLOAT32, 2, 0)) || !(w = detr_array(w_o, "w", NPY_FLOAT32, 1, 0)) ||
+        !(b = detr_array(b_o, "b", NPY_FLOAT32, 1, 0)))
+        goto done;
+    const npy_intp HW = PyArray_DIM(x, 0), C = PyArray_DIM(x, 1);
+    if (groups < 1 || C < 1 || C > INT_MAX || C % groups) {
+        PyErr_Format(PyExc_ValueError, "group_norm: %zd channels do not split into %d groups", (Py_ssize_t)C, groups);
+        goto done;
+    }
+    if (PyArray_DIM(w, 0) != C || PyArray_DIM(b, 0) != C) {
+        PyErr_Format(PyExc_ValueError, "group_norm: w and b need %zd values", (Py_ssize_t)C);
+        goto done;
+    }
+    if (!(eps >= 0 && eps < 1e30)) { PyErr_SetString(PyExc_ValueError, "group_norm: eps must be finite and >= 0"); goto done; }
+    if (!(y = (PyArrayObject *)PyArray_SimpleNew(2, PyArray_DIMS(x), NPY_FLOAT32))) goto done;
+    vlm_err err = {{0}};
+    vlm_status st;
+    ws_lease wl;
+    if (lease_begin(&wl, ws_o)) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    vlm_pool *pool;
+    void *scratch;
+    st = vlm_workspace_get(wl.ws, n_threads, 0, &pool, &scratch, &err);
+    if (st == VLM_OK)
+        vlm_group_norm(pool, PyArray_DATA(y), PyArray_DATA(x), PyArray_DATA(w), PyArray_DATA(b), (float)eps, (long)HW,
+                       (int)C, groups);
+    lease_end(&wl);
+    Py_END_ALLOW_THREADS
+    if (st != VLM_OK) { raise_status(st, &err); goto done; }
+    res = (PyObject *)y;
+    y = NULL;
+done:
+    Py_XDECREF(x);
+    Py_XDECREF(w);
+    Py_XDECREF(b);
+    Py_XDECREF(y);
+    return res;
+}
+
+/* Checks num_pos_feats and a temperature shared by the two sine embeddings. */
+static int sine_args(int F, double t1, double t2) {
+    if (F < 2 || F % 2 || F > VLM_SINE_MAX_FEATS) {
+        PyErr_Format(PyExc_ValueError, "num_pos_feats must be even and in [2, %d]", VLM_SINE_MAX_FEATS);
+        return -1;
+    }
+    if (!(t1 > 0 && t1 < 1e30 && t2 > 0 && t2 < 1e30)) {
+        PyErr_SetString(PyExc_ValueError, "temperatures must be finite and > 0");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_sine_pos_embed_hw(PyObject *mod, PyObject *args, PyObject *kw) {
+    long H, W;
+    int F = 128, n_threads = 1;
+    double th = 20, tw = 20;
+    PyObject *ws_o = Py_None;
+    static char *kwlist[] = {"H", "W", "num_pos_feats", "temperature_h", "temperature_w", "n_threads", "workspace", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ll|iddiO:sine_pos_embed_hw", kwlist, &H, &W, &F, &th, &tw, &n_threads,
+                                     &ws_o))
+        return NULL;
+    if (check_threads(n_threads) || sine_args(F, th, tw)) return NULL;
+    if (H < 1 || W < 1 || H > VLM_MSDA_MAX_SIDE || W > VLM_MSDA_MAX_SIDE)
+        return PyErr_Format(PyExc_ValueError, "sine_pos_embed_hw: H and W must be in [1, %d]", VLM_MSDA_MAX_SIDE);
+    npy_intp d[2] = {(npy_intp)H * W, 2 * F};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, d, NPY_FLOAT32);
+    if (!out) return NULL;
+    vlm_err err = {{0}};
+    vlm_status st;
+    ws_lease wl;
+    if (lease_begin(&wl, ws_o)) { Py_DECREF(out); return NULL; }
+    Py_BEGIN_ALLOW_THREADS
+    vlm_pool *pool;
+    void *scratch;
+    st = vlm_workspace_get(wl.ws, n_threads, 0, &pool, &scratch, &err);
+    if (st == VLM_OK) vlm_sine_pos_embed_hw(pool, PyArray_DATA(out), (float)th, (float)tw, (int)H, (int)W, F);
+    lease_end(&wl);
+    Py_END_ALLOW_THREADS
+    if (st != VLM_OK) { Py_DECREF(out); return raise_status(st, &err); }
+    return (PyObject *)out;
+}
+
+static PyObject *py_sine_embed_boxes(PyObject *mod, PyObject *args, PyObject *kw) {
+    PyObject *b_o, *ws_o = Py_None;
+    int F = 128, n_threads = 1;
+    double T = 10000;
+    static char *kwlist[] = {"boxes", "num_pos_feats", "temperature", "n_threads", "workspace", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|idiO:sine_embed_boxes", kwlist, &b_o, &F, &T, &n_threads, &ws_o))
+        return NULL;
+    if (check_threads(n_threads) || sine_args(F, T, T)) return NULL;
+    PyArrayObject *box = detr_array(b_o, "boxes", NPY_FLOAT32, 2, 0);
+    if (!box) return NULL;
+    if (PyArray_DIM(box, 1) != 4) {
+        Py_DECREF(box);
+        return PyErr_Format(PyExc_ValueError, "boxes: expected [N, 4] (cx, cy, w, h)");
+    }
+    npy_intp d[2] = {PyArray_DIM(box, 0), 4 * F};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, d, NPY_FLOAT32);
+    if (!out) { Py_DECREF(box); return NULL; }
+    vlm_err err = {{0}};
+    vlm_status st;
+    ws_lease wl;
+    if (lease_begin(&wl, ws_o)) { Py_DECREF(out); Py_DECREF(box); return NULL; }
+    Py_BEGIN_ALLOW_THREADS
+    vlm_pool *pool;
+    void *scratch;
+    st = vlm_workspace_get(wl.ws, n_threads, 0, &pool, &scratch, &err);
+    if (st == VLM_OK) vlm_sine_embed_boxes(pool, PyArray_DATA(out), PyArray_DATA(box), (float)T, (long)d[0], F);
+    lease_end(&wl);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(box);
+    if (st != VLM_OK) { Py_DECREF(out); return raise_status(st, &err); }
+    return (PyObject *)out;
+}
+
+#define PY_DETR_METHODS                                                                                                \
+    {"msda", (PyCFunction)(void (*)(void))py_msda, METH_VARARGS | METH_KEYWORDS,                                       \
+     "msda(value [S, M, D], loc [Lq, M, L, P, 2], aw [Lq, M, L, P], shapes [L, 2], n_threads=1, out=None, "            \
+     "workspace=None) -> [Lq, M*D]: multi-scale deformable attention sampling (see csrc/ops.h)"},                      \
+    {"group_norm", (PyCFunction)(void (*)(void))py_group_norm, METH_VARARGS | METH_KEYWORDS,                           \
+     "group_norm(x [HW, C], w [C], b [C], groups, eps=1e-5, n_threads=1, workspace=None) -> GroupNorm of a "           \
+     "channels-last map"},                                                                                             \
+    {"sine_pos_embed_hw", (PyCFunction)(void (*)(void))py_sine_pos_embed_hw, METH_VARARGS | METH_KEYWORDS,             \
+     "sine_pos_embed_hw(H, W, num_pos_feats=128, temperature_h=20, temperature_w=20, n_threads=1, "                    \
+     "workspace=None) -> [H*W, 2F]"},                                                                                  \
+    {"sine_embed_boxes", (PyCFunction)(void (*)(void))py_sine_embed_boxes, METH_VARARGS | METH_KEYWORDS,               \
+     "sine_embed_boxes(boxes [N, 4], num_pos_feats=128, temperature=10000, n_threads=1, workspace=None) -> "           \
+     "[N, 4F] (y, x, w, h)"},
