@@ -495,11 +495,11 @@ size_t vlm_swin_attention_scratch_floats(int N, int D) {
 }
 
 typedef struct {
-    float *att; const float *qkv, *bias; const uint8_t *labels;
+    float *att; const float *qkv, *bias; const int32_t *labels;
     int nwin, N, C, heads; float scale, mask; float *scratch; size_t per;
 } swin_ctx;
 
-VLM_CLONES static void swin_item(float *att, const float *qkv, const float *bias, const uint8_t *lab, int N, int C,
+VLM_CLONES static void swin_item(float *att, const float *qkv, const float *bias, const int32_t *lab, int N, int C,
                                  int D, int h, float scale, float mask, float *kt, float *s) {
     const int np = swin_np(N), ld = 3 * C;
     for (int j = 0; j < N; j++) {
@@ -541,7 +541,7 @@ static void swin_task(void *p, int ith, int nth) {
     }
 }
 
-void vlm_swin_attention(vlm_pool *pool, float *att, const float *qkv, const float *bias, const uint8_t *labels,
+void vlm_swin_attention(vlm_pool *pool, float *att, const float *qkv, const float *bias, const int32_t *labels,
                         float mask, int nwin, int N, int C, int heads, float scale, float *scratch) {
     swin_ctx c = {att, qkv, bias, labels, nwin, N, C, heads, scale, mask, scratch,
                   vlm_swin_attention_scratch_floats(N, C / heads)};

@@ -147,7 +147,7 @@ void vlm_channel_attention_apply(vlm_pool *pool, float *att, const float *v, con
  * (no mask); mask: the value added between different labels (-100 in Swin). att: [nwin][N][C].
  * scratch: n_threads · vlm_swin_attention_scratch_floats(N, D) floats. */
 size_t vlm_swin_attention_scratch_floats(int N, int D);
-void vlm_swin_attention(vlm_pool *pool, float *att, const float *qkv, const float *bias, const uint8_t *labels,
+void vlm_swin_attention(vlm_pool *pool, float *att, const float *qkv, const float *bias, const int32_t *labels,
                         float mask, int nwin, int N, int C, int heads, float scale, float *scratch);
 
 /* Dense relative position bias of a ws x ws window: bias[h][i][j] = table[(yi - yj + ws - 1)(2ws - 1) +

@@ -241,6 +241,56 @@ static vlm_status op_roi_pool(op_call *c) {   /* out, map, wts, span (i32); N, H
     return VLM_OK;
 }
 
+static vlm_status op_relu(op_call *c) {
+    SIZING(c->iv[0]);
+    vlm_relu(c->pool, A_F(0), c->iv[0]);
+    return VLM_OK;
+}
+static vlm_status op_swin_rel_bias(op_call *c) {   /* bias, table; ws, heads */
+    long ws = c->iv[0], h = c->iv[1], N = ws * ws;
+    if (ws < 1 || ws > 16 || h < 1) return vlm_fail(c->err, VLM_ERR_ARG, "swin_rel_bias: 1 <= ws <= 16, heads >= 1");
+    SIZING(h * N * N, (2 * ws - 1) * (2 * ws - 1) * h);
+    vlm_swin_rel_bias(A_F(0), A_F(1), ws, h);
+    return VLM_OK;
+}
+static vlm_status op_swin_attention(op_call *c) {   /* att, qkv, bias, labels (i32); nwin, N, C, heads, masked; scale, mask */
+    long nw = c->iv[0], N = c->iv[1], C = c->iv[2], H = c->iv[3];
+    if (H < 1 || C % H || C / H > VLM_MAX_HEAD || N < 1) return vlm_fail(c->err, VLM_ERR_ARG, "swin_attention: bad sizes");
+    if (c->sizing) {
+        NEED(nw * N * C, nw * N * 3 * C, H * N * N, nw * N);
+        c->scratch = (size_t)c->nth * vlm_swin_attention_scratch_floats((int)N, (int)(C / H));
+        return VLM_OK;
+    }
+    vlm_swin_attention(c->pool, A_F(0), A_F(1), A_F(2), c->iv[4] ? A_I(3) : NULL, (float)c->fv[1], nw, N, C, H,
+                       (float)c->fv[0], c->scr);
+    return VLM_OK;
+}
+static vlm_status op_window_gather(op_call *c) {   /* out, x, w, b; H, W, C, ws, shift, wy, use_ln; eps */
+    long H = c->iv[0], W = c->iv[1], C = c->iv[2], ws = c->iv[3], sh = c->iv[4], wy = c->iv[5];
+    if (ws < 1 || sh < 0 || sh >= ws || wy < 0 || wy * ws >= H + ws - 1 || H < 1 || W < 1)
+        return vlm_fail(c->err, VLM_ERR_ARG, "window_gather: bad sizes");
+    long Wp = (W + ws - 1) / ws * ws;
+    SIZING(ws * Wp * C, H * W * C, C, C);
+    vlm_window_gather(c->pool, A_F(0), A_F(1), c->iv[6] ? A_F(2) : NULL, A_F(3), (float)c->fv[0], H, W, C, ws, sh, wy);
+    return VLM_OK;
+}
+static vlm_status op_window_scatter_add(op_call *c) {   /* x, y; H, W, C, ws, shift, wy */
+    long H = c->iv[0], W = c->iv[1], C = c->iv[2], ws = c->iv[3], sh = c->iv[4], wy = c->iv[5];
+    if (ws < 1 || sh < 0 || sh >= ws || wy < 0 || wy * ws >= H + ws - 1 || H < 1 || W < 1)
+        return vlm_fail(c->err, VLM_ERR_ARG, "window_scatter_add: bad sizes");
+    long Wp = (W + ws - 1) / ws * ws;
+    SIZING(H * W * C, ws * Wp * C);
+    vlm_window_scatter_add(c->pool, A_F(0), A_F(1), H, W, C, ws, sh, wy);
+    return VLM_OK;
+}
+static vlm_status op_patch_merge_gather(op_call *c) {   /* out, x; H, W, C, r0, nr */
+    long H = c->iv[0], W = c->iv[1], C = c->iv[2], r0 = c->iv[3], nr = c->iv[4];
+    if (H < 1 || W < 1 || r0 + nr > ((H + 1) / 2) * ((W + 1) / 2)) return vlm_fail(c->err, VLM_ERR_ARG, "patch_merge: bad sizes");
+    SIZING(nr * 4 * C, H * W * C);
+    vlm_patch_merge_gather(c->pool, A_F(0), A_F(1), H, W, C, r0, nr);
+    return VLM_OK;
+}
+
 typedef struct {
     const char *name, *arrays;   /* dtype per array */
     int n_ints, n_floats;
@@ -273,6 +323,12 @@ static const op_spec op_table[] = {
     {"roi_axis_weights", "di", 2, 3, op_roi_axis_weights},
     {"upsample_weights_t", "dd", 2, 0, op_upsample_weights_t},
     {"roi_pool", "fffi", 6, 0, op_roi_pool},
+    {"relu", "f", 1, 0, op_relu},
+    {"swin_rel_bias", "ff", 2, 0, op_swin_rel_bias},
+    {"swin_attention", "fffi", 5, 2, op_swin_attention},
+    {"window_gather", "ffff", 7, 1, op_window_gather},
+    {"window_scatter_add", "ff", 6, 0, op_window_scatter_add},
+    {"patch_merge_gather", "ff", 5, 0, op_patch_merge_gather},
 };
 
 static PyObject *py_op(PyObject *mod, PyObject *args, PyObject *kw) {

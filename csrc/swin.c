@@ -145,7 +145,7 @@ typedef struct {
     float *xn;       /* [chunk][C] LN2 output / [merge chunk][4C] merged neighbours / [patch chunk][K] im2col */
     float *h;        /* [chunk][hidden] MLP hidden */
     float *bias;     /* [heads][N][N] the dense relative position bias of one block */
-    uint8_t *lab;    /* [band] mask region labels */
+    int32_t *lab;    /* [band] mask region labels */
     float *thr;      /* n_threads x the attention op's scratch */
     void *mm; size_t mm_size;
 } sw_scratch;
@@ -233,7 +233,7 @@ static vlm_status window_attention(sw_run *r, int s, float *x, const vlm_swin_bl
         if (shift)
             for (int w = 0; w < nwin; w++)
                 for (int t = 0; t < N; t++)
-                    r->S.lab[w * N + t] = (uint8_t)region(wy * win + t / win, w * win + t % win, Hp, Wp, win, shift);
+                    r->S.lab[w * N + t] = region(wy * win + t / win, w * win + t % win, Hp, Wp, win, shift);
         vlm_window_gather(r->pool, r->S.xw, x, B->ln1, B->ln1_b, c->eps, H, W, C, win, shift, wy);
         VLM_TRY(vlm_mm(&r->mm, r->S.qkv, 3 * C, r->S.xw, C, bt, &B->qkv, 0));
         vlm_swin_attention(r->pool, r->S.att, r->S.qkv, r->S.bias, shift ? r->S.lab : NULL, SW_MASK, nwin, N, C,

@@ -385,6 +385,98 @@ def test_roi_pool(N, H, W, C):
     check(f"roi_pool N={N} {H}x{W}x{C}", got, ref, 1e-6 * math.sqrt(H * W) * 2)
 
 
+# ----------------------------------------------------------------------------- ReLU and Swin (UPN's backbone)
+
+@pytest.mark.parametrize("n", [1, 17, 1000])
+def test_relu(n):
+    x = randn(rng(40), n)
+    x[0] = np.nan
+    got = run("relu", [x], [n])
+    ref = np.where(x < 0, 0, x)
+    assert np.isnan(got[0])
+    check("relu", got[1:], ref[1:], 0.0, 0.0)
+
+
+def _rel_index(ws):
+    y, x = np.divmod(np.arange(ws * ws), ws)
+    return (y[:, None] - y[None, :] + ws - 1) * (2 * ws - 1) + (x[:, None] - x[None, :] + ws - 1)
+
+
+@pytest.mark.parametrize("ws,heads", [(1, 1), (3, 2), (12, 3)])
+def test_swin_rel_bias(ws, heads):
+    table = randn(rng(41), (2 * ws - 1) ** 2, heads)
+    got = run("swin_rel_bias", [np.zeros(heads * ws ** 4, f32), table], [ws, heads]).reshape(heads, ws * ws, ws * ws)
+    check(f"swin_rel_bias ws={ws}", got, table[_rel_index(ws)].transpose(2, 0, 1), 0.0, 0.0)
+
+
+@pytest.mark.parametrize("nwin,N,C,heads,masked", [(1, 1, 4, 1, 0), (3, 9, 12, 3, 1), (2, 144, 96, 3, 1),
+                                                   (2, 25, 40, 5, 0)])
+def test_swin_attention(nwin, N, C, heads, masked):
+    r = rng(42)
+    D = C // heads
+    qkv = randn(r, nwin, N, 3 * C)
+    bias = randn(r, heads, N, N, scale=0.5)
+    lab = r.integers(0, 3, (nwin, N)).astype(np.int32)
+    scale = D ** -0.5
+    got = run("swin_attention", [np.zeros(nwin * N * C, f32), qkv, bias, lab], [nwin, N, C, heads, masked],
+              [scale, -100.0]).reshape(nwin, N, C)
+    q = qkv[..., :C].reshape(nwin, N, heads, D).astype(np.float64) * scale
+    k = qkv[..., C:2 * C].reshape(nwin, N, heads, D).astype(np.float64)
+    v = qkv[..., 2 * C:].reshape(nwin, N, heads, D).astype(np.float64)
+    a = np.einsum("wihd,wjhd->whij", q, k) + bias[None]
+    if masked:
+        a = a + np.where(lab[:, None, :, None] != lab[:, None, None, :], -100.0, 0.0)
+    a = np.exp(a - a.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    ref = np.einsum("whij,wjhd->wihd", a, v).reshape(nwin, N, C)
+    check(f"swin_attention N={N} masked={masked}", got, ref, 1e-6 * math.sqrt(N * D))
+
+
+def _rolled_padded(x, ws, shift):
+    H, W, C = x.shape
+    Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
+    p = np.zeros((Hp, Wp, C), x.dtype)
+    p[:H, :W] = x
+    return np.roll(p, (-shift, -shift), (0, 1)), Hp, Wp
+
+
+@pytest.mark.parametrize("H,W,C,ws,shift", [(5, 7, 3, 4, 2), (12, 12, 8, 12, 6), (1, 1, 2, 3, 1), (13, 25, 5, 12, 0)])
+def test_window_gather_and_scatter(H, W, C, ws, shift):
+    r = rng(43)
+    x = randn(r, H, W, C)
+    w, b = randn(r, C, scale=0.5) + 1, randn(r, C, scale=0.1)
+    mu, var = x.mean(-1, keepdims=True, dtype=np.float64), x.astype(np.float64).var(-1, keepdims=True)
+    ln = ((x - mu) / np.sqrt(var + 1e-5) * w + b)
+    for use_ln, src in ((1, ln), (0, x.astype(np.float64))):
+        rolled, Hp, Wp = _rolled_padded(src, ws, shift)
+        # the real tokens: zero after the padding (before the roll), as the reference pads after the LayerNorm
+        real = np.roll(np.pad(np.ones((H, W)), ((0, Hp - H), (0, Wp - W))), (-shift, -shift), (0, 1)) > 0
+        for wy in range(Hp // ws):
+            got = run("window_gather", [np.zeros(ws * Wp * C, f32), x, w, b], [H, W, C, ws, shift, wy, use_ln],
+                      [1e-5]).reshape(Wp // ws, ws, ws, C)
+            band = rolled[wy * ws:(wy + 1) * ws] * real[wy * ws:(wy + 1) * ws, :, None]
+            ref = band.reshape(ws, Wp // ws, ws, C).transpose(1, 0, 2, 3)
+            check(f"window_gather {H}x{W} ws={ws} shift={shift} ln={use_ln}", got, ref, 2e-6 if use_ln else 0.0,
+                  1e-5 if use_ln else 0.0)
+    # scatter-add is the inverse on the real tokens: adding every band's windows of y adds y's real tokens once
+    y = randn(r, Hp, Wp, C)     # values in rolled padded coordinates
+    acc = x.copy()
+    for wy in range(Hp // ws):
+        yb = y[wy * ws:(wy + 1) * ws].reshape(ws, Wp // ws, ws, C).transpose(1, 0, 2, 3).copy()
+        acc = run("window_scatter_add", [acc, yb], [H, W, C, ws, shift, wy])
+    back = np.roll(y, (shift, shift), (0, 1))[:H, :W]
+    check(f"window_scatter_add {H}x{W} ws={ws} shift={shift}", acc, x + back, 1e-6)
+
+
+@pytest.mark.parametrize("H,W,C,r0,nr", [(4, 6, 3, 0, 6), (5, 7, 2, 3, 9), (1, 1, 4, 0, 1), (9, 3, 5, 0, 10)])
+def test_patch_merge_gather(H, W, C, r0, nr):
+    x = randn(rng(44), H, W, C)
+    got = run("patch_merge_gather", [np.zeros(nr * 4 * C, f32), x], [H, W, C, r0, nr]).reshape(nr, 4 * C)
+    p = np.pad(x, ((0, H % 2), (0, W % 2), (0, 0)))
+    ref = np.concatenate([p[0::2, 0::2], p[1::2, 0::2], p[0::2, 1::2], p[1::2, 1::2]], -1).reshape(-1, 4 * C)
+    check(f"patch_merge_gather {H}x{W}", got, ref[r0:r0 + nr], 0.0, 0.0)
+
+
 # ----------------------------------------------------------------------------- coverage and dispatch levels
 
 def test_every_op_is_tested():
