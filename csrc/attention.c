@@ -192,10 +192,14 @@ static void scale_rows(float *o, int R, int D, const float *corr) {
             for (int d = 0; d < D; d++) o[(size_t)r * D + d] *= corr[r];
 }
 
-/* out[r] (row stride ldo) = softmax_j(q[r]·K[j] · scale) · V[j] over keys j < lim[r] (lim non-decreasing,
+/* Optional additive terms of the scores (Swin): s[r][j] += bias[r·ldb + j], then += mask where lab_q[r] != lab_k[j]
+ * (bias NULL: none; lab_q NULL: no mask). */
+typedef struct { const float *bias; int ldb; const int32_t *lab_q, *lab_k; float mask; } flash_extra;
+
+/* out[r] (row stride ldo) = softmax_j(q[r]·K[j] · scale [+ extra]) · V[j] over keys j < lim[r] (lim non-decreasing,
  * lim[r] >= 1); q rows stride ldq, V rows stride ldv, head size D. ws: flash_workspace_floats(R, D) floats. */
-static void flash_rows(float *out, int ldo, const float *q, int ldq, int R, const float *kt, int ldkt, const float *V,
-                    int ldv, const int *lim, int D, float scale, float *ws) {
+static void flash_rows_x(float *out, int ldo, const float *q, int ldq, int R, const float *kt, int ldkt,
+                         const float *V, int ldv, const int *lim, int D, float scale, float *ws, const flash_extra *x) {
     s_tile_fn s_tile = s_tile_generic;
     pv_tile_fn pv_tile = pv_tile_generic;
     void (*soft_row)(float *, int, int, float *, float *) = soft_row_generic;
@@ -223,6 +227,14 @@ static void flash_rows(float *out, int ldo, const float *q, int ldq, int R, cons
         s_tile(s + (size_t)r0 * FA_KB, qs + (size_t)r0 * D, R - r0, kt + j0, ldkt, kb, D);
         for (int r = r0; r < R; r++) {
             float *sr = s + (size_t)r * FA_KB;
+            if (x && x->bias) {
+                const float *b = x->bias + (size_t)r * x->ldb + j0;
+                for (int j = 0; j < kb; j++) sr[j] += b[j];
+            }
+            if (x && x->lab_q) {
+                const int32_t lq = x->lab_q[r], *lk = x->lab_k + j0;
+                for (int j = 0; j < kb; j++) sr[j] += lk[j] != lq ? x->mask : 0.f;
+            }
             int valid = lim[r] - j0 < kb ? lim[r] - j0 : kb;
             float m_old = m[r], sum;
             soft_row(sr, valid, kb, &m[r], &sum);
@@ -237,6 +249,11 @@ static void flash_rows(float *out, int ldo, const float *q, int ldq, int R, cons
         float inv = l[r] > 0.f ? 1.0f / l[r] : 0.f;
         for (int d = 0; d < D; d++) out[(size_t)r * ldo + d] = o[(size_t)r * D + d] * inv;
     }
+}
+
+static void flash_rows(float *out, int ldo, const float *q, int ldq, int R, const float *kt, int ldkt, const float *V,
+                       int ldv, const int *lim, int D, float scale, float *ws) {
+    flash_rows_x(out, ldo, q, ldq, R, kt, ldkt, V, ldv, lim, D, scale, ws, NULL);
 }
 
 /* ---------------------------------------------------------------- causal attention over the KV cache
@@ -484,14 +501,13 @@ void vlm_channel_attention_apply(vlm_pool *pool, float *att, const float *v, con
 }
 
 /* ---------------------------------------------------------------- Swin window attention
- * Work item = (window, head), window-major, interleaved over threads. Per item the keys are transposed
- * once (kt[d][j]); each query row gets its full score row (N <= VLM_MAX_WINDOW_TOKENS): q·scale·kᵀ, + the
- * dense bias, + the mask, softmax (max subtracted, exp, divided by the sum as torch does), then p·v. */
-
-static int swin_np(int N) { return (N + 15) / 16 * 16; }
+ * Work item = (window, head), window-major, interleaved over threads: the keys are transposed once, then the
+ * blocked kernel runs the window's queries in blocks of FA_QB rows with the dense relative-position bias and the
+ * shifted-window mask added to every score block (-100 where the region labels differ, as the reference adds it:
+ * after the bias, not -inf). */
 
 size_t vlm_swin_attention_scratch_floats(int N, int D) {
-    return vlm_align_up((size_t)D * swin_np(N) + 2 * (size_t)swin_np(N) + 64, 16);
+    return vlm_align_up((size_t)D * flash_kt_stride(N) + flash_workspace_floats(FA_QB, D) + 64, 16);
 }
 
 typedef struct {
@@ -499,45 +515,23 @@ typedef struct {
     int nwin, N, C, heads; float scale, mask; float *scratch; size_t per;
 } swin_ctx;
 
-VLM_CLONES static void swin_item(float *att, const float *qkv, const float *bias, const int32_t *lab, int N, int C,
-                                 int D, int h, float scale, float mask, float *kt, float *s) {
-    const int np = swin_np(N), ld = 3 * C;
-    for (int j = 0; j < N; j++) {
-        const float *k = qkv + (size_t)j * ld + C + (size_t)h * D;
-        for (int d = 0; d < D; d++) kt[(size_t)d * np + j] = k[d];
-    }
-    for (int i = 0; i < N; i++) {
-        const float *q = qkv + (size_t)i * ld + (size_t)h * D;
-        for (int j = 0; j < N; j++) s[j] = 0.f;
-        for (int d = 0; d < D; d++) {
-            const float qd = q[d] * scale, *kr = kt + (size_t)d * np;
-            for (int j = 0; j < N; j++) s[j] += qd * kr[j];
-        }
-        const float *b = bias + ((size_t)h * N + i) * N;
-        for (int j = 0; j < N; j++) s[j] += b[j];
-        if (lab)
-            for (int j = 0; j < N; j++) s[j] += lab[j] != lab[i] ? mask : 0.f;
-        float mx = s[0], sum = 0.f;
-        for (int j = 1; j < N; j++) mx = s[j] > mx ? s[j] : mx;
-        for (int j = 0; j < N; j++) { s[j] = vlm_expf(s[j] - mx); sum += s[j]; }
-        for (int j = 0; j < N; j++) s[j] = s[j] / sum;
-        float *o = att + (size_t)i * C + (size_t)h * D;
-        for (int d = 0; d < D; d++) o[d] = 0.f;
-        for (int j = 0; j < N; j++) {
-            const float pj = s[j], *v = qkv + (size_t)j * ld + 2 * C + (size_t)h * D;
-            for (int d = 0; d < D; d++) o[d] += pj * v[d];
-        }
-    }
-}
-
 static void swin_task(void *p, int ith, int nth) {
     const swin_ctx *c = p;
-    const int D = c->C / c->heads, N = c->N;
-    float *kt = c->scratch + (size_t)ith * c->per, *s = kt + (size_t)D * swin_np(N);
+    const int C = c->C, D = C / c->heads, N = c->N, ld = 3 * C, ldkt = flash_kt_stride(N);
+    float *kt = c->scratch + (size_t)ith * c->per, *ws = kt + (size_t)D * ldkt;
+    int lim[FA_QB];
+    for (int r = 0; r < FA_QB; r++) lim[r] = N;
     for (long it = ith; it < (long)c->nwin * c->heads; it += nth) {
-        int w = (int)(it / c->heads), h = (int)(it % c->heads);
-        swin_item(c->att + (size_t)w * N * c->C, c->qkv + (size_t)w * N * 3 * c->C, c->bias,
-                  c->labels ? c->labels + (size_t)w * N : NULL, N, c->C, D, h, c->scale, c->mask, kt, s);
+        const int w = (int)(it / c->heads), h = (int)(it % c->heads);
+        const float *qkv = c->qkv + (size_t)w * N * ld;
+        const int32_t *lab = c->labels ? c->labels + (size_t)w * N : NULL;
+        flash_transpose(kt, ldkt, qkv + C + (size_t)h * D, ld, N, D);
+        for (int i0 = 0; i0 < N; i0 += FA_QB) {
+            const int R = N - i0 < FA_QB ? N - i0 : FA_QB;
+            flash_extra x = {c->bias + ((size_t)h * N + i0) * N, N, lab ? lab + i0 : NULL, lab, c->mask};
+            flash_rows_x(c->att + ((size_t)w * N + i0) * C + (size_t)h * D, C, qkv + (size_t)i0 * ld + (size_t)h * D,
+                         ld, R, kt, ldkt, qkv + 2 * C + (size_t)h * D, ld, lim, D, c->scale, ws, &x);
+        }
     }
 }
 
