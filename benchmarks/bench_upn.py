@@ -116,7 +116,7 @@ def worker_vlmfo1(a, dtype: str) -> dict:
 
 
 def worker_e2e(a) -> dict:
-    from vlmfo1.eval.coco import COCO_CATEGORIES
+    from vlmfo1.results import COCO_CATEGORIES
     from vlmfo1.fo1 import VLMFO1
     from vlmfo1.upn import UPN
     upn = UPN.from_pretrained(a.checkpoint, n_threads=a.threads, dtype="bfloat16")

@@ -13,5 +13,6 @@ from .proposals import (BOX_FORMATS, CallableProposals, CocoJsonlProposals, Coco
 from .qwen_vl import QwenVL  # noqa: F401
 from .results import COCO_CATEGORIES, COCO_CATEGORY_IDS, Detection, FO1Result, coco_results  # noqa: F401
 from .tokenizer import Tokenizer  # noqa: F401
+from .upn import UPN  # noqa: F401
 
 __version__ = "0.2.0"
