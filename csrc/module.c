@@ -682,6 +682,63 @@ static PyTypeObject VisionModelType = {
     .tp_getset = VisionModel_getset,
 };
 
+/* ---------------------------------------------------------------- four-stage backbones (DaViT, Swin)
+ * forward(pixels [in_chans, H, W] float32, n_threads=1, workspace=None) -> 4 float32 maps [H_s, W_s, C_s]: the
+ * argument checks, output arrays, workspace lease and GIL release both backbone bindings share. */
+typedef struct {
+    const void *net;
+    int in_chans, C[4];
+    vlm_status (*sizes)(const void *net, int H, int W, int hs[4], int ws[4], vlm_err *err);
+    size_t (*scratch)(const void *net, int H, int W, int n_threads);
+    vlm_status (*forward)(const void *net, vlm_pool *pool, const float *px, int H, int W, float *out[4], void *scratch,
+                          size_t size, vlm_err *err);
+} backbone_call;
+
+static PyObject *backbone_forward(const backbone_call *b, PyObject *args, PyObject *kw) {
+    PyObject *px_o, *ws_o = Py_None;
+    int n_threads = 1;
+    static char *kwlist[] = {"pixels", "n_threads", "workspace", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iO", kwlist, &px_o, &n_threads, &ws_o)) return NULL;
+    if (check_threads(n_threads)) return NULL;
+    PyArrayObject *px = (PyArrayObject *)PyArray_FROM_OTF(px_o, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
+    if (!px) return NULL;
+    PyArrayObject *outs[4] = {NULL};
+    PyObject *res = NULL;
+    ws_lease wl;
+    if (PyArray_NDIM(px) != 3 || PyArray_DIM(px, 0) != b->in_chans || PyArray_DIM(px, 1) <= 0 ||
+        PyArray_DIM(px, 2) <= 0 || PyArray_DIM(px, 1) > 16384 || PyArray_DIM(px, 2) > 16384) {
+        PyErr_Format(PyExc_ValueError, "pixels must have shape [%d, H, W] with 1 <= H, W <= 16384", b->in_chans);
+        goto done;
+    }
+    int H = (int)PyArray_DIM(px, 1), W = (int)PyArray_DIM(px, 2);
+    int hs[4], ws[4];
+    vlm_err err = {{0}};
+    vlm_status st = b->sizes(b->net, H, W, hs, ws, &err);
+    if (st != VLM_OK) { raise_status(st, &err); goto done; }
+    float *optr[4];
+    for (int s = 0; s < 4; s++) {
+        npy_intp d[3] = {hs[s], ws[s], b->C[s]};
+        outs[s] = (PyArrayObject *)PyArray_SimpleNew(3, d, NPY_FLOAT32);
+        if (!outs[s]) goto done;
+        optr[s] = PyArray_DATA(outs[s]);
+    }
+    size_t ss = b->scratch(b->net, H, W, n_threads);
+    if (lease_begin(&wl, ws_o)) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    vlm_pool *pool;
+    void *scratch;
+    st = vlm_workspace_get(wl.ws, n_threads, ss, &pool, &scratch, &err);
+    if (st == VLM_OK) st = b->forward(b->net, pool, PyArray_DATA(px), H, W, optr, scratch, ss, &err);
+    lease_end(&wl);
+    Py_END_ALLOW_THREADS
+    if (st != VLM_OK) { raise_status(st, &err); goto done; }
+    res = PyTuple_Pack(4, outs[0], outs[1], outs[2], outs[3]);
+done:
+    Py_XDECREF(px);
+    for (int s = 0; s < 4; s++) Py_XDECREF(outs[s]);
+    return res;
+}
+
 /* ---------------------------------------------------------------- DaViT and HFRE bindings */
 
 #include "py_davit.h"

@@ -1,7 +1,8 @@
 /* ops.h — the operations of the vlmfo1 core, by family: activations (act.c), normalization (norm.c),
  * rotary embedding (rope.c), convolution helpers (conv.c), attention (attention.c), RoIAlign
- * (roi_align.c) and the deformable-DETR ops of UPN (detr.c). GEMM is gemm.h. The networks (qwen2.c,
- * qwen_vit.c, davit.c, hfre.c) are flat lists of these calls.
+ * (roi_align.c), the deformable-DETR ops of UPN (detr.c) and the composite steps several networks share
+ * (block.c). GEMM is gemm.h. The networks (qwen2.c, qwen_vit.c, davit.c, hfre.c, swin.c, upn.c) are flat lists
+ * of these calls.
  *
  * Rules every op keeps: outputs first, sizes last, a shape comment; the work is split over a vlm_pool
  * (which may be NULL for one thread); ops never allocate (scratch, where needed, comes from the caller,
@@ -256,5 +257,13 @@ void vlm_sine_pos_embed_hw(vlm_pool *pool, float *out, float temp_h, float temp_
  * coordinate's block: sin(e / dim_t[k]) for even k, cos for odd k, dim_t[k] = T^(2·floor(k/2)/F); blocks in
  * the order y, x, w, h. box: [N][4]; out: [N][4F]; F even, <= VLM_SINE_MAX_FEATS. */
 void vlm_sine_embed_boxes(vlm_pool *pool, float *out, const float *box, float temperature, long N, int F);
+
+/* ---------------------------------------------------------------- shared blocks (block.c) */
+
+/* x += fc2(GELU(fc1(LN(x)))) over N rows of C, `step` rows at a time (DaViT's and Swin's pre-norm MLP; GELU is
+ * vlm_gelu_erf_poly, PyTorch's vectorized formula). Scratch: xn [step][C], h [step][fc1->n]. */
+vlm_status vlm_ln_mlp_residual(const vlm_mm_ctx *mm, float *x, long N, int C, const float *ln_w, const float *ln_b,
+                               float eps, const vlm_weight *fc1, const vlm_weight *fc2, long step, float *xn,
+                               float *h);
 
 #endif

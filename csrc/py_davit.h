@@ -1,5 +1,5 @@
 /* py_davit.h — Python bindings of the DaViT core (included by module.c, after its shared helpers:
- * raise_status, get_item, get_int, get_int_list, bind_from_dict, check_threads, lease_begin/lease_end).
+ * raise_status, get_item, get_int, get_int_list, bind_from_dict, check_threads, backbone_forward).
  * Only module.c includes it.
  *
  * DavitModel(config: dict, tensors: dict): read-only weights borrowed from NumPy arrays (the object keeps
@@ -9,6 +9,8 @@
  * forward(pixels [in_chans, H, W] float32, n_threads=1, workspace=None) -> tuple of 4 float32 arrays
  * [H_s, W_s, C_s]; with a Workspace its pool and scratch are reused. */
 #include "davit.h"
+
+_Static_assert(VLM_DAVIT_STAGES == 4, "backbone_forward returns four maps");
 
 typedef struct {
     PyObject_HEAD
@@ -55,51 +57,21 @@ static int DavitModel_init(DavitModel *self, PyObject *args, PyObject *kw) {
     return bind_from_dict(t, (bind_fn)vlm_davit_bind, m);
 }
 
+/* the net-typed entry points, as backbone_call wants them */
+static vlm_status davit_sizes_any(const void *m, int H, int W, int hs[4], int ws[4], vlm_err *err) {
+    return vlm_davit_stage_sizes(m, H, W, hs, ws, err);
+}
+static size_t davit_scratch_any(const void *m, int H, int W, int n_threads) { return vlm_davit_scratch_size(m, H, W, n_threads); }
+static vlm_status davit_forward_any(const void *m, vlm_pool *pool, const float *px, int H, int W, float *out[4],
+                                  void *scratch, size_t size, vlm_err *err) {
+    return vlm_davit_forward(m, pool, px, H, W, out, scratch, size, err);
+}
+
 static PyObject *DavitModel_forward(DavitModel *self, PyObject *args, PyObject *kw) {
-    PyObject *px_o, *ws_o = Py_None;
-    int n_threads = 1;
-    static char *kwlist[] = {"pixels", "n_threads", "workspace", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iO", kwlist, &px_o, &n_threads, &ws_o)) return NULL;
-    const vlm_davit *m = &self->m;
     if (!self->m.blocks[0]) { PyErr_SetString(PyExc_ValueError, "model is not initialised"); return NULL; }
-    if (check_threads(n_threads)) return NULL;
-    PyArrayObject *px = (PyArrayObject *)PyArray_FROM_OTF(px_o, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
-    if (!px) return NULL;
-    PyArrayObject *outs[VLM_DAVIT_STAGES] = {NULL};
-    PyObject *res = NULL;
-    ws_lease wl;
-    if (PyArray_NDIM(px) != 3 || PyArray_DIM(px, 0) != m->cfg.in_chans || PyArray_DIM(px, 1) <= 0 ||
-        PyArray_DIM(px, 2) <= 0 || PyArray_DIM(px, 1) > 16384 || PyArray_DIM(px, 2) > 16384) {
-        PyErr_Format(PyExc_ValueError, "pixels must have shape [%d, H, W] with 1 <= H, W <= 16384", m->cfg.in_chans);
-        goto done;
-    }
-    int H = (int)PyArray_DIM(px, 1), W = (int)PyArray_DIM(px, 2);
-    int hs[VLM_DAVIT_STAGES], ws[VLM_DAVIT_STAGES];
-    vlm_err err = {{0}};
-    vlm_status st = vlm_davit_stage_sizes(m, H, W, hs, ws, &err);
-    if (st != VLM_OK) { raise_status(st, &err); goto done; }
-    float *optr[VLM_DAVIT_STAGES];
-    for (int s = 0; s < VLM_DAVIT_STAGES; s++) {
-        npy_intp d[3] = {hs[s], ws[s], m->cfg.dim[s]};
-        outs[s] = (PyArrayObject *)PyArray_SimpleNew(3, d, NPY_FLOAT32);
-        if (!outs[s]) goto done;
-        optr[s] = PyArray_DATA(outs[s]);
-    }
-    size_t ss = vlm_davit_scratch_size(m, H, W, n_threads);
-    if (lease_begin(&wl, ws_o)) goto done;
-    Py_BEGIN_ALLOW_THREADS
-    vlm_pool *pool;
-    void *scratch;
-    st = vlm_workspace_get(wl.ws, n_threads, ss, &pool, &scratch, &err);
-    if (st == VLM_OK) st = vlm_davit_forward(m, pool, PyArray_DATA(px), H, W, optr, scratch, ss, &err);
-    lease_end(&wl);
-    Py_END_ALLOW_THREADS
-    if (st != VLM_OK) { raise_status(st, &err); goto done; }
-    res = PyTuple_Pack(4, outs[0], outs[1], outs[2], outs[3]);
-done:
-    Py_XDECREF(px);
-    for (int s = 0; s < VLM_DAVIT_STAGES; s++) Py_XDECREF(outs[s]);
-    return res;
+    backbone_call b = {&self->m, self->m.cfg.in_chans, {self->m.cfg.dim[0], self->m.cfg.dim[1], self->m.cfg.dim[2], self->m.cfg.dim[3]}, davit_sizes_any, davit_scratch_any,
+                       davit_forward_any};
+    return backbone_forward(&b, args, kw);
 }
 
 static PyObject *DavitModel_scratch_bytes(DavitModel *self, PyObject *args, PyObject *kw) {

@@ -247,17 +247,8 @@ static vlm_status window_attention(sw_run *r, int s, float *x, const vlm_swin_bl
 /* x += fc2(GELU(fc1(LN2(x)))), in chunks of rows. */
 static vlm_status mlp(sw_run *r, int s, float *x, const vlm_swin_block *B, long N) {
     const vlm_swin_config *c = &r->m->cfg;
-    const int C = dim(c, s), I = c->mlp_hidden[s];
-    const long step = mlp_rows(c, s, N);
-    for (long t0 = 0; t0 < N; t0 += step) {
-        long nr = N - t0 < step ? N - t0 : step;
-        float *xb = x + (size_t)t0 * C;
-        vlm_layernorm(r->pool, r->S.xn, xb, B->ln2, B->ln2_b, c->eps, nr, C);
-        VLM_TRY(vlm_mm(&r->mm, r->S.h, I, r->S.xn, C, nr, &B->fc1, 0));
-        vlm_gelu_erf_poly(r->pool, r->S.h, (size_t)nr * I);
-        VLM_TRY(vlm_mm(&r->mm, xb, C, r->S.h, I, nr, &B->fc2, 1));
-    }
-    return VLM_OK;
+    return vlm_ln_mlp_residual(&r->mm, x, N, dim(c, s), B->ln2, B->ln2_b, c->eps, &B->fc1, &B->fc2, mlp_rows(c, s, N),
+                               r->S.xn, r->S.h);
 }
 
 /* next = merge(LN(2x2 neighbours of x)): [ceil(H/2)·ceil(W/2)][2C], in chunks of output pixels. */
