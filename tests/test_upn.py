@@ -336,3 +336,25 @@ def test_bfloat16_and_int8_weights_stay_close(tiny_path):
         assert err < tol and same > 0.9, (dtype, err, same)
     with pytest.raises(ValueError, match="dtype"):
         UPN.from_pretrained(tiny_path, dtype="int4")
+
+
+def test_convert_pth_to_safetensors(tiny_path, tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    from vlmfo1.cli import main
+    sd, _ = load_upn_state_dict(tiny_path)
+    pth = tmp_path / "upn.pth"
+    torch.save({"model": {k: torch.from_numpy(np.array(v)).to(torch.bfloat16) if np.asarray(v).dtype == np.float32
+                          else torch.from_numpy(np.array(v)) for k, v in sd.items()}}, pth)
+    dst = tmp_path / "upn.safetensors"
+    assert main(["convert-upn", str(pth), str(dst)]) == 0
+    a, meta = load_upn_state_dict(str(dst))
+    assert meta is not None and set(a) == set(sd)
+    name = "transformer.tgt_embed.weight"
+    assert a[name].dtype == np.uint16      # bf16 stays bf16
+    pixels = np.random.default_rng(2).standard_normal((3, 120, 150)).astype(np.float32)
+    x = UPN.from_pretrained(str(pth), n_threads=2).forward(pixels)
+    y = UPN.from_pretrained(str(dst), n_threads=2).forward(pixels)
+    for u, v in zip(x, y):
+        np.testing.assert_array_equal(u, v)
+    assert main(["convert-upn", str(pth), str(dst)]) == 1     # never overwrites
+    assert "exists" in capsys.readouterr().err

@@ -136,6 +136,10 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--out", metavar="JSON", help='also write {"boxes": [...], "scores": [...]} there (a --boxes file)')
     u.add_argument("--threads", type=int)
 
+    cu = sub.add_parser("convert-upn", help="write a UPN checkpoint (upn_large.pth) as safetensors (memory-mapped at load)")
+    cu.add_argument("src", help="upn_large.pth (read without torch; nothing in it is executed)")
+    cu.add_argument("dst", help="the .safetensors file to write")
+
     g = sub.add_parser("generate", help="generate text with a Qwen2/Qwen2.5 (or, with --image, Qwen2.5-VL) checkpoint")
     g.add_argument("prompt")
     g.add_argument("--image", help="an image file: run Qwen2.5-VL (the checkpoint must hold the vision tower)")
@@ -224,6 +228,14 @@ def _run(args) -> int:
         return _generate(args)
     if args.cmd == "propose":
         return _propose(args)
+    if args.cmd == "convert-upn":
+        from .upn import convert_upn
+
+        if os.path.exists(args.dst):
+            raise FileExistsError(f"{args.dst} exists")
+        cfg = convert_upn(args.src, args.dst)
+        print(f"wrote {args.dst} (UPN: Swin embed {cfg.embed}, depths {list(cfg.depths)}, {cfg.queries} queries)")
+        return 0
     if args.cmd == "random-checkpoint":
         return _random_checkpoint(args)
     if args.cmd == "eval":

@@ -39,7 +39,7 @@ from ._native import core
 from .proposals import Proposals, filter_proposals
 from .threads import check_threads, default_threads
 
-__all__ = ["UPN", "UPNConfig", "upn_input_size", "load_upn_state_dict", "PROMPTS", "DTYPES"]
+__all__ = ["UPN", "UPNConfig", "upn_input_size", "load_upn_state_dict", "convert_upn", "PROMPTS", "DTYPES"]
 
 PROMPTS = ("fine_grained_prompt", "coarse_grained_prompt")
 DTYPES = ("float32", "bfloat16", "int8")
@@ -88,6 +88,17 @@ class UPNConfig:
         d = asdict(self)
         d["depths"], d["heads"] = list(self.depths), list(self.heads)
         return d
+
+    def to_meta(self) -> Dict[str, Any]:
+        """The "upn_config" safetensors metadata (the reference config's names, as vlmfo1.testing.upn writes it)."""
+        return {"model_type": "upn",
+                "swin": {"embed_dim": self.embed, "depths": list(self.depths), "num_heads": list(self.heads),
+                         "window_size": self.window, "patch_size": 4, "in_chans": 3, "mlp_ratio": float(self.mlp_ratio)},
+                "d_model": self.d_model, "n_heads": self.attn_heads, "n_levels": 5, "n_points": self.points,
+                "enc_layers": self.enc_layers, "dec_layers": self.dec_layers, "d_ffn": self.ffn,
+                "num_queries": self.queries, "groupnorm_groups": self.groups,
+                "position_embedding": {"num_pos_feats": self.d_model // 2, "temperatureH": self.temperature,
+                                       "temperatureW": self.temperature, "normalize": True}}
 
     def swin_core(self, compute: int = 0) -> Dict[str, Any]:
         return dict(in_chans=3, patch=4, embed=self.embed, window=self.window, eps=1e-5, compute=compute,
@@ -150,6 +161,29 @@ def load_upn_state_dict(path: str) -> Tuple[Dict[str, np.ndarray], Optional[Dict
     # Placeholders stand in for any non-tensor object the file holds beside the weights (e.g. training arguments):
     # nothing the file names is imported or called; the "model" entry must be a plain mapping of tensors.
     return load_state_dict(p, key="model", allow_placeholders=True), None
+
+
+_ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.float64): "F64",
+              np.dtype(np.uint16): "BF16", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32"}
+
+
+def convert_upn(src: str, dst: str) -> UPNConfig:
+    """Write a UPN checkpoint (e.g. upn_large.pth) as one safetensors file with the same tensor names (bf16 stays
+    bf16) and its architecture in the "upn_config" metadata; the result memory-maps at load. Returns the config."""
+    sd, meta = load_upn_state_dict(src)
+    cfg = infer_config(sd, meta)
+    core_tensors(sd, cfg)   # the whole checkpoint is checked before anything is written
+    from .safetensors import save_file
+    out = {}
+    for name, a in sd.items():
+        a = np.asarray(a)
+        if a.dtype not in _ST_DTYPES:
+            raise ValueError(f"UPN checkpoint: tensor {name} has dtype {a.dtype}, which the conversion does not keep")
+        out[name] = (_ST_DTYPES[a.dtype], np.ascontiguousarray(a))
+    tmp = os.fspath(dst) + ".partial"
+    save_file(out, tmp, {"format": "pt", "upn_config": json.dumps(cfg.to_meta(), sort_keys=True)})
+    os.replace(tmp, dst)
+    return cfg
 
 
 def _f32(a: np.ndarray, name: str) -> np.ndarray:
