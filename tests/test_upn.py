@@ -358,3 +358,26 @@ def test_convert_pth_to_safetensors(tiny_path, tmp_path, capsys):
         np.testing.assert_array_equal(u, v)
     assert main(["convert-upn", str(pth), str(dst)]) == 1     # never overwrites
     assert "exists" in capsys.readouterr().err
+
+
+def test_request_state_is_reused_and_threads_agree(tiny_path):
+    import threading
+    upn = UPN.from_pretrained(tiny_path, n_threads=2)
+    pixels = np.random.default_rng(3).standard_normal((3, 140, 170)).astype(np.float32)
+    first = upn.forward(pixels)
+    ws = upn._idle[0]
+    assert ws.nbytes > 0 and ws.n_pools == 1
+    again = upn.forward(pixels)
+    assert upn._idle[0] is ws and ws.n_allocs == 1 and ws.n_pools == 1   # the same pool and arena
+    outs = [None] * 3
+
+    def go(i):
+        outs[i] = upn.forward(pixels)
+    ts = [threading.Thread(target=go, args=(i,)) for i in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    for o in [again] + outs:
+        for x, y in zip(first, o):
+            np.testing.assert_array_equal(x, y)

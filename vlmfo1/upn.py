@@ -27,9 +27,11 @@ Pre/post-processing as the reference (`detect_tools/upn/inference_wrapper.py`, s
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Hashable, Optional, Tuple
 
@@ -439,6 +441,22 @@ class UPN:
         compute = int(dtype == "bfloat16")
         self._swin = core.SwinModel(config.swin_core(compute), sw)
         self._net = core.UPNModel(self._swin, config.upn_core(compute), up)
+        # request state reused across calls: a thread pool and a scratch arena that only grows, one per thread in use
+        self._idle: list = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _workspace(self):
+        with self._lock:
+            ws = self._idle.pop() if self._idle else None
+        if ws is None:
+            ws = core.Workspace(self.n_threads)
+        try:
+            yield ws
+        finally:
+            with self._lock:
+                if len(self._idle) < 2:
+                    self._idle.append(ws)
 
     @classmethod
     def from_pretrained(cls, path, **kw) -> "UPN":
@@ -456,7 +474,8 @@ class UPN:
         of intermediate tensors with taps=True (parity tests; `select` then replaces the top-Q token selection)."""
         p = PROMPTS.index(self._check_prompt(prompt or self.prompt))
         kw = {} if select is None else {"select": select}
-        return self._net.forward(pixels, prompt=p, n_threads=self.n_threads, taps=taps, **kw)
+        with self._workspace() as ws:
+            return self._net.forward(pixels, prompt=p, n_threads=self.n_threads, taps=taps, workspace=ws, **kw)
 
     @property
     def seconds(self) -> Optional[Dict[str, float]]:
