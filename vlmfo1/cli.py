@@ -185,6 +185,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--cache", help="where the random checkpoint is kept between runs (default: $VLMFO1_CACHE, "
                                    "else ~/.cache/vlmfo1)")
     d.add_argument("--threads", type=int)
+    d.add_argument("--upn", action="store_true", help="propose the boxes with a tiny random UPN on the CPU (the official "
+                                                      "pipeline's proposal network) instead of reading demo_boxes.json")
     d.add_argument("--text", action="store_true", help="instead: a text-only Qwen2.5 chat on a random checkpoint")
     d.add_argument("--prompt", help="the chat prompt (with --text)")
     return ap
@@ -576,6 +578,19 @@ def demo_checkpoint(tiktoken: str, cache=None) -> str:
     return path
 
 
+def demo_upn_checkpoint(cache=None) -> str:
+    """The tiny random UPN checkpoint of `demo --upn`, written once into the cache folder and reused."""
+    from .testing.upn import write_random_upn
+
+    cache = cache or os.environ.get("VLMFO1_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vlmfo1")
+    path = os.path.join(cache, f"upn-random-tiny-v{__version__}.safetensors")
+    if not os.path.isfile(path):
+        os.makedirs(cache, exist_ok=True)
+        write_random_upn(path + ".partial.safetensors", size="tiny")
+        os.replace(path + ".partial.safetensors", path)
+    return path
+
+
 def _fo1_demo(args) -> int:
     from .fo1 import VLMFO1
 
@@ -584,7 +599,16 @@ def _fo1_demo(args) -> int:
     tk = find_tiktoken(args.tiktoken)
     demo = args.demo_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(tk))), "demo")
     image = os.path.join(demo, "demo_image.jpg")
-    boxes, fmt, scores = read_boxes_file(os.path.join(demo, "demo_boxes.json"))
+    if args.upn:
+        from .upn import UPN
+
+        t0 = time.perf_counter()
+        upn = UPN.from_pretrained(demo_upn_checkpoint(args.cache), n_threads=args.threads)
+        props = upn(image)
+        print(f"{upn}\nproposed {len(props)} boxes in {time.perf_counter() - t0:.1f} s (random UPN weights)")
+        boxes, fmt, scores = props.boxes, "xyxy", props.scores
+    else:
+        boxes, fmt, scores = read_boxes_file(os.path.join(demo, "demo_boxes.json"))
     t0 = time.perf_counter()
     path = demo_checkpoint(tk, args.cache)
     model = VLMFO1.from_pretrained(path, threads=args.threads)
