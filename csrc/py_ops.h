@@ -507,10 +507,11 @@ static PyObject *py_group_norm(PyObject *mod, PyObject *args, PyObject *kw) {
     Py_BEGIN_ALLOW_THREADS
     vlm_pool *pool;
     void *scratch;
-    st = vlm_workspace_get(wl.ws, n_threads, 0, &pool, &scratch, &err);
+    st = vlm_workspace_get(wl.ws, n_threads, sizeof(float) * vlm_group_norm_scratch_floats((long)HW, (int)C), &pool,
+                           &scratch, &err);
     if (st == VLM_OK)
-        vlm_group_norm(pool, PyArray_DATA(y), PyArray_DATA(x), PyArray_DATA(w), PyArray_DATA(b), (float)eps, (long)HW,
-                       (int)C, groups);
+        vlm_group_norm(pool, PyArray_DATA(y), PyArray_DATA(x), PyArray_DATA(w), PyArray_DATA(b), (float)eps, scratch,
+                       (long)HW, (int)C, groups);
     lease_end(&wl);
     Py_END_ALLOW_THREADS
     if (st != VLM_OK) { raise_status(st, &err); goto done; }

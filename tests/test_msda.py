@@ -287,7 +287,7 @@ def group_norm_ref(x, w, b, G, eps, dtype=torch.float32):
     return y[0, :, :, 0].T.numpy()
 
 
-GN_CASES = [(1, 4, 2), (37, 256, 32), (5, 12, 3), (300, 48, 1), (3, 600, 2), (7, 9, 9), (64, 520, 4)]
+GN_CASES = [(1, 4, 2), (37, 256, 32), (5, 12, 3), (300, 48, 1), (3, 600, 2), (7, 9, 9), (64, 520, 4), (1000, 64, 8)]
 
 
 @pytest.mark.parametrize("HW,C,G", GN_CASES)
