@@ -14,8 +14,9 @@
  *         order, fp32: four running sums, so the AVX-512 loop is not one chain of dependent FMAs. AVX-512
  *         (16 channels per vector, masked tails): FMAs; portable C: every product and sum rounded on its own (no
  *         contraction). The two differ by FMA rounding only.
- * The reference (ms_deform_attn_core_pytorch) forms each bilinear sample, multiplies by a and sums in torch's
- * reduction order; ours is another fixed order of the same fp32 terms (see tests/test_msda.py for the errors).
+ * The reference (ms_deform_attn_core_pytorch) forms each bilinear sample, multiplies it by a and sums in torch's
+ * reduction order; ours groups the same products differently (a·w_k first, one sum per corner) in another fixed
+ * order (tests/test_msda.py prints the errors). A bf16 value would change only the sums' loads (widen to fp32).
  * Queries are split over threads in contiguous ranges; each output row is computed by one thread, in a fixed
  * order, so results do not depend on the thread count. */
 #include "ops.h"
