@@ -14,8 +14,9 @@
  *         order, fp32: four running sums, so the AVX-512 loop is not one chain of dependent FMAs. AVX-512
  *         (16 channels per vector, masked tails): FMAs; portable C: every product and sum rounded on its own (no
  *         contraction). The two differ by FMA rounding only.
- * The reference (ms_deform_attn_core_pytorch) forms each bilinear sample, multiplies by a and sums in torch's
- * reduction order; ours is another fixed order of the same fp32 terms (see tests/test_msda.py for the errors).
+ * The reference (ms_deform_attn_core_pytorch) forms each bilinear sample, multiplies it by a and sums in torch's
+ * reduction order; ours groups the same products differently (a·w_k first, one sum per corner) in another fixed
+ * order (tests/test_msda.py prints the errors). A bf16 value would change only the sums' loads (widen to fp32).
  * Queries are split over threads in contiguous ranges; each output row is computed by one thread, in a fixed
  * order, so results do not depend on the thread count. */
 #include "ops.h"
@@ -285,73 +286,91 @@ vlm_status vlm_msda(vlm_pool *pool, float *out, const float *value, size_t ld_v,
 
 /* ---------------------------------------------------------------- GroupNorm */
 
-#define GN_BLOCK 256   /* channels whose per-channel sums one pass over the pixels keeps */
+/* The statistics are summed per channel over fixed blocks of GN_PB pixels (blocks split over threads, so every
+ * thread streams whole pixel rows), then over the blocks and the group's channels in order on the calling thread:
+ * the same sums for any thread count. */
+#define GN_PB 256
 
-/* s[i] = Σ_p x[p][c0 + i] (mu NULL) or Σ_p (x[p][c0 + i] - mu[i])², in double, pixels in order; i < n. */
-VLM_CLONES static void gn_sums(double *restrict s, const float *x, const double *mu, long HW, int C, int c0, int n) {
-    for (int i = 0; i < n; i++) s[i] = 0.0;
-    for (long p = 0; p < HW; p++) {
-        const float *xr = x + (size_t)p * C + c0;
+static long gn_blocks(long HW) { return (HW + GN_PB - 1) / GN_PB; }
+
+size_t vlm_group_norm_scratch_floats(long HW, int C) {
+    return 2 * ((size_t)gn_blocks(HW > 0 ? HW : 0) * (size_t)C + 2 * (size_t)C);   /* doubles */
+}
+
+typedef struct {
+    float *y;
+    const float *x, *b;
+    double *part;           /* [blocks][C] per-block channel sums */
+    const double *mu, *a;   /* [C]: the channel's group mean; rstd · w */
+    long HW;
+    int C, pass;            /* pass 0: Σ x; 1: Σ (x - mu)²; 2: y */
+} gn_ctx;
+
+/* s[c] = Σ_p x[p][c] (mu NULL) or Σ_p (x[p][c] - mu[c])² over pixels p0 .. p1-1 in order, in double. */
+VLM_CLONES static void gn_sums(double *restrict s, const float *x, const double *mu, long p0, long p1, int C) {
+    for (int c = 0; c < C; c++) s[c] = 0.0;
+    for (long p = p0; p < p1; p++) {
+        const float *xr = x + (size_t)p * C;
         if (mu)
-            for (int i = 0; i < n; i++) { double d = (double)xr[i] - mu[i]; s[i] += d * d; }
+            for (int c = 0; c < C; c++) { double d = (double)xr[c] - mu[c]; s[c] += d * d; }
         else
-            for (int i = 0; i < n; i++) s[i] += (double)xr[i];
+            for (int c = 0; c < C; c++) s[c] += (double)xr[c];
     }
 }
 
-/* y[p][c0 + i] = (x - mu[i]) · a[i] + b[c0 + i], in double, rounded once. */
-VLM_CLONES static void gn_apply(float *y, const float *x, const double *mu, const double *a, const float *b, long HW,
-                                int C, int c0, int n) {
-    for (long p = 0; p < HW; p++) {
-        const float *xr = x + (size_t)p * C + c0;
-        float *yr = y + (size_t)p * C + c0;
-        for (int i = 0; i < n; i++) yr[i] = (float)(((double)xr[i] - mu[i]) * a[i] + (double)b[c0 + i]);
+/* y[p][c] = (x[p][c] - mu[c]) · a[c] + b[c] in double, rounded once; pixels p0 .. p1-1. */
+VLM_CLONES static void gn_apply(float *y, const float *x, const double *mu, const double *a, const float *b, long p0,
+                                long p1, int C) {
+    for (long p = p0; p < p1; p++) {
+        const float *xr = x + (size_t)p * C;
+        float *yr = y + (size_t)p * C;
+        for (int c = 0; c < C; c++) yr[c] = (float)(((double)xr[c] - mu[c]) * a[c] + (double)b[c]);
     }
 }
-
-typedef struct { float *y; const float *x, *w, *b; float eps; long HW; int C, G; } gn_ctx;
 
 static void gn_task(void *pv, int ith, int nth) {
     const gn_ctx *c = pv;
-    const int C = c->C, Cg = C / c->G;
-    long g0, g1;
-    vlm_split(c->G, 1, ith, nth, &g0, &g1);
-    const int nb = Cg >= GN_BLOCK ? 1 : GN_BLOCK / Cg;   /* groups per batch */
-    double s[GN_BLOCK], mu[GN_BLOCK], a[GN_BLOCK], gsum[GN_BLOCK], gmean[GN_BLOCK], grstd[GN_BLOCK];
-    const double cnt = (double)c->HW * Cg;
-    for (long g = g0; g < g1; g += nb) {
-        const int gb = (int)(g1 - g < nb ? g1 - g : nb);
-        const int ca = (int)g * Cg, ce = ca + gb * Cg;   /* channels of the batch */
-        for (int pass = 0; pass < 2; pass++) {   /* 0: means; 1: variances about them */
-            for (int j = 0; j < gb; j++) gsum[j] = 0.0;
-            for (int c0 = ca; c0 < ce; c0 += GN_BLOCK) {
-                const int n = ce - c0 < GN_BLOCK ? ce - c0 : GN_BLOCK;
-                if (pass)
-                    for (int i = 0; i < n; i++) mu[i] = gmean[(c0 + i - ca) / Cg];
-                gn_sums(s, c->x, pass ? mu : NULL, c->HW, C, c0, n);
-                for (int i = 0; i < n; i++) gsum[(c0 + i - ca) / Cg] += s[i];   /* channels in order */
-            }
-            for (int j = 0; j < gb; j++) {
-                if (pass) grstd[j] = 1.0 / sqrt(gsum[j] / cnt + (double)c->eps);
-                else gmean[j] = gsum[j] / cnt;
-            }
-        }
-        for (int c0 = ca; c0 < ce; c0 += GN_BLOCK) {
-            const int n = ce - c0 < GN_BLOCK ? ce - c0 : GN_BLOCK;
-            for (int i = 0; i < n; i++) {
-                const int j = (c0 + i - ca) / Cg;
-                mu[i] = gmean[j];
-                a[i] = grstd[j] * (double)c->w[c0 + i];
-            }
-            gn_apply(c->y, c->x, mu, a, c->b, c->HW, C, c0, n);
-        }
+    long lo, hi;
+    if (c->pass == 2) {
+        vlm_split(c->HW, 16, ith, nth, &lo, &hi);
+        if (lo < hi) gn_apply(c->y, c->x, c->mu, c->a, c->b, lo, hi, c->C);
+        return;
+    }
+    vlm_split(gn_blocks(c->HW), 1, ith, nth, &lo, &hi);
+    for (long blk = lo; blk < hi; blk++) {
+        const long p1 = (blk + 1) * GN_PB < c->HW ? (blk + 1) * GN_PB : c->HW;
+        gn_sums(c->part + (size_t)blk * c->C, c->x, c->pass ? c->mu : NULL, blk * GN_PB, p1, c->C);
     }
 }
 
-void vlm_group_norm(vlm_pool *pool, float *y, const float *x, const float *w, const float *b, float eps, long HW, int C,
-                    int G) {
+/* Σ over channels c0 .. c0 + n - 1 (in order) of Σ over the blocks (in order) of part[blk][c]. */
+static double gn_total(const double *part, long nb, int C, int c0, int n) {
+    double t = 0.0;
+    for (int c = c0; c < c0 + n; c++)
+        for (long blk = 0; blk < nb; blk++) t += part[(size_t)blk * C + c];
+    return t;
+}
+
+void vlm_group_norm(vlm_pool *pool, float *y, const float *x, const float *w, const float *b, float eps, float *scratch,
+                    long HW, int C, int G) {
     if (HW < 1 || G < 1 || C < G || C % G) return;
-    gn_ctx c = {y, x, w, b, eps, HW, C, G};
+    const long nb = gn_blocks(HW);
+    const int Cg = C / G;
+    double *part = (double *)scratch, *mu = part + (size_t)nb * C, *a = mu + C;
+    gn_ctx c = {.y = y, .x = x, .b = b, .part = part, .mu = mu, .a = a, .HW = HW, .C = C, .pass = 0};
+    const double cnt = (double)HW * Cg;
+    vlm_pool_run(pool, gn_task, &c);
+    for (int g = 0; g < G; g++) {
+        const double m = gn_total(part, nb, C, g * Cg, Cg) / cnt;
+        for (int k = 0; k < Cg; k++) mu[g * Cg + k] = m;
+    }
+    c.pass = 1;
+    vlm_pool_run(pool, gn_task, &c);
+    for (int g = 0; g < G; g++) {
+        const double rstd = 1.0 / sqrt(gn_total(part, nb, C, g * Cg, Cg) / cnt + (double)eps);
+        for (int k = 0; k < Cg; k++) a[g * Cg + k] = rstd * (double)w[g * Cg + k];
+    }
+    c.pass = 2;
     vlm_pool_run(pool, gn_task, &c);
 }
 

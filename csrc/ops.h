@@ -241,11 +241,14 @@ vlm_status vlm_msda(vlm_pool *pool, float *out, const float *value, size_t ld_v,
 
 /* GroupNorm (torch.nn.GroupNorm(G, C) on the NCHW transpose) of a channels-last map: group g holds channels
  * [g·C/G, (g+1)·C/G); y = (x - mean_g) / sqrt(var_g + eps) · w[c] + b[c], mean and biased variance over the
- * HW·C/G values of the group, in double: Σ over the group's channels in order of (Σ over pixels in order),
- * the variance about the mean (two passes), y evaluated in double and rounded once. Threads split the groups.
- * x, y: [HW][C] (may alias), w, b: [C]; C % G == 0 (else nothing is done). */
-void vlm_group_norm(vlm_pool *pool, float *y, const float *x, const float *w, const float *b, float eps, long HW, int C,
-                    int G);
+ * HW·C/G values of the group, in double: per channel over fixed blocks of pixels, then over the blocks and the
+ * group's channels in order (the same sums for any thread count); the variance about the mean (two passes);
+ * y evaluated in double and rounded once. Threads split the pixels. x, y: [HW][C] (may alias), w, b: [C];
+ * C % G == 0 (else nothing is done). scratch: vlm_group_norm_scratch_floats(HW, C) floats (in all, not per
+ * thread), 8-byte aligned. */
+size_t vlm_group_norm_scratch_floats(long HW, int C);
+void vlm_group_norm(vlm_pool *pool, float *y, const float *x, const float *w, const float *b, float eps, float *scratch,
+                    long HW, int C, int G);
 
 /* DETR's PositionEmbeddingSineHW for an unmasked H x W map (normalize=True, scale 2π, eps 1e-6), in torch's
  * float32 steps: ey = (i+1) / (H + 1e-6) · 2π, ex = (j+1) / (W + 1e-6) · 2π, dim_t[k] = T^(2·floor(k/2)/F)

@@ -418,7 +418,7 @@ static PyObject *py_ops(PyObject *mod, PyObject *unused) {
 /* ---------------------------------------------------------------- deformable-DETR ops, arrays in and out
  *
  *   _core.msda(value, loc, aw, shapes, n_threads=1, out=None, workspace=None) -> out [Lq, M·D]
- *   _core.group_norm(x, w, b, groups, eps=1e-5, n_threads=1, workspace=None) -> y [HW, C]
+ *   _core.group_norm(x, w, b, groups, eps=1e-5, n_threads=1, out=None, workspace=None) -> y [HW, C] (out may be x)
  *   _core.sine_pos_embed_hw(H, W, num_pos_feats=128, temperature_h=20, temperature_w=20, n_threads=1,
  *                           workspace=None) -> [H·W, 2F]
  *   _core.sine_embed_boxes(boxes, num_pos_feats=128, temperature=10000, n_threads=1, workspace=None) -> [N, 4F]
@@ -436,6 +436,19 @@ static PyArrayObject *detr_array(PyObject *o, const char *name, int type, int nd
         Py_CLEAR(a);
     }
     return a;
+}
+
+/* The output array: `out_o` when not None (a writable C-contiguous float32 array of shape d, reused: benchmarks time
+ * no page faults; it may be an input when the op allows that), else a new one; NULL with an exception. */
+static PyArrayObject *detr_out(PyObject *out_o, const npy_intp d[2], const char *shape) {
+    if (out_o == Py_None) return (PyArrayObject *)PyArray_SimpleNew(2, (npy_intp *)d, NPY_FLOAT32);
+    PyArrayObject *o = (PyArrayObject *)out_o;
+    if (!PyArray_Check(out_o) || PyArray_TYPE(o) != NPY_FLOAT32 || PyArray_NDIM(o) != 2 || PyArray_DIM(o, 0) != d[0] ||
+        PyArray_DIM(o, 1) != d[1] || !PyArray_IS_C_CONTIGUOUS(o) || !PyArray_ISWRITEABLE(o)) {
+        PyErr_Format(PyExc_ValueError, "out must be a writable C-contiguous float32 array of shape %s", shape);
+        return NULL;
+    }
+    return (PyArrayObject *)Py_NewRef(out_o);
 }
 
 static PyObject *py_msda(PyObject *mod, PyObject *args, PyObject *kw) {
@@ -491,17 +504,8 @@ static PyObject *py_msda(PyObject *mod, PyObject *args, PyObject *kw) {
         start[l] = tok;
         tok += (long)H[l] * W[l];
     }
-    npy_intp od[2] = {Lq, M * D};
-    if (out_o != Py_None) {   /* a reused output (benchmarks: no page faults in the timing) */
-        PyArrayObject *o = (PyArrayObject *)out_o;
-        if (!PyArray_Check(out_o) || PyArray_TYPE(o) != NPY_FLOAT32 || PyArray_NDIM(o) != 2 || PyArray_DIM(o, 0) != Lq ||
-            PyArray_DIM(o, 1) != M * D || !PyArray_IS_C_CONTIGUOUS(o) || !PyArray_ISWRITEABLE(o)) {
-            PyErr_SetString(PyExc_ValueError, "out must be a writable C-contiguous float32 array of shape [Lq, M*D]");
-            goto done;
-        }
-        out = (PyArrayObject *)Py_NewRef(out_o);
-    } else if (!(out = (PyArrayObject *)PyArray_SimpleNew(2, od, NPY_FLOAT32)))
-        goto done;
+    const npy_intp od[2] = {Lq, M * D};
+    if (!(out = detr_out(out_o, od, "[Lq, M*D]"))) goto done;
     vlm_err err = {{0}};
     vlm_status st;
     ws_lease wl;
@@ -528,12 +532,12 @@ done:
 }
 
 static PyObject *py_group_norm(PyObject *mod, PyObject *args, PyObject *kw) {
-    PyObject *x_o, *w_o, *b_o, *ws_o = Py_None;
+    PyObject *x_o, *w_o, *b_o, *out_o = Py_None, *ws_o = Py_None;
     int groups, n_threads = 1;
     double eps = 1e-5;
-    static char *kwlist[] = {"x", "w", "b", "groups", "eps", "n_threads", "workspace", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOi|diO:group_norm", kwlist, &x_o, &w_o, &b_o, &groups, &eps,
-                                     &n_threads, &ws_o))
+    static char *kwlist[] = {"x", "w", "b", "groups", "eps", "n_threads", "out", "workspace", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOi|diOO:group_norm", kwlist, &x_o, &w_o, &b_o, &groups, &eps,
+                                     &n_threads, &out_o, &ws_o))
         return NULL;
     if (check_threads(n_threads)) return NULL;
     PyArrayObject *x = NULL, *w = NULL, *b = NULL, *y = NULL;
@@ -551,7 +555,7 @@ static PyObject *py_group_norm(PyObject *mod, PyObject *args, PyObject *kw) {
         goto done;
     }
     if (!(eps >= 0 && eps < 1e30)) { PyErr_SetString(PyExc_ValueError, "group_norm: eps must be finite and >= 0"); goto done; }
-    if (!(y = (PyArrayObject *)PyArray_SimpleNew(2, PyArray_DIMS(x), NPY_FLOAT32))) goto done;
+    if (!(y = detr_out(out_o, PyArray_DIMS(x), "[HW, C] (x itself: in place)"))) goto done;
     vlm_err err = {{0}};
     vlm_status st;
     ws_lease wl;
@@ -559,10 +563,11 @@ static PyObject *py_group_norm(PyObject *mod, PyObject *args, PyObject *kw) {
     Py_BEGIN_ALLOW_THREADS
     vlm_pool *pool;
     void *scratch;
-    st = vlm_workspace_get(wl.ws, n_threads, 0, &pool, &scratch, &err);
+    st = vlm_workspace_get(wl.ws, n_threads, sizeof(float) * vlm_group_norm_scratch_floats((long)HW, (int)C), &pool,
+                           &scratch, &err);
     if (st == VLM_OK)
-        vlm_group_norm(pool, PyArray_DATA(y), PyArray_DATA(x), PyArray_DATA(w), PyArray_DATA(b), (float)eps, (long)HW,
-                       (int)C, groups);
+        vlm_group_norm(pool, PyArray_DATA(y), PyArray_DATA(x), PyArray_DATA(w), PyArray_DATA(b), (float)eps, scratch,
+                       (long)HW, (int)C, groups);
     lease_end(&wl);
     Py_END_ALLOW_THREADS
     if (st != VLM_OK) { raise_status(st, &err); goto done; }
@@ -657,8 +662,8 @@ static PyObject *py_sine_embed_boxes(PyObject *mod, PyObject *args, PyObject *kw
      "msda(value [S, M, D], loc [Lq, M, L, P, 2], aw [Lq, M, L, P], shapes [L, 2], n_threads=1, out=None, "            \
      "workspace=None) -> [Lq, M*D]: multi-scale deformable attention sampling (see csrc/ops.h)"},                      \
     {"group_norm", (PyCFunction)(void (*)(void))py_group_norm, METH_VARARGS | METH_KEYWORDS,                           \
-     "group_norm(x [HW, C], w [C], b [C], groups, eps=1e-5, n_threads=1, workspace=None) -> GroupNorm of a "           \
-     "channels-last map"},                                                                                             \
+     "group_norm(x [HW, C], w [C], b [C], groups, eps=1e-5, n_threads=1, out=None, workspace=None) -> GroupNorm "    \
+     "of a channels-last map (out=x: in place)"},                                                                                             \
     {"sine_pos_embed_hw", (PyCFunction)(void (*)(void))py_sine_pos_embed_hw, METH_VARARGS | METH_KEYWORDS,             \
      "sine_pos_embed_hw(H, W, num_pos_feats=128, temperature_h=20, temperature_w=20, n_threads=1, "                    \
      "workspace=None) -> [H*W, 2F]"},                                                                                  \

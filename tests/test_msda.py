@@ -287,7 +287,7 @@ def group_norm_ref(x, w, b, G, eps, dtype=torch.float32):
     return y[0, :, :, 0].T.numpy()
 
 
-GN_CASES = [(1, 4, 2), (37, 256, 32), (5, 12, 3), (300, 48, 1), (3, 600, 2), (7, 9, 9), (64, 520, 4)]
+GN_CASES = [(1, 4, 2), (37, 256, 32), (5, 12, 3), (300, 48, 1), (3, 600, 2), (7, 9, 9), (64, 520, 4), (1000, 64, 8)]
 
 
 @pytest.mark.parametrize("HW,C,G", GN_CASES)
@@ -298,6 +298,9 @@ def test_group_norm(HW, C, G):
     eps = 1e-5
     got = same_for_all_threads(lambda nt: core.group_norm(x, w, b, G, eps=eps, n_threads=nt), "group_norm")
     label = f"group_norm HW={HW} C={C} G={G}"
+    inplace = x.copy()
+    assert core.group_norm(inplace, w, b, G, eps=eps, n_threads=2, out=inplace) is inplace   # y aliasing x
+    assert np.array_equal(inplace, got)
     check(label + " vs torch", got, group_norm_ref(x, w, b, G, eps), 1e-5, rtol=0)
     check(label + " vs float64", got, group_norm_ref(x, w, b, G, eps, torch.float64), 1e-7, rtol=1e-7)
 
@@ -316,6 +319,8 @@ def test_group_norm_bad_input():
         core.group_norm(x, w, w, 3, eps=float("nan"))
     with pytest.raises(TypeError):
         core.group_norm(x.astype(np.float64), w, w, 3)
+    with pytest.raises(ValueError, match="out must be"):
+        core.group_norm(x, w, w, 3, out=np.zeros((4, 11), f32))
     assert core.group_norm(np.zeros((0, 12), f32), w, w, 3).shape == (0, 12)
 
 
