@@ -149,6 +149,7 @@ typedef struct {
     up_key *order;                    /* [S] (logit, token) pairs, sorted */
     float *tgt, *qpos, *sine, *qkv, *ref, *box; /* decoder: [Q][d], [Q][d], [Q][2d], [Q][3d], [Q][4], [Q][4] */
     float *thr;                       /* n_threads x the self-attention op's scratch */
+    float *gn;                        /* the neck GroupNorm's scratch (level 0, the largest) */
     void *mm; size_t mm_size;
 } up_scratch;
 
@@ -209,6 +210,7 @@ static size_t carve(up_scratch *S_, const vlm_upn *m, int H, int W, int nth, cha
     VLM_ARENA_TAKE(&a, S_->ref, Q * 4);
     VLM_ARENA_TAKE(&a, S_->box, Q * 4);
     VLM_ARENA_TAKE(&a, S_->thr, (size_t)nth * per);
+    VLM_ARENA_TAKE(&a, S_->gn, vlm_group_norm_scratch_floats((long)hs[0] * ws[0], (int)d));
     S_->mm = vlm_arena_take(&a, mm);
     S_->mm_size = mm;
     return a.off;
@@ -349,7 +351,7 @@ static vlm_status neck(up_run *r) {
             VLM_TRY(vlm_conv2d(&r->mm, dst, r->S.feat[3], &m->proj[l], r->S.hid, n, 1, r->hs[3], r->ws[3], C3, 3, 2, 1,
                                r->hs[l], r->ws[l]));
         }
-        vlm_group_norm(r->pool, dst, dst, m->gn[l], m->gn_b[l], c->eps, n, d, c->groups);
+        vlm_group_norm(r->pool, dst, dst, m->gn[l], m->gn_b[l], c->eps, r->S.gn, n, d, c->groups);
         float *pos = r->S.pos + (size_t)r->start[l] * d;
         vlm_sine_pos_embed_hw(r->pool, pos, c->temperature, c->temperature, r->hs[l], r->ws[l], d / 2);
         const float *le = m->level_embed + (size_t)l * d;

@@ -381,3 +381,21 @@ def test_request_state_is_reused_and_threads_agree(tiny_path):
     for o in [again] + outs:
         for x, y in zip(first, o):
             np.testing.assert_array_equal(x, y)
+
+
+TIKTOKEN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tokenizer", "qwen.tiktoken")
+
+
+@pytest.mark.skipif(not os.path.exists(TIKTOKEN), reason="../shared/data is absent")
+def test_demo_with_upn_proposals(tmp_path, capsys):
+    from vlmfo1.cli import main
+    args = ["demo", "--upn", "--tiktoken", TIKTOKEN, "--cache", str(tmp_path / "cache"), "--out",
+            str(tmp_path / "d.png"), "--threads", "2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "proposed" in out and "UPN(" in out and "answer:" in out and os.path.getsize(tmp_path / "d.png") > 1000
+    upn_files = [f for f in os.listdir(tmp_path / "cache") if f.startswith("upn-random-tiny")]
+    assert len(upn_files) == 1
+    stamp = os.path.getmtime(tmp_path / "cache" / upn_files[0])
+    assert main(args) == 0                                              # the cached UPN is reused
+    assert os.path.getmtime(tmp_path / "cache" / upn_files[0]) == stamp
