@@ -109,7 +109,7 @@ def test_proposals_files(fo1_ckpt, tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["proposals"] == [[float(v) for v in b] for b in rec["bboxes"]] and res["proposal_scores"] == rec["scores"]
     for argv, needle in ((["--proposals", str(tmp_path / "dets.json"), "--boxes", str(tmp_path / "boxes.json")],
-                          "not both"),
+                          "only one of --boxes, --proposals and --upn"),
                          (["--image-id", "5", "--boxes", str(tmp_path / "boxes.json")], "--image-id needs"),
                          (["--proposals", str(tmp_path / "boxes.json")], "not a proposals file"),
                          (["--proposals", str(tmp_path / "dets.json"), "--image-id", "999999999"], "999999999"),

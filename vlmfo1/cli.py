@@ -323,7 +323,7 @@ def _fo1_task(args) -> int:
     if not os.path.exists(args.image):
         raise FileNotFoundError(f"image file not found: {args.image}")
     if sum(bool(x) for x in (args.boxes, args.proposals, args.upn)) > 1:
-        raise ValueError("give one of --boxes, --proposals and --upn")
+        raise ValueError("give only one of --boxes, --proposals and --upn")
     if not args.boxes and not args.proposals and not args.upn and args.cmd != "chat":
         raise ValueError("the proposal boxes are missing: give --boxes FILE, --proposals FILE or --upn CKPT")
     if args.box_format and not args.boxes:
