@@ -88,11 +88,9 @@ def prepare(a) -> dict:
 
 
 def worker_vlmfo1(a, dtype: str) -> dict:
-    import numpy as np
 
     from vlmfo1 import _core
-    from vlmfo1.proposals import Proposals, filter_proposals
-    from vlmfo1.upn import UPN, postprocess, preprocess
+    from vlmfo1.upn import UPN, preprocess, to_proposals
     t0 = time.perf_counter()
     upn = UPN.from_pretrained(a.checkpoint, n_threads=a.threads, dtype=dtype)
     load = time.perf_counter() - t0
@@ -105,8 +103,7 @@ def worker_vlmfo1(a, dtype: str) -> dict:
         t1 = time.perf_counter()
         logits, boxes = upn.forward(pixels)
         t2 = time.perf_counter()
-        b, s = postprocess(logits, boxes, size)
-        filter_proposals(Proposals(b.astype(np.float64), s.astype(np.float64)))
+        to_proposals(logits, boxes, size)
         t3 = time.perf_counter()
         runs.append(dict(upn.seconds, preprocess=t1 - t0, forward=t2 - t1, postprocess=t3 - t2, total=t3 - t0))
     _, _, taps = upn.forward(pixels, taps=True)
@@ -221,10 +218,8 @@ def _proposals(r, size):
     """the filtered proposals (score >= 0.3, NMS 0.8, top 100) of an engine's raw outputs"""
     import numpy as np
 
-    from vlmfo1.proposals import Proposals, filter_proposals
-    from vlmfo1.upn import postprocess
-    b, s = postprocess(np.asarray(r["logits"], np.float32), np.asarray(r["boxes"], np.float32), size)
-    return filter_proposals(Proposals(b.astype(np.float64), s.astype(np.float64)))
+    from vlmfo1.upn import to_proposals
+    return to_proposals(np.asarray(r["logits"], np.float32), np.asarray(r["boxes"], np.float32), size)
 
 
 def _agreement(p, q) -> str:

@@ -102,10 +102,7 @@ static PyObject *UPNModel_forward(UPNModel *self, PyObject *args, PyObject *kw) 
             PyErr_Format(PyExc_ValueError, "select must hold %d token indices", Q);
             goto done;
         }
-        const int32_t *sp = PyArray_DATA(sel);
-        for (int k = 0; k < Q; k++)
-            if (sp[k] < 0 || sp[k] >= S) { PyErr_Format(PyExc_ValueError, "select[%d] = %d is not in [0, %ld)", k, sp[k], S); goto done; }
-        taps.select = sp;
+        taps.select = PyArray_DATA(sel);   /* indices checked in vlm_upn_forward */
     }
     npy_intp dq[2] = {Q, 4};
     logits = PyArray_SimpleNew(1, dq, NPY_FLOAT32);

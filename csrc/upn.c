@@ -147,6 +147,7 @@ typedef struct {
     float *hid;                       /* [chunk][ffn] FFN hidden; [chunk][C_3·9] neck im2col */
     float *logit;                     /* [S] two-stage logits */
     up_key *order;                    /* [S] (logit, token) pairs, sorted */
+    int32_t *sel;                     /* [Q] the selected tokens */
     float *tgt, *qpos, *sine, *qkv, *ref, *box; /* decoder: [Q][d], [Q][d], [Q][2d], [Q][3d], [Q][4], [Q][4] */
     float *thr;                       /* n_threads x the self-attention op's scratch */
     float *gn;                        /* the neck GroupNorm's scratch (level 0, the largest) */
@@ -203,6 +204,7 @@ static size_t carve(up_scratch *S_, const vlm_upn *m, int H, int W, int nth, cha
     VLM_ARENA_TAKE(&a, S_->hid, hid);
     VLM_ARENA_TAKE(&a, S_->logit, (size_t)S);
     VLM_ARENA_TAKE(&a, S_->order, (size_t)S);
+    VLM_ARENA_TAKE(&a, S_->sel, Q);
     VLM_ARENA_TAKE(&a, S_->tgt, Q * d);
     VLM_ARENA_TAKE(&a, S_->qpos, Q * d);
     VLM_ARENA_TAKE(&a, S_->sine, Q * 2 * d);
@@ -431,12 +433,14 @@ static vlm_status two_stage(up_run *r, int prompt, float *logit_tap, int32_t *to
     up_key *key = r->S.order;
     for (long t = 0; t < S; t++) key[t] = (up_key){r->S.logit[t], (int32_t)t};
     qsort(key, (size_t)S, sizeof *key, by_logit);
-    int32_t *ord = (int32_t *)r->S.logit;   /* the logits are no longer needed: reuse their room for the indices */
+    int32_t *ord = r->S.sel;
     for (int k = 0; k < Q; k++) ord[k] = key[k].i;
     if (topk_tap) memcpy(topk_tap, ord, (size_t)Q * sizeof(int32_t));   /* the network's own selection */
     if (select) {
         for (int k = 0; k < Q; k++)
-            if (select[k] < 0 || select[k] >= S) return vlm_fail(r->mm.err, VLM_ERR_ARG, "upn: selected token out of range");
+            if (select[k] < 0 || select[k] >= S)
+                return vlm_fail(r->mm.err, VLM_ERR_ARG, "upn: select[%d] = %d is not a token index in [0, %ld)", k,
+                                select[k], S);
         memcpy(ord, select, (size_t)Q * sizeof(int32_t));
     }
     /* reference boxes: enc_box(om[sel]) + proposal (logit space; +inf for invalid proposals) */

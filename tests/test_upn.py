@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from vlmfo1.proposals import Proposals, filter_proposals
-from vlmfo1.testing import upn_config, write_random_upn
-from vlmfo1.upn import UPN, load_upn_state_dict, postprocess, preprocess, upn_input_size
+from vlmfo1.proposals import Proposals
+from vlmfo1.testing import write_random_upn
+from vlmfo1.upn import UPN, load_upn_state_dict, postprocess, preprocess, to_proposals, upn_input_size
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 COCO = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "coco_tiny", "val2017")
@@ -119,7 +119,7 @@ def test_parity_with_the_official_upn(upn, tiny_path, name):
     for f, (ms, nms) in (("filter0", (0.3, 0.8)), ("filter1", (0.3, 0.5))):
         # every box that survives (no top-100 cut: near-equal scores may trade places across it), from the outputs
         # compared above (the reference's query order)
-        props = filter_proposals(Proposals(b.astype(np.float64), s.astype(np.float64)), ms, nms, None)
+        props = to_proposals(logits, boxes, size, ms, nms, None)
         gb, gs = g[f + "_boxes"].astype(np.float64), np.round(g[f + "_scores"].astype(np.float32), 2)
         assert len(props) == len(gb), (f, len(props), len(gb))
         # the filter sorts by the float32 score, so scores within our ~1e-6 error may trade places: match each box

@@ -32,7 +32,7 @@ import json
 import os
 import re
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Hashable, Optional, Tuple
 
 import numpy as np
@@ -41,7 +41,8 @@ from ._native import core
 from .proposals import Proposals, filter_proposals
 from .threads import check_threads, default_threads
 
-__all__ = ["UPN", "UPNConfig", "upn_input_size", "load_upn_state_dict", "convert_upn", "PROMPTS", "DTYPES"]
+__all__ = ["UPN", "UPNConfig", "upn_input_size", "load_upn_state_dict", "convert_upn", "to_proposals", "PROMPTS",
+           "DTYPES"]
 
 PROMPTS = ("fine_grained_prompt", "coarse_grained_prompt")
 DTYPES = ("float32", "bfloat16", "int8")
@@ -77,19 +78,6 @@ class UPNConfig:
             raise ValueError("UPN config: depths and heads need 4 entries (Swin stages)")
         if self.d_model != 256:
             raise ValueError(f"UPN config: d_model must be 256 (the decoder's sine embedding), got {self.d_model}")
-
-    @classmethod
-    def from_dict(cls, raw: Dict[str, Any]) -> "UPNConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"UPN config: unknown keys {unknown}")
-        return cls(**raw)
-
-    def to_dict(self) -> Dict[str, Any]:
-        d = asdict(self)
-        d["depths"], d["heads"] = list(self.depths), list(self.heads)
-        return d
 
     def to_meta(self) -> Dict[str, Any]:
         """The "upn_config" safetensors metadata (the reference config's names, as vlmfo1.testing.upn writes it)."""
@@ -229,8 +217,7 @@ def infer_config(sd: Dict[str, np.ndarray], meta: Optional[Dict[str, Any]] = Non
                      attn_heads=base.attn_heads, points=base.points,
                      enc_layers=_count(names, r"transformer\.encoder\.layers\.(\d+)\."),
                      dec_layers=_count(names, r"transformer\.decoder\.layers\.(\d+)\."),
-                     ffn=shape("transformer.encoder.layers.0.linear1.weight")[0] if "transformer.encoder.layers.0."
-                     "linear1.weight" in sd else shape("transformer.decoder.layers.0.linear1.weight")[0],
+                     ffn=shape("transformer.decoder.layers.0.linear1.weight")[0],
                      queries=q, groups=base.groups, temperature=base.temperature)
 
 
@@ -262,15 +249,12 @@ def _expected_rel_index(ws: int) -> np.ndarray:
 
 def core_tensors(sd: Dict[str, np.ndarray], c: UPNConfig) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
     """(swin, upn) name -> float32 array tables in the C core's names (csrc/swin.h, csrc/upn.h), shapes checked."""
-    used = set()
-
     def get(name, shape):
         if name not in sd:
             raise ValueError(f"not a UPN checkpoint: tensor {name!r} is missing")
         a = sd[name]
         if tuple(a.shape) != tuple(shape):
             raise ValueError(f"UPN checkpoint: {name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
-        used.add(name)
         return _f32(a, name)
 
     def lin(dst, key, name, n, k, bias=True):
@@ -301,7 +285,6 @@ def core_tensors(sd: Dict[str, np.ndarray], c: UPNConfig) -> Tuple[Dict[str, np.
             sw[q + "rel"] = get(p + "attn.relative_position_bias_table", ((2 * ws - 1) ** 2, c.heads[s])).reshape(-1)
             idx_name = p + "attn.relative_position_index"
             if idx_name in sd:   # a buffer: the C core computes it; a checkpoint with another one is refused
-                used.add(idx_name)
                 if not np.array_equal(np.asarray(sd[idx_name]).astype(np.int64), rel_index):
                     raise ValueError(f"UPN checkpoint: {idx_name} is not Swin's relative position index")
         if s < 3:
@@ -359,7 +342,6 @@ def core_tensors(sd: Dict[str, np.ndarray], c: UPNConfig) -> Tuple[Dict[str, np.
         canon = re.sub(r"^(transformer\.decoder\.)?bbox_embed\.\d+\.", "bbox_embed.0.", alias)
         if canon in sd and not np.array_equal(np.asarray(sd[alias]), np.asarray(sd[canon])):
             raise ValueError(f"UPN checkpoint: {alias} differs from {canon} (the box head is shared)")
-        used.add(alias)
     return ({k: np.ascontiguousarray(v) for k, v in sw.items()}, {k: np.ascontiguousarray(v) for k, v in up.items()})
 
 
@@ -415,6 +397,14 @@ def postprocess(logits: np.ndarray, boxes: np.ndarray, size: Tuple[int, int]) ->
     b *= np.asarray([W, H, W, H], dtype=np.float32)
     order = np.argsort(-scores, kind="stable")
     return b[order], scores[order]
+
+
+def to_proposals(logits: np.ndarray, boxes: np.ndarray, size: Tuple[int, int], min_score: Optional[float] = 0.3,
+                 nms_iou: Optional[float] = 0.8, max_boxes: Optional[int] = 100) -> Proposals:
+    """The network's raw outputs -> the filtered proposals of an image of `size` (W, H): postprocess, then the
+    reference's filter (None skips a step)."""
+    b, s = postprocess(logits, boxes, size)
+    return filter_proposals(Proposals(b.astype(np.float64), s.astype(np.float64)), min_score, nms_iou, max_boxes)
 
 
 class UPN:
@@ -494,11 +484,11 @@ class UPN:
                   nms_iou: Any = _DEFAULT, max_boxes: Any = _DEFAULT) -> Proposals:
         """The filtered proposals (the reference's `filter` then `[:100]`). Omitted settings come from the
         constructor; None skips that step (no threshold, no NMS, no limit)."""
-        raw = self.predict(image, prompt)
-        props = Proposals(raw["boxes"].astype(np.float64), raw["scores"].astype(np.float64))
+        pixels, size = preprocess(image)
+        logits, boxes = self.forward(pixels, prompt)
         pick = lambda v, d: d if v is _DEFAULT else v   # noqa: E731
-        return filter_proposals(props, pick(min_score, self.min_score), pick(nms_iou, self.nms_iou),
-                                pick(max_boxes, self.max_boxes))
+        return to_proposals(logits, boxes, size, pick(min_score, self.min_score), pick(nms_iou, self.nms_iou),
+                            pick(max_boxes, self.max_boxes))
 
     def __call__(self, image: Any, image_id: Optional[Hashable] = None) -> Proposals:
         return self.proposals(image)
