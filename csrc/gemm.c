@@ -138,6 +138,53 @@ static inline __attribute__((always_inline)) void store_tile(const mm_ctx *c, lo
 }
 
 /* ------------------------------------------------------------------------------------------------ */
+/* bf16 x bf16, m > SMALL_M_UNBLOCKED (AVX512-BF16): packed panels and a broadcast kernel           */
+/*
+ * The prefill / vision shapes. x is rounded to bf16 and packed once per call, on the pool, into row panels
+ * of BP_MR rows: per k block, [pairs][mr] uint32 (two bf16 of adjacent k); each thread then packs its W
+ * columns, BP_NC at a time, into [pairs][BP_NC] (one k block, ~128 KB, kept in L2) and runs a register tile of
+ * mr rows x BP_NC columns over every row panel: per pair it loads two W vectors and broadcasts one uint32 of
+ * each x row (28 vdpbf16ps per 2 loads + 14 broadcasts, no horizontal sums). k blocks have the same size
+ * (a multiple of 32, at most BP_KC, a function of k alone) and are zero padded to whole 16-pair groups.
+ * An element's sum runs over the k blocks in order, each block's pairs in order, whatever the thread count. */
+#define BP_MR 14
+#define BP_NC 32
+#define BP_KC 2048
+/* Up to this m the unpacked kernels run (decode, short prompts: W streamed once). */
+#define BP_MIN_M SMALL_M_UNBLOCKED
+
+typedef struct {
+    const float *x;
+    long ldx, m, n, k;
+    const uint16_t *w;
+    float *out;
+    long ldo;
+    const float *bias;
+    int accumulate;
+    long kc, nkb, np;   /* k block (elements), blocks, pairs per block padded to 16 */
+    uint32_t *ap;       /* packed x: block b, panel starting at row i0: ap + (b * m + i0) * np, [np][mr] */
+    uint32_t *bp;       /* per-thread W panel buffers, np * BP_NC each */
+    int packed;         /* workers done packing x (atomic) */
+} bp_ctx;
+
+static size_t bp_blocks(long k, long *kc, long *np) {
+    long nkb = (k + BP_KC - 1) / BP_KC;
+    long c = (k + nkb - 1) / nkb;
+    c = (c + 31) / 32 * 32;
+    *kc = c;
+    *np = c / 2;           /* a multiple of 16 */
+    return (size_t)nkb;
+}
+
+/* Bytes of bp scratch: packed x, one W panel buffer per thread. */
+static size_t bp_scratch_bytes(int64_t m, int64_t k, int n_threads) {
+    long kc, np;
+    size_t nkb = bp_blocks((long)k, &kc, &np);
+    return (size_t)m * nkb * (size_t)np * 4 + (size_t)n_threads * ((size_t)np * BP_NC * 4 + VLM_ALIGN) + VLM_ALIGN;
+}
+
+
+/* ------------------------------------------------------------------------------------------------ */
 /* Generic C kernels                                                                                */
 
 static void panel_generic(const mm_ctx *c, long i0, int mr, long j0, long jl, long k0, long kl, int first) {
@@ -380,6 +427,163 @@ static VLM_TGT_AVX512 void panel_512_w32(const mm_ctx *c, long i0, int mr, long 
 static VLM_TGT_AVX512BF16 void panel_dp(const mm_ctx *c, long i0, int mr, long j0, long jl, long k0, long kl, int first) {
     PANEL_BODY(tile_dp, KIND_DP, 6, uint16_t, uint16_t)
 }
+/* In-register transpose of a 16 x 16 matrix of 32-bit elements (r[i] = row i -> r[j] = column j). */
+static inline VLM_INLINE VLM_TGT_AVX512 void transpose16_epi32(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    /* r[4q + s] now holds, in each 128-bit lane L, elements (4L..4L+3) of column 4L'+s... of rows 4q..4q+3 */
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+        r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+        r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+    }
+}
+
+/* Rows i0..i0+mr of x (fp32), k block [k0, k0 + kl), rounded to bf16 (RNE) -> dst [np][mr] uint32. */
+static VLM_TGT_AVX512BF16 void bp_pack_x(const float *x, long ldx, long i0, int mr, long k0, long kl, long np,
+                                         uint32_t *dst) {
+    const __mmask16 keep = (__mmask16)((1u << mr) - 1);
+    for (long g = 0; g < np / 16; g++) {
+        long t = 32 * g, rem = kl - t;
+        __mmask16 m0 = (__mmask16)(rem >= 16 ? 0xffff : rem > 0 ? (1u << rem) - 1 : 0);
+        __mmask16 m1 = (__mmask16)(rem >= 32 ? 0xffff : rem > 16 ? (1u << (rem - 16)) - 1 : 0);
+        __m512i r[16];
+        for (int i = 0; i < 16; i++) {
+            if (i < mr) {
+                const float *s = x + (i0 + i) * ldx + k0 + t;
+                r[i] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(m1, s + 16), _mm512_maskz_loadu_ps(m0, s));
+            } else {
+                r[i] = _mm512_setzero_si512();
+            }
+        }
+        transpose16_epi32(r);
+        for (int p = 0; p < 16; p++) _mm512_mask_storeu_epi32(dst + (16 * g + p) * mr, keep, r[p]);
+    }
+}
+
+/* W rows j0..j0+nc (nc <= BP_NC), k block [k0, k0 + kl) -> dst [np][BP_NC] uint32 (missing columns zero). */
+static VLM_TGT_AVX512BF16 void bp_pack_w(const uint16_t *w, long k, long j0, int nc, long k0, long kl, long np,
+                                         uint32_t *dst) {
+    for (long g = 0; g < np / 16; g++) {
+        long t = 32 * g, rem = kl - t;
+        __mmask32 mk = (__mmask32)(rem >= 32 ? 0xffffffffu : rem > 0 ? (1u << rem) - 1 : 0);
+        for (int h = 0; h < BP_NC / 16; h++) {
+            __m512i r[16];
+            for (int i = 0; i < 16; i++) {
+                int col = 16 * h + i;
+                r[i] = col < nc ? _mm512_maskz_loadu_epi16(mk, w + (j0 + col) * k + k0 + t) : _mm512_setzero_si512();
+            }
+            transpose16_epi32(r);
+            for (int p = 0; p < 16; p++) _mm512_store_si512((void *)(dst + (16 * g + p) * BP_NC + 16 * h), r[p]);
+        }
+    }
+}
+
+/* out rows i0..i0+MR, columns j0..j0+nc  (+)=  A [np][MR] . B [np][BP_NC]; store as store_tile. */
+static inline VLM_INLINE VLM_TGT_AVX512BF16 void bp_tile(const int MR, const bp_ctx *c, const uint32_t *a,
+                                                         const uint32_t *b, long np, long i0, long j0, int nc,
+                                                         int first) {
+    __m512 acc[BP_MR][2];
+#pragma GCC unroll 14
+    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (long p = 0; p < np; p++) {
+        __m512bh b0 = (__m512bh)_mm512_load_si512((const void *)(b + p * BP_NC));
+        __m512bh b1 = (__m512bh)_mm512_load_si512((const void *)(b + p * BP_NC + 16));
+#pragma GCC unroll 14
+        for (int i = 0; i < MR; i++) {
+            __m512bh av = (__m512bh)_mm512_set1_epi32((int)a[p * MR + i]);
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
+        }
+    }
+    const __mmask16 mk0 = (__mmask16)(nc >= 16 ? 0xffff : (1u << nc) - 1);
+    const __mmask16 mk1 = (__mmask16)(nc >= 32 ? 0xffff : nc > 16 ? (1u << (nc - 16)) - 1 : 0);
+    __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();
+    if (first && c->bias) {
+        bias0 = _mm512_maskz_loadu_ps(mk0, c->bias + j0);
+        bias1 = _mm512_maskz_loadu_ps(mk1, c->bias + j0 + 16);
+    }
+#pragma GCC unroll 14
+    for (int i = 0; i < MR; i++) {
+        float *o = c->out + (i0 + i) * c->ldo + j0;
+        __m512 v0 = acc[i][0], v1 = acc[i][1];
+        if (first) {
+            if (c->bias) { v0 = _mm512_add_ps(v0, bias0); v1 = _mm512_add_ps(v1, bias1); }
+            if (c->accumulate) {
+                v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(mk0, o), v0);
+                v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(mk1, o + 16), v1);
+            }
+        } else {
+            v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(mk0, o), v0);
+            v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(mk1, o + 16), v1);
+        }
+        _mm512_mask_storeu_ps(o, mk0, v0);
+        _mm512_mask_storeu_ps(o + 16, mk1, v1);
+    }
+}
+
+#define BP_CASE(R) case R: bp_tile(R, c, a, b, np, i0, j0, nc, first); break;
+static VLM_TGT_AVX512BF16 void bp_panel(const bp_ctx *c, int mr, const uint32_t *a, const uint32_t *b, long np,
+                                        long i0, long j0, int nc, int first) {
+    switch (mr) {
+    BP_CASE(14) BP_CASE(13) BP_CASE(12) BP_CASE(11) BP_CASE(10) BP_CASE(9) BP_CASE(8)
+    BP_CASE(7) BP_CASE(6) BP_CASE(5) BP_CASE(4) BP_CASE(3) BP_CASE(2) default: bp_tile(1, c, a, b, np, i0, j0, nc, first);
+    }
+}
+#undef BP_CASE
+
+static void bp_task(void *p, int ith, int nth) {
+    bp_ctx *c = (bp_ctx *)p;
+    const long panels = (c->m + BP_MR - 1) / BP_MR;
+    long r0, r1;
+    vlm_split(panels, 1, ith, nth, &r0, &r1);
+    for (long r = r0; r < r1; r++) {
+        long i0 = r * BP_MR;
+        int mr = c->m - i0 < BP_MR ? (int)(c->m - i0) : BP_MR;
+        for (long b = 0; b < c->nkb; b++) {
+            long k0 = b * c->kc, kl = c->k - k0 < c->kc ? c->k - k0 : c->kc;
+            bp_pack_x(c->x, c->ldx, i0, mr, k0, kl, (kl + 31) / 32 * 16, c->ap + (b * c->m + i0) * c->np);
+        }
+    }
+    if (nth > 1) { /* every x panel is packed before any thread reads one */
+        __atomic_add_fetch(&c->packed, 1, __ATOMIC_ACQ_REL);
+        for (long spins = 0; __atomic_load_n(&c->packed, __ATOMIC_ACQUIRE) < nth; spins++) {
+            _mm_pause();
+            if (spins > 2000) sched_yield();
+        }
+    }
+    long n0, n1;
+    vlm_split(c->n, BP_NC, ith, nth, &n0, &n1);
+    uint32_t *bbuf = (uint32_t *)vlm_align_up((size_t)(uintptr_t)(c->bp + (size_t)ith * ((size_t)c->np * BP_NC +
+                                                                                         VLM_ALIGN / 4)), VLM_ALIGN);
+    for (long b = 0; b < c->nkb; b++) {
+        long k0 = b * c->kc, kl = c->k - k0 < c->kc ? c->k - k0 : c->kc, np = (kl + 31) / 32 * 16;
+        for (long j0 = n0; j0 < n1; j0 += BP_NC) {
+            int nc = n1 - j0 < BP_NC ? (int)(n1 - j0) : BP_NC;
+            bp_pack_w(c->w, c->k, j0, nc, k0, kl, np, bbuf);
+            for (long i0 = 0; i0 < c->m; i0 += BP_MR) {
+                int mr = c->m - i0 < BP_MR ? (int)(c->m - i0) : BP_MR;
+                bp_panel(c, mr, c->ap + (b * c->m + i0) * c->np, bbuf, np, i0, j0, nc, b == 0);
+            }
+        }
+    }
+}
 
 /* x fp32 rows -> bf16 (RNE), row stride ldd, zero padded to a multiple of 32. */
 static VLM_TGT_AVX512BF16 void convert_rows_bf16_512(const float *x, long ldx, uint16_t *d, long ldd, long r0, long r1, long k) {
@@ -565,6 +769,11 @@ static void blas_task(void *p, int ith, int nth) {
 
 static int use_blas(int64_t m, const vlm_weight *w) { return w->dtype == VLM_F32 && m > VLM_SMALL_M_F32; }
 
+/* bf16 weights, bf16 compute, AVX512-BF16, more than BP_MIN_M rows: the packed-panel path. */
+static int use_bp(int64_t m, const vlm_weight *w, vlm_compute cmode, int level) {
+    return VLM_X86 && level == VLM_ISA_AVX512BF16 && w->dtype == VLM_BF16 && cmode == VLM_COMPUTE_BF16 && m > BP_MIN_M;
+}
+
 /* Bytes of the converted-x buffer (without alignment slack). */
 static size_t xconv_bytes(int64_t m, const vlm_weight *w, vlm_compute cmode, int level, long *ldd) {
     *ldd = 0;
@@ -580,6 +789,7 @@ static size_t xconv_bytes(int64_t m, const vlm_weight *w, vlm_compute cmode, int
 size_t vlm_matmul_scratch_size(int64_t m, const vlm_weight *w, vlm_compute cmode, int n_threads) {
     if (!w) return 0;
     if (w->dtype == VLM_I8 || w->dtype == VLM_I4) return vlm_matmul_i8_scratch_size(m, w, n_threads);
+    if (use_bp(m, w, cmode, vlm_cpu_isa())) return bp_scratch_bytes(m, w->k, n_threads < 1 ? 1 : n_threads);
     long ldd;
     size_t b = xconv_bytes(m, w, cmode, vlm_cpu_isa(), &ldd);
     return b ? b + VLM_ALIGN : 0;
@@ -603,6 +813,31 @@ vlm_status vlm_matmul(vlm_pool *pool, float *out, int64_t ldo, const float *x, i
                         (long long)ldx, (long long)w->k, (long long)ldo, (long long)w->n);
     if (w->dtype == VLM_I8 || w->dtype == VLM_I4) return vlm_matmul_i8(pool, out, ldo, x, ldx, m, w, accumulate, scratch, scratch_size, err);
     const int level = vlm_cpu_isa();
+#if VLM_X86
+    if (use_bp(m, w, cmode, level)) {
+        size_t need = bp_scratch_bytes(m, w->k, vlm_pool_size(pool));
+        if (!scratch || scratch_size < need)
+            return vlm_fail(err, VLM_ERR_ARG, "matmul: scratch of %zu bytes too small (need %zu)",
+                            scratch ? scratch_size : (size_t)0, need);
+        bp_ctx c;
+        memset(&c, 0, sizeof c);
+        c.x = x;
+        c.ldx = ldx;
+        c.m = m;
+        c.n = w->n;
+        c.k = w->k;
+        c.w = (const uint16_t *)w->data;
+        c.out = out;
+        c.ldo = ldo;
+        c.bias = w->bias;
+        c.accumulate = accumulate;
+        c.nkb = (long)bp_blocks(w->k, &c.kc, &c.np);
+        c.ap = (uint32_t *)vlm_align_up((size_t)(uintptr_t)scratch, VLM_ALIGN);
+        c.bp = c.ap + (size_t)m * (size_t)c.nkb * (size_t)c.np;
+        vlm_pool_run(pool, bp_task, &c);
+        return VLM_OK;
+    }
+#endif
     long ldd;
     size_t need = xconv_bytes(m, w, cmode, level, &ldd);
     if (need) need += VLM_ALIGN;

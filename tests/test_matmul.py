@@ -36,6 +36,9 @@ def check(name, out, ref, scale):
 
 SHAPES = [(m, k, n) for m in (1, 3, 17, 64) for k, n in ((37, 5), (100, 67), (2048, 129))]
 SHAPES += [(5, 2085, 301), (8, 1030, 200), (2, 4096, 33)]
+# m > 16 with bf16 weights and compute runs the packed-panel path on AVX512-BF16 (csrc/gemm.c): row panels of 14
+# with tails, k blocks of <= 2048 with a padded tail (3420: the ViT MLP; 4097: three blocks), column panels of 32
+SHAPES += [(29, 3420, 33), (213, 4097, 1), (43, 31, 256), (17, 2048, 65)]
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
@@ -116,13 +119,16 @@ def test_bad_arguments():
 
 
 def test_special_values_propagate():
-    x = np.ones((2, 40), np.float32)
-    w = np.ones((3, 40), np.float32)
-    w[1, 39] = np.inf
-    w[2, 0] = np.nan
-    for ww, c in ((w, "f32"), (to_bf16(w), "f32"), (to_bf16(w), "bf16")):
-        o = core.matmul(x, ww, compute=c)
-        assert np.all(o[:, 0] == 40) and np.all(np.isposinf(o[:, 1])) and np.all(np.isnan(o[:, 2])), (ww.dtype, c)
+    for m in (2, 20):   # 20: the packed-panel path of bf16 compute
+        x = np.ones((m, 40), np.float32)
+        x[m - 1, 3] = np.nan   # the last row only
+        w = np.ones((3, 40), np.float32)
+        w[1, 39] = np.inf
+        w[2, 0] = np.nan
+        for ww, c in ((w, "f32"), (to_bf16(w), "f32"), (to_bf16(w), "bf16")):
+            o = core.matmul(x, ww, compute=c)
+            assert np.all(o[:-1, 0] == 40) and np.all(np.isposinf(o[:-1, 1])) and np.all(np.isnan(o[:, 2])), (m, c)
+            assert np.all(np.isnan(o[-1])), (m, c)
 
 
 def test_info_and_peak():
