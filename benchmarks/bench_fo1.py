@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """End-to-end VLM-FO1 benchmark: one full COCO detection request, vlmfo1 vs the OFFICIAL pipeline.
 
-    python benchmarks/bench_fo1.py --official /tmp/fo1co --official-python /tmp/fo1ref/bin/python
-    python benchmarks/bench_fo1.py --official /tmp/fo1co --official-python /tmp/fo1ref/bin/python --quick
+    bash benchmarks/make_official_venv.sh /tmp/fo1tv          # once: the official engines' interpreter
+    python benchmarks/bench_fo1.py --official /tmp/fo1co --official-python /tmp/fo1tv/bin/python
+    python benchmarks/bench_fo1.py --official /tmp/fo1co --official-python /tmp/fo1tv/bin/python --quick
     python benchmarks/bench_fo1.py ... --engines vlmfo1-bf16,vlmfo1-f32 --threads 4 --json out.json
 
 The request (issue text): a random full-size checkpoint (`vlmfo1.testing.fo1.write_random_fo1(size="full",
@@ -20,23 +21,37 @@ Engines, one subprocess each, one after another (so the peak RSS = VmHWM is that
   vlmfo1-f32      vlmfo1.fo1.FO1, mode="reference", compute="f32"
 
 The official engines run under --official-python (torch + transformers) from the checkout given by --official; they
-reuse the CPU shims of tests/golden/make_fo1_golden.py (imported, not copied: torchvision stub + pure-torch RoIAlign,
-eager attention, DaViT config restore, device cpu). Nothing of the official code is copied here. Note: the
-pure-torch RoIAlign shim is slower than torchvision's compiled op, which inflates the official "hfre" column.
+reuse the CPU shims of tests/golden/make_fo1_golden.py (imported, not copied: eager attention instead of
+flash-attn, DaViT config restore, device cpu, and -- only where torchvision does not work -- a torchvision stub and
+a pure-torch RoIAlign). Nothing of the official code is copied here.
+
+"Best mode" of the official pipeline on a CPU = what it does as shipped, with only what a CPU cannot run replaced:
+eager attention (flash-attn needs CUDA), and torchvision's own compiled RoIAlign (torchvision::roi_align, the op the
+official HFRE imports) running on CPU tensors. The interpreter for that is a venv made by
+benchmarks/make_official_venv.sh VENV_DIR: torch 2.14.1 + torchvision 0.29.1 from PyPI (on x86_64 CUDA builds,
+which run on the CPU), every other package pinned to the versions of the golden-file venv (transformers 4.50.1,
+the version the official code pins; see the script). --official-roi-align auto (default) uses the compiled op
+when the real torchvision imports under --official-python and its roi_align runs on a CPU tensor, else falls back
+to make_fo1_golden's pure-torch RoIAlign (e.g. /tmp/fo1ref: torch 2.13.0+cpu, whose torchvision ops do not load),
+which computes the same op (tests/golden/check_roi_align.py --python VENV/bin/python: max difference a few
+float32 ulps) but 150-300x slower in --quick runs, inflating the official "hfre" column. Each official engine's
+JSON says which RoIAlign it ran ("roi_align", "roi_align_shim", "versions"); the table marks the RoIAlign column
+(tv)/(shim) and names it under the table.
 
 Stages (seconds; best total of --reps timed requests after --warmup untimed ones):
-  prep    vlmfo1: everything in FO1.prepare except the three model stages (image load, resize, both image
-          processors, tokenization, splicing, M-RoPE positions); official: mm_utils.prepare_inputs
+  prep    vlmfo1: FO1Result.timings["preprocess"] (image load, resize, both image processors, box mapping,
+          tokenization, checks); official: mm_utils.prepare_inputs
   vit     Qwen2.5-VL ViT (official: forward of the vision tower module)
   davit   DaViT (official: forward of the aux vision tower module)
   hfre    HFRE region features + mm_projector + mm_projector_aux (official: HFREModule.__call__ + projectors)
-  RoIAlign (official only) the part of hfre spent in roi_align; "(shim)" = make_fo1_golden's pure-torch RoIAlign,
-          used when torchvision's compiled ops do not load -- much slower than torchvision, so subtract it
-          from the official total for a fair comparison
-  prefill LLM prefill (official: start of generate -> first logits, minus vit/davit/hfre)
+  RoIAlign (official only) the part of hfre spent in roi_align; "(tv)" = torchvision's compiled op (best mode);
+          "(shim)" = make_fo1_golden's pure-torch RoIAlign, used when torchvision's compiled ops do not load --
+          much slower than torchvision, so subtract it from the official total for a fair comparison
+  prefill LLM prefill (official: start of generate -> first logits, minus vit/davit/hfre; vlmfo1:
+          FO1Result.timings["prefill"], which includes splicing the image/region tokens and the M-RoPE positions)
   decode  the rest (official: first logits -> end of generate; vlmfo1: sampling, decode steps, answer parsing)
 Speed ratio = (best total among the official engines run) / (engine total); a second ratio subtracts the RoIAlign
-shim time from the official totals. Peak RSS includes the load.
+shim time from the official totals (the same as the first when they ran torchvision's op). Peak RSS includes the load.
 """
 from __future__ import annotations
 
@@ -110,32 +125,6 @@ def prepare(a) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # workers
 
-class _Timed:
-    """Proxy timing calls of the wrapped object (and of the named methods) into acc[key]."""
-
-    def __init__(self, obj, acc, key, methods=()):
-        self._obj, self._acc, self._key, self._methods = obj, acc, key, set(methods)
-
-    def __call__(self, *a, **kw):
-        t0 = time.perf_counter()
-        try:
-            return self._obj(*a, **kw)
-        finally:
-            self._acc[self._key] = self._acc.get(self._key, 0.0) + time.perf_counter() - t0
-
-    def __setattr__(self, name, value):     # e.g. session.rope_delta = ...: set it on the real object
-        if name in ("_obj", "_acc", "_key", "_methods"):
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self._obj, name, value)
-
-    def __getattr__(self, name):
-        v = getattr(self._obj, name)
-        if name in self._methods:
-            return _Timed(v, self._acc, self._key)
-        return v
-
-
 def worker_vlmfo1(req, engine, a) -> dict:
     from vlmfo1.fo1 import FO1
 
@@ -144,35 +133,14 @@ def worker_vlmfo1(req, engine, a) -> dict:
     fo1 = FO1.load(req["checkpoint"], mode="reference", compute=compute, n_threads=a.threads)
     load_s = time.perf_counter() - t0
     rss_load = C.proc_status_kib("VmRSS") * 1024
-    acc: dict = {}
-    fo1.vision = _Timed(fo1.vision, acc, "vit")
-    fo1.davit = _Timed(fo1.davit, acc, "davit")
-    fo1.hfre = _Timed(fo1.hfre, acc, "hfre", methods=("project_image", "region_features", "project_regions"))
-    prepare_, session_ = fo1.prepare, fo1.decoder.session
-
-    def prepare(*x, **kw):
-        t = time.perf_counter()
-        try:
-            return prepare_(*x, **kw)
-        finally:
-            acc["_prepare"] = acc.get("_prepare", 0.0) + time.perf_counter() - t
-
-    def session(*x, **kw):
-        t = time.perf_counter()
-        s = session_(*x, **kw)
-        acc["prefill"] = acc.get("prefill", 0.0) + time.perf_counter() - t
-        return _Timed(s, acc, "prefill", methods=("prefill_embeds",))
-
-    fo1.prepare, fo1.decoder.session = prepare, session
     runs = []
     for i in range(a.warmup + a.reps):
-        acc.clear()
         t = time.perf_counter()
         res = fo1.generate(req["image"], req["boxes"], req["prompt"], max_new_tokens=req["max_new_tokens"])
         total = time.perf_counter() - t
-        st = {k: acc.get(k, 0.0) for k in ("vit", "davit", "hfre", "prefill")}
-        st["prep"] = acc["_prepare"] - st["vit"] - st["davit"] - st["hfre"]
-        st["decode"] = total - acc["_prepare"] - st["prefill"]
+        tm = res.timings          # the engine's own per-stage seconds (vlmfo1.results.STAGES); no image cache
+        st = {"prep": tm["preprocess"], **{k: tm[k] for k in ("vit", "davit", "hfre", "prefill")}}
+        st["decode"] = total - sum(st.values())      # decode steps + sampling + answer parsing
         _log(f"{engine} run {i}{' (warm-up)' if i < a.warmup else ''}: {total:.2f} s")
         if i >= a.warmup:
             runs.append({"total_s": total, "stages_s": st, "tokens": [int(x) for x in res.token_ids],
@@ -190,7 +158,7 @@ def worker_official(req, engine, a) -> dict:
     import make_fo1_golden as G          # CPU shims for the official code (installed by G.Official)
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    off = G.Official(a.official)
+    off = G.Official(a.official, roi_align_impl=a.official_roi_align)     # "auto": compiled if it runs, else shim
     t0 = time.perf_counter()
     tokenizer, model, procs = off.load(req["checkpoint"])
     if engine == "official-fp32":
@@ -237,6 +205,9 @@ def worker_official(req, engine, a) -> dict:
             acc["roi_align"] = acc.get("roi_align", 0.0) + time.perf_counter() - t
     hmod.roi_align = roi_align
     shim = ra is G.roi_align
+    assert shim == (off.roi_align_impl == "shim"), (off.roi_align_impl, ra)
+    import torchvision
+    tv_version = getattr(torchvision, "__version__", None) if not isinstance(torchvision, G._StubModule) else None
     fp32_ref = engine == "official-fp32"
 
     class Mark(LogitsProcessor):
@@ -277,7 +248,10 @@ def worker_official(req, engine, a) -> dict:
     import transformers
     return {"engine": engine, "load_s": load_s, "rss_after_load": rss_load, **best,
             "all_totals_s": [r["total_s"] for r in runs], "official_commit": off.commit, "roi_align_shim": shim,
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+            "roi_align": ("shim (make_fo1_golden.roi_align, pure torch)" if shim else
+                          f"torchvision {tv_version} (compiled torchvision::roi_align)"),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "torchvision": tv_version or "stub (does not import)"}}
 
 
 def run_worker_main(a):
@@ -343,7 +317,8 @@ def report(results, req) -> str:
             rows.append([e] + ["-"] * (len(STAGES) + 7) + [r["error"]])
             continue
         st = r["stages_s"]
-        ra = f"{st['roi_align']:.2f}" + (" (shim)" if r.get("roi_align_shim") else "") if "roi_align" in st else "-"
+        ra = (f"{st['roi_align']:.2f}" + (" (shim)" if r.get("roi_align_shim") else " (tv)")
+              if "roi_align" in st else "-")
         rows.append([e] + [f"{st[s]:.2f}" for s in STAGES] +
                     [ra, f"{r['total_s']:.2f}", f"{best / r['total_s']:.2f}x" if best else "n/a",
                      f"{best_ex / r['total_s']:.2f}x" if best_ex else "n/a",
@@ -357,6 +332,11 @@ def report(results, req) -> str:
              f"{req['max_new_tokens']} new tokens greedy, {req['threads']} threads, best of {req['reps']}"
              f" (warm-up {req['warmup']})", "", C.markdown_table(head, rows)]
     for e, r in ok.items():
+        if "roi_align" in r:
+            v = r.get("versions", {})
+            lines.append(f"- {e}: RoIAlign = {r['roi_align']}; torch {v.get('torch')}, transformers "
+                         f"{v.get('transformers')}")
+    for e, r in ok.items():
         lines.append(f"- {e}: {r['text'][:100]!r}")
     return "\n".join(lines)
 
@@ -365,7 +345,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--official", default="/tmp/fo1co", help="om-ai-lab/VLM-FO1 checkout (holds vlm_fo1/)")
     p.add_argument("--official-python", default="/tmp/fo1ref/bin/python",
-                   help="interpreter with torch + transformers for the official engines")
+                   help="interpreter with torch + transformers for the official engines (best mode: a venv made by "
+                        "benchmarks/make_official_venv.sh, e.g. /tmp/fo1tv/bin/python)")
+    p.add_argument("--official-roi-align", choices=["auto", "torchvision", "shim"], default="auto",
+                   help="RoIAlign of the official engines: torchvision's compiled op when it runs on CPU tensors "
+                        "under --official-python, else the pure-torch shim (auto); or force one (torchvision: fail "
+                        "if it does not run)")
     p.add_argument("--engines", default=DEFAULT_ENGINES, help="comma list of: " + ", ".join(ENGINES))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny checkpoint, 10 boxes, 640 x 480")
@@ -405,7 +390,8 @@ def main(argv=None):
         _log(f"engine {e}")
         py = a.official_python if e.startswith("official") else sys.executable
         results[e] = spawn(py, ["--worker", e, "--request", req_path, "--threads", str(a.threads),
-                                "--reps", str(a.reps), "--warmup", str(a.warmup), "--official", a.official],
+                                "--reps", str(a.reps), "--warmup", str(a.warmup), "--official", a.official,
+                                "--official-roi-align", a.official_roi_align],
                            a.threads, a.timeout)
     text = report(results, req)
     print(text)

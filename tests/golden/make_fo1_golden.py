@@ -9,7 +9,9 @@ See tests/golden/README.md for the exact command, environment and the meaning of
 
 Patches applied at import time (never to the checkout):
   * torchvision.ops.roi_align -> a pure-torch RoIAlign with torchvision's semantics (aligned=False, adaptive
-    sampling grid, float32 coordinates), because torchvision's compiled ops do not load beside this torch;
+    sampling grid, float32 coordinates), because torchvision's compiled ops do not load beside this torch (other
+    users, e.g. benchmarks/bench_fo1.py, may keep the compiled op where it runs: Official(roi_align_impl="auto");
+    tests/golden/check_roi_align.py compares the two);
   * flash_attention_2 -> eager attention (ViT and LLM);
   * the module-level `img_cfg` of the DaViT processor is restored before each load (the official loader mutates it:
     after a 'dynamic' load, do_resize stays False for every later load in the same process);
@@ -150,10 +152,37 @@ class _StubFinder:
         pass
 
 
-def install_shims():
-    """torchvision: the real package if it imports (then only roi_align is replaced), else stubs (timm imports
-    torchvision at module level; VLM-FO1 uses only ops.roi_align and transforms.ToPILImage, the latter on a path
-    not taken here)."""
+ROI_ALIGN_IMPLS = ("shim", "auto", "torchvision")
+
+
+def _compiled_roi_align():
+    """torchvision.ops.roi_align when the real torchvision is imported and its compiled op runs on CPU tensors
+    (with the arguments HFRE passes: float32 map, a list with one float32 [N, 4] box tensor), else None."""
+    tv = sys.modules.get("torchvision")
+    if tv is None or isinstance(tv, _StubModule):
+        return None
+    try:
+        from torchvision.ops import roi_align as ra
+        x = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(1, 2, 4, 4)
+        y = ra(x, [torch.tensor([[0.5, 0.5, 3.0, 3.5]])], output_size=2, spatial_scale=1.0)
+        if tuple(y.shape) != (1, 2, 2, 2) or not torch.isfinite(y).all():
+            return None
+        return ra
+    except Exception:  # noqa: BLE001  (e.g. "operator torchvision::roi_align does not exist")
+        return None
+
+
+def install_shims(roi_align_impl: str = "shim") -> str:
+    """torchvision: the real package if it imports, else stubs (timm imports torchvision at module level; VLM-FO1
+    uses only ops.roi_align and transforms.ToPILImage, the latter on a path not taken here).
+
+    roi_align_impl: "shim" (default; the golden files are made with it) replaces torchvision.ops.roi_align by the
+    pure-torch `roi_align` above; "auto" keeps torchvision's compiled roi_align when the real torchvision imports and
+    the op runs on CPU tensors, else the shim; "torchvision" requires the compiled op (SystemExit otherwise).
+    Must run before the official HFRE module is imported (it binds roi_align at import). Returns the one in use:
+    "torchvision" or "shim"."""
+    if roi_align_impl not in ROI_ALIGN_IMPLS:
+        raise ValueError(f"roi_align_impl must be one of {ROI_ALIGN_IMPLS}, not {roi_align_impl!r}")
     try:
         import torchvision.ops  # noqa: F401
         import torchvision.transforms  # noqa: F401
@@ -164,17 +193,25 @@ def install_shims():
         sys.meta_path.insert(0, _StubFinder())
         import torchvision.ops  # noqa: F401
         import torchvision.transforms  # noqa: F401
+    compiled = _compiled_roi_align() if roi_align_impl != "shim" else None
+    if compiled is not None:
+        sys.modules["torchvision.ops"].roi_align = compiled
+        return "torchvision"
+    if roi_align_impl == "torchvision":
+        raise SystemExit("roi_align_impl='torchvision': torchvision's compiled roi_align does not import or run on "
+                         "CPU tensors here (make a venv with benchmarks/make_official_venv.sh)")
     sys.modules["torchvision.ops"].roi_align = roi_align
+    return "shim"
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # official code
 
 class Official:
-    def __init__(self, root: str, commit: str = ""):
+    def __init__(self, root: str, commit: str = "", roi_align_impl: str = "shim"):
         self.root = os.path.abspath(root)
         sys.path.insert(0, self.root)
-        install_shims()
+        self.roi_align_impl = install_shims(roi_align_impl)      # "torchvision" or "shim"
         from vlm_fo1.model.builder import load_pretrained_model
         from vlm_fo1.model.language_model.omchat_qwen2_5_vl import OmChatQwen25VLForCausalLM, OmChatQwen25VLConfig
         from vlm_fo1.model.multimodal_encoder.qwen2_5_vl.modeling_qwen2_5_vl import \
