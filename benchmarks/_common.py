@@ -272,6 +272,15 @@ def peak_rss_bytes() -> int:
     return kib * 1024
 
 
+def add_worker_args(parser, *extra: str) -> None:
+    """The hidden options of a benchmark's worker processes: --worker (what to run), `extra` ones, and --out (the
+    JSON result file run_worker passes)."""
+    import argparse
+
+    for name in ("--worker",) + extra + ("--out",):
+        parser.add_argument(name, help=argparse.SUPPRESS)
+
+
 def run_worker(argv, timeout: float, log=print):
     """Run `python argv...` in a fresh process (one engine per process, so its peak RSS is its own),
     passing a JSON result file; stderr/stdout go straight to ours.  Returns the result dict or

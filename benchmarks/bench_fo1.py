@@ -365,9 +365,7 @@ def main(argv=None):
     p.add_argument("--workdir", default="/tmp/vlmfo1_bench_fo1")
     p.add_argument("--timeout", type=float, default=4 * 3600, help="per engine, seconds")
     p.add_argument("--json", help="write all results here")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--request", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
+    C.add_worker_args(p, "--request")
     a = p.parse_args(argv)
     if a.worker:
         return run_worker_main(a)

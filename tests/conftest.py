@@ -1,5 +1,5 @@
 """Shared fixtures: tiny random Qwen2 checkpoints (written once per session by transformers) with their
-reference runs, `assert_close` and `DictCheckpoint`.
+reference runs, `assert_close` and `DictCheckpoint`; the weight cache of int8 / int4 loads in a session folder.
 
 torch / transformers are imported only inside the fixtures that need them, so test modules that do
 not use these fixtures run without them.
@@ -76,6 +76,19 @@ def assert_close(a, b, rtol, atol=0.0, name="value"):
         raise AssertionError(f"{name}: max abs err {abs_err:.3e}, max rel err {rel_err:.3e} "
                              f"> rtol {rtol:g} (atol {atol:g}, max|ref| {scale:.3g}){where}")
     return abs_err, rel_err
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _weight_cache_dir(tmp_path_factory):
+    """int8 / int4 loads cache their weights (vlmfo1.weight_cache) in a folder of this session, never in the real
+    home; subprocesses inherit it. Tests of the cache itself pass their own cache_dir."""
+    old = os.environ.get("VLMFO1_CACHE_DIR")
+    os.environ["VLMFO1_CACHE_DIR"] = str(tmp_path_factory.mktemp("weight_cache"))
+    yield
+    if old is None:
+        os.environ.pop("VLMFO1_CACHE_DIR", None)
+    else:
+        os.environ["VLMFO1_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="session")

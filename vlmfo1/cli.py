@@ -1,4 +1,5 @@
-"""Command line: one subcommand per VLM-FO1 task, plus `generate` (Qwen2.5 / Qwen2.5-VL), `random-checkpoint`, `demo`.
+"""Command line: one subcommand per VLM-FO1 task, plus `generate` (Qwen2.5 / Qwen2.5-VL), `random-checkpoint`, `demo`,
+`cache`.
 
     vlmfo1 detect IMAGE orange apple --model DIR --boxes boxes.json [--box-format xywh] [--json] [--draw out.png]
     vlmfo1 count IMAGE person --model DIR --boxes boxes.json
@@ -6,6 +7,7 @@
     vlmfo1 caption IMAGE --region 3 [--detailed] ... | ocr IMAGE --region 3 ... | detect-like IMAGE --region 0 ...
     vlmfo1 eval coco|refcoco|countbench|pixmocount --model DIR --images DIR --annotations FILE
         [--proposals FILE | --oracle-proposals] --out RUN_DIR [--workers N] [--limit K] [--item-timeout SECONDS]
+    vlmfo1 cache info | clear [--stale] [--cache-dir DIR]     the weight cache of --dtype int8 / int4 loads
 
 Every error ends in one line `vlmfo1 CMD: error: ...` and exit status 1. Options that do not apply to a subcommand
 are rejected, not ignored.
@@ -46,11 +48,28 @@ def _add_model_args(p, default_mode: str, default_max_context: int) -> None:
                         "(VLM-FO1 only): int8 language model, vision towers as stored; int4: the language model in "
                         "4-bit blocks (output layer int8), vision towers as stored")
     p.add_argument("--compute", choices=["f32", "bf16"], help="activation precision with bf16 weights")
+    _add_cache_dir_arg(p, with_off=True)
     p.add_argument("--threads", type=int, help="worker threads (default: OMP_NUM_THREADS, else the CPUs this "
                                                "process may use)")
     p.add_argument("--max-context", type=int, metavar="N",
                    help=f"the longest prompt in positions, 1..the checkpoint's max_position_embeddings (default "
                         f"{default_max_context}, or that limit when smaller)")
+
+
+def _add_cache_dir_arg(p, with_off: bool = False) -> None:
+    """--cache-dir (and --no-cache): the weight cache of int8 / int4 loads (vlmfo1.weight_cache)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--cache-dir", metavar="DIR",
+                   help="where int8 / int4 weights are cached between loads (default: $VLMFO1_CACHE_DIR, else "
+                        "$XDG_CACHE_HOME/vlmfo1/weights or ~/.cache/vlmfo1/weights; see `vlmfo1 cache info`)")
+    if with_off:
+        g.add_argument("--no-cache", action="store_true",
+                       help="quantize at every load and write nothing (no weight cache)")
+
+
+def _cache_dir(args):
+    """The loaders' cache_dir for --cache-dir / --no-cache: a folder, False (off) or None (the default)."""
+    return False if getattr(args, "no_cache", False) else args.cache_dir
 
 
 def _add_eval_run_args(p) -> None:
@@ -176,6 +195,15 @@ def _parser() -> argparse.ArgumentParser:
         add_arguments(p)
         _add_eval_run_args(p)
 
+    c = sub.add_parser("cache", help="the weight cache of int8 / int4 loads: what it holds, or empty it")
+    csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ci = csub.add_parser("info", help="the cache folder, its files with their sizes and source checkpoints")
+    _add_cache_dir_arg(ci)
+    cc = csub.add_parser("clear", help="delete the cached files (nothing else in the folder is touched)")
+    _add_cache_dir_arg(cc)
+    cc.add_argument("--stale", action="store_true",
+                    help="only the files whose source checkpoint changed or is gone (they can never be used again)")
+
     d = sub.add_parser("demo", help="run the official quick-start example on a small random VLM-FO1 checkpoint")
     d.add_argument("--tiktoken", help="qwen.tiktoken (default: $VLMFO1_QWEN_TIKTOKEN, else "
                                       "../shared/data/tokenizer/qwen.tiktoken)")
@@ -198,7 +226,8 @@ def main(argv=None) -> int:
         args = ap.parse_args(argv)
     except SystemExit as e:          # --help / --version (0) or a usage error (1, one line already printed)
         return int(e.code or 0)
-    cmd = f"{args.cmd} {args.benchmark}" if args.cmd == "eval" else args.cmd
+    cmd = f"{args.cmd} {args.benchmark}" if args.cmd == "eval" else \
+        f"{args.cmd} {args.action}" if args.cmd == "cache" else args.cmd
     try:
         return _run(args)
     except (OSError, ValueError, KeyError, TypeError, LookupError, NotImplementedError, ArithmeticError,
@@ -242,6 +271,8 @@ def _run(args) -> int:
         return _random_checkpoint(args)
     if args.cmd == "eval":
         return _eval(args)
+    if args.cmd == "cache":
+        return _cache(args)
     if args.cmd == "demo":
         return _text_demo(args) if args.text else _fo1_demo(args)
     return 1
@@ -344,7 +375,7 @@ def _fo1_task(args) -> int:
     else:
         boxes, fmt, scores = read_boxes_file(args.boxes, args.box_format) if args.boxes else ([], "xyxy", None)
     model = VLMFO1.from_pretrained(args.model, mode=args.mode, compute=args.compute, dtype=args.dtype,
-                                   threads=args.threads, max_context=args.max_context)
+                                   threads=args.threads, max_context=args.max_context, cache_dir=_cache_dir(args))
     kw = dict(boxes=boxes, box_format=fmt, scores=scores, proposals=source, image_id=args.image_id,
               truncate_boxes=args.truncate_boxes,
               max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -398,7 +429,8 @@ def _eval(args) -> int:
     if args.max_context is not None and args.max_context < 1:
         raise ValueError(f"--max-context must be >= 1, got {args.max_context}")
     cls, _ = EVALUATORS[args.benchmark]
-    options = {"mode": args.mode, "dtype": args.dtype, "compute": args.compute, "max_context": args.max_context}
+    options = {"mode": args.mode, "dtype": args.dtype, "compute": args.compute, "max_context": args.max_context,
+               "cache_dir": _cache_dir(args)}
     old = warnings.showwarning
     warnings.showwarning = one_line
     try:
@@ -413,6 +445,40 @@ def _eval(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- the weight cache
+
+def _cache(args) -> int:
+    """vlmfo1 cache info | clear [--stale]: the weight cache of int8 / int4 loads (vlmfo1.weight_cache)."""
+    from .weight_cache import cache_info, clear_cache, human_bytes
+
+    if args.action == "clear":
+        removed = clear_cache(args.cache_dir, stale_only=args.stale)
+        info = cache_info(args.cache_dir)
+        what = "stale " if args.stale else ""
+        print(f"removed {len(removed)} {what}file{'' if len(removed) == 1 else 's'} "
+              f"({human_bytes(sum(n for _, n in removed))}) from {info['directory']}; "
+              f"{len(info['files'])} left ({human_bytes(info['bytes'])})")
+        return 0
+    info = cache_info(args.cache_dir)
+    files = info["files"]
+    where = "--cache-dir" if args.cache_dir else "$VLMFO1_CACHE_DIR" if os.environ.get("VLMFO1_CACHE_DIR") else \
+        "the default"
+    print(f"weight cache: {info['directory']} ({where})")
+    print(f"{len(files)} file{'' if len(files) == 1 else 's'}, {human_bytes(info['bytes'])}"
+          + (f" ({sum(f.stale for f in files)} stale: `vlmfo1 cache clear --stale` removes them)"
+             if any(f.stale for f in files) else ""))
+    for f in files:
+        kind = f"int{f.bits} {f.matrices:4d} matrices" if f.bits else f"unreadable ({f.error})"
+        state = "  STALE" if f.stale else ""
+        print(f"  {human_bytes(f.bytes):>11}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(f.mtime))}  {kind}  "
+              f"{os.path.basename(f.path)}{state}")
+        for src in f.sources:
+            print(f"{'':15}from {src}")
+    for p, n in info["temporary"]:
+        print(f"  {human_bytes(n):>11}  temporary (a writer at work or killed): {os.path.basename(p)}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- Qwen text / VL
 
 def _generate(args) -> int:
@@ -422,7 +488,7 @@ def _generate(args) -> int:
         from .qwen_vl import DEFAULT_SYSTEM, QwenVL
 
         vl = QwenVL.load(args.model, mode=args.mode, compute=args.compute, dtype=args.dtype, n_threads=args.threads,
-                         max_context=args.max_context)
+                         max_context=args.max_context, cache_dir=_cache_dir(args))
         t0 = time.perf_counter()
         for piece in vl.stream(args.image, args.prompt, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
@@ -439,7 +505,7 @@ def _generate(args) -> int:
     from .tokenizer import Tokenizer
 
     lm = LanguageModel.load(args.model, mode=args.mode, compute=args.compute, dtype=args.dtype,
-                            n_threads=args.threads, max_context=args.max_context)
+                            n_threads=args.threads, max_context=args.max_context, cache_dir=_cache_dir(args))
     tok = Tokenizer.from_pretrained(args.tokenizer or args.model)
     _stream(lm, tok, args.prompt, args.chat, args.system, args)
     return 0

@@ -32,9 +32,10 @@ from ._native import core
 from .config_check import check_davit, check_davit_fields, check_davit_name
 from .constants import DAVIT_CONFIGS, DAVIT_LARGE
 from .options import check_options
-from .quant import quantize_matrices
+from .quant import quantize_checkpoint_matrices
 from .safetensors import Checkpoint, check_tensors, stored_kind, weight
 from .threads import default_threads
+from .weight_cache import check_cache_dir, derive, lazy_weight
 
 __all__ = ["DavitConfig", "DavitEncoder", "DAVIT_CONFIGS"]
 
@@ -120,17 +121,19 @@ class DavitEncoder:
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, raw_config, prefix: Optional[str] = None, mode: str = "exact",
                         compute: Optional[str] = None, dtype: Optional[str] = None,
-                        n_threads: Optional[int] = None) -> "DavitEncoder":
+                        n_threads: Optional[int] = None, cache_dir=None) -> "DavitEncoder":
         """ckpt: a vlmfo1.safetensors.Checkpoint; raw_config: config.json as a dict (or a DavitConfig).
-        dtype: None keeps the stored weight dtype (bf16 as uint16 bits), "float32" / "bfloat16" convert.
-        compute: "f32" / "bf16" (default: bf16 for bf16 weights, else f32)."""
+        dtype: None keeps the stored weight dtype (bf16 as uint16 bits), "float32" / "bfloat16" convert, "int8"
+        quantizes the matrices (cached between loads in cache_dir, vlmfo1.weight_cache: None = the default folder,
+        False = no cache). compute: "f32" / "bf16" (default: bf16 for bf16 weights, else f32)."""
         check_options(mode, dtype, compute)
+        check_cache_dir(cache_dir)
         config = DavitConfig.from_dict(raw_config)
         layout, prefix = _find_layout(ckpt, prefix)
-        tensors, stored, mlp_hidden = _collect(ckpt, config, layout, prefix, dtype)
+        tensors, stored, mlp_hidden, names = _collect(ckpt, config, layout, prefix, dtype)
         n_threads = int(n_threads or default_threads())
         if dtype == "int8":
-            quantize_matrices(tensors, n_threads, release=getattr(ckpt, "evict", None))
+            quantize_checkpoint_matrices(tensors, ckpt, names, n_threads, cache_dir)
         if compute is None:
             compute = "bf16" if stored == "bf16" else "f32"
         return cls(config, tensors, mode, compute, n_threads, mlp_hidden, ckpt)
@@ -228,11 +231,15 @@ def _collect(ckpt: Checkpoint, c: DavitConfig, layout: str, p: str, dtype: Optio
                     want[f"blocks.{s}.{j}.{kind}.{key}_bias"] = (n + ".bias", (shapes[key][0],))
     check_tensors(ckpt, want, "DaViT", lambda k: k.startswith(p + "blocks.") or k.startswith(p + "convs."))
     out: Dict[str, np.ndarray] = {}
+    q = dtype == "int8"      # the matrices as mapped views or Deferred: nothing is read before the weight cache
     for key, (name, shp) in want.items():
         if shp[1:] == (1, 3, 3):     # depthwise conv [C, 1, 3, 3] -> tap-major [9 * C] float32
             a = weight(ckpt, name, dtype, vector=True)
             out[key] = np.ascontiguousarray(a.reshape(shp[0], 9).T).reshape(-1)
-        else:                        # vectors; linear [n, k]; patch conv [C, Cin, k, k] -> [C, Cin * k * k]
-            a = weight(ckpt, name, dtype, vector=len(shp) == 1)
-            out[key] = a if len(shp) == 1 else a.reshape(shp[0], -1)
-    return out, stored_kind(out), mlp_hidden
+        elif len(shp) == 1:          # vectors
+            out[key] = weight(ckpt, name, dtype, vector=True)
+        else:                        # linear [n, k]; patch conv [C, Cin, k, k] -> [C, Cin * k * k]
+            a = lazy_weight(ckpt, name) if q else weight(ckpt, name, dtype)
+            k = int(np.prod(shp[1:]))
+            out[key] = derive(a, lambda a, n=shp[0], k=k: a.reshape(n, k), (shp[0], k), q)
+    return out, stored_kind(out), mlp_hidden, {key: name for key, (name, _) in want.items()}

@@ -33,6 +33,7 @@ from .options import (CONTEXT_CAP, _is_int, check_ids, check_max_context, check_
 from .quant import quantize_linear
 from .safetensors import Checkpoint, check_tensors, round_bf16, stored_kind, weight
 from .threads import check_threads
+from .weight_cache import check_cache_dir, checkpoint_identity, lazy_weight, origin
 
 # Moved out of this module and still importable from it (`from vlmfo1.decoder import ...`), with the names imported
 # above: options and config files live in vlmfo1.options, sampling and the decode loop in vlmfo1.generation,
@@ -185,7 +186,7 @@ class LanguageModel:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: str, mode: str = "exact", compute: Optional[str] = None, dtype: Optional[str] = None,
-             n_threads: Optional[int] = None, max_context: Optional[int] = None) -> "LanguageModel":
+             n_threads: Optional[int] = None, max_context: Optional[int] = None, cache_dir=None) -> "LanguageModel":
         """Load a checkpoint folder (config.json + model.safetensors or sharded safetensors).
 
         mode: "exact" or "reference" (see module doc). dtype: None keeps the stored dtype (F16 is
@@ -193,8 +194,11 @@ class LanguageModel:
         (per-output-channel int8 weights, activations quantized per token: vlmfo1.quant), or "int4": the layers'
         weights in 4-bit blocks of 32 (the output layer int8; the input sizes must be multiples of 32). compute: "f32" or "bf16" (how activations
         meet bf16 weights; default "bf16" when weights are bf16). The logits processors of the folder's
-        generation_config.json (e.g. repetition_penalty) are applied as transformers applies them (`generation`)."""
+        generation_config.json (e.g. repetition_penalty) are applied as transformers applies them (`generation`).
+        cache_dir: where int8 / int4 weights are cached between loads (vlmfo1.weight_cache): None = the default
+        folder ($VLMFO1_CACHE_DIR, else ~/.cache/vlmfo1/weights), a path, or False = no cache."""
         check_options(mode, dtype, compute, language_model=True)
+        check_cache_dir(cache_dir)
         n_threads = check_threads(n_threads)
         path = os.fspath(path)
         raw = read_config(path)
@@ -204,7 +208,8 @@ class LanguageModel:
             return cls.from_checkpoint(ckpt, raw, mode=mode, compute=compute, dtype=dtype,
                                        n_threads=n_threads, max_context=max_context,
                                        generation_eos=read_generation_eos(path),
-                                       generation=GenerationSettings.from_pretrained(path, kind="qwen"))
+                                       generation=GenerationSettings.from_pretrained(path, kind="qwen"),
+                                       cache_dir=cache_dir)
         except BaseException:
             ckpt.close()  # a failed load releases the mappings and descriptors it opened
             raise
@@ -215,12 +220,13 @@ class LanguageModel:
                         max_context: Optional[int] = None,
                         generation_eos: Sequence[int] = (),
                         generation: Optional[GenerationSettings] = None,
-                        default_context: int = 4096) -> "LanguageModel":
+                        default_context: int = 4096, cache_dir=None) -> "LanguageModel":
         check_options(mode, dtype, compute, language_model=True)
+        check_cache_dir(cache_dir)
         n_threads = check_threads(n_threads)
         config = DecoderConfig.from_dict(raw_config)
         max_context = check_max_context(max_context, config, default_context)   # before any weight is read
-        tensors, stored = _collect_tensors(ckpt, config, dtype, n_threads)
+        tensors, stored = _collect_tensors(ckpt, config, dtype, n_threads, cache_dir)
         if compute is None:
             compute = "bf16" if stored == "bf16" else "f32"
         tensors["inv_freq"] = rope_inv_freq(config.head_dim, config.rope_theta, mode)
@@ -309,9 +315,10 @@ class LanguageModel:
 LINEAR = ("q", "k", "v", "o", "gate", "up", "down")   # the per-layer weights int8 / int4 quantize (all but the norms)
 
 
-def _collect_tensors(ckpt: Checkpoint, c: DecoderConfig, dtype: Optional[str], n_threads: int = 1):
+def _collect_tensors(ckpt: Checkpoint, c: DecoderConfig, dtype: Optional[str], n_threads: int = 1, cache_dir=None):
     """Map checkpoint names to the core's names, check presence and shapes, convert dtypes (int8: every linear
-    layer and the output layer, made from the embedding table when tied; the embedding table stays as stored)."""
+    layer and the output layer, made from the embedding table when tied; the embedding table stays as stored;
+    int8 / int4 go through the weight cache in cache_dir, vlmfo1.weight_cache)."""
     prefix = next((p for p in _PREFIXES if p + "embed_tokens.weight" in ckpt), None)
     if prefix is None:
         raise KeyError(f"no decoder in checkpoint {getattr(ckpt, 'path', '')}: no '*embed_tokens.weight' tensor "
@@ -345,14 +352,20 @@ def _collect_tensors(ckpt: Checkpoint, c: DecoderConfig, dtype: Optional[str], n
         if bad:
             raise ValueError(f"dtype 'int4' needs every linear layer's input size to be a multiple of 32 (4-bit blocks "
                              f"of 32 weights): {bad[0]} has {bad[1]}")
-    load = None if dtype in ("int8", "int4") else dtype
-    out = {key: weight(ckpt, name, load, vector=len(shp) == 1) for key, (name, shp) in want.items()}
+    if dtype not in ("int8", "int4"):
+        out = {key: weight(ckpt, name, dtype, vector=len(shp) == 1) for key, (name, shp) in want.items()}
+        return out, stored_kind(out)
+    keys = [f"layers.{l}.{k}" for l in range(c.num_hidden_layers) for k in LINEAR]
+    # the matrices to quantize as mapped views (or, F16, made only if the weight cache misses): nothing is read here
+    out = {key: lazy_weight(ckpt, name) if key in keys or key == "lm_head"
+           else weight(ckpt, name, None, vector=len(shp) == 1) for key, (name, shp) in want.items()}
     stored = stored_kind(out)
-    if dtype in ("int8", "int4"):
-        keys = [f"layers.{l}.{k}" for l in range(c.num_hidden_layers) for k in LINEAR]
-        release = getattr(ckpt, "evict", None)
-        quantize_linear(out, keys, n_threads, release=release, bits=8 if dtype == "int8" else 4)
-        # the output layer stays int8 under int4 too (as llama.cpp keeps it at 6 bits or more)
-        quantize_linear(out, ["lm_head"], n_threads, release=release,
-                        sources=None if "lm_head" in out else {"lm_head": out["embed"]})
+    release = getattr(ckpt, "evict", None)
+    names = {key: name for key, (name, _) in want.items()}
+    names.setdefault("lm_head", want["embed"][0])          # a tied output layer is made from the embedding table
+    cache = origin(cache_dir, checkpoint_identity(ckpt), names)
+    quantize_linear(out, keys, n_threads, release=release, bits=8 if dtype == "int8" else 4, cache=cache)
+    # the output layer stays int8 under int4 too (as llama.cpp keeps it at 6 bits or more)
+    quantize_linear(out, ["lm_head"], n_threads, release=release,
+                    sources=None if "lm_head" in out else {"lm_head": out["embed"]}, cache=cache)
     return out, stored

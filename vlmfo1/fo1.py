@@ -54,6 +54,7 @@ from .tokenizer import check_text
 from .safetensors import Checkpoint
 from .threads import default_threads
 from .vision import VisionTower
+from .weight_cache import check_cache_dir
 from ._native import core
 
 FO1_VISION_PREFIX = "model.vision_tower.image_tower."
@@ -153,7 +154,7 @@ class VLMFO1:
     def from_pretrained(cls, path: Union[str, os.PathLike], dtype: Optional[str] = None,
                         threads: Optional[int] = None, mode: str = "reference", compute: Optional[str] = None,
                         max_context: Optional[int] = None, n_threads: Optional[int] = None,
-                        image_cache: int = 0) -> "VLMFO1":
+                        image_cache: int = 0, cache_dir=None) -> "VLMFO1":
         """Load a VLM-FO1 checkpoint folder (the official layout: config.json, safetensors, tokenizer files).
 
         dtype: None keeps the stored weights (bf16 stays bf16, memory-mapped), "float32" / "bfloat16" convert;
@@ -169,12 +170,16 @@ class VLMFO1:
         the position limit when smaller). Prompt + max_new_tokens must fit in max_position_embeddings.
         image_cache: bytes for an LRU of encoded images (vision features + the KV cache of the shared prompt
         prefix, ~73 KiB per prefix position at 3B): a task on an image and boxes seen before then skips the vision
-        towers and the prefix prefill (default 0: off; `model.image_cache.max_bytes` changes it later)."""
+        towers and the prefix prefill (default 0: off; `model.image_cache.max_bytes` changes it later).
+        cache_dir: where int8 / int4 weights are cached between loads, so that a later load maps them instead of
+        quantizing again (vlmfo1.weight_cache): None = the default folder ($VLMFO1_CACHE_DIR, else
+        $XDG_CACHE_HOME/vlmfo1/weights or ~/.cache/vlmfo1/weights), a folder path, or False = no cache."""
         from .tokenizer import Tokenizer
 
         if threads is not None and n_threads is not None and threads != n_threads:
             raise ValueError("give threads= or n_threads=, not both")
         ImageCache(image_cache)   # checked before anything is loaded
+        check_cache_dir(cache_dir)
         threads = threads if threads is not None else n_threads
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
                                     or not 1 <= threads <= 256):
@@ -191,7 +196,8 @@ class VLMFO1:
         ckpt = Checkpoint(path)
         try:
             threads = int(threads or default_threads())
-            kw = dict(mode=mode, compute=compute, dtype=None if dtype in ("mixed", "int4") else dtype, n_threads=threads)
+            kw = dict(mode=mode, compute=compute, dtype=None if dtype in ("mixed", "int4") else dtype,
+                      n_threads=threads, cache_dir=cache_dir)
             if not any(k.startswith("model.object_vp_extractor.") for k in ckpt.keys()) and \
                     not any(k.startswith("model.mm_projector_aux.") for k in ckpt.keys()):
                 raise KeyError("no VLM-FO1 region encoder in this checkpoint (no model.object_vp_extractor.* / "
@@ -213,10 +219,10 @@ class VLMFO1:
 
     @classmethod
     def load(cls, path, mode: str = "reference", compute: Optional[str] = None, dtype: Optional[str] = None,
-             n_threads: Optional[int] = None, max_context: Optional[int] = None) -> "VLMFO1":
+             n_threads: Optional[int] = None, max_context: Optional[int] = None, cache_dir=None) -> "VLMFO1":
         """The older name of from_pretrained (same arguments, n_threads for threads)."""
         return cls.from_pretrained(path, dtype=dtype, threads=n_threads, mode=mode, compute=compute,
-                                   max_context=max_context)
+                                   max_context=max_context, cache_dir=cache_dir)
 
     # ------------------------------------------------------------------ what it is
     @property

@@ -44,9 +44,10 @@ from .aux_image import boxes_to_aux
 from .config_check import check_hfre
 from .constants import DAVIT_LARGE, QWEN_PATCH_SIZE
 from .options import check_options
-from .quant import quantize_matrices
+from .quant import quantize_checkpoint_matrices
 from .safetensors import Checkpoint, weight
 from .threads import default_threads
+from .weight_cache import check_cache_dir, derive, lazy_weight
 
 P_VP = "model.object_vp_extractor."
 P_PROJ = "model.mm_projector."
@@ -130,6 +131,8 @@ class _Tensors:
     def __init__(self, ckpt: Checkpoint, dtype: Optional[str]):
         self.ckpt, self.dtype, self.used = ckpt, dtype, set()
         self.stored_bf16 = False
+        self.quantized = dtype == "int8"
+        self.names: Dict[str, str] = {}    # core key of each matrix -> its checkpoint tensor (the weight cache's key)
 
     def has(self, name):
         return name in self.ckpt
@@ -139,14 +142,20 @@ class _Tensors:
             raise KeyError(f"checkpoint {getattr(self.ckpt, 'path', '')} is missing tensor '{name}'")
         return tuple(self.ckpt.info(name).shape)
 
-    def get(self, name, shape=None, vector=False):
+    def get(self, name, shape=None, vector=False, lazy=False):
         shp = self.shape(name)
         if shape is not None and shp != tuple(shape):
             raise ValueError(f"tensor '{name}' has shape {shp}, expected {tuple(shape)}")
-        a = weight(self.ckpt, name, self.dtype, vector)
+        a = lazy_weight(self.ckpt, name) if lazy else weight(self.ckpt, name, self.dtype, vector)
         self.used.add(name)
         self.stored_bf16 = self.stored_bf16 or a.dtype == np.uint16
         return a
+
+    def matrix(self, key, name, shape, fn, out_shape):
+        """The matrix fn(tensor `name` of `shape`) of out_shape (a re-laid-out copy) for t[key]; with int8 a Deferred
+        made only if the weight cache misses (nothing is read here)."""
+        self.names[key] = name
+        return derive(self.get(name, shape, lazy=self.quantized), fn, out_shape, self.quantized)
 
 
 def _load_projector(T: _Tensors, prefix: str, n_layers: int, k_in: Optional[int], n_out: Optional[int],
@@ -177,7 +186,7 @@ def _load_projector(T: _Tensors, prefix: str, n_layers: int, k_in: Optional[int]
             raise ValueError(f"tensor '{wn}' has shape {shp}: expected {prev} input features")
         if i == 0 and n_out is not None and shp[0] != n_out:
             raise ValueError(f"tensor '{wn}' has shape {shp}: expected {n_out} output features (hidden_size)")
-        out[f"{name}.{i}"] = np.ascontiguousarray(T.get(wn))
+        out[f"{name}.{i}"] = T.matrix(f"{name}.{i}", wn, shp, np.ascontiguousarray, shp)
         out[f"{name}.{i}_bias"] = T.get(bn, (shp[0],), vector=True)
         first_k = shp[1] if first_k is None else first_k
         prev = shp[0]
@@ -200,10 +209,12 @@ class HFRE:
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, raw_config: Dict, mode: str = "exact", compute: Optional[str] = None,
                         dtype: Optional[str] = None, n_threads: Optional[int] = None,
-                        aux_dims: Sequence[int] = AUX_DIMS) -> "HFRE":
+                        aux_dims: Sequence[int] = AUX_DIMS, cache_dir=None) -> "HFRE":
         """aux_dims: DaViT stage widths, hard-coded to DaViT-large's (256, 512, 1024, 2048) by the
-        official code; other values are for tests and other aux towers."""
+        official code; other values are for tests and other aux towers. cache_dir: where int8 weights are cached
+        between loads (vlmfo1.weight_cache; None = the default folder, False = no cache)."""
         check_options(mode, dtype, compute)
+        check_cache_dir(cache_dir)
         aux_dims = tuple(int(a) for a in aux_dims)
         if len(aux_dims) != 4 or min(aux_dims) <= 0:
             raise ValueError(f"aux_dims must be 4 positive widths, got {aux_dims}")
@@ -226,26 +237,27 @@ class HFRE:
             F = T.shape(fp + "simfp_3.0.weight")[0]
             D2, D4 = D // 2, D // 4
 
-            def ct(name, cin, cout):   # ConvTranspose2d [in][out][2][2] -> [(a, b, out)][in], bias x4
-                w = T.get(name + ".weight", (cin, cout, 2, 2))
-                return (np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(4 * cout, cin)),
-                        np.tile(T.get(name + ".bias", (cout,), vector=True), 4))
+            def ct(key, name, cin, cout):   # ConvTranspose2d [in][out][2][2] -> [(a, b, out)][in], bias x4
+                t[key] = T.matrix(key, name + ".weight", (cin, cout, 2, 2), lambda w: np.ascontiguousarray(
+                    w.transpose(2, 3, 1, 0).reshape(4 * cout, cin)), (4 * cout, cin))
+                t[key + "_bias"] = np.tile(T.get(name + ".bias", (cout,), vector=True), 4)
 
             def conv(prefix, key, cin):
-                t[key + ".c1"] = np.ascontiguousarray(T.get(prefix[0] + ".weight", (F, cin, 1, 1)).reshape(F, cin))
+                t[key + ".c1"] = T.matrix(key + ".c1", prefix[0] + ".weight", (F, cin, 1, 1),
+                                          lambda w: np.ascontiguousarray(w.reshape(F, cin)), (F, cin))
                 t[key + ".ln1_w"] = T.get(prefix[0] + ".norm.weight", (F,), vector=True)
                 t[key + ".ln1_b"] = T.get(prefix[0] + ".norm.bias", (F,), vector=True)
-                w3 = T.get(prefix[1] + ".weight", (F, F, 3, 3))
-                t[key + ".c3"] = np.ascontiguousarray(w3.transpose(2, 3, 0, 1).reshape(9 * F, F))
+                t[key + ".c3"] = T.matrix(key + ".c3", prefix[1] + ".weight", (F, F, 3, 3), lambda w: (
+                    np.ascontiguousarray(w.transpose(2, 3, 0, 1).reshape(9 * F, F))), (9 * F, F))
                 t[key + ".ln3_w"] = T.get(prefix[1] + ".norm.weight", (F,), vector=True)
                 t[key + ".ln3_b"] = T.get(prefix[1] + ".norm.bias", (F,), vector=True)
 
-            t["fpn0.ct1"], t["fpn0.ct1_bias"] = ct(fp + "simfp_1.0", D, D2)
+            ct("fpn0.ct1", fp + "simfp_1.0", D, D2)
             t["fpn0.ln0_w"] = T.get(fp + "simfp_1.1.weight", (D2,), vector=True)
             t["fpn0.ln0_b"] = T.get(fp + "simfp_1.1.bias", (D2,), vector=True)
-            t["fpn0.ct2"], t["fpn0.ct2_bias"] = ct(fp + "simfp_1.3", D2, D4)
+            ct("fpn0.ct2", fp + "simfp_1.3", D2, D4)
             conv((fp + "simfp_1.4", fp + "simfp_1.5"), "fpn0", D4)
-            t["fpn1.ct1"], t["fpn1.ct1_bias"] = ct(fp + "simfp_2.0", D, D2)
+            ct("fpn1.ct1", fp + "simfp_2.0", D, D2)
             conv((fp + "simfp_2.1", fp + "simfp_2.2"), "fpn1", D2)
             conv((fp + "simfp_3.0", fp + "simfp_3.1"), "fpn2", D)
             conv((fp + "simfp_4.1", fp + "simfp_4.2"), "fpn3", D)
@@ -283,8 +295,8 @@ class HFRE:
         for l, a in enumerate(aux_dims):
             core_cfg[f"aux_c{l}"] = a
         n_threads = int(n_threads or default_threads())
-        if dtype == "int8":   # the transposed-conv and 3x3 weights above are copies: nothing to evict for them
-            quantize_matrices(t, n_threads, release=getattr(ckpt, "evict", None))
+        if dtype == "int8":   # the re-laid-out convolutions are Deferred copies: their sources are evicted after
+            quantize_checkpoint_matrices(t, ckpt, T.names, n_threads, cache_dir)
         return cls(c, core_cfg, t, compute, n_threads, dims)
 
     # ------------------------------------------------------------------ inference

@@ -25,6 +25,7 @@ from .safetensors import Checkpoint
 from .threads import check_threads
 from .tokenizer import check_text
 from .vision import VisionTower
+from .weight_cache import check_cache_dir
 
 IMAGE_PAD = "<|image_pad|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
@@ -85,12 +86,14 @@ class QwenVL:
 
     @classmethod
     def load(cls, path: str, mode: str = "exact", compute: Optional[str] = None, dtype: Optional[str] = None,
-             n_threads: Optional[int] = None, max_context: Optional[int] = None) -> "QwenVL":
+             n_threads: Optional[int] = None, max_context: Optional[int] = None, cache_dir=None) -> "QwenVL":
         """max_context: the longest prompt (image tokens included), an int in [1, max_position_embeddings (at most
-        2^20)]; default 8192 (or the position limit when smaller)."""
+        2^20)]; default 8192 (or the position limit when smaller). cache_dir: where int8 / int4 weights are cached
+        between loads (vlmfo1.weight_cache; None = the default folder, False = no cache)."""
         from .tokenizer import Tokenizer
 
         check_options(mode, dtype, compute, language_model=True)   # int4: the decoder only
+        check_cache_dir(cache_dir)
         n_threads = check_threads(n_threads)
         path = os.fspath(path)
         raw = read_config(path)
@@ -101,9 +104,11 @@ class QwenVL:
             dec = LanguageModel.from_checkpoint(ckpt, raw, mode=mode, compute=compute, dtype=dtype, n_threads=n_threads,
                                                 max_context=max_context, default_context=8192,
                                                 generation_eos=read_generation_eos(path),
-                                                generation=GenerationSettings.from_pretrained(path, kind="qwen"))
+                                                generation=GenerationSettings.from_pretrained(path, kind="qwen"),
+                                                cache_dir=cache_dir)
             vis = VisionTower.from_checkpoint(ckpt, raw, mode=mode, compute=compute,
-                                              dtype=None if dtype == "int4" else dtype, n_threads=n_threads)
+                                              dtype=None if dtype == "int4" else dtype, n_threads=n_threads,
+                                              cache_dir=cache_dir)
             tok = Tokenizer.from_pretrained(path)
             proc = QwenImageProcessor.from_pretrained(path, kind="qwen") if os.path.exists(
                 os.path.join(path, "preprocessor_config.json")) else QwenImageProcessor()

@@ -290,17 +290,19 @@ class SafetensorsFile:
 
     def __init__(self, path, header: Optional[Header] = None):
         self.path = os.fspath(path)
+        self.realpath = os.path.realpath(self.path)
         self._mm = None
         h = header if header is not None else read_header(self.path)
         self.metadata: Dict[str, str] = h.metadata
         self.tensors: Dict[str, TensorInfo] = h.tensors
-        if h.size > h.data_start:
-            with open(self.path, "rb") as f:
-                st = os.fstat(f.fileno())
-                if (st.st_dev, st.st_ino, st.st_size) != h.identity:
-                    raise SafetensorsError(f"{self.path}: file changed since its header was read "
-                                           f"({h.identity[2]} -> {st.st_size} bytes)")
+        with open(self.path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if (st.st_dev, st.st_ino, st.st_size) != h.identity:
+                raise SafetensorsError(f"{self.path}: file changed since its header was read "
+                                       f"({h.identity[2]} -> {st.st_size} bytes)")
+            if h.size > h.data_start:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.stat: os.stat_result = st   # the file as mapped (size, mtime, inode: the weight cache's key)
         self._closed = False
 
     @property
@@ -550,9 +552,15 @@ def stored_kind(arrays: Dict[str, np.ndarray]) -> str:
     return "bf16" if any(a.dtype == np.uint16 for a in arrays.values()) else "f32"
 
 
-def write_streaming(path: str, entries, metadata: Dict[str, str] | None = None):
+def write_streaming(path: str, entries, metadata: Dict[str, str] | None = None, align: int = 8,
+                    fsync: bool = False):
     """Write a safetensors file whose tensors are produced one at a time: entries is a list of
-    (name, dtype name, shape, make) where make() returns the array holding the raw data."""
+    (name, dtype name, shape, make) where make() returns the array holding the raw data. The header is padded with
+    spaces so that the data section starts at a multiple of `align` bytes (8, as the safetensors library does, or a
+    multiple of 8); fsync=True flushes the file to disk before returning (for a write then rename that must not
+    leave a file of the final name with missing data after a crash)."""
+    if align < 8 or align % 8:
+        raise ValueError(f"align must be a positive multiple of 8, got {align}")
     header, off = {}, 0
     for name, dt, shape, _ in entries:
         n = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dt][1]
@@ -561,7 +569,7 @@ def write_streaming(path: str, entries, metadata: Dict[str, str] | None = None):
     if metadata:
         header["__metadata__"] = metadata
     h = json.dumps(header, separators=(",", ":")).encode()
-    h += b" " * (-len(h) % 8)
+    h += b" " * (-(8 + len(h)) % align)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(h)))
         f.write(h)
@@ -569,7 +577,12 @@ def write_streaming(path: str, entries, metadata: Dict[str, str] | None = None):
             a = make()
             if tuple(a.shape) != tuple(shape):
                 raise ValueError(f"{name}: produced shape {a.shape}, declared {tuple(shape)}")
-            f.write(np.ascontiguousarray(a).tobytes())
+            a = np.ascontiguousarray(a)
+            if a.size:
+                f.write(a.reshape(-1).view(np.uint8).data)   # the array's bytes, without a copy
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def write_sharded(path: str, entries, shard_bytes: int, metadata: Dict[str, str] | None = None,

@@ -33,7 +33,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, Hashable, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 import numpy as np
 
@@ -127,6 +127,15 @@ def upn_input_size(width: int, height: int, size: int = SHORT_SIDE, max_size: Op
 def load_upn_state_dict(path: str) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, Any]]]:
     """The tensors of a UPN checkpoint (name -> array; bf16 as uint16 bits) and the "upn_config" metadata if any.
     path: a .pth (torch.save zip, state dict under "model"), a .safetensors file, or a folder holding one of them."""
+    sd, meta, _ = _load_state(path)
+    return sd, meta
+
+
+def _load_state(path: str):
+    """load_upn_state_dict's (tensors, metadata) and name -> the tensor's identity on disk (vlmfo1.weight_cache:
+    the file, and for a safetensors file the tensor's offset in it)."""
+    from .weight_cache import checkpoint_identity, file_identity
+
     p = os.fspath(path)
     if os.path.isdir(p):
         found = sorted(f for f in os.listdir(p) if f.endswith((".safetensors", ".pth", ".pt")))
@@ -146,11 +155,19 @@ def load_upn_state_dict(path: str) -> Tuple[Dict[str, np.ndarray], Optional[Dict
             raise ValueError(f"{p}: the 'upn_config' metadata is not JSON: {e}") from None
         if cfg is not None and not isinstance(cfg, dict):
             raise ValueError(f"{p}: the 'upn_config' metadata must be a JSON object")
-        return tensors, cfg
+        return tensors, cfg, checkpoint_identity(ck)
     from .torch_checkpoint import load_state_dict
     # Placeholders stand in for any non-tensor object the file holds beside the weights (e.g. training arguments):
     # nothing the file names is imported or called; the "model" entry must be a plain mapping of tensors.
-    return load_state_dict(p, key="model", allow_placeholders=True), None
+    sd = load_state_dict(p, key="model", allow_placeholders=True)
+    whole = file_identity(p)      # a torch.save zip: the file and the entry's name (no offset) identify a tensor
+
+    def identify(name: str) -> Optional[Dict[str, Any]]:
+        a = sd.get(name)
+        if not isinstance(a, np.ndarray):
+            return None
+        return dict(whole, name=name, dtype=str(a.dtype), shape=[int(d) for d in a.shape], offset=None)
+    return sd, None, identify
 
 
 _ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.float64): "F64",
@@ -247,18 +264,37 @@ def _expected_rel_index(ws: int) -> np.ndarray:
     return (y[:, None] - y[None, :] + ws - 1) * (2 * ws - 1) + (x[:, None] - x[None, :] + ws - 1)
 
 
-def core_tensors(sd: Dict[str, np.ndarray], c: UPNConfig) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
-    """(swin, upn) name -> float32 array tables in the C core's names (csrc/swin.h, csrc/upn.h), shapes checked."""
-    def get(name, shape):
+def core_tensors(sd: Dict[str, np.ndarray], c: UPNConfig, lazy: bool = False,
+                 origins: Optional[Tuple[Dict[str, str], Dict[str, str]]] = None
+                 ) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """(swin, upn) name -> float32 array tables in the C core's names (csrc/swin.h, csrc/upn.h), shapes checked.
+    lazy: a matrix that needs converting to float32 is a weight_cache.Deferred (made only when quantized and not
+    cached); origins: two dicts that receive the core key -> state tensor name of every matrix (swin, upn)."""
+    from .weight_cache import Deferred
+
+    def raw(name, shape):
         if name not in sd:
             raise ValueError(f"not a UPN checkpoint: tensor {name!r} is missing")
         a = sd[name]
         if tuple(a.shape) != tuple(shape):
             raise ValueError(f"UPN checkpoint: {name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
-        return _f32(a, name)
+        return a
+
+    def get(name, shape):
+        return _f32(raw(name, shape), name)
+
+    def mat(dst, key, name, shape):   # a matrix [n, prod(rest)]
+        a = raw(name, shape)
+        n, k = shape[0], int(np.prod(shape[1:]))
+        if origins is not None:
+            origins[0 if dst is sw else 1][key] = name
+        if lazy and not (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.flags.c_contiguous):
+            dst[key] = Deferred(lambda: _f32(a, name).reshape(n, k), (n, k), np.float32, (a,))
+        else:
+            dst[key] = _f32(a, name).reshape(n, k)
 
     def lin(dst, key, name, n, k, bias=True):
-        dst[key] = get(name + ".weight", (n, k))
+        mat(dst, key, name + ".weight", (n, k))
         if bias:
             dst[key + "_bias"] = get(name + ".bias", (n,))
 
@@ -268,7 +304,7 @@ def core_tensors(sd: Dict[str, np.ndarray], c: UPNConfig) -> Tuple[Dict[str, np.
 
     sw: Dict[str, np.ndarray] = {}
     E, ws = c.embed, c.window
-    sw["patch"] = get(_SWIN + "patch_embed.proj.weight", (E, 3, 4, 4)).reshape(E, 48)
+    mat(sw, "patch", _SWIN + "patch_embed.proj.weight", (E, 3, 4, 4))
     sw["patch_bias"] = get(_SWIN + "patch_embed.proj.bias", (E,))
     norm(sw, "patch_norm", _SWIN + "patch_embed.norm", E)
     rel_index = _expected_rel_index(ws)
@@ -298,7 +334,7 @@ def core_tensors(sd: Dict[str, np.ndarray], c: UPNConfig) -> Tuple[Dict[str, np.
     for l in range(5):
         k = (E << l) if l < 4 else (E << 3) * 9
         shp = (d, E << l, 1, 1) if l < 4 else (d, E << 3, 3, 3)
-        up[f"neck.{l}"] = get(f"input_proj.{l}.0.weight", shp).reshape(d, k)
+        mat(up, f"neck.{l}", f"input_proj.{l}.0.weight", shp)
         up[f"neck.{l}_bias"] = get(f"input_proj.{l}.0.bias", (d,))
         norm(up, f"neck.{l}.gn", f"input_proj.{l}.1", d)
     up["level_embed"] = get("transformer.level_embed", (5, d)).reshape(-1)
@@ -327,7 +363,7 @@ def core_tensors(sd: Dict[str, np.ndarray], c: UPNConfig) -> Tuple[Dict[str, np.
     for i in range(c.dec_layers):
         p = f"transformer.decoder.layers.{i}."
         msda(up, f"dec.{i}", p + "cross_attn")
-        up[f"dec.{i}.in_proj"] = get(p + "self_attn.in_proj_weight", (3 * d, d))
+        mat(up, f"dec.{i}.in_proj", p + "self_attn.in_proj_weight", (3 * d, d))
         up[f"dec.{i}.in_proj_bias"] = get(p + "self_attn.in_proj_bias", (3 * d,))
         lin(up, f"dec.{i}.out_proj", p + "self_attn.out_proj", d, d)
         for k in (1, 2, 3):
@@ -342,7 +378,8 @@ def core_tensors(sd: Dict[str, np.ndarray], c: UPNConfig) -> Tuple[Dict[str, np.
         canon = re.sub(r"^(transformer\.decoder\.)?bbox_embed\.\d+\.", "bbox_embed.0.", alias)
         if canon in sd and not np.array_equal(np.asarray(sd[alias]), np.asarray(sd[canon])):
             raise ValueError(f"UPN checkpoint: {alias} differs from {canon} (the box head is shared)")
-    return ({k: np.ascontiguousarray(v) for k, v in sw.items()}, {k: np.ascontiguousarray(v) for k, v in up.items()})
+    return tuple({k: v if isinstance(v, Deferred) else np.ascontiguousarray(v) for k, v in t.items()}
+                 for t in (sw, up))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -412,22 +449,32 @@ class UPN:
 
     def __init__(self, config: UPNConfig, state: Dict[str, np.ndarray], *, n_threads: Optional[int] = None,
                  dtype: str = "float32", prompt: str = "fine_grained_prompt", min_score: Optional[float] = 0.3,
-                 nms_iou: Optional[float] = 0.8, max_boxes: Optional[int] = 100, path: Optional[str] = None):
+                 nms_iou: Optional[float] = 0.8, max_boxes: Optional[int] = 100, path: Optional[str] = None,
+                 cache_dir=None, source_identity: Optional[Callable[[str], Optional[Dict[str, Any]]]] = None):
         """dtype: the matmul weights in "float32" (the reference's numerics), "bfloat16" (bf16 weights and
-        activations into the matmuls, fp32 accumulation: ~2x faster) or "int8" (per-channel int8 weights)."""
+        activations into the matmuls, fp32 accumulation: ~2x faster) or "int8" (per-channel int8 weights).
+        cache_dir: where int8 weights are cached between loads (vlmfo1.weight_cache; None = the default folder,
+        False = no cache); source_identity: state tensor name -> its identity on disk (from_pretrained gives it;
+        without it, e.g. for arrays in memory, nothing is cached)."""
+        from .weight_cache import check_cache_dir, origin
+
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        check_cache_dir(cache_dir)
         self.config, self.dtype = config, dtype
         self.n_threads = default_threads() if n_threads is None else check_threads(n_threads)
         self.prompt = self._check_prompt(prompt)
         self.min_score, self.nms_iou, self.max_boxes = min_score, nms_iou, max_boxes
         self.path = path
-        sw, up = core_tensors(state, config)
+        names: Tuple[Dict[str, str], Dict[str, str]] = ({}, {})
+        sw, up = core_tensors(state, config, lazy=dtype == "int8", origins=names)
         if dtype == "bfloat16":
             sw, up = _matrices_bf16(sw), _matrices_bf16(up)
         elif dtype == "int8":
             from .quant import quantize_matrices
-            sw, up = quantize_matrices(sw, self.n_threads), quantize_matrices(up, self.n_threads)
+            caches = [None if source_identity is None else origin(cache_dir, source_identity, n) for n in names]
+            sw = quantize_matrices(sw, self.n_threads, cache=caches[0])
+            up = quantize_matrices(up, self.n_threads, cache=caches[1])
         compute = int(dtype == "bfloat16")
         self._swin = core.SwinModel(config.swin_core(compute), sw)
         self._net = core.UPNModel(self._swin, config.upn_core(compute), up)
@@ -450,8 +497,9 @@ class UPN:
 
     @classmethod
     def from_pretrained(cls, path, **kw) -> "UPN":
-        sd, meta = load_upn_state_dict(path)
-        return cls(infer_config(sd, meta), sd, path=os.fspath(path), **kw)
+        """kw: the constructor's options (n_threads, dtype, prompt, min_score, nms_iou, max_boxes, cache_dir)."""
+        sd, meta, identify = _load_state(path)
+        return cls(infer_config(sd, meta), sd, path=os.fspath(path), source_identity=identify, **kw)
 
     @staticmethod
     def _check_prompt(prompt: str) -> str:

@@ -19,9 +19,10 @@ from .config_check import check_vision
 from .constants import QWEN_PATCH_SIZE
 from .decoder import rope_inv_freq
 from .options import check_options
-from .quant import quantize_matrices
+from .quant import quantize_checkpoint_matrices
 from .safetensors import Checkpoint, check_tensors, stored_kind, weight
 from .threads import check_threads
+from .weight_cache import check_cache_dir, derive, lazy_weight
 
 _PREFIXES = ("model.vision_tower.image_tower.", "model.visual.", "visual.", "vision_tower.")
 
@@ -78,8 +79,11 @@ class VisionTower:
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, raw_config: Dict, mode: str = "exact", compute: Optional[str] = None,
                         dtype: Optional[str] = None, n_threads: Optional[int] = None,
-                        prefix: Optional[str] = None) -> "VisionTower":
+                        prefix: Optional[str] = None, cache_dir=None) -> "VisionTower":
+        """cache_dir: where int8 weights are cached between loads (vlmfo1.weight_cache; None = the default folder,
+        False = no cache)."""
         check_options(mode, dtype, compute)
+        check_cache_dir(cache_dir)
         n_threads = check_threads(n_threads)
         config = VisionConfig.from_dict(raw_config)
         if prefix is None:
@@ -87,9 +91,9 @@ class VisionTower:
             if prefix is None:
                 raise KeyError("no Qwen2.5-VL vision tower in this checkpoint: no '*patch_embed.proj.weight' under "
                                + ", ".join(_PREFIXES))
-        tensors, stored = _collect(ckpt, config, prefix, dtype)
+        tensors, stored, names = _collect(ckpt, config, prefix, dtype)
         if dtype == "int8":
-            quantize_matrices(tensors, n_threads, release=getattr(ckpt, "evict", None))
+            quantize_checkpoint_matrices(tensors, ckpt, names, n_threads, cache_dir)
         if compute is None:
             compute = "bf16" if stored == "bf16" else "f32"
         tensors["inv_freq"] = vision_inv_freq(config.head_dim, config.rope_theta, mode)
@@ -140,6 +144,9 @@ def _collect(ckpt: Checkpoint, c: VisionConfig, p: str, dtype: Optional[str]):
         for k, (n, shp) in per.items():
             want[f"blocks.{l}.{k}"] = (f"{p}blocks.{l}.{n}", shp)
     check_tensors(ckpt, want, "vision", lambda k: k.startswith(p + "blocks."))
-    out = {key: weight(ckpt, name, dtype, vector=len(shp) == 1) for key, (name, shp) in want.items()}
-    out["patch_embed"] = out["patch_embed"].reshape(D, -1)  # Conv3d weight -> [D, C*T*P*P], pixel_values order
-    return out, stored_kind(out)
+    q = dtype == "int8"      # the matrices as mapped views or Deferred: nothing is read before the weight cache
+    out = {key: lazy_weight(ckpt, name) if q and len(shp) > 1 else weight(ckpt, name, dtype, vector=len(shp) == 1)
+           for key, (name, shp) in want.items()}
+    pe = int(np.prod(want["patch_embed"][1][1:]))   # Conv3d weight -> [D, C*T*P*P], pixel_values order
+    out["patch_embed"] = derive(out["patch_embed"], lambda a: a.reshape(D, pe), (D, pe), q)
+    return out, stored_kind(out), {key: name for key, (name, _) in want.items()}

@@ -105,8 +105,9 @@ class ModelSpec:
 
     def identity(self) -> Dict[str, Any]:
         """What run.json records about the model (compared on resume)."""
-        if self.kind == "path":
-            return {"path": self.value, "fingerprint": _folder_fingerprint(self.value), "options": self.options}
+        if self.kind == "path":   # where the weight cache lives does not change the answers: not compared
+            options = {k: v for k, v in self.options.items() if k != "cache_dir"}
+            return {"path": self.value, "fingerprint": _folder_fingerprint(self.value), "options": options}
         if self.kind == "factory":               # identified by its name only (not its arguments)
             fn = getattr(self.value, "func", self.value)        # functools.partial
             return {"factory": f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"}
