@@ -157,14 +157,23 @@ static inline __attribute__((always_inline)) void store_tile(const mm_ctx *c, lo
 /* Up to this m the unpacked kernels run (decode, short prompts: W streamed once). */
 #define BP_MIN_M SMALL_M_UNBLOCKED
 
+/* One weight of a packed-path call: its columns are panels [panel0, panel0 + ceil(n / BP_NC)) of the call. */
 typedef struct {
-    const float *x;
-    long ldx, m, n, k;
     const uint16_t *w;
+    long n, panel0;
     float *out;
     long ldo;
     const float *bias;
     int accumulate;
+} bp_weight;
+
+#define BP_MAX_W VLM_MM_MULTI_MAX
+typedef struct {
+    const float *x;
+    long ldx, m, k;
+    int nw;
+    bp_weight wt[BP_MAX_W]; /* weights sharing x (q/k/v, gate/up): one packing of x, one pool run */
+    long panels;            /* column panels of all weights */
     long kc, nkb, np;   /* k block (elements), blocks, pairs per block padded to 16 */
     long mc;            /* row block (a multiple of BP_MR): its packed x stays in cache while W panels pass */
     uint32_t *ap;       /* packed x: block b, panel starting at row i0: ap + (b * m + i0) * np, [np][mr] */
@@ -501,7 +510,7 @@ static VLM_TGT_AVX512BF16 void bp_pack_w(const uint16_t *w, long k, long j0, int
 }
 
 /* out rows i0..i0+MR, columns j0..j0+nc  (+)=  A [np][MR] . B [np][BP_NC]; store as store_tile. */
-static inline VLM_INLINE VLM_TGT_AVX512BF16 void bp_tile(const int MR, const bp_ctx *c, const uint32_t *a,
+static inline VLM_INLINE VLM_TGT_AVX512BF16 void bp_tile(const int MR, const bp_weight *c, const uint32_t *a,
                                                          const uint32_t *b, long np, long i0, long j0, int nc,
                                                          int first) {
     __m512 acc[BP_MR][2];
@@ -544,7 +553,7 @@ static inline VLM_INLINE VLM_TGT_AVX512BF16 void bp_tile(const int MR, const bp_
 }
 
 #define BP_CASE(R) case R: bp_tile(R, c, a, b, np, i0, j0, nc, first); break;
-static VLM_TGT_AVX512BF16 void bp_panel(const bp_ctx *c, int mr, const uint32_t *a, const uint32_t *b, long np,
+static VLM_TGT_AVX512BF16 void bp_panel(const bp_weight *c, int mr, const uint32_t *a, const uint32_t *b, long np,
                                         long i0, long j0, int nc, int first) {
     switch (mr) {
     BP_CASE(14) BP_CASE(13) BP_CASE(12) BP_CASE(11) BP_CASE(10) BP_CASE(9) BP_CASE(8)
@@ -573,26 +582,29 @@ static void bp_task(void *p, int ith, int nth) {
             if (spins > 2000) sched_yield();
         }
     }
-    long n0, n1;
-    vlm_split(c->n, BP_NC, ith, nth, &n0, &n1);
+    long q0, q1; /* this thread's column panels */
+    vlm_split(c->panels, 1, ith, nth, &q0, &q1);
     uint32_t *bbuf = (uint32_t *)vlm_align_up((size_t)(uintptr_t)(c->bp + (size_t)ith * ((size_t)c->np * BP_NC +
                                                                                          VLM_ALIGN / 4)), VLM_ALIGN);
     for (long b = 0; b < c->nkb; b++) {
         long k0 = b * c->kc, kl = c->k - k0 < c->kc ? c->k - k0 : c->kc, np = (kl + 31) / 32 * 16;
         for (long m0 = 0; m0 < c->m; m0 += c->mc) {
             long m1 = c->m - m0 < c->mc ? c->m : m0 + c->mc;
-            for (long j0 = n0; j0 < n1; j0 += BP_NC) {
-                int nc = n1 - j0 < BP_NC ? (int)(n1 - j0) : BP_NC;
-                bp_pack_w(c->w, c->k, j0, nc, k0, kl, np, bbuf);
+            int wi = 0;
+            for (long q = q0; q < q1; q++) {
+                while (wi + 1 < c->nw && q >= c->wt[wi + 1].panel0) wi++;
+                const bp_weight *wt = &c->wt[wi];
+                long j0 = (q - wt->panel0) * BP_NC;
+                int nc = wt->n - j0 < BP_NC ? (int)(wt->n - j0) : BP_NC;
+                bp_pack_w(wt->w, c->k, j0, nc, k0, kl, np, bbuf);
                 for (long i0 = m0; i0 < m1; i0 += BP_MR) {
                     int mr = c->m - i0 < BP_MR ? (int)(c->m - i0) : BP_MR;
-                    bp_panel(c, mr, c->ap + (b * c->m + i0) * c->np, bbuf, np, i0, j0, nc, b == 0);
+                    bp_panel(wt, mr, c->ap + (b * c->m + i0) * c->np, bbuf, np, i0, j0, nc, b == 0);
                 }
             }
         }
     }
 }
-
 /* x fp32 rows -> bf16 (RNE), row stride ldd, zero padded to a multiple of 32. */
 static VLM_TGT_AVX512BF16 void convert_rows_bf16_512(const float *x, long ldx, uint16_t *d, long ldd, long r0, long r1, long k) {
     for (long r = r0; r < r1; r++) {
@@ -803,6 +815,36 @@ size_t vlm_matmul_scratch_size(int64_t m, const vlm_weight *w, vlm_compute cmode
     return b ? b + VLM_ALIGN : 0;
 }
 
+#if VLM_X86
+/* The packed path over nw weights that share x (same k; checked by the callers). */
+static vlm_status bp_run(vlm_pool *pool, int nw, float *const *out, const int64_t *ldo, const float *x, int64_t ldx,
+                         int64_t m, const vlm_weight *const *w, int accumulate, void *scratch, size_t scratch_size,
+                         vlm_err *err) {
+    size_t need = bp_scratch_bytes(m, w[0]->k, vlm_pool_size(pool));
+    if (!scratch || scratch_size < need)
+        return vlm_fail(err, VLM_ERR_ARG, "matmul: scratch of %zu bytes too small (need %zu)",
+                        scratch ? scratch_size : (size_t)0, need);
+    bp_ctx c;
+    memset(&c, 0, sizeof c);
+    c.x = x;
+    c.ldx = ldx;
+    c.m = m;
+    c.k = w[0]->k;
+    c.nw = nw;
+    for (int i = 0; i < nw; i++) {
+        c.wt[i] = (bp_weight){(const uint16_t *)w[i]->data, w[i]->n, c.panels, out[i], ldo[i], w[i]->bias, accumulate};
+        c.panels += (w[i]->n + BP_NC - 1) / BP_NC;
+    }
+    c.nkb = (long)bp_blocks(c.k, &c.kc, &c.np);
+    c.mc = (long)(BP_XBLOCK_BYTES / ((size_t)c.np * 4)) / BP_MR * BP_MR;
+    if (c.mc < BP_MR) c.mc = BP_MR;
+    c.ap = (uint32_t *)vlm_align_up((size_t)(uintptr_t)scratch, VLM_ALIGN);
+    c.bp = c.ap + (size_t)m * (size_t)c.nkb * (size_t)c.np;
+    vlm_pool_run(pool, bp_task, &c);
+    return VLM_OK;
+}
+#endif
+
 vlm_status vlm_matmul(vlm_pool *pool, float *out, int64_t ldo, const float *x, int64_t ldx, int64_t m,
                       const vlm_weight *w, vlm_compute cmode, int accumulate, void *scratch, size_t scratch_size,
                       vlm_err *err) {
@@ -822,31 +864,7 @@ vlm_status vlm_matmul(vlm_pool *pool, float *out, int64_t ldo, const float *x, i
     if (w->dtype == VLM_I8 || w->dtype == VLM_I4) return vlm_matmul_i8(pool, out, ldo, x, ldx, m, w, accumulate, scratch, scratch_size, err);
     const int level = vlm_cpu_isa();
 #if VLM_X86
-    if (use_bp(m, w, cmode, level)) {
-        size_t need = bp_scratch_bytes(m, w->k, vlm_pool_size(pool));
-        if (!scratch || scratch_size < need)
-            return vlm_fail(err, VLM_ERR_ARG, "matmul: scratch of %zu bytes too small (need %zu)",
-                            scratch ? scratch_size : (size_t)0, need);
-        bp_ctx c;
-        memset(&c, 0, sizeof c);
-        c.x = x;
-        c.ldx = ldx;
-        c.m = m;
-        c.n = w->n;
-        c.k = w->k;
-        c.w = (const uint16_t *)w->data;
-        c.out = out;
-        c.ldo = ldo;
-        c.bias = w->bias;
-        c.accumulate = accumulate;
-        c.nkb = (long)bp_blocks(w->k, &c.kc, &c.np);
-        c.mc = (long)(BP_XBLOCK_BYTES / ((size_t)c.np * 4)) / BP_MR * BP_MR;
-        if (c.mc < BP_MR) c.mc = BP_MR;
-        c.ap = (uint32_t *)vlm_align_up((size_t)(uintptr_t)scratch, VLM_ALIGN);
-        c.bp = c.ap + (size_t)m * (size_t)c.nkb * (size_t)c.np;
-        vlm_pool_run(pool, bp_task, &c);
-        return VLM_OK;
-    }
+    if (use_bp(m, w, cmode, level)) return bp_run(pool, 1, &out, &ldo, x, ldx, m, &w, accumulate, scratch, scratch_size, err);
 #endif
     long ldd;
     size_t need = xconv_bytes(m, w, cmode, level, &ldd);
@@ -922,5 +940,30 @@ vlm_status vlm_matmul(vlm_pool *pool, float *out, int64_t ldo, const float *x, i
         c.nb = nb;
     }
     vlm_pool_run(pool, mm_task, &c);
+    return VLM_OK;
+}
+
+vlm_status vlm_matmul_multi(vlm_pool *pool, int nw, float *const *out, const int64_t *ldo, const float *x, int64_t ldx,
+                            int64_t m, const vlm_weight *const *w, vlm_compute cmode, void *scratch,
+                            size_t scratch_size, vlm_err *err) {
+    if (nw < 1 || nw > VLM_MM_MULTI_MAX || !w || !out || !ldo)
+        return vlm_fail(err, VLM_ERR_ARG, "matmul_multi: between 1 and %d weights, got %d", VLM_MM_MULTI_MAX, nw);
+    int same = 1;
+    for (int i = 0; i < nw; i++) {
+        if (!w[i]) return vlm_fail(err, VLM_ERR_ARG, "matmul_multi: weight %d is NULL", i);
+        if (w[i]->k != w[0]->k) return vlm_fail(err, VLM_ERR_ARG, "matmul_multi: weight %d has k=%lld, weight 0 k=%lld", i,
+                                                (long long)w[i]->k, (long long)w[0]->k);
+        same &= w[i]->dtype == w[0]->dtype;
+    }
+#if VLM_X86
+    if (same && m > 0 && use_bp(m, w[0], cmode, vlm_cpu_isa())) {
+        for (int i = 0; i < nw; i++) /* the checks of vlm_matmul */
+            if (w[i]->n <= 0 || !w[i]->data || !out[i] || ldo[i] < w[i]->n || ldx < w[i]->k || !x)
+                return vlm_fail(err, VLM_ERR_ARG, "matmul_multi: weight %d: bad sizes, strides or NULL pointers", i);
+        return bp_run(pool, nw, out, ldo, x, ldx, m, w, 0, scratch, scratch_size, err);
+    }
+#endif
+    for (int i = 0; i < nw; i++)
+        VLM_TRY(vlm_matmul(pool, out[i], ldo[i], x, ldx, m, w[i], cmode, 0, scratch, scratch_size, err));
     return VLM_OK;
 }

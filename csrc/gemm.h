@@ -71,6 +71,15 @@ static inline vlm_weight vlm_weight_rows(const vlm_weight *w, int64_t r0, int64_
     return v;
 }
 
+/* out[i] = x . w[i]^T + bias_i for nw <= VLM_MM_MULTI_MAX weights with the same k (the q/k/v and gate/up
+ * projections of one input): each out[i] is bitwise what vlm_matmul(..., w[i], accumulate = 0) gives, and where the
+ * packed bf16 path runs (gemm.c) x is converted and packed once and all columns share one pool run. scratch as for
+ * the largest of vlm_matmul_scratch_size(m, w[i], ...). */
+#define VLM_MM_MULTI_MAX 4
+vlm_status vlm_matmul_multi(vlm_pool *pool, int nw, float *const *out, const int64_t *ldo, const float *x, int64_t ldx,
+                            int64_t m, const vlm_weight *const *w, vlm_compute cmode, void *scratch,
+                            size_t scratch_size, vlm_err *err);
+
 /* int8 and int4 weights (VLM_I8, VLM_I4; gemm_i8.c): the activations are quantized per row into scratch (so
  * bf16 / f32 compute modes do not apply) and the dot products are exact integer sums, so the result is bitwise
  * identical on every CPU, kernel level and pool size (and an int4 weight gives exactly what the int8 weight of
@@ -110,6 +119,11 @@ typedef struct {
 static inline vlm_status vlm_mm(const vlm_mm_ctx *c, float *out, int64_t ldo, const float *x, int64_t ldx, int64_t m,
                                 const vlm_weight *w, int accumulate) {
     return vlm_matmul(c->pool, out, ldo, x, ldx, m, w, c->compute, accumulate, c->scratch, c->scratch_size, c->err);
+}
+
+static inline vlm_status vlm_mm_multi(const vlm_mm_ctx *c, int nw, float *const *out, const int64_t *ldo, const float *x,
+                                      int64_t ldx, int64_t m, const vlm_weight *const *w) {
+    return vlm_matmul_multi(c->pool, nw, out, ldo, x, ldx, m, w, c->compute, c->scratch, c->scratch_size, c->err);
 }
 
 /* max(cur, vlm_matmul_scratch_size(m, w, cmode, n_threads)): scratch sizing over a network's projections. */

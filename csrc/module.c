@@ -843,6 +843,83 @@ done:
     return res;
 }
 
+/* matmul_multi(x, ws, biases=None, compute='f32', n_threads=1) -> [x @ w.T + b for w, b in zip(ws, biases)]: float32
+ * or bf16 weights with the same k in one vlm_matmul_multi call (the fused q/k/v and gate/up of the decoder; tests). */
+static PyObject *py_matmul_multi(PyObject *mod, PyObject *args, PyObject *kw) {
+    PyObject *x_o, *ws_o, *bs_o = Py_None;
+    const char *compute = "f32";
+    int n_threads = 1;
+    static char *kwlist[] = {"x", "ws", "biases", "compute", "n_threads", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|Osi", kwlist, &x_o, &ws_o, &bs_o, &compute, &n_threads)) return NULL;
+    vlm_compute cm;
+    if (!strcmp(compute, "f32")) cm = VLM_COMPUTE_F32;
+    else if (!strcmp(compute, "bf16")) cm = VLM_COMPUTE_BF16;
+    else { PyErr_SetString(PyExc_ValueError, "compute must be 'f32' or 'bf16'"); return NULL; }
+    if (check_threads(n_threads)) return NULL;
+    if (!PyList_Check(ws_o) || PyList_GET_SIZE(ws_o) < 1 || PyList_GET_SIZE(ws_o) > VLM_MM_MULTI_MAX) {
+        PyErr_Format(PyExc_ValueError, "ws must be a list of 1 to %d weights", VLM_MM_MULTI_MAX);
+        return NULL;
+    }
+    int nw = (int)PyList_GET_SIZE(ws_o);
+    if (bs_o != Py_None && (!PyList_Check(bs_o) || PyList_GET_SIZE(bs_o) != nw)) {
+        PyErr_SetString(PyExc_ValueError, "biases must be None or a list as long as ws");
+        return NULL;
+    }
+    vlm_weight w[VLM_MM_MULTI_MAX];
+    const vlm_weight *wp[VLM_MM_MULTI_MAX];
+    float *outp[VLM_MM_MULTI_MAX];
+    int64_t ldo[VLM_MM_MULTI_MAX];
+    PyArrayObject *x = NULL;
+    PyObject *res = NULL, *outs = NULL;
+    size_t ss = 0;
+    for (int i = 0; i < nw; i++) {
+        if (to_weight(PyList_GET_ITEM(ws_o, i), "ws[i]", &w[i])) return NULL;
+        if (w[i].dtype != VLM_F32 && w[i].dtype != VLM_BF16) {
+            PyErr_SetString(PyExc_TypeError, "matmul_multi: float32 or bf16 weights only");
+            return NULL;
+        }
+        if (w[i].k != w[0].k) { PyErr_SetString(PyExc_ValueError, "matmul_multi: the weights must have the same k"); return NULL; }
+        wp[i] = &w[i];
+    }
+    x = (PyArrayObject *)PyArray_FROM_OTF(x_o, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
+    if (!x) return NULL;
+    if (PyArray_NDIM(x) != 2 || PyArray_DIM(x, 1) != w[0].k) {
+        PyErr_Format(PyExc_ValueError, "x must have shape [m, %lld]", (long long)w[0].k);
+        goto done;
+    }
+    npy_intp m = PyArray_DIM(x, 0);
+    if (!(outs = PyList_New(nw))) goto done;
+    for (int i = 0; i < nw; i++) {
+        if (bs_o != Py_None && PyList_GET_ITEM(bs_o, i) != Py_None &&
+            !(w[i].bias = to_f32_vec(PyList_GET_ITEM(bs_o, i), "bias", w[i].n)))
+            goto done;
+        npy_intp d[2] = {m, (npy_intp)w[i].n};
+        PyObject *o = PyArray_SimpleNew(2, d, NPY_FLOAT32);
+        if (!o) goto done;
+        PyList_SET_ITEM(outs, i, o);
+        outp[i] = PyArray_DATA((PyArrayObject *)o);
+        ldo[i] = w[i].n;
+        ss = vlm_matmul_scratch_max(ss, m, &w[i], cm, n_threads);
+    }
+    vlm_err err = {{0}};
+    vlm_status st;
+    Py_BEGIN_ALLOW_THREADS
+    vlm_workspace ws = {0};
+    vlm_pool *pool;
+    void *scratch;
+    st = vlm_workspace_get(&ws, n_threads, ss, &pool, &scratch, &err);
+    if (st == VLM_OK) st = vlm_matmul_multi(pool, nw, outp, ldo, PyArray_DATA(x), w[0].k, m, wp, cm, scratch, ss, &err);
+    vlm_workspace_clear(&ws);
+    Py_END_ALLOW_THREADS
+    if (st != VLM_OK) { raise_status(st, &err); goto done; }
+    res = outs;
+    outs = NULL;
+done:
+    Py_XDECREF(x);
+    Py_XDECREF(outs);
+    return res;
+}
+
 /* quantize_i8(w, n_threads=1) -> (q int8 [n][k], scale float32 [n], wsum float32 [n]) (see gemm.h). */
 /* The arguments of quantize_i8 / quantize_i4: w (a nonempty float32 or bf16 2-D weight) and n_threads. */
 static int quant_args(PyObject *args, PyObject *kw, vlm_weight *w, int *n_threads) {
@@ -964,6 +1041,9 @@ static PyObject *py_gemm_info(PyObject *mod, PyObject *unused) {
 }
 
 static PyMethodDef module_methods[] = {
+    {"matmul_multi", (PyCFunction)(void (*)(void))py_matmul_multi, METH_VARARGS | METH_KEYWORDS,
+     "matmul_multi(x, ws, biases=None, compute='f32', n_threads=1) -> list of x @ w.T + b (float32 / bf16 weights "
+     "with the same k, one fused call)"},
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_VARARGS | METH_KEYWORDS,
      "matmul(x, w, bias=None, compute='f32', n_threads=1, out=None, accumulate=False, workspace=None, scale=None, "
      "wsum=None, sub=None) -> x @ w.T + bias (int8 w: with its scale and wsum from quantize_i8; uint8 w: int4 "

@@ -247,9 +247,8 @@ static vlm_status forward_chunk(const vlm_qwen2 *m, vlm_qwen2_state *s, int T, f
         float *vc = s->vcache + (size_t)l * KVd * s->max_ctx;
 
         vlm_rmsnorm(s->pool, s->xn, s->x, L->ln1, c->eps, T, H);
-        VLM_TRY(vlm_mm(&mm, s->q, Q, s->xn, H, T, &L->wq, 0));
-        VLM_TRY(vlm_mm(&mm, s->k, KVd, s->xn, H, T, &L->wk, 0));
-        VLM_TRY(vlm_mm(&mm, s->v, KVd, s->xn, H, T, &L->wv, 0));
+        VLM_TRY(vlm_mm_multi(&mm, 3, (float *[]){s->q, s->k, s->v}, (int64_t[]){Q, KVd, KVd}, s->xn, H, T,
+                             (const vlm_weight *[]){&L->wq, &L->wk, &L->wv}));   /* q, k, v: one pass */
         vlm_rope_apply(s->pool, s->q, Q, s->cs, s->sn, T, c->n_heads, D);
         vlm_rope_apply(s->pool, s->k, KVd, s->cs, s->sn, T, c->n_kv_heads, D);
         for (int t = 0; t < T; t++)               /* append to the cache: [t][g][D] -> [g][pos][D] */
@@ -263,8 +262,8 @@ static vlm_status forward_chunk(const vlm_qwen2 *m, vlm_qwen2_state *s, int T, f
         VLM_TRY(vlm_mm(&mm, s->x, H, s->att, Q, T, &L->wo, 1));      /* x += att · Woᵀ */
 
         vlm_rmsnorm(s->pool, s->xn, s->x, L->ln2, c->eps, T, H);
-        VLM_TRY(vlm_mm(&mm, s->g, I, s->xn, H, T, &L->wg, 0));
-        VLM_TRY(vlm_mm(&mm, s->u, I, s->xn, H, T, &L->wu, 0));
+        VLM_TRY(vlm_mm_multi(&mm, 2, (float *[]){s->g, s->u}, (int64_t[]){I, I}, s->xn, H, T,
+                             (const vlm_weight *[]){&L->wg, &L->wu}));                 /* gate, up: one pass */
         vlm_silu_mul(s->pool, s->g, s->u, T, I);
         VLM_TRY(vlm_mm(&mm, s->x, H, s->g, I, T, &L->wd, 1));        /* x += mlp */
     }

@@ -164,3 +164,38 @@ def test_blas_core_warning():
     flags = __import__("vlmfo1._native", fromlist=["_cpu_flags"])._cpu_flags()
     if "avx2" in flags and "fma" in flags:
         assert "OPENBLAS_CORETYPE=Prescott is set" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("compute", ["f32", "bf16"])
+@pytest.mark.parametrize("m", [1, 7, 17, 43])
+def test_matmul_multi_equals_separate_calls(m, compute):
+    """vlm_matmul_multi (the decoder's fused q/k/v and gate/up): each output is bitwise what a matmul of its weight
+    alone gives, for any thread count (where the packed bf16 path runs, all weights share one packing of x)."""
+    rng = np.random.default_rng(m)
+    for k in (31, 3420):
+        ws = [to_bf16(rand(rng, n, k)) for n in (33, 256, 1)]
+        bs = [rand(rng, w.shape[0]) for w in ws]
+        x = rand(rng, m, k)
+        for nt in (1, 2, 3):
+            outs = core.matmul_multi(x, ws, biases=bs, compute=compute, n_threads=nt)
+            for o, w, b in zip(outs, ws, bs):
+                assert np.array_equal(o, core.matmul(x, w, bias=b, compute=compute)), (k, nt, w.shape)
+    w32 = rand(rng, 5, 64)
+    outs = core.matmul_multi(rand(rng, m, 64), [w32, to_bf16(w32)])   # mixed dtypes: one call each
+    assert [o.shape for o in outs] == [(m, 5), (m, 5)]
+
+
+def test_matmul_multi_bad_arguments():
+    x, w = np.ones((20, 64), np.float32), to_bf16(np.ones((8, 64), np.float32))
+    with pytest.raises(ValueError, match="same k"):
+        core.matmul_multi(x, [w, to_bf16(np.ones((8, 32), np.float32))])
+    with pytest.raises(ValueError, match="1 to 4"):
+        core.matmul_multi(x, [w] * 5)
+    with pytest.raises(ValueError, match="1 to 4"):
+        core.matmul_multi(x, [])
+    with pytest.raises(TypeError, match="float32 or bf16"):
+        core.matmul_multi(x, [np.ones((8, 64), np.int8)])
+    with pytest.raises(ValueError, match="biases"):
+        core.matmul_multi(x, [w, w], biases=[None])
+    with pytest.raises(ValueError, match="shape"):
+        core.matmul_multi(np.ones((20, 63), np.float32), [w])
