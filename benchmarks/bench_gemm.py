@@ -10,7 +10,10 @@ quantized here from the same fp32 weights) and int4 weights (4-bit blocks of 32,
 vnni peak; decode (m=1) GB/s of weight
 bytes streamed from DRAM (the weights rotate over > 1 GB of copies so no call finds them in cache), as
 % of the measured read bandwidth; and torch fp32 / bf16 on the same shapes with the ratio torch time /
-our time (> 1: we are faster). Medians of several repetitions.
+our time (> 1: we are faster). Medians of several repetitions. torch runs in a process of its own (its OpenMP
+workers spin on after each call and would take a core from ours), on the same inputs (made from the same seeds).
+The fused rows time the decoder's q/k/v (n = 2048 + 256 + 256) and gate/up (n = 2 x 11008) as one
+_core.matmul_multi call against torch's bf16 F.linear on the concatenated weight (the same work as one GEMM).
 
     python benchmarks/bench_gemm.py [--threads 2] [--reps 5] [--quick]
 """
@@ -31,6 +34,69 @@ DECODE = [(1, 2048, 11008), (1, 11008, 2048), (1, 2048, 151936)]
 ROTATE_BYTES = 1.2e9
 PEAKS = [("fma32", "GFLOP/s", "fp32 FMA"), ("bf16dp", "GFLOP/s", "AVX512-BF16 vdpbf16ps"),
          ("vnni", "GOP/s", "AVX512-VNNI vpdpbusd"), ("bandwidth", "GB/s", "streaming read of 1 GiB")]
+
+
+FUSED = [("q/k/v", 1024, 2048, (2048, 256, 256)), ("gate/up", 1024, 2048, (11008, 11008))]
+
+
+def inputs(m, k, n):
+    """x [m][k] and w [n][k] (fp32) of one shape, the same in every process."""
+    rng = np.random.default_rng([m, k, n])
+    return rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((n, k), dtype=np.float32) * 0.05
+
+
+def torch_worker(nt, reps, prefill, decode, dreps):
+    """Times torch's F.linear on the prefill and fused shapes (fp32 and bf16) and the decode shapes (GB/s, the
+    weight rotating over copies as for ours); prints one JSON line."""
+    import json
+
+    import torch
+    import torch.nn.functional as F
+    torch.set_num_threads(nt)
+    res = {"version": torch.__version__, "threads": torch.get_num_threads(), "prefill": {}, "fused": {}, "decode": {}}
+    with torch.inference_mode():
+        for m, k, n in prefill:
+            x, w = inputs(m, k, n)
+            tx, tw = torch.from_numpy(x), torch.from_numpy(w)
+            txb, twb = tx.to(torch.bfloat16), torch.from_numpy(to_bf16(w).view(np.int16)).view(torch.bfloat16)
+            res["prefill"][f"{m}x{k}x{n}"] = [median_time(lambda r: F.linear(tx, tw), reps),
+                                              median_time(lambda r: F.linear(txb, twb), reps)]
+        for name, m, k, ns in FUSED:
+            x, w = inputs(m, k, sum(ns))
+            txb, twb = (torch.from_numpy(x).to(torch.bfloat16),
+                        torch.from_numpy(to_bf16(w).view(np.int16)).view(torch.bfloat16))
+            res["fused"][name] = median_time(lambda r: F.linear(txb, twb), reps)
+        for m, k, n in decode:
+            x, w = inputs(m, k, n)
+            for dt in ("f32", "bf16"):
+                per = n * k * (4 if dt == "f32" else 2)
+                ncop = max(2, int(np.ceil(ROTATE_BYTES / per)))
+                if dt == "f32":
+                    buf = np.empty((ncop, n, k), np.float32)
+                    buf[:] = w
+                    tb, tx = torch.from_numpy(buf), torch.from_numpy(x)
+                else:
+                    buf = np.empty((ncop, n, k), np.uint16)
+                    buf[:] = to_bf16(w)
+                    tb, tx = torch.from_numpy(buf.view(np.int16)).view(torch.bfloat16), torch.from_numpy(x).to(torch.bfloat16)
+                t = median_time(lambda r: F.linear(tx, tb[r % ncop]), dreps, warmup=ncop)
+                res["decode"][f"{m}x{k}x{n}/{dt}"] = per / t / 1e9
+                del buf, tb
+    print(json.dumps(res))
+
+
+def run_torch(nt, reps, quick):
+    """torch's numbers from a process of its own (None when torch is missing)."""
+    import json
+    import subprocess
+    cmd = [sys.executable, os.path.abspath(__file__), "--torch-worker", "--threads", str(nt), "--reps", str(reps)]
+    if quick:
+        cmd.append("--quick")
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"(torch worker failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode})")
+        return None
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def median_time(fn, reps, warmup=1):
@@ -63,19 +129,18 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="fewer shapes and reps (smoke run)")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     nt, reps = args.threads, (2 if args.quick else args.reps)
     prefill = PREFILL[:1] + PREFILL[3:] if args.quick else PREFILL
     decode = DECODE[:1] if args.quick else DECODE
+    dreps = 3 if args.quick else max(reps, 9)
+    if args.torch_worker:
+        torch_worker(nt, reps, prefill, decode, dreps)
+        return
 
-    torch = None
-    if not args.no_torch:
-        try:
-            import torch  # benchmark-only dependency
-            import torch.nn.functional as F
-            torch.set_num_threads(nt)
-        except ImportError:
-            torch = None
+    tr = None if args.no_torch else run_torch(nt, reps, args.quick)
+    torch = tr   # truthy when torch's numbers exist
 
     info = _core.gemm_info()
     print(f"kernel: {info['kernel']}")
@@ -95,10 +160,9 @@ def main():
     pi8 = peak["vnni"] if info.get("int8_kernel") == "avx512vnni" else 0.0   # int8 W8A8 (csrc/gemm_i8.c)
     print(f"int8 kernel: {info.get('int8_kernel')} (its % is of the vnni peak; none is probed for the others)")
     if torch is not None:
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        print(f"torch {tr['version']}, {tr['threads']} threads (in its own process)")
     print()
 
-    rng = np.random.default_rng(0)
     print(f"== prefill GEMM, {nt} threads, GFLOP/s (median of {reps}); % = of the {nt}-thread peak of the path's "
           f"family (sgemm, bf16/f32: fma32; bf16/bf16: {fam_bb})")
     hdr = ["m x k x n", "sgemm", "%peak", "bf16/bf16", "%peak", "bf16/f32", "%peak", "int8", "%peak", "int4", "%peak"]
@@ -107,8 +171,7 @@ def main():
     widths = [18] + [10] * (len(hdr) - 1)
     print(fmt_row(hdr, widths))
     for m, k, n in prefill:
-        x = rng.standard_normal((m, k), dtype=np.float32)
-        w = (rng.standard_normal((n, k), dtype=np.float32) * 0.05).astype(np.float32)
+        x, w = inputs(m, k, n)
         wh = to_bf16(w)
         out = np.empty((m, n), np.float32)
         flop = 2.0 * m * n * k
@@ -124,18 +187,30 @@ def main():
                pct(g[2], pf), f"{g[3]:.1f}", pct(g[3], pi8) if pi8 else "-", f"{g[4]:.1f}",
                pct(g[4], pi8) if pi8 else "-"]
         if torch is not None:
-            tx, tw = torch.from_numpy(x), torch.from_numpy(w)
-            txb, twb = tx.to(torch.bfloat16), torch.from_numpy(wh.view(np.int16)).view(torch.bfloat16)
-            with torch.inference_mode():
-                tt32 = median_time(lambda r: F.linear(tx, tw), reps)
-                tt16 = median_time(lambda r: F.linear(txb, twb), reps)
+            tt32, tt16 = tr["prefill"][f"{m}x{k}x{n}"]
             row += [f"{flop / tt32 / 1e9:.1f}", f"{tt32 / t_f32:.2f}x", f"{flop / tt16 / 1e9:.1f}",
                     f"{tt16 / t_bb:.2f}x"]
         print(fmt_row(row, widths), flush=True)
     print("  ratio = torch time / vlmfo1 time (fp32: vs sgemm; bf16: vs our bf16/bf16 kernel)")
     print()
+    print(f"== fused projections, bf16/bf16, {nt} threads, GFLOP/s (median of {reps}): ours = one _core.matmul_multi "
+          f"over the separate weights; torch = F.linear on the concatenated weight")
+    widths_f = [10, 22, 10, 8, 10, 8]
+    print(fmt_row(["", "m x k x n", "ours", "%peak", "torch", "ratio"], widths_f))
+    for name, m, k, ns in FUSED:
+        x, w = inputs(m, k, sum(ns))
+        wh = to_bf16(w)
+        parts = [np.ascontiguousarray(wh[sum(ns[:i]):sum(ns[:i + 1])]) for i in range(len(ns))]
+        flop = 2.0 * m * k * sum(ns)
+        t = median_time(lambda r: _core.matmul_multi(x, parts, compute="bf16", n_threads=nt), reps)
+        row = [name, f"{m}x{k}x{'+'.join(map(str, ns))}", f"{flop / t / 1e9:.1f}", pct(flop / t / 1e9, pbb)]
+        if torch is not None:
+            tt = tr["fused"][name]
+            row += [f"{flop / tt / 1e9:.1f}", f"{tt / t:.2f}x"]
+        print(fmt_row(row, widths_f), flush=True)
+    print("  ratio = torch time / vlmfo1 time; matmul_multi allocates its outputs and starts a pool on every call")
+    print()
 
-    dreps = 3 if args.quick else max(reps, 9)
     print(f"== decode GEMV (m=1), {nt} threads, GB/s of weight bytes from DRAM (median of {dreps}, "
           f"rotating over >= {ROTATE_BYTES / 1e9:.1f} GB of weight copies); % = of the {nt}-thread read bandwidth")
     hdr = ["m x k x n", "f32", "%bw", "bf16/bf16", "%bw", "bf16/f32", "%bw", "int8", "%bw", "int4", "%bw"]
@@ -144,13 +219,13 @@ def main():
     widths = [18] + [10] * (len(hdr) - 1)
     print(fmt_row(hdr, widths))
     for m, k, n in decode:
-        x = rng.standard_normal((m, k), dtype=np.float32)
+        x, w = inputs(m, k, n)
         out = np.empty((m, n), np.float32)
         res = {}
         for dt, isz in (("f32", 4), ("bf16", 2), ("int8", 1), ("int4", 0.5)):
             per = int(n * k * isz)
             if dt == "int4":   # copies of one weight's codes and block scales (bytes streamed: both)
-                c4, s4, q4s, q4w = _core.quantize_i4(rng.standard_normal((n, k), dtype=np.float32) * 0.05,
+                c4, s4, q4s, q4w = _core.quantize_i4(w,
                                                       n_threads=nt)
                 per = c4.nbytes + s4.nbytes
                 ncop = max(2, int(np.ceil(ROTATE_BYTES / per)))
@@ -163,7 +238,7 @@ def main():
                 continue
             ncop = max(2, int(np.ceil(ROTATE_BYTES / per)))
             if dt == "int8":   # copies of one quantized weight (the scales are n floats, in cache)
-                q, qs, qw = _core.quantize_i8(rng.standard_normal((n, k), dtype=np.float32) * 0.05, n_threads=nt)
+                q, qs, qw = _core.quantize_i8(w, n_threads=nt)
                 buf = np.empty((ncop, n, k), np.int8)
                 buf[:] = q
                 t = median_time(lambda r: _core.matmul(x, buf[r % ncop], scale=qs, wsum=qw, n_threads=nt, out=out),
@@ -173,25 +248,17 @@ def main():
                 continue
             if dt == "f32":
                 buf = np.empty((ncop, n, k), np.float32)
-                buf[:] = rng.standard_normal((n, k), dtype=np.float32) * 0.05
+                buf[:] = w
             else:
                 buf = np.empty((ncop, n, k), np.uint16)
-                buf[:] = to_bf16(rng.standard_normal((n, k), dtype=np.float32) * 0.05)
+                buf[:] = to_bf16(w)
             modes = ("f32",) if dt == "f32" else ("bf16", "f32")
             for cm in modes:
                 t = median_time(lambda r: _core.matmul(x, buf[r % ncop], compute=cm, n_threads=nt, out=out), dreps,
                                 warmup=ncop)
                 res[(dt, cm)] = per / t / 1e9
             if torch is not None:
-                tx = torch.from_numpy(x)
-                if dt == "f32":
-                    tb = torch.from_numpy(buf)
-                else:
-                    tb = torch.from_numpy(buf.view(np.int16)).view(torch.bfloat16)
-                    tx = tx.to(torch.bfloat16)
-                with torch.inference_mode():
-                    t = median_time(lambda r: F.linear(tx, tb[r % ncop]), dreps, warmup=ncop)
-                res[("torch", dt)] = per / t / 1e9
+                res[("torch", dt)] = tr["decode"][f"{m}x{k}x{n}/{dt}"]
             del buf
         bw = peak["bandwidth"]
         row = [f"{m}x{k}x{n}", f"{res[('f32', 'f32')]:.1f}", pct(res[("f32", "f32")], bw),
