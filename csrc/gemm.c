@@ -836,8 +836,12 @@ static vlm_status bp_run(vlm_pool *pool, int nw, float *const *out, const int64_
         c.panels += (w[i]->n + BP_NC - 1) / BP_NC;
     }
     c.nkb = (long)bp_blocks(c.k, &c.kc, &c.np);
-    c.mc = (long)(BP_XBLOCK_BYTES / ((size_t)c.np * 4)) / BP_MR * BP_MR;
-    if (c.mc < BP_MR) c.mc = BP_MR;
+    {   /* row blocks of near-equal size (whole panels), each at most BP_XBLOCK_BYTES of packed x */
+        long panels = (m + BP_MR - 1) / BP_MR, per = (long)(BP_XBLOCK_BYTES / ((size_t)c.np * 4 * BP_MR));
+        if (per < 1) per = 1;
+        long blocks = (panels + per - 1) / per;
+        c.mc = (panels + blocks - 1) / blocks * BP_MR;
+    }
     c.ap = (uint32_t *)vlm_align_up((size_t)(uintptr_t)scratch, VLM_ALIGN);
     c.bp = c.ap + (size_t)m * (size_t)c.nkb * (size_t)c.np;
     vlm_pool_run(pool, bp_task, &c);
