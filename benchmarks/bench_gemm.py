@@ -163,6 +163,7 @@ def main():
         print(f"torch {tr['version']}, {tr['threads']} threads (in its own process)")
     print()
 
+    ws = _core.Workspace()   # one pool and scratch kept across calls, as the engine keeps them per request
     print(f"== prefill GEMM, {nt} threads, GFLOP/s (median of {reps}); % = of the {nt}-thread peak of the path's "
           f"family (sgemm, bf16/f32: fma32; bf16/bf16: {fam_bb})")
     hdr = ["m x k x n", "sgemm", "%peak", "bf16/bf16", "%peak", "bf16/f32", "%peak", "int8", "%peak", "int4", "%peak"]
@@ -175,13 +176,13 @@ def main():
         wh = to_bf16(w)
         out = np.empty((m, n), np.float32)
         flop = 2.0 * m * n * k
-        t_f32 = median_time(lambda r: _core.matmul(x, w, n_threads=nt, out=out), reps)
-        t_bb = median_time(lambda r: _core.matmul(x, wh, compute="bf16", n_threads=nt, out=out), reps)
-        t_bf = median_time(lambda r: _core.matmul(x, wh, compute="f32", n_threads=nt, out=out), reps)
+        t_f32 = median_time(lambda r: _core.matmul(x, w, n_threads=nt, out=out, workspace=ws), reps)
+        t_bb = median_time(lambda r: _core.matmul(x, wh, compute="bf16", n_threads=nt, out=out, workspace=ws), reps)
+        t_bf = median_time(lambda r: _core.matmul(x, wh, compute="f32", n_threads=nt, out=out, workspace=ws), reps)
         q, qs, qw = _core.quantize_i8(w, n_threads=nt)
-        t_i8 = median_time(lambda r: _core.matmul(x, q, scale=qs, wsum=qw, n_threads=nt, out=out), reps)
+        t_i8 = median_time(lambda r: _core.matmul(x, q, scale=qs, wsum=qw, n_threads=nt, out=out, workspace=ws), reps)
         c4, s4, q4s, q4w = _core.quantize_i4(w, n_threads=nt)
-        t_i4 = median_time(lambda r: _core.matmul(x, c4, scale=q4s, wsum=q4w, sub=s4, n_threads=nt, out=out), reps)
+        t_i4 = median_time(lambda r: _core.matmul(x, c4, scale=q4s, wsum=q4w, sub=s4, n_threads=nt, out=out, workspace=ws), reps)
         g = [flop / t / 1e9 for t in (t_f32, t_bb, t_bf, t_i8, t_i4)]
         row = [f"{m}x{k}x{n}", f"{g[0]:.1f}", pct(g[0], pf), f"{g[1]:.1f}", pct(g[1], pbb), f"{g[2]:.1f}",
                pct(g[2], pf), f"{g[3]:.1f}", pct(g[3], pi8) if pi8 else "-", f"{g[4]:.1f}",
@@ -208,7 +209,7 @@ def main():
             tt = tr["fused"][name]
             row += [f"{flop / tt / 1e9:.1f}", f"{tt / t:.2f}x"]
         print(fmt_row(row, widths_f), flush=True)
-    print("  ratio = torch time / vlmfo1 time; matmul_multi allocates its outputs and starts a pool on every call")
+    print("  ratio = torch time / vlmfo1 time; matmul_multi starts a pool and allocates its outputs on every call")
     print()
 
     print(f"== decode GEMV (m=1), {nt} threads, GB/s of weight bytes from DRAM (median of {dreps}, "
@@ -232,7 +233,7 @@ def main():
                 cb, sb = np.empty((ncop,) + c4.shape, np.uint8), np.empty((ncop,) + s4.shape, np.uint8)
                 cb[:], sb[:] = c4, s4
                 t = median_time(lambda r: _core.matmul(x, cb[r % ncop], scale=q4s, wsum=q4w, sub=sb[r % ncop],
-                                                       n_threads=nt, out=out), dreps, warmup=ncop)
+                                                       n_threads=nt, out=out, workspace=ws), dreps, warmup=ncop)
                 res[("int4", "int4")] = per / t / 1e9
                 del cb, sb
                 continue
@@ -241,7 +242,7 @@ def main():
                 q, qs, qw = _core.quantize_i8(w, n_threads=nt)
                 buf = np.empty((ncop, n, k), np.int8)
                 buf[:] = q
-                t = median_time(lambda r: _core.matmul(x, buf[r % ncop], scale=qs, wsum=qw, n_threads=nt, out=out),
+                t = median_time(lambda r: _core.matmul(x, buf[r % ncop], scale=qs, wsum=qw, n_threads=nt, out=out, workspace=ws),
                                 dreps, warmup=ncop)
                 res[("int8", "int8")] = per / t / 1e9
                 del buf
@@ -254,7 +255,7 @@ def main():
                 buf[:] = to_bf16(w)
             modes = ("f32",) if dt == "f32" else ("bf16", "f32")
             for cm in modes:
-                t = median_time(lambda r: _core.matmul(x, buf[r % ncop], compute=cm, n_threads=nt, out=out), dreps,
+                t = median_time(lambda r: _core.matmul(x, buf[r % ncop], compute=cm, n_threads=nt, out=out, workspace=ws), dreps,
                                 warmup=ncop)
                 res[(dt, cm)] = per / t / 1e9
             if torch is not None:
@@ -271,7 +272,8 @@ def main():
         print(fmt_row(row, widths), flush=True)
     print("  ratio = our GB/s / torch GB/s (same weight bytes; > 1: we are faster); int4 bytes = codes + block scales "
           "(4.125 bits per weight)")
-    print("  note: _core.matmul starts its thread pool on every call; the engine keeps one per request")
+    print("  note: our matmul calls share one Workspace (thread pool + scratch), as a request does; matmul_multi starts "
+          "a pool and allocates its outputs on every call")
 
 
 if __name__ == "__main__":
