@@ -156,6 +156,8 @@ static inline __attribute__((always_inline)) void store_tile(const mm_ctx *c, lo
 #define BP_XBLOCK_BYTES ((size_t)3 << 20)
 /* Up to this m the unpacked kernels run (decode, short prompts: W streamed once). */
 #define BP_MIN_M SMALL_M_UNBLOCKED
+/* W packing prefetches this many 64-byte groups ahead in each of its rows. */
+#define BP_PF_GROUPS 8
 
 /* One weight of a packed-path call: its columns are panels [panel0, panel0 + ceil(n / BP_NC)) of the call. */
 typedef struct {
@@ -501,6 +503,8 @@ static VLM_TGT_AVX512BF16 void bp_pack_w(const uint16_t *w, long k, long j0, int
             __m512i r[16];
             for (int i = 0; i < 16; i++) {
                 int col = 16 * h + i;
+                if (col < nc && rem > 32 * BP_PF_GROUPS) /* the weights come from DRAM: 32 row streams, fetch ahead */
+                    _mm_prefetch((const char *)(w + (j0 + col) * k + k0 + t + 32 * BP_PF_GROUPS), _MM_HINT_T0);
                 r[i] = col < nc ? _mm512_maskz_loadu_epi16(mk, w + (j0 + col) * k + k0 + t) : _mm512_setzero_si512();
             }
             transpose16_epi32(r);
