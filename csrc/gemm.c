@@ -151,8 +151,8 @@ static inline __attribute__((always_inline)) void store_tile(const mm_ctx *c, lo
 #define BP_MR 14
 #define BP_NC 32
 #define BP_KC 4096
-/* Bytes of packed x per row block: the rows every W panel of a thread meets while they stay in L3 (measured with
- * 1.5 / 3 MB blocks and none on 2 Zen 4 cores: the unblocked sweep of a 3888-row ViT matrix ran at ~80%). */
+/* Bytes of packed x per row block: the rows every W panel of a thread meets while they stay in L3 (chosen among
+ * 1.5 MB, 3 MB and no blocking on 2 Zen 4 cores with the ViT's 3888-row matmuls, which an unblocked sweep slowed). */
 #define BP_XBLOCK_BYTES ((size_t)3 << 20)
 /* Up to this m the unpacked kernels run (decode, short prompts: W streamed once). */
 #define BP_MIN_M SMALL_M_UNBLOCKED
@@ -192,6 +192,13 @@ static size_t bp_blocks(long k, long *kc, long *np) {
     return (size_t)nkb;
 }
 
+/* k block b of a call: its first k, its length and its pairs (padded to whole 16-pair groups). */
+static void bp_kblock(const bp_ctx *c, long b, long *k0, long *kl, long *np) {
+    *k0 = b * c->kc;
+    *kl = c->k - *k0 < c->kc ? c->k - *k0 : c->kc;
+    *np = (*kl + 31) / 32 * 16;
+}
+
 /* Bytes of bp scratch: packed x, one W panel buffer per thread. */
 static size_t bp_scratch_bytes(int64_t m, int64_t k, int n_threads) {
     long kc, np;
@@ -199,6 +206,19 @@ static size_t bp_scratch_bytes(int64_t m, int64_t k, int n_threads) {
     return (size_t)m * nkb * (size_t)np * 4 + (size_t)n_threads * ((size_t)np * BP_NC * 4 + VLM_ALIGN) + VLM_ALIGN;
 }
 
+
+/* Inside a pool task: worker ith of nth has finished its share of a first phase; wait until all have (done counts
+ * them, starting at 0), so that a second phase in the same pool run may read what every worker wrote. */
+static void join_workers(int *done, int nth) {
+    if (nth <= 1) return;
+    __atomic_add_fetch(done, 1, __ATOMIC_ACQ_REL);
+    for (long spins = 0; __atomic_load_n(done, __ATOMIC_ACQUIRE) < nth; spins++) {
+#if VLM_X86
+        _mm_pause();
+#endif
+        if (spins > 2000) sched_yield();
+    }
+}
 
 /* ------------------------------------------------------------------------------------------------ */
 /* Generic C kernels                                                                                */
@@ -456,7 +476,7 @@ static inline VLM_INLINE VLM_TGT_AVX512 void transpose16_epi32(__m512i r[16]) {
         r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
         r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
     }
-    /* r[4q + s] now holds, in each 128-bit lane L, elements (4L..4L+3) of column 4L'+s... of rows 4q..4q+3 */
+    /* now 128-bit lane L of r[4q + s] holds column 4L + s of rows 4q..4q+3: a 4 x 4 transpose of lanes is left */
     for (int i = 0; i < 4; i++) {
         t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
         t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
@@ -575,23 +595,19 @@ static void bp_task(void *p, int ith, int nth) {
         long i0 = r * BP_MR;
         int mr = c->m - i0 < BP_MR ? (int)(c->m - i0) : BP_MR;
         for (long b = 0; b < c->nkb; b++) {
-            long k0 = b * c->kc, kl = c->k - k0 < c->kc ? c->k - k0 : c->kc;
-            bp_pack_x(c->x, c->ldx, i0, mr, k0, kl, (kl + 31) / 32 * 16, c->ap + (b * c->m + i0) * c->np);
+            long k0, kl, np;
+            bp_kblock(c, b, &k0, &kl, &np);
+            bp_pack_x(c->x, c->ldx, i0, mr, k0, kl, np, c->ap + (b * c->m + i0) * c->np);
         }
     }
-    if (nth > 1) { /* every x panel is packed before any thread reads one */
-        __atomic_add_fetch(&c->packed, 1, __ATOMIC_ACQ_REL);
-        for (long spins = 0; __atomic_load_n(&c->packed, __ATOMIC_ACQUIRE) < nth; spins++) {
-            _mm_pause();
-            if (spins > 2000) sched_yield();
-        }
-    }
+    join_workers(&c->packed, nth);   /* every x panel is packed before any thread reads one */
     long q0, q1; /* this thread's column panels */
     vlm_split(c->panels, 1, ith, nth, &q0, &q1);
     uint32_t *bbuf = (uint32_t *)vlm_align_up((size_t)(uintptr_t)(c->bp + (size_t)ith * ((size_t)c->np * BP_NC +
                                                                                          VLM_ALIGN / 4)), VLM_ALIGN);
     for (long b = 0; b < c->nkb; b++) {
-        long k0 = b * c->kc, kl = c->k - k0 < c->kc ? c->k - k0 : c->kc, np = (kl + 31) / 32 * 16;
+        long k0, kl, np;
+        bp_kblock(c, b, &k0, &kl, &np);
         for (long m0 = 0; m0 < c->m; m0 += c->mc) {
             long m1 = c->m - m0 < c->mc ? c->m : m0 + c->mc;
             int wi = 0;
@@ -663,15 +679,7 @@ static void mm_task(void *p, int ith, int nth) {
     mm_ctx *c = (mm_ctx *)p;
     if (c->cv) { /* convert a share of the x rows, then wait for the other workers (one pool run per call) */
         convert_task((void *)c->cv, ith, nth);
-        if (nth > 1) {
-            __atomic_add_fetch(&c->conv_done, 1, __ATOMIC_ACQ_REL);
-            for (long spins = 0; __atomic_load_n(&c->conv_done, __ATOMIC_ACQUIRE) < nth; spins++) {
-#if VLM_X86
-                _mm_pause();
-#endif
-                if (spins > 2000) sched_yield();
-            }
-        }
+        join_workers(&c->conv_done, nth);
     }
     long n0, n1;
     vlm_split(c->n, 16, ith, nth, &n0, &n1);
@@ -853,9 +861,9 @@ static vlm_status bp_run(vlm_pool *pool, int nw, float *const *out, const int64_
 }
 #endif
 
-vlm_status vlm_matmul(vlm_pool *pool, float *out, int64_t ldo, const float *x, int64_t ldx, int64_t m,
-                      const vlm_weight *w, vlm_compute cmode, int accumulate, void *scratch, size_t scratch_size,
-                      vlm_err *err) {
+/* The argument checks of vlm_matmul (m == 0 passes: the caller then has nothing to do). */
+static vlm_status check_matmul(float *out, int64_t ldo, const float *x, int64_t ldx, int64_t m, const vlm_weight *w,
+                               vlm_compute cmode, vlm_err *err) {
     if (!w) return vlm_fail(err, VLM_ERR_ARG, "matmul: weight is NULL");
     if (w->dtype != VLM_F32 && w->dtype != VLM_BF16 && w->dtype != VLM_I8 && w->dtype != VLM_I4)
         return vlm_fail(err, VLM_ERR_ARG, "matmul: unsupported weight dtype %d", (int)w->dtype);
@@ -869,6 +877,14 @@ vlm_status vlm_matmul(vlm_pool *pool, float *out, int64_t ldo, const float *x, i
     if (ldx < w->k || ldo < w->n)
         return vlm_fail(err, VLM_ERR_ARG, "matmul: row strides ldx=%lld (k=%lld) ldo=%lld (n=%lld) too small",
                         (long long)ldx, (long long)w->k, (long long)ldo, (long long)w->n);
+    return VLM_OK;
+}
+
+vlm_status vlm_matmul(vlm_pool *pool, float *out, int64_t ldo, const float *x, int64_t ldx, int64_t m,
+                      const vlm_weight *w, vlm_compute cmode, int accumulate, void *scratch, size_t scratch_size,
+                      vlm_err *err) {
+    VLM_TRY(check_matmul(out, ldo, x, ldx, m, w, cmode, err));
+    if (m == 0) return VLM_OK;
     if (w->dtype == VLM_I8 || w->dtype == VLM_I4) return vlm_matmul_i8(pool, out, ldo, x, ldx, m, w, accumulate, scratch, scratch_size, err);
     const int level = vlm_cpu_isa();
 #if VLM_X86
@@ -958,18 +974,16 @@ vlm_status vlm_matmul_multi(vlm_pool *pool, int nw, float *const *out, const int
         return vlm_fail(err, VLM_ERR_ARG, "matmul_multi: between 1 and %d weights, got %d", VLM_MM_MULTI_MAX, nw);
     int same = 1;
     for (int i = 0; i < nw; i++) {
-        if (!w[i]) return vlm_fail(err, VLM_ERR_ARG, "matmul_multi: weight %d is NULL", i);
-        if (w[i]->k != w[0]->k) return vlm_fail(err, VLM_ERR_ARG, "matmul_multi: weight %d has k=%lld, weight 0 k=%lld", i,
-                                                (long long)w[i]->k, (long long)w[0]->k);
+        if (w[i] && w[0] && w[i]->k != w[0]->k)
+            return vlm_fail(err, VLM_ERR_ARG, "matmul_multi: the weights must have the same k (weight %d: %lld, "
+                            "weight 0: %lld)", i, (long long)w[i]->k, (long long)w[0]->k);
+        VLM_TRY(check_matmul(out[i], ldo[i], x, ldx, m, w[i], cmode, err));
         same &= w[i]->dtype == w[0]->dtype;
     }
+    if (m == 0) return VLM_OK;
 #if VLM_X86
-    if (same && m > 0 && use_bp(m, w[0], cmode, vlm_cpu_isa())) {
-        for (int i = 0; i < nw; i++) /* the checks of vlm_matmul */
-            if (w[i]->n <= 0 || !w[i]->data || !out[i] || ldo[i] < w[i]->n || ldx < w[i]->k || !x)
-                return vlm_fail(err, VLM_ERR_ARG, "matmul_multi: weight %d: bad sizes, strides or NULL pointers", i);
+    if (same && use_bp(m, w[0], cmode, vlm_cpu_isa()))
         return bp_run(pool, nw, out, ldo, x, ldx, m, w, 0, scratch, scratch_size, err);
-    }
 #endif
     for (int i = 0; i < nw; i++)
         VLM_TRY(vlm_matmul(pool, out[i], ldo[i], x, ldx, m, w[i], cmode, 0, scratch, scratch_size, err));

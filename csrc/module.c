@@ -750,6 +750,14 @@ done:
 
 /* ---------------------------------------------------------------- functions */
 
+/* compute= of matmul / matmul_multi: "f32" or "bf16"; -1 with a ValueError otherwise. */
+static int parse_compute(const char *s, vlm_compute *cm) {
+    if (!strcmp(s, "f32")) *cm = VLM_COMPUTE_F32;
+    else if (!strcmp(s, "bf16")) *cm = VLM_COMPUTE_BF16;
+    else { PyErr_SetString(PyExc_ValueError, "compute must be 'f32' or 'bf16'"); return -1; }
+    return 0;
+}
+
 static PyObject *py_matmul(PyObject *mod, PyObject *args, PyObject *kw) {
     PyObject *x_o, *w_o, *b_o = Py_None, *out_o = Py_None, *ws_o = Py_None, *sc_o = Py_None, *ws8_o = Py_None;
     PyObject *sub_o = Py_None;
@@ -761,9 +769,7 @@ static PyObject *py_matmul(PyObject *mod, PyObject *args, PyObject *kw) {
                                      &accumulate, &ws_o, &sc_o, &ws8_o, &sub_o))
         return NULL;
     vlm_compute cm;
-    if (!strcmp(compute, "f32")) cm = VLM_COMPUTE_F32;
-    else if (!strcmp(compute, "bf16")) cm = VLM_COMPUTE_BF16;
-    else { PyErr_SetString(PyExc_ValueError, "compute must be 'f32' or 'bf16'"); return NULL; }
+    if (parse_compute(compute, &cm)) return NULL;
     if (check_threads(n_threads)) return NULL;
     vlm_weight w;
     PyArrayObject *x = NULL, *out = NULL;
@@ -852,9 +858,7 @@ static PyObject *py_matmul_multi(PyObject *mod, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"x", "ws", "biases", "compute", "n_threads", NULL};
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|Osi", kwlist, &x_o, &ws_o, &bs_o, &compute, &n_threads)) return NULL;
     vlm_compute cm;
-    if (!strcmp(compute, "f32")) cm = VLM_COMPUTE_F32;
-    else if (!strcmp(compute, "bf16")) cm = VLM_COMPUTE_BF16;
-    else { PyErr_SetString(PyExc_ValueError, "compute must be 'f32' or 'bf16'"); return NULL; }
+    if (parse_compute(compute, &cm)) return NULL;
     if (check_threads(n_threads)) return NULL;
     if (!PyList_Check(ws_o) || PyList_GET_SIZE(ws_o) < 1 || PyList_GET_SIZE(ws_o) > VLM_MM_MULTI_MAX) {
         PyErr_Format(PyExc_ValueError, "ws must be a list of 1 to %d weights", VLM_MM_MULTI_MAX);
@@ -872,13 +876,14 @@ static PyObject *py_matmul_multi(PyObject *mod, PyObject *args, PyObject *kw) {
     PyArrayObject *x = NULL;
     PyObject *res = NULL, *outs = NULL;
     size_t ss = 0;
-    for (int i = 0; i < nw; i++) {
-        if (to_weight(PyList_GET_ITEM(ws_o, i), "ws[i]", &w[i])) return NULL;
+    for (int i = 0; i < nw; i++) {   /* k is checked by vlm_matmul_multi */
+        char name[16];
+        snprintf(name, sizeof name, "ws[%d]", i);
+        if (to_weight(PyList_GET_ITEM(ws_o, i), name, &w[i])) return NULL;
         if (w[i].dtype != VLM_F32 && w[i].dtype != VLM_BF16) {
-            PyErr_SetString(PyExc_TypeError, "matmul_multi: float32 or bf16 weights only");
+            PyErr_Format(PyExc_TypeError, "%s: matmul_multi takes float32 or bf16 weights only", name);
             return NULL;
         }
-        if (w[i].k != w[0].k) { PyErr_SetString(PyExc_ValueError, "matmul_multi: the weights must have the same k"); return NULL; }
         wp[i] = &w[i];
     }
     x = (PyArrayObject *)PyArray_FROM_OTF(x_o, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
@@ -903,13 +908,14 @@ static PyObject *py_matmul_multi(PyObject *mod, PyObject *args, PyObject *kw) {
     }
     vlm_err err = {{0}};
     vlm_status st;
+    ws_lease wl;
+    if (lease_begin(&wl, Py_None)) goto done;
     Py_BEGIN_ALLOW_THREADS
-    vlm_workspace ws = {0};
     vlm_pool *pool;
     void *scratch;
-    st = vlm_workspace_get(&ws, n_threads, ss, &pool, &scratch, &err);
+    st = vlm_workspace_get(wl.ws, n_threads, ss, &pool, &scratch, &err);
     if (st == VLM_OK) st = vlm_matmul_multi(pool, nw, outp, ldo, PyArray_DATA(x), w[0].k, m, wp, cm, scratch, ss, &err);
-    vlm_workspace_clear(&ws);
+    lease_end(&wl);
     Py_END_ALLOW_THREADS
     if (st != VLM_OK) { raise_status(st, &err); goto done; }
     res = outs;

@@ -27,6 +27,8 @@ from vlmfo1.testing.qwen2 import write_random_qwen2
 from vlmfo1.testing.upn import write_random_upn
 
 TIKTOKEN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tokenizer" / "qwen.tiktoken"
+# the tests that write a VLM-FO1 checkpoint need the shared tokenizer (CI always has ../shared beside the clone)
+needs_tokenizer = pytest.mark.skipif(not TIKTOKEN.exists(), reason="../shared/data/tokenizer is absent")
 IDS = np.array([3, 141, 326, 53, 5, 479, 3, 23, 46, 243, 383], np.int64)
 SMALL = dict(vocab_size=4096, eos_token_id=7, bos_token_id=6)   # a small output layer: fast tests
 
@@ -109,9 +111,8 @@ def test_int8_and_int4_share_the_output_layer(qwen, tmp_path):
     assert len(files(cache)) == 3                       # q8 layers, q4 layers, one q8 output layer
 
 
+@needs_tokenizer
 def test_fo1_every_tower_cached(tmp_path, no_quantizer):
-    if not TIKTOKEN.exists():
-        pytest.skip("shared tokenizer not found")
     from PIL import Image
     from vlmfo1.testing.fo1 import write_random_fo1
 
@@ -481,7 +482,7 @@ def test_cli_cache_uses_the_environment(tmp_path, monkeypatch, capsys):
     assert f"{tmp_path / 'env'} ($VLMFO1_CACHE_DIR)" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not TIKTOKEN.exists(), reason="shared tokenizer data not found")
+@needs_tokenizer
 def test_cli_no_cache_and_cache_dir(tmp_path, monkeypatch, capsys):
     ck = str(tmp_path / "ck")
     assert main(["random-checkpoint", ck, "--tiktoken", str(TIKTOKEN)]) == 0
