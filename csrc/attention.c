@@ -307,6 +307,8 @@ void vlm_attention(vlm_pool *pool, float *out, int ldo, const float *q, int ldq,
                    int max_ctx, int n_past, int T, int H, int KV, int D, float scale, float *scratch) {
     attn_ctx c = {out, ldo, q, ldq, kc, vc, max_ctx, n_past, T, H, KV, D, scale, scratch,
                   vlm_attention_scratch_floats(H, KV, D, max_ctx)};
+    const uint64_t pairs = (uint64_t)T * (uint64_t)n_past + (uint64_t)T * (uint64_t)(T + 1) / 2;   /* causal */
+    vlm_pool_count(pool, VLM_FLOPS_ATTN, 4 * (uint64_t)H * (uint64_t)D * pairs);
     vlm_pool_run(pool, attn_task, &c);
 }
 
@@ -352,6 +354,9 @@ size_t vlm_segment_attention_scratch_floats(int max_seg, int D) {
 void vlm_segment_attention(vlm_pool *pool, float *out, const float *qkv, const int *cu, int n_seg, int H, int D,
                            float scale, float *scratch, int max_seg) {
     seg_ctx c = {out, qkv, cu, n_seg, H, D, max_seg, scale, scratch, vlm_segment_attention_scratch_floats(max_seg, D)};
+    uint64_t pairs = 0;
+    for (int s = 0; s < n_seg; s++) pairs += (uint64_t)(cu[s + 1] - cu[s]) * (uint64_t)(cu[s + 1] - cu[s]);
+    vlm_pool_count(pool, VLM_FLOPS_ATTN, 4 * (uint64_t)H * (uint64_t)D * pairs);
     vlm_pool_run(pool, seg_task, &c);
 }
 
@@ -406,6 +411,8 @@ void vlm_window_attention(vlm_pool *pool, float *att, const float *qkv, const fl
                           int heads, int win, float scale, float *scratch) {
     win_ctx c = {att, qkv, bias, rows, W, C, heads, win, scale, scratch,
                  vlm_window_attention_scratch_floats(win, C / heads)};
+    /* every real query against the win x win keys of its window (padded keys included, as computed) */
+    vlm_pool_count(pool, VLM_FLOPS_ATTN, 4 * (uint64_t)C * (uint64_t)rows * (uint64_t)W * (uint64_t)win * (uint64_t)win);
     vlm_pool_run(pool, win_task, &c);
 }
 
@@ -445,6 +452,7 @@ static void chA_task(void *p, int ith, int nth) {
 void vlm_channel_attention_scores(vlm_pool *pool, float *A, const float *qk, float scale, float *scratch, long nr, int C,
                                   int G) {
     chA_ctx c = {A, qk, nr, C, C / G, G, scale, scratch, vlm_channel_attention_scratch_floats(C / G)};
+    vlm_pool_count(pool, VLM_FLOPS_ATTN, 2 * (uint64_t)nr * (uint64_t)C * (uint64_t)(C / G));   /* G blocks q^T k */
     vlm_pool_run(pool, chA_task, &c);
 }
 
@@ -497,6 +505,7 @@ static void chV_task(void *p, int ith, int nth) {
 
 void vlm_channel_attention_apply(vlm_pool *pool, float *att, const float *v, const float *At, long nr, int C, int G) {
     chV_ctx c = {att, v, At, nr, C, C / G, G};
+    vlm_pool_count(pool, VLM_FLOPS_ATTN, 2 * (uint64_t)nr * (uint64_t)C * (uint64_t)(C / G));
     vlm_pool_run(pool, chV_task, &c);
 }
 
@@ -539,6 +548,7 @@ void vlm_swin_attention(vlm_pool *pool, float *att, const float *qkv, const floa
                         float mask, int nwin, int N, int C, int heads, float scale, float *scratch) {
     swin_ctx c = {att, qkv, bias, labels, nwin, N, C, heads, scale, mask, scratch,
                   vlm_swin_attention_scratch_floats(N, C / heads)};
+    vlm_pool_count(pool, VLM_FLOPS_ATTN, 4 * (uint64_t)C * (uint64_t)nwin * (uint64_t)N * (uint64_t)N);
     vlm_pool_run(pool, swin_task, &c);
 }
 

@@ -130,8 +130,18 @@ void vlm_fo1_state_free(vlm_fo1_state *s) {
     free(s);
 }
 
+typedef struct {   /* the clock and the pool's work counters when a stage ended (t == 0: not reached) */
+    double t;
+    uint64_t c[VLM_FLOPS_KINDS];
+} fo1_mark;
+
+static void mark_now(fo1_mark *mk, const vlm_pool *pool) {
+    mk->t = vlm_seconds();
+    vlm_pool_counts(pool, mk->c);
+}
+
 static vlm_status encode(const vlm_fo1_model *m, vlm_fo1_state *s, const vlm_fo1_input *in, int n_threads, float *emb,
-                         int hidden, int64_t image_row, const int64_t *region_rows, double t[3], vlm_err *err);
+                         int hidden, int64_t image_row, const int64_t *region_rows, fo1_mark mk[4], vlm_err *err);
 
 static int all_finite(const float *x, size_t n) {
     float acc = 0.0f;   /* inf - inf and NaN propagate to NaN; finite values keep acc at 0 */
@@ -140,20 +150,26 @@ static int all_finite(const float *x, size_t n) {
 }
 
 vlm_status vlm_fo1_encode(const vlm_fo1_model *m, vlm_fo1_state *s, const vlm_fo1_input *in, int n_threads, float *emb,
-                          int hidden, int64_t image_row, const int64_t *region_rows, double *seconds, vlm_err *err) {
-    double sec[3] = {0, 0, 0}, t0 = vlm_seconds();
-    vlm_status st = encode(m, s, in, n_threads, emb, hidden, image_row, region_rows, sec, err);
-    if (seconds) {
-        seconds[0] = sec[0] - t0;
-        seconds[1] = sec[1] > 0 ? sec[1] - sec[0] : 0;
-        seconds[2] = sec[2] > 0 ? sec[2] - (sec[1] > 0 ? sec[1] : sec[0]) : 0;
+                          int hidden, int64_t image_row, const int64_t *region_rows, vlm_fo1_stats *stats, vlm_err *err) {
+    fo1_mark mk[4];
+    memset(mk, 0, sizeof mk);
+    mk[0].t = vlm_seconds();
+    vlm_status st = encode(m, s, in, n_threads, emb, hidden, image_row, region_rows, mk, err);
+    if (stats) {
+        memset(stats, 0, sizeof *stats);
+        for (int i = 0; i < 3; i++) {   /* stages run in order; one not reached (no boxes) reads 0 */
+            const fo1_mark *a = &mk[i], *b = &mk[i + 1];
+            if (b->t == 0) continue;
+            stats->seconds[i] = b->t - a->t;
+            for (int k = 0; k < VLM_FLOPS_KINDS; k++) stats->flops[i][k] = b->c[k] - a->c[k];
+        }
     }
     return st;
 }
 
-/* The pass itself; t[i] = the clock when stage i ended (0: not reached). */
+/* The pass itself; mk[0] = the start (its counters set here), mk[i + 1] = when stage i ended. */
 static vlm_status encode(const vlm_fo1_model *m, vlm_fo1_state *s, const vlm_fo1_input *in, int n_threads, float *emb,
-                         int hidden, int64_t image_row, const int64_t *region_rows, double t[3], vlm_err *err) {
+                         int hidden, int64_t image_row, const int64_t *region_rows, fo1_mark mk[4], vlm_err *err) {
     const vlm_fo1_limits L = {in->gh, in->gw, in->aux_h, in->aux_w, in->n_boxes};
     const int N = in->n_boxes;
     VLM_TRY(vlm_fo1_validate(m, hidden, N, err));
@@ -168,6 +184,7 @@ static vlm_status encode(const vlm_fo1_model *m, vlm_fo1_state *s, const vlm_fo1
     const int nth = n_threads < 1 ? 1 : n_threads;
     VLM_TRY(vlm_workspace_get(s, nth, carve(&A, m, &L, hidden, nth, NULL), &pool, &block, err));
     carve(&A, m, &L, hidden, nth, block);
+    vlm_pool_counts(pool, mk[0].c);
     const vlm_vit_config *vc = &m->vit->cfg;
     const int64_t U = (int64_t)in->gh * in->gw / 4;
     const size_t n_patch = (size_t)in->gh * in->gw;
@@ -180,7 +197,7 @@ static vlm_status encode(const vlm_fo1_model *m, vlm_fo1_state *s, const vlm_fo1
     float *img = emb + image_row * hidden;
     if (m->proj_image) VLM_TRY(vlm_mlp_forward(m->proj_image, pool, img, A.tokens, U, A.scratch, A.scratch_size, err));
     else memcpy(img, A.tokens, sizeof(float) * (size_t)U * hidden);
-    t[0] = vlm_seconds();
+    mark_now(&mk[1], pool);
     if (N == 0) return VLM_OK;
 
     /* DaViT -> HFRE -> mm_projector_aux -> the region rows */
@@ -198,7 +215,7 @@ static vlm_status encode(const vlm_fo1_model *m, vlm_fo1_state *s, const vlm_fo1
                 return vlm_fail(err, VLM_ERR_ARG, "aux maps contain NaN or inf");
         }
     }
-    t[1] = vlm_seconds();
+    mark_now(&mk[2], pool);
     const float *vt[VLM_HFRE_MAX_VT] = {0};
     if (hc->use_vt)
         for (int k = 0; k < hc->n_vt; k++) {
@@ -216,6 +233,6 @@ static vlm_status encode(const vlm_fo1_model *m, vlm_fo1_state *s, const vlm_fo1
         if (region_rows[i] < 0) return vlm_fail(err, VLM_ERR_ARG, "fo1: negative region row");
         memcpy(emb + region_rows[i] * hidden, A.proj + (size_t)i * hidden, sizeof(float) * hidden);
     }
-    t[2] = vlm_seconds();
+    mark_now(&mk[3], pool);
     return VLM_OK;
 }

@@ -67,12 +67,19 @@ void vlm_fo1_state_free(vlm_fo1_state *s);   /* NULL-safe */
 /* Bytes of arena a request of these sizes needs (0 if the sizes are invalid). */
 size_t vlm_fo1_arena_size(const vlm_fo1_model *m, const vlm_fo1_limits *lim, int n_threads);
 
+/* What one encode did per stage (0: ViT + mm_projector, 1: DaViT, 2: HFRE + mm_projector_aux): wall seconds and
+ * the work counters of pool.h (FLOPs by kind). A stage not reached reads 0. */
+typedef struct {
+    double seconds[3];
+    uint64_t flops[3][VLM_FLOPS_KINDS];
+} vlm_fo1_stats;
+
 /* Encode one image and its boxes. emb: [*][hidden]; rows image_row ..
  * image_row + gh*gw/4 - 1 receive the projected image tokens (raster merged order), row region_rows[i] the
  * projected region i. Other rows are not touched. n_threads != the state's pool size restarts the pool.
- * seconds (NULL or [3]) receives the wall time of ViT + mm_projector, DaViT, HFRE + mm_projector_aux.
+ * stats (NULL or one vlm_fo1_stats) receives each stage's wall time and FLOPs.
  * Non-finite intermediates (bad weights) fail with VLM_ERR_ARG, as the per-network path's checks do. */
 vlm_status vlm_fo1_encode(const vlm_fo1_model *m, vlm_fo1_state *s, const vlm_fo1_input *in, int n_threads, float *emb,
-                          int hidden, int64_t image_row, const int64_t *region_rows, double *seconds, vlm_err *err);
+                          int hidden, int64_t image_row, const int64_t *region_rows, vlm_fo1_stats *stats, vlm_err *err);
 
 #endif

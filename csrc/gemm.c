@@ -885,6 +885,7 @@ vlm_status vlm_matmul(vlm_pool *pool, float *out, int64_t ldo, const float *x, i
                       vlm_err *err) {
     VLM_TRY(check_matmul(out, ldo, x, ldx, m, w, cmode, err));
     if (m == 0) return VLM_OK;
+    vlm_pool_count(pool, VLM_FLOPS_GEMM, 2 * (uint64_t)m * (uint64_t)w->n * (uint64_t)w->k);
     if (w->dtype == VLM_I8 || w->dtype == VLM_I4) return vlm_matmul_i8(pool, out, ldo, x, ldx, m, w, accumulate, scratch, scratch_size, err);
     const int level = vlm_cpu_isa();
 #if VLM_X86
@@ -982,8 +983,11 @@ vlm_status vlm_matmul_multi(vlm_pool *pool, int nw, float *const *out, const int
     }
     if (m == 0) return VLM_OK;
 #if VLM_X86
-    if (same && use_bp(m, w[0], cmode, vlm_cpu_isa()))
+    if (same && use_bp(m, w[0], cmode, vlm_cpu_isa())) {
+        for (int i = 0; i < nw; i++)
+            vlm_pool_count(pool, VLM_FLOPS_GEMM, 2 * (uint64_t)m * (uint64_t)w[i]->n * (uint64_t)w[i]->k);
         return bp_run(pool, nw, out, ldo, x, ldx, m, w, 0, scratch, scratch_size, err);
+    }
 #endif
     for (int i = 0; i < nw; i++)
         VLM_TRY(vlm_matmul(pool, out[i], ldo[i], x, ldx, m, w[i], cmode, 0, scratch, scratch_size, err));

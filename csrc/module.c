@@ -220,7 +220,21 @@ static PyObject *Workspace_get_nthreads(Workspace *self, void *c) {
     return PyLong_FromLong(self->ws.pool ? vlm_pool_size(self->ws.pool) : 0);
 }
 
+/* {"gemm": FLOPs, "attention": FLOPs}: pool.h's work counters, as the flops attributes give them. */
+static PyObject *flops_dict(const uint64_t c[VLM_FLOPS_KINDS]) {
+    return Py_BuildValue("{sKsK}", "gemm", (unsigned long long)c[VLM_FLOPS_GEMM], "attention",
+                         (unsigned long long)c[VLM_FLOPS_ATTN]);
+}
+
+static PyObject *Workspace_get_flops(Workspace *self, void *c) {
+    uint64_t n[VLM_FLOPS_KINDS];
+    vlm_pool_counts(self->ws.pool, n);
+    return flops_dict(n);
+}
+
 static PyGetSetDef Workspace_getset[] = {
+    {"flops", (getter)Workspace_get_flops, NULL, "{'gemm': FLOPs, 'attention': FLOPs} run on this workspace so far "
+     "(csrc/pool.h: matmuls and attention products; elementwise work not counted)", NULL},
     {"nbytes", (getter)Workspace_get_nbytes, NULL, "bytes of scratch held (the largest any call needed)", NULL},
     {"n_allocs", (getter)Workspace_get_nallocs, NULL, "scratch allocations so far (grows only when a call needs more)", NULL},
     {"n_pools", (getter)Workspace_get_npools, NULL, "thread pools started so far (1 unless n_threads changed)", NULL},

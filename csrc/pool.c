@@ -19,6 +19,7 @@ struct vlm_pool {
     atomic_int stop;
     vlm_task_fn fn;
     void *ctx;
+    uint64_t flops[VLM_FLOPS_KINDS];   /* pool.h: work counters, written by the driving thread only */
 };
 
 typedef struct { vlm_pool *pool; int ith; } worker_arg;
@@ -91,6 +92,19 @@ void vlm_pool_free(vlm_pool *pool) {
 }
 
 int vlm_pool_size(const vlm_pool *pool) { return pool ? pool->n : 1; }
+
+void vlm_pool_count(vlm_pool *pool, int kind, uint64_t flops) {
+    if (pool && kind >= 0 && kind < VLM_FLOPS_KINDS) pool->flops[kind] += flops;
+}
+
+void vlm_pool_counts(const vlm_pool *pool, uint64_t out[VLM_FLOPS_KINDS]) {
+    for (int i = 0; i < VLM_FLOPS_KINDS; i++) out[i] = pool ? pool->flops[i] : 0;
+}
+
+void vlm_pool_set_counts(vlm_pool *pool, const uint64_t in[VLM_FLOPS_KINDS]) {
+    if (pool)
+        for (int i = 0; i < VLM_FLOPS_KINDS; i++) pool->flops[i] = in[i];
+}
 
 void vlm_pool_run(vlm_pool *pool, vlm_task_fn fn, void *ctx) {
     if (!pool || pool->n == 1) { fn(ctx, 0, 1); return; }

@@ -6,9 +6,11 @@
  * read-only vlm_fo1_model (the object keeps the three alive); shared by any number of threads.
  *   arena_bytes(gh, gw, aux_h, aux_w, n_boxes, n_threads=1) -> bytes a request of these sizes needs
  *     (what Workspace(n_threads, reserve=...) should reserve for the largest request expected)
- *   encode(state, vit_pixels, gh, gw, aux_pixels, boxes_a, boxes_q, out, image_row, region_rows, n_threads=1)
+ *   encode(state, vit_pixels, gh, gw, aux_pixels, boxes_a, boxes_q, out, image_row, region_rows, n_threads=1,
+ *          work=None)
  *     -> (vit, davit, hfre) seconds; state: a Workspace (one thread at a time); out: writable float32
- *     [L, hidden], rows image_row .. + gh*gw/4 get the image tokens, rows region_rows[i] the regions. */
+ *     [L, hidden], rows image_row .. + gh*gw/4 get the image tokens, rows region_rows[i] the regions; work: a
+ *     dict that receives {stage: {"gemm": FLOPs, "attention": FLOPs}} (pool.h's counters). */
 #include "fo1.h"
 
 typedef struct {
@@ -71,14 +73,15 @@ static PyArrayObject *fo1_array(PyObject *o, int ndim, const char *what) {
 }
 
 static PyObject *FO1Model_encode(FO1Model *self, PyObject *args, PyObject *kw) {
-    PyObject *ws_o, *px_o, *aux_o, *ba_o, *bq_o, *out_o, *rows_o;
+    PyObject *ws_o, *px_o, *aux_o, *ba_o, *bq_o, *out_o, *rows_o, *work_o = Py_None;
     int gh, gw, n_threads = 1;
     long long image_row;
     static char *kwlist[] = {"state", "vit_pixels", "gh", "gw", "aux_pixels", "boxes_a", "boxes_q", "out", "image_row",
-                             "region_rows", "n_threads", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOiiOOOOLO|i", kwlist, &ws_o, &px_o, &gh, &gw, &aux_o, &ba_o, &bq_o,
-                                     &out_o, &image_row, &rows_o, &n_threads) || check_threads(n_threads))
+                             "region_rows", "n_threads", "work", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOiiOOOOLO|iO", kwlist, &ws_o, &px_o, &gh, &gw, &aux_o, &ba_o, &bq_o,
+                                     &out_o, &image_row, &rows_o, &n_threads, &work_o) || check_threads(n_threads))
         return NULL;
+    if (work_o != Py_None && !PyDict_Check(work_o)) { PyErr_SetString(PyExc_TypeError, "work must be a dict or None"); return NULL; }
     const vlm_fo1_model *m = &self->m;
     if (!m->vit) { PyErr_SetString(PyExc_ValueError, "model is not initialised"); return NULL; }
     if (ws_o == Py_None) { PyErr_SetString(PyExc_TypeError, "state must be a Workspace"); return NULL; }
@@ -147,14 +150,23 @@ static PyObject *FO1Model_encode(FO1Model *self, PyObject *args, PyObject *kw) {
     }
     vlm_err err = {{0}};
     vlm_status st;
-    double sec[3] = {0, 0, 0};
+    vlm_fo1_stats stats;
     if (lease_begin(&wl, ws_o)) goto done;
     Py_BEGIN_ALLOW_THREADS
-    st = vlm_fo1_encode(m, wl.ws, &in, n_threads, PyArray_DATA(out), (int)hidden, image_row, rp, sec, &err);
+    st = vlm_fo1_encode(m, wl.ws, &in, n_threads, PyArray_DATA(out), (int)hidden, image_row, rp, &stats, &err);
     lease_end(&wl);
     Py_END_ALLOW_THREADS
     if (st != VLM_OK) { raise_status(st, &err); goto done; }
-    res = Py_BuildValue("(ddd)", sec[0], sec[1], sec[2]);
+    if (work_o != Py_None) {   /* {stage: {"gemm": FLOPs, "attention": FLOPs}} */
+        static const char *stage[3] = {"vit", "davit", "hfre"};
+        for (int i = 0; i < 3; i++) {
+            PyObject *d = Py_BuildValue("{sKsK}", "gemm", (unsigned long long)stats.flops[i][VLM_FLOPS_GEMM],
+                                        "attention", (unsigned long long)stats.flops[i][VLM_FLOPS_ATTN]);
+            if (!d || PyDict_SetItemString(work_o, stage[i], d) < 0) { Py_XDECREF(d); goto done; }
+            Py_DECREF(d);
+        }
+    }
+    res = Py_BuildValue("(ddd)", stats.seconds[0], stats.seconds[1], stats.seconds[2]);
 done:
     Py_XDECREF(px); Py_XDECREF(aux); Py_XDECREF(ba); Py_XDECREF(bq); Py_XDECREF(rows);
     return res;
@@ -164,8 +176,9 @@ static PyMethodDef FO1Model_methods[] = {
     {"arena_bytes", (PyCFunction)(void (*)(void))FO1Model_arena_bytes, METH_VARARGS | METH_KEYWORDS,
      "arena_bytes(gh, gw, aux_h, aux_w, n_boxes, n_threads=1) -> bytes of state a request of these sizes uses"},
     {"encode", (PyCFunction)(void (*)(void))FO1Model_encode, METH_VARARGS | METH_KEYWORDS,
-     "encode(state, vit_pixels, gh, gw, aux_pixels, boxes_a, boxes_q, out, image_row, region_rows, n_threads=1) "
-     "-> (vit, davit, hfre) seconds: image and region embeddings written into out's rows"},
+     "encode(state, vit_pixels, gh, gw, aux_pixels, boxes_a, boxes_q, out, image_row, region_rows, n_threads=1, "
+     "work=None) -> (vit, davit, hfre) seconds: image and region embeddings written into out's rows; work: a dict "
+     "that receives {stage: {'gemm': FLOPs, 'attention': FLOPs}}"},
     {NULL}};
 
 static PyTypeObject FO1ModelType = {

@@ -254,6 +254,12 @@ static PyObject *Qwen2State_get_nbytes(Qwen2State *self, void *c) {
     return PyLong_FromSize_t(self->s ? vlm_qwen2_state_bytes(self->s) : 0);
 }
 
+static PyObject *Qwen2State_get_flops(Qwen2State *self, void *c) {
+    uint64_t n[VLM_FLOPS_KINDS] = {0, 0};
+    if (self->s) vlm_qwen2_state_flops(self->s, n);
+    return flops_dict(n);
+}
+
 static PyMethodDef Qwen2State_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))Qwen2State_forward, METH_VARARGS | METH_KEYWORDS,
      "forward(ids, embeds, positions, logits=1) -> logits of the last token (1), all new tokens (2) or None (0)"},
@@ -267,6 +273,8 @@ static PyGetSetDef Qwen2State_getset[] = {
     {"n_past", (getter)Qwen2State_get_len, NULL, "tokens in the KV cache", NULL},
     {"max_context", (getter)Qwen2State_get_max, NULL, "capacity of the KV cache", NULL},
     {"nbytes", (getter)Qwen2State_get_nbytes, NULL, "bytes held by the state (KV cache + scratch)", NULL},
+    {"flops", (getter)Qwen2State_get_flops, NULL, "{'gemm': FLOPs, 'attention': FLOPs} of every forward so far "
+     "(csrc/pool.h)", NULL},
     {NULL}};
 
 static PyTypeObject Qwen2StateType = {

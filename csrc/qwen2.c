@@ -165,6 +165,8 @@ int vlm_qwen2_state_len(const vlm_qwen2_state *s) { return s->n_past; }
 int vlm_qwen2_state_max(const vlm_qwen2_state *s) { return s->max_ctx; }
 size_t vlm_qwen2_state_bytes(const vlm_qwen2_state *s) { return s->block_size; }
 
+void vlm_qwen2_state_flops(const vlm_qwen2_state *s, uint64_t out[VLM_FLOPS_KINDS]) { vlm_pool_counts(s->pool, out); }
+
 vlm_status vlm_qwen2_state_truncate(vlm_qwen2_state *s, int n, vlm_err *err) {
     if (n < 0 || n > s->n_past) return vlm_fail(err, VLM_ERR_ARG, "cannot truncate a context of %d tokens to %d", s->n_past, n);
     s->n_past = n;

@@ -55,6 +55,8 @@ int vlm_qwen2_state_len(const vlm_qwen2_state *s);
 int vlm_qwen2_state_max(const vlm_qwen2_state *s);
 vlm_status vlm_qwen2_state_truncate(vlm_qwen2_state *s, int n, vlm_err *err);
 size_t vlm_qwen2_state_bytes(const vlm_qwen2_state *s);
+/* The work counters (pool.h) of every forward run on s so far. */
+void vlm_qwen2_state_flops(const vlm_qwen2_state *s, uint64_t out[VLM_FLOPS_KINDS]);
 
 /* Append T tokens. Exactly one of ids ([T]) / embeds ([T][hidden]) is non-NULL. pos is [3][T]
  * (M-RoPE t, h, w positions; text tokens have all three equal). logits: NULL, or [vocab] for the last

@@ -9,6 +9,9 @@ vlm_status vlm_workspace_get(vlm_workspace *ws, int n_threads, size_t bytes, vlm
     if (!ws->pool || vlm_pool_size(ws->pool) != n_threads) {
         vlm_pool *p = vlm_pool_create(n_threads);
         if (!p) return vlm_fail(err, VLM_ERR_NOMEM, "cannot start %d threads", n_threads);
+        uint64_t counts[VLM_FLOPS_KINDS];   /* the work counters outlive a restart */
+        vlm_pool_counts(ws->pool, counts);
+        vlm_pool_set_counts(p, counts);
         vlm_pool_free(ws->pool);
         ws->pool = p;
         ws->n_pools++;

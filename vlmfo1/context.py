@@ -64,7 +64,8 @@ class EncodedImage:
     call prefills only its own text; the answers are bit-identical to the model's one-call methods."""
 
     def __init__(self, model: "VLMFO1", image: np.ndarray, source, boxes: np.ndarray, scores: Optional[np.ndarray],
-                 image_tokens: np.ndarray, grid_hw, regions: np.ndarray, timings: Dict[str, float]):
+                 image_tokens: np.ndarray, grid_hw, regions: np.ndarray, timings: Dict[str, float],
+                 flops: Optional[Dict[str, Dict[str, int]]] = None):
         self.model = model
         self.image = image                         # the decoded RGB pixels [H, W, 3] uint8
         self.source = source                       # what FO1Result.image reports (a path, or the pixels)
@@ -74,6 +75,7 @@ class EncodedImage:
         self.grid_hw = tuple(grid_hw)              # ViT patch grid (gh, gw)
         self.regions = regions                     # [N, hidden] region tokens after the aux projector
         self.encode_timings = dict(timings)        # preprocess, vit, davit, hfre, prefix (seconds)
+        self.encode_flops = dict(flops or {})      # vit, davit, hfre, prefix: {"gemm": FLOPs, "attention": FLOPs}
         self._prefix: Optional[List[int]] = None   # the shared prompt prefix (placeholders not expanded)
         self._kv: Optional[np.ndarray] = None      # KV snapshot of the expanded prefix
         self._kv_delta = 0

@@ -101,6 +101,12 @@ class Session:
     def nbytes(self) -> int:
         return self._state.nbytes
 
+    @property
+    def flops(self) -> Dict[str, int]:
+        """{"gemm": FLOPs, "attention": FLOPs} of every forward on this session so far (matmuls and attention
+        products as csrc/pool.h counts them; differences between two reads give one call's work)."""
+        return self._state.flops
+
     def reset(self):
         self._state.truncate(0)
         self.rope_delta = 0

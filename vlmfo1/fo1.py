@@ -324,7 +324,7 @@ class VLMFO1:
 
     # ------------------------------------------------------------------ one request, low level
     def encode_features(self, image, boxes, truncate_boxes: bool = False, trace: Optional[dict] = None,
-                        timings: Optional[Dict[str, float]] = None):
+                        timings: Optional[Dict[str, float]] = None, flops: Optional[dict] = None):
         """The vision side of a request: image + boxes ([N, 4] xyxy pixels) -> (image tokens [M, hidden], (gh, gw),
         region tokens [N, hidden], boxes used). `encode` wraps it with the prefix prefill.
 
@@ -332,10 +332,12 @@ class VLMFO1:
         buffer; with trace they run one by one (the same bits) and every intermediate comes back.
         trace: a dict that receives the named intermediates (pixel values, boxes in aux and Qwen space,
         DaViT and ViT maps, region features), for debugging and the golden tests. timings: a dict that
-        receives seconds per stage (preprocess, vit, davit, hfre)."""
+        receives seconds per stage (preprocess, vit, davit, hfre); flops: a dict that receives the work of each
+        network stage, {stage: {"gemm": FLOPs, "attention": FLOPs}} (vit, davit, hfre; see FO1Result.flops)."""
         self._check_open()
         t = trace if trace is not None else {}
         tm = timings if timings is not None else {}
+        fl = flops if flops is not None else {}
         clock = time.perf_counter()
         pixel_values, grid_thw, aux_px, boxes_a, boxes_q, b = self.preprocess(image, boxes, truncate_boxes)
         _, gh, gw = (int(v) for v in grid_thw)
@@ -345,30 +347,35 @@ class VLMFO1:
         with self._session(1) as s:   # its Workspace: the encoders' threads and scratch, kept between requests
             ws = s.workspace
             if trace is None:
-                return self._encode_fused(ws, pixel_values, grid_thw, aux_px, boxes_a, boxes_q, b, tm)
+                return self._encode_fused(ws, pixel_values, grid_thw, aux_px, boxes_a, boxes_q, b, tm, fl)
+            work = ws.flops
             tokens, vt_maps = self.vision(pixel_values, grid_thw, features=True, workspace=ws)
             image_tokens = self.hfre.project_image(tokens, workspace=ws)
             t.update(pixel_values=pixel_values, image_grid_thw=(1, gh, gw), vt_maps=vt_maps, image_tokens=image_tokens)
             now = time.perf_counter()
             tm["vit"], clock = now - clock, now
+            fl["vit"], work = _work_since(work, ws.flops), ws.flops
             if len(b) == 0:
                 tm["davit"] = tm["hfre"] = 0.0
+                fl["davit"] = fl["hfre"] = _NO_WORK
                 return image_tokens, (gh, gw), np.zeros((0, self.decoder.config.hidden_size), np.float32), b
 
             aux_maps = self.davit(aux_px, workspace=ws)
             now = time.perf_counter()
             tm["davit"], clock = now - clock, now
+            fl["davit"], work = _work_since(work, ws.flops), ws.flops
             feats = self.hfre.region_features([m.transpose(1, 2, 0) for m in vt_maps],
                                               [m.transpose(1, 2, 0) for m in aux_maps], boxes_a, boxes_q,
                                               qwen_hw=(self.processor.patch_size * gh, self.processor.patch_size * gw),
                                               workspace=ws)
             regions = self.hfre.project_regions(feats, workspace=ws)
             tm["hfre"] = time.perf_counter() - clock
+            fl["hfre"] = _work_since(work, ws.flops)
         t.update(aux_pixel_values=aux_px, davit_maps=aux_maps, boxes_aux=boxes_a, boxes_vt=boxes_q,
                  region_features=feats, region_tokens=regions)
         return image_tokens, (gh, gw), regions, b
 
-    def _encode_fused(self, ws, pixel_values, grid_thw, aux_px, boxes_a, boxes_q, b, tm):
+    def _encode_fused(self, ws, pixel_values, grid_thw, aux_px, boxes_a, boxes_q, b, tm, fl):
         """encode_features as one C call: [image tokens | region tokens] written into one buffer (the returned
         arrays are views of it); no feature map comes back to Python. Inputs are checked as the per-network
         wrappers check them."""
@@ -381,7 +388,8 @@ class VLMFO1:
         u = gh * gw // 4
         buf = np.empty((u + n, self.decoder.config.hidden_size), np.float32)
         tm["vit"], tm["davit"], tm["hfre"] = self._fused.encode(ws, px, gh, gw, aux, ba, bq, buf, 0,
-                                                                np.arange(u, u + n), n_threads=self.vision.n_threads)
+                                                                np.arange(u, u + n), n_threads=self.vision.n_threads,
+                                                                work=fl)
         return buf[:u], (gh, gw), buf[u:], b
 
     def _state_reserve(self) -> int:
@@ -512,19 +520,22 @@ class VLMFO1:
         source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else img
         return self._context(img, source, b, sc, timings, clock, prefix=True)
 
-    def _encode_new(self, img, source, b, sc, timings, clock, prefix: bool) -> EncodedImage:
-        image_tokens, grid_hw, regions, _ = self.encode_features(img, b, timings=timings)
+    def _encode_new(self, img, source, b, sc, timings, clock, prefix: bool, flops=None) -> EncodedImage:
+        fl = flops if flops is not None else {}
+        image_tokens, grid_hw, regions, _ = self.encode_features(img, b, timings=timings, flops=fl)
         timings["preprocess"] += time.perf_counter() - clock - sum(timings.values())   # + loading and checks
-        ctx = EncodedImage(self, img, source, b, sc, image_tokens, grid_hw, regions, timings)
+        ctx = EncodedImage(self, img, source, b, sc, image_tokens, grid_hw, regions, timings, fl)
         if prefix:
             t0 = time.perf_counter()
             ids, _ = prompt_ids(self.tokenizer, "", len(b))
             with self._session(1) as s:
+                work = s.flops
                 ctx._prefill_prefix(s, ids)
+                ctx.encode_flops["prefix"] = _work_since(work, s.flops)
             ctx.encode_timings["prefix"] = time.perf_counter() - t0
         return ctx
 
-    def _context(self, img, source, b, sc, timings, clock, prefix: bool = False) -> EncodedImage:
+    def _context(self, img, source, b, sc, timings, clock, prefix: bool = False, flops=None) -> EncodedImage:
         """The EncodedImage of one image and its boxes: from the image cache, or encoded now (kept there when the
         cache is on). prefix: snapshot the shared prompt prefix (always when the result is cached)."""
         key = image_key(img, b) if self.image_cache.max_bytes else None
@@ -532,8 +543,10 @@ class VLMFO1:
         if ctx is not None:
             timings.update(vit=0.0, davit=0.0, hfre=0.0)
             timings["preprocess"] = time.perf_counter() - clock
+            if flops is not None:
+                flops.update(vit=_NO_WORK, davit=_NO_WORK, hfre=_NO_WORK)
             return ctx
-        ctx = self._encode_new(img, source, b, sc, timings, clock, prefix=prefix or key is not None)
+        ctx = self._encode_new(img, source, b, sc, timings, clock, prefix=prefix or key is not None, flops=flops)
         if key is not None:
             self.image_cache.put(key, ctx)
         return ctx
@@ -556,27 +569,40 @@ class VLMFO1:
         return self.chat(image, text, boxes=boxes, truncate_boxes=truncate_boxes, **kw)
 
     def _tokens(self, ctx: EncodedImage, ids, gen: dict, timings: Dict[str, float],
-                session=None) -> Iterator[int]:
+                session=None, flops: Optional[dict] = None) -> Iterator[int]:
         """Prefill the prompt `ids` (placeholders) on ctx — the cached prefix restored, or prefilled first — then
-        decode. gen: the checked generation options (max_new_tokens set)."""
+        decode. gen: the checked generation options (max_new_tokens set); timings / flops receive the prefill and
+        decode stages' seconds / work."""
         dec = self.decoder
         n_prompt = len(ids) - 1 + len(ctx.image_tokens)
         check_request_length(dec, n_prompt, gen["max_new_tokens"])
         with contextlib.ExitStack() as stack:
             s = session if session is not None else stack.enter_context(self._session(n_prompt + gen["max_new_tokens"]))
-            clock = time.perf_counter()
+            clock, work = time.perf_counter(), s.flops
             full, logits = ctx._start(s, ids)
             now = time.perf_counter()
             timings["prefill"], clock = now - clock, now
             timings["decode"] = 0.0
+            yield from self._decode(s, logits, full, gen, timings, clock, work, flops)
+
+    def _decode(self, s, logits, ids, gen, timings, clock, work, flops) -> Iterator[int]:
+        """The decode loop after a prefill that started with the session's counters at `work` and ended at `clock`:
+        the tokens, with timings["decode"] and flops["prefill"] / flops["decode"] kept up to date."""
+        if flops is not None:
+            flops["prefill"], work = _work_since(work, s.flops), s.flops
+            flops["decode"] = _NO_WORK
+        try:
             # the penalty (if asked for) sees the prompt's real ids, as the official computation with its negative
             # placeholder ids skipped (the official run itself fails on them; vlmfo1/generation.py)
-            context = [t for t in full if t >= 0 and t != self.image_token_id]
+            context = [t for t in ids if t >= 0 and t != self.image_token_id]
             sampling = {k: v for k, v in gen.items() if k != "max_new_tokens"}
-            for tok in decode_stream(dec, s, logits, gen["max_new_tokens"], context_ids=context, **sampling):
+            for tok in decode_stream(self.decoder, s, logits, gen["max_new_tokens"], context_ids=context, **sampling):
                 timings["decode"] = time.perf_counter() - clock
                 yield tok
             timings["decode"] = time.perf_counter() - clock
+        finally:
+            if flops is not None:
+                flops["decode"] = _work_since(work, s.flops)
 
     # ------------------------------------------------------------------ one request, every option
     def _check_generation(self, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop_ids=None,
@@ -629,8 +655,10 @@ class VLMFO1:
         text = self._task_text(make_text, len(b))
         ids, _ = self._prompt(text, len(b))
         source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else img
-        ctx = self._context(img, source, b, sc, timings, clock)
-        return self._answer(ctx, task, ids, text, per_category, gen, timings, b, sc, source, (w, h), progress, stream)
+        flops: Dict[str, Dict[str, int]] = {}
+        ctx = self._context(img, source, b, sc, timings, clock, flops=flops)
+        return self._answer(ctx, task, ids, text, per_category, gen, timings, b, sc, source, (w, h), progress, stream,
+                            flops)
 
     def _request_encoded(self, ctx: EncodedImage, task: str, make_text: Callable[[int], str], per_category: int, *,
                          max_new_tokens: Optional[int] = None, temperature: float = 0.0, top_p: float = 1.0,
@@ -647,20 +675,22 @@ class VLMFO1:
         ids, _ = self._prompt(text, len(ctx.boxes))
         timings = dict(preprocess=time.perf_counter() - clock, vit=0.0, davit=0.0, hfre=0.0)
         return self._answer(ctx, task, ids, text, per_category, gen, timings, ctx.boxes, ctx.scores, ctx.source,
-                            ctx.image_size, progress, stream)
+                            ctx.image_size, progress, stream, dict(vit=_NO_WORK, davit=_NO_WORK, hfre=_NO_WORK))
 
-    def _answer(self, ctx, task, ids, text, per_category, gen, timings, b, sc, source, size, progress, stream):
+    def _answer(self, ctx, task, ids, text, per_category, gen, timings, b, sc, source, size, progress, stream,
+                flops):
         """Decode the answer of one prompt on ctx and parse it (or stream it)."""
         if gen["max_new_tokens"] is None:   # sized for the task, within the model's positions
             base, per_box, per_cat = MAX_NEW_TOKENS[task]
             gen["max_new_tokens"] = min(base + per_box * len(b) + per_cat * per_category,
                                         self.decoder.max_positions - (len(ids) - 1 + len(ctx.image_tokens)))
         stops = set(self.decoder.stop_ids if gen["stop_ids"] is None else gen["stop_ids"])
-        fields = dict(task=task, prompt=text, image_size=size, timings=timings, image=source)
+        fields = dict(task=task, prompt=text, image_size=size, timings=timings, image=source, flops=flops)
 
         def run():
             toks: List[int] = []
-            yield from self._pieces(self._tokens(ctx, ids, gen, timings), toks, progress, gen["max_new_tokens"], task)
+            yield from self._pieces(self._tokens(ctx, ids, gen, timings, flops=flops), toks, progress,
+                                    gen["max_new_tokens"], task)
             finish = "stop" if toks and toks[-1] in stops else "length"
             yield parse_answer(self.tokenizer.decode(toks).strip(), b, toks, scores=sc, finish_reason=finish,
                                **fields)
@@ -724,13 +754,14 @@ class VLMFO1:
                                  f"than its KV cache holds ({conv._session.max_context}); start a new conversation or "
                                  "ask for fewer max_new_tokens")
             timings = dict(preprocess=0.0, vit=0.0, davit=0.0, hfre=0.0)
+            flops = dict(vit=_NO_WORK, davit=_NO_WORK, hfre=_NO_WORK)
             stops = set(dec.stop_ids if gen["stop_ids"] is None else gen["stop_ids"])
             toks: List[int] = []
             if conv._session is None:
                 conv._session = self._acquire_session(dec.max_context)
-                inner = self._tokens(ctx, ids, gen, timings, session=conv._session)
+                inner = self._tokens(ctx, ids, gen, timings, session=conv._session, flops=flops)
             else:
-                inner = self._continue(conv._session, feed, ids, gen, timings)
+                inner = self._continue(conv._session, feed, ids, gen, timings, flops)
             try:
                 yield from self._pieces(inner, toks, progress, gen["max_new_tokens"], "chat")
             finally:
@@ -738,24 +769,19 @@ class VLMFO1:
             finish = "stop" if toks and toks[-1] in stops else "length"
             res = parse_answer(self.tokenizer.decode(toks).strip(), ctx.boxes, toks, scores=ctx.scores,
                                finish_reason=finish, task="chat", prompt=text, image_size=ctx.image_size,
-                               timings=timings, image=ctx.source)
+                               timings=timings, image=ctx.source, flops=flops)
             conv.turns.append(res)
             yield res
         finally:
             conv._lock.release()
 
-    def _continue(self, s, feed, ids, gen, timings) -> Iterator[int]:
-        clock = time.perf_counter()
+    def _continue(self, s, feed, ids, gen, timings, flops=None) -> Iterator[int]:
+        clock, work = time.perf_counter(), s.flops
         logits = s.prefill(np.asarray(feed, dtype=np.int64))
         now = time.perf_counter()
         timings["prefill"], clock = now - clock, now
         timings["decode"] = 0.0
-        context = [t for t in ids if t >= 0 and t != self.image_token_id]
-        sampling = {k: v for k, v in gen.items() if k != "max_new_tokens"}
-        for tok in decode_stream(self.decoder, s, logits, gen["max_new_tokens"], context_ids=context, **sampling):
-            timings["decode"] = time.perf_counter() - clock
-            yield tok
-        timings["decode"] = time.perf_counter() - clock
+        yield from self._decode(s, logits, ids, gen, timings, clock, work, flops)
 
     def _check_prompt_text(self, text) -> None:
         """A str without lone surrogates that can fit in max_context (a lower bound on its token count, computed
@@ -910,6 +936,14 @@ class VLMFO1:
 
 FO1 = VLMFO1   # the older name
 _IDLE_SESSIONS = 4   # idle KV caches a model keeps for reuse (one per thread that ran requests at once, up to this)
+
+
+_NO_WORK = {"gemm": 0, "attention": 0}   # FO1Result.flops of a stage that did not run (read-only: never mutated)
+
+
+def _work_since(before: Dict[str, int], now: Dict[str, int]) -> Dict[str, int]:
+    """The work counters' difference between two reads of one Workspace / Session (FO1Result.flops)."""
+    return {k: now[k] - before[k] for k in now}
 
 
 def _check_flag(value, name: str) -> None:

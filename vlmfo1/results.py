@@ -80,6 +80,11 @@ class FO1Result:
     proposals: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))  # every input box, xyxy pixels
     proposal_scores: Optional[np.ndarray] = None
     timings: Dict[str, float] = field(default_factory=dict)      # seconds per stage (STAGES)
+    # the work each stage did, {stage: {"gemm": FLOPs, "attention": FLOPs}}: the matmuls (linear layers,
+    # convolutions run as matmuls) and the attention products, as the C core counts them (csrc/pool.h; elementwise
+    # work, norms and RoIAlign are not counted); 0 for a stage reused from an encoded image. FLOPs / timings
+    # gives a stage's achieved rate.
+    flops: Dict[str, Dict[str, int]] = field(default_factory=dict, compare=False)
     image: Any = field(default=None, compare=False)              # the image it came from (path or RGB array)
 
     # ------------------------------------------------------------------ views
@@ -146,6 +151,7 @@ class FO1Result:
             "proposals": np.asarray(self.proposals, dtype=np.float64).tolist(),
             "proposal_scores": None if self.proposal_scores is None else np.asarray(self.proposal_scores).tolist(),
             "timings": dict(self.timings),
+            "flops": {k: dict(v) for k, v in self.flops.items()},
         }
 
     def to_json(self, indent: Optional[int] = None) -> str:
@@ -162,7 +168,8 @@ class FO1Result:
                    image_size=tuple(d["image_size"]) if d.get("image_size") else None,
                    proposals=np.asarray(d.get("proposals") or np.zeros((0, 4)), dtype=np.float64).reshape(-1, 4),
                    proposal_scores=None if ps is None else np.asarray(ps, dtype=np.float64),
-                   timings=dict(d.get("timings", {})), image=d.get("image"))
+                   timings=dict(d.get("timings", {})), image=d.get("image"),
+                   flops={k: {kk: int(vv) for kk, vv in v.items()} for k, v in (d.get("flops") or {}).items()})
 
     def to_coco(self, image_id: int, category_map: Optional[Mapping[str, int]] = None,
                 default_score: float = 1.0) -> List[dict]:
