@@ -408,3 +408,76 @@ def markdown_table(headers, rows) -> str:
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(headers), sep] + [line(r) for r in cells])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# achieved rates: FO1Result.flops (the C core's work counters) per stage against the peaks probed in the same run
+
+PEAK_FAMILIES = ("fma32", "bf16dp", "vnni", "bandwidth")
+FAMILY_NAMES = {"fma32": "fp32 FMA", "bf16dp": "AVX512-BF16 vdpbf16ps", "vnni": "AVX512-VNNI vpdpbusd"}
+STAGES_WORK = ("vit", "davit", "hfre", "prefill", "decode")
+
+
+def probe_peaks(threads: int) -> dict:
+    """_core.peak of every family on `threads` threads (GFLOP/s, GOP/s; bandwidth GB/s), measured now."""
+    from vlmfo1 import _core
+    return {f: _core.peak(f, threads) for f in PEAK_FAMILIES}
+
+
+def gemm_family(weights: str, compute: str, peaks: dict) -> str:
+    """The instruction family a stage's matmuls run on: int8 / int4 weights -> vnni; bf16 weights with bf16 compute
+    -> bf16dp (fma32 on a CPU without it); everything else fp32 FMA."""
+    if weights in ("int8", "int4") and peaks.get("vnni", 0) > 0:
+        return "vnni"
+    if weights == "bf16" and compute == "bf16" and peaks.get("bf16dp", 0) > 0:
+        return "bf16dp"
+    return "fma32"
+
+
+def stage_families(dtype, compute: str, peaks: dict) -> dict:
+    """{stage: family} for a VLMFO1 loaded with dtype (None = the stored bf16, "float32", "int8", "mixed", "int4")."""
+    vision = {"int8": "int8", "float32": "f32"}.get(dtype, "bf16")
+    text = {"int8": "int8", "mixed": "int8", "int4": "int4", "float32": "f32"}.get(dtype, "bf16")
+    fam_v, fam_t = gemm_family(vision, compute, peaks), gemm_family(text, compute, peaks)
+    return {"vit": fam_v, "davit": fam_v, "hfre": fam_v, "prefill": fam_t, "decode": fam_t}
+
+
+def decode_stream_bytes(decoder) -> int:
+    """Bytes of weights one decode step reads: every array of the language model but the embedding table (one row
+    is read), which is read in full when it is also the output layer (tied, no separate lm_head array)."""
+    import numpy as np
+    t = decoder._tensors
+    skip = {"embed"} if "lm_head" in t else set()
+    return int(sum(v.nbytes for k, v in t.items() if isinstance(v, np.ndarray) and k not in skip))
+
+
+def work_rows(timings: dict, flops: dict, families: dict, peaks: dict, decode_bytes=None, decode_steps=None):
+    """Rows [stage, seconds, GFLOP, of which attention, TFLOP/s, family, % of the family's peak, decode GB/s, % of
+    bandwidth] for the stages of one request; flops: FO1Result.flops (or the same work for another engine)."""
+    rows = []
+    for s in STAGES_WORK:
+        sec, f = timings.get(s, 0.0), flops.get(s)
+        if f is None or sec <= 0:
+            continue
+        total = f["gemm"] + f["attention"]
+        rate = total / sec / 1e9
+        fam = families[s]
+        row = [s, f"{sec:.2f}", f"{total / 1e9:.1f}", f"{100 * f['attention'] / total:.1f}%" if total else "-",
+               f"{rate / 1e3:.3f}", FAMILY_NAMES[fam], f"{100 * rate / peaks[fam]:.0f}%" if peaks.get(fam) else "-"]
+        if s == "decode" and decode_bytes and decode_steps:
+            bw = decode_bytes * decode_steps / sec / 1e9
+            row += [f"{bw:.1f}", f"{100 * bw / peaks['bandwidth']:.0f}%" if peaks.get("bandwidth") else "-"]
+        else:
+            row += ["", ""]
+        rows.append(row)
+    return rows
+
+
+WORK_HEAD = ["stage", "s", "GFLOP (matmul + attention)", "attention", "TFLOP/s", "matmul family",
+             "% of its peak", "decode GB/s of weights", "% of read bandwidth"]
+
+
+def peaks_line(peaks: dict, threads: int) -> str:
+    return (f"peaks probed in this run ({threads} threads, csrc/peak.c): fp32 FMA {peaks['fma32']:.0f} GFLOP/s, "
+            f"vdpbf16ps {peaks['bf16dp']:.0f} GFLOP/s, vpdpbusd {peaks['vnni']:.0f} GOP/s, streaming read "
+            f"{peaks['bandwidth']:.1f} GB/s")

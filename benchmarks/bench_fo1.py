@@ -19,6 +19,12 @@ Engines, one subprocess each, one after another (so the peak RSS = VmHWM is that
   official-bf16   official code as shipped (bf16 modules)
   vlmfo1-bf16     vlmfo1.fo1.FO1, mode="reference", compute="bf16" (the default for bf16 weights)
   vlmfo1-f32      vlmfo1.fo1.FO1, mode="reference", compute="f32"
+  vlmfo1-int8     dtype="int8": every linear layer of the four networks int8 (per-output-channel scales, activations
+                  quantized per token; vlmfo1.quant), the convolutions as int8 matmuls
+  vlmfo1-mixed    dtype="mixed": the language model int8, the vision side bf16 as stored
+  vlmfo1-int4     dtype="int4": the language model's layers in 4-bit blocks of 32 (its output layer int8), the
+                  vision side bf16
+  (quantized weights are cached on disk by default, vlmfo1.weight_cache: "load s" is a cold or a warm load)
 
 The official engines run under --official-python (torch + transformers) from the checkout given by --official; they
 reuse the CPU shims of tests/golden/make_fo1_golden.py (imported, not copied: eager attention instead of
@@ -52,6 +58,13 @@ Stages (seconds; best total of --reps timed requests after --warmup untimed ones
   decode  the rest (official: first logits -> end of generate; vlmfo1: sampling, decode steps, answer parsing)
 Speed ratio = (best total among the official engines run) / (engine total); a second ratio subtracts the RoIAlign
 shim time from the official totals (the same as the first when they ran torchvision's op). Peak RSS includes the load.
+
+Work and rates: every vlmfo1 engine reports FO1Result.flops (the matmuls and attention products its C core counted
+per stage, tests/test_flops.py checks them against torch's FlopCounterMode) and probes the peak of every instruction
+family at its start (_core.peak, csrc/peak.c). The second table gives each engine's TFLOP/s per stage on that work
+(the same request is the same work for the official engines) and its % of the peak of the family the stage's
+matmuls run on (official bf16: oneDNN's AVX512-BF16; fp32: FMA; int8/int4 weights: VNNI); decode also as GB/s of
+weights read per step against the probed read bandwidth.
 """
 from __future__ import annotations
 
@@ -71,7 +84,9 @@ import _common as C  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "coco_tiny")
 DEFAULT_IMAGE = "000000404484.jpg"     # 320 x 240, 4:3 like 1000 x 750
-ENGINES = ["official-fp32", "official-bf16", "vlmfo1-bf16", "vlmfo1-f32"]
+ENGINES = ["official-fp32", "official-bf16", "vlmfo1-bf16", "vlmfo1-f32", "vlmfo1-int8", "vlmfo1-mixed", "vlmfo1-int4"]
+VLMFO1_DTYPE = {"vlmfo1-bf16": (None, "bf16"), "vlmfo1-f32": (None, "f32"), "vlmfo1-int8": ("int8", "bf16"),
+                "vlmfo1-mixed": ("mixed", "bf16"), "vlmfo1-int4": ("int4", "bf16")}   # (dtype=, compute=)
 DEFAULT_ENGINES = "official-fp32,official-bf16,vlmfo1-bf16"
 STAGES = ["prep", "vit", "davit", "hfre", "prefill", "decode"]
 
@@ -128,9 +143,10 @@ def prepare(a) -> dict:
 def worker_vlmfo1(req, engine, a) -> dict:
     from vlmfo1.fo1 import FO1
 
-    compute = {"vlmfo1-bf16": "bf16", "vlmfo1-f32": "f32"}[engine]
+    dtype, compute = VLMFO1_DTYPE[engine]
+    peaks = C.probe_peaks(a.threads)   # before the load: nothing else runs in this process
     t0 = time.perf_counter()
-    fo1 = FO1.load(req["checkpoint"], mode="reference", compute=compute, n_threads=a.threads)
+    fo1 = FO1.load(req["checkpoint"], mode="reference", compute=compute, dtype=dtype, n_threads=a.threads)
     load_s = time.perf_counter() - t0
     rss_load = C.proc_status_kib("VmRSS") * 1024
     runs = []
@@ -144,10 +160,11 @@ def worker_vlmfo1(req, engine, a) -> dict:
         _log(f"{engine} run {i}{' (warm-up)' if i < a.warmup else ''}: {total:.2f} s")
         if i >= a.warmup:
             runs.append({"total_s": total, "stages_s": st, "tokens": [int(x) for x in res.token_ids],
-                         "text": res.text})
+                         "text": res.text, "flops": res.flops, "decode_loop_s": tm["decode"]})
     best = min(runs, key=lambda r: r["total_s"])
     return {"engine": engine, "load_s": load_s, "rss_after_load": rss_load, **best,
-            "all_totals_s": [r["total_s"] for r in runs]}
+            "all_totals_s": [r["total_s"] for r in runs], "peaks": peaks,
+            "families": C.stage_families(dtype, compute, peaks), "decode_bytes": C.decode_stream_bytes(fo1.decoder)}
 
 
 def worker_official(req, engine, a) -> dict:
@@ -338,7 +355,47 @@ def report(results, req) -> str:
                          f"{v.get('transformers')}")
     for e, r in ok.items():
         lines.append(f"- {e}: {r['text'][:100]!r}")
+    lines += work_report(ok, req)
     return "\n".join(lines)
+
+
+def work_report(ok: dict, req: dict) -> list:
+    """Per engine and stage: TFLOP/s on the work the vlmfo1 C core counted for this request (FO1Result.flops) and
+    its % of the peak of the family the stage's matmuls run on (probed by a vlmfo1 worker in this run)."""
+    ours = [r for e, r in ok.items() if e.startswith("vlmfo1") and r.get("flops")]
+    if not ours:
+        return []
+    flops, peaks = ours[0]["flops"], ours[0]["peaks"]
+    fam_off = {"official-bf16": C.gemm_family("bf16", "bf16", peaks), "official-fp32": "fma32"}
+    rows = []
+    for e, r in ok.items():
+        fams = r.get("families") or {s: fam_off[e] for s in C.STAGES_WORK}
+        tm = dict(r["stages_s"])
+        if "decode_loop_s" in r:
+            tm["decode"] = r["decode_loop_s"]
+        # the decode work depends on how many tokens the engine decoded: its own count, or that of a vlmfo1 engine
+        # that decoded as many tokens (else not shown)
+        same = [o["flops"] for o in ours if len(o["tokens"]) == len(r["tokens"])]
+        fl = dict(flops, decode=r["flops"]["decode"] if r.get("flops") else same[0]["decode"] if same else None)
+        cells = []
+        for s in C.STAGES_WORK:
+            if fl[s] is None or not tm.get(s):
+                cells.append("-")
+                continue
+            rate = (fl[s]["gemm"] + fl[s]["attention"]) / tm[s] / 1e9
+            pk = peaks.get(fams[s])
+            cells.append(f"{rate / 1e3:.3f} ({100 * rate / pk:.0f}% {fams[s]})" if pk else f"{rate / 1e3:.3f}")
+        bw = ""
+        if r.get("decode_bytes") and tm.get("decode") and len(r["tokens"]) > 1:
+            g = r["decode_bytes"] * (len(r["tokens"]) - 1) / tm["decode"] / 1e9   # the first token: from the prefill
+            bw = f"{g:.1f} ({100 * g / peaks['bandwidth']:.0f}%)"
+        rows.append([e] + cells + [bw])
+    work = ", ".join(f"{s} {(flops[s]['gemm'] + flops[s]['attention']) / 1e12:.3f}" for s in C.STAGES_WORK)
+    return ["", f"Work of the request (TFLOP, matmuls + attention products, FO1Result.flops of {ours[0]['engine']}): "
+            f"{work}. TFLOP/s per stage on that work (% of the probed peak of the family the stage's matmuls run on); "
+            "decode: GB/s of weights read per decode step (% of the probed read bandwidth; vlmfo1 engines):", "",
+            C.markdown_table(["engine"] + [f"{s} TFLOP/s" for s in C.STAGES_WORK] + ["decode GB/s"], rows), "",
+            C.peaks_line(peaks, req["threads"])]
 
 
 def main(argv=None):

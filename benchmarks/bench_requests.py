@@ -52,10 +52,13 @@ def _rss_mb() -> float:
 def worker(req: dict, n_requests: int, threads: int, dtype=None) -> dict:
     from vlmfo1 import VLMFO1
 
+    peaks = C.probe_peaks(threads)   # before the model is loaded: nothing else runs
     t0 = time.perf_counter()
     model = VLMFO1.from_pretrained(req["checkpoint"], threads=threads, dtype=dtype)
     out = {"load_s": time.perf_counter() - t0, "rss_after_load_mb": _rss_mb(), "repr": repr(model),
-           "weight_bytes": model.weight_bytes, "threads": threads}
+           "weight_bytes": model.weight_bytes, "threads": threads, "peaks": peaks,
+           "families": C.stage_families(dtype, model.decoder.compute, peaks),
+           "decode_bytes": C.decode_stream_bytes(model.decoder)}
     img, boxes, n = req["image"], req["boxes"], req["max_new_tokens"]
     opts = dict(max_new_tokens=n, stop_ids=[])
 
@@ -65,7 +68,7 @@ def worker(req: dict, n_requests: int, threads: int, dtype=None) -> dict:
         t = time.perf_counter()
         r = model.detect_coco(img, boxes=boxes, **opts)
         runs.append({"seconds": time.perf_counter() - t, "rss_mb": _rss_mb(), "timings": r.timings,
-                     "tokens": r.token_ids})
+                     "tokens": r.token_ids, "flops": r.flops})
         _log(f"request {i + 1}/{n_requests}: {runs[-1]['seconds']:.2f} s, RSS {runs[-1]['rss_mb']:.0f} MB, "
              + ", ".join(f"{k} {v:.2f}" for k, v in r.timings.items()))
     out["requests"] = runs
@@ -152,6 +155,16 @@ def report(res: dict, req: dict, argv) -> str:
               f"scratch {res['scratch_bytes'] / GB:.3f} GB) + encoders' arena {arena / GB:.3f} GB = {bound / GB:.2f} "
               f"GB | | {ok(peak <= bound)} |",
               f"| prefix snapshot held by the encoded image | {res['snapshot_bytes'] / 2**20:.1f} MiB | | |"]
+    if "peaks" in res:   # per stage of the median request: the work counted by the C core, rates, % of peak
+        med = sorted(runs[1:] or runs, key=lambda r: r["seconds"])[len(runs[1:] or runs) // 2]
+        steps = len(med["tokens"]) - 1   # decode steps: the first token comes from the prefill's logits
+        lines += ["", f"work per stage of the median request ({med['seconds']:.2f} s; FO1Result.flops: the matmuls "
+                  "and attention products the C core counts, csrc/pool.h; rate = that work / the stage's time, "
+                  "against the peak of the family its matmuls run on; decode: weight bytes read per step x "
+                  f"{steps} steps / time)", "",
+                  C.markdown_table(C.WORK_HEAD, C.work_rows(med["timings"], med["flops"], res["families"],
+                                                            res["peaks"], res["decode_bytes"], steps)),
+                  "", C.peaks_line(res["peaks"], res["threads"])]
     st, ss = res["same_question_timings"], res["second_task_timings"]
     lines += ["", "same question: " + ", ".join(f"{k} {v:.2f}" for k, v in st.items()),
               "second task: " + ", ".join(f"{k} {v:.2f}" for k, v in ss.items()),
