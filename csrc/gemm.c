@@ -34,6 +34,7 @@
  * The environment variable VLM_GEMM_ISA=generic|avx2|avx512 caps the own kernel family (tests).
  */
 #include "gemm.h"
+#include "simd.h"
 
 #include <limits.h>
 #include <sched.h>
@@ -206,19 +207,6 @@ static size_t bp_scratch_bytes(int64_t m, int64_t k, int n_threads) {
     return (size_t)m * nkb * (size_t)np * 4 + (size_t)n_threads * ((size_t)np * BP_NC * 4 + VLM_ALIGN) + VLM_ALIGN;
 }
 
-
-/* Inside a pool task: worker ith of nth has finished its share of a first phase; wait until all have (done counts
- * them, starting at 0), so that a second phase in the same pool run may read what every worker wrote. */
-static void join_workers(int *done, int nth) {
-    if (nth <= 1) return;
-    __atomic_add_fetch(done, 1, __ATOMIC_ACQ_REL);
-    for (long spins = 0; __atomic_load_n(done, __ATOMIC_ACQUIRE) < nth; spins++) {
-#if VLM_X86
-        _mm_pause();
-#endif
-        if (spins > 2000) sched_yield();
-    }
-}
 
 /* ------------------------------------------------------------------------------------------------ */
 /* Generic C kernels                                                                                */
@@ -463,34 +451,6 @@ static VLM_TGT_AVX512 void panel_512_w32(const mm_ctx *c, long i0, int mr, long 
 static VLM_TGT_AVX512BF16 void panel_dp(const mm_ctx *c, long i0, int mr, long j0, long jl, long k0, long kl, int first) {
     PANEL_BODY(tile_dp, KIND_DP, 6, uint16_t, uint16_t)
 }
-/* In-register transpose of a 16 x 16 matrix of 32-bit elements (r[i] = row i -> r[j] = column j). */
-static inline VLM_INLINE VLM_TGT_AVX512 void transpose16_epi32(__m512i r[16]) {
-    __m512i t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    /* now 128-bit lane L of r[4q + s] holds column 4L + s of rows 4q..4q+3: a 4 x 4 transpose of lanes is left */
-    for (int i = 0; i < 4; i++) {
-        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
-        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
-        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
-        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
-    }
-    for (int i = 0; i < 4; i++) {
-        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
-        r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
-        r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
-    }
-}
-
 /* Rows i0..i0+mr of x (fp32), k block [k0, k0 + kl), rounded to bf16 (RNE) -> dst [np][mr] uint32. */
 static VLM_TGT_AVX512BF16 void bp_pack_x(const float *x, long ldx, long i0, int mr, long k0, long kl, long np,
                                          uint32_t *dst) {
@@ -508,7 +468,7 @@ static VLM_TGT_AVX512BF16 void bp_pack_x(const float *x, long ldx, long i0, int 
                 r[i] = _mm512_setzero_si512();
             }
         }
-        transpose16_epi32(r);
+        vlm_transpose16_epi32(r);
         for (int p = 0; p < 16; p++) _mm512_mask_storeu_epi32(dst + (16 * g + p) * mr, keep, r[p]);
     }
 }
@@ -527,7 +487,7 @@ static VLM_TGT_AVX512BF16 void bp_pack_w(const uint16_t *w, long k, long j0, int
                     _mm_prefetch((const char *)(w + (j0 + col) * k + k0 + t + 32 * BP_PF_GROUPS), _MM_HINT_T0);
                 r[i] = col < nc ? _mm512_maskz_loadu_epi16(mk, w + (j0 + col) * k + k0 + t) : _mm512_setzero_si512();
             }
-            transpose16_epi32(r);
+            vlm_transpose16_epi32(r);
             for (int p = 0; p < 16; p++) _mm512_store_si512((void *)(dst + (16 * g + p) * BP_NC + 16 * h), r[p]);
         }
     }
@@ -600,7 +560,7 @@ static void bp_task(void *p, int ith, int nth) {
             bp_pack_x(c->x, c->ldx, i0, mr, k0, kl, np, c->ap + (b * c->m + i0) * c->np);
         }
     }
-    join_workers(&c->packed, nth);   /* every x panel is packed before any thread reads one */
+    vlm_task_join(&c->packed, nth);   /* every x panel is packed before any thread reads one */
     long q0, q1; /* this thread's column panels */
     vlm_split(c->panels, 1, ith, nth, &q0, &q1);
     uint32_t *bbuf = (uint32_t *)vlm_align_up((size_t)(uintptr_t)(c->bp + (size_t)ith * ((size_t)c->np * BP_NC +
@@ -679,7 +639,7 @@ static void mm_task(void *p, int ith, int nth) {
     mm_ctx *c = (mm_ctx *)p;
     if (c->cv) { /* convert a share of the x rows, then wait for the other workers (one pool run per call) */
         convert_task((void *)c->cv, ith, nth);
-        join_workers(&c->conv_done, nth);
+        vlm_task_join(&c->conv_done, nth);
     }
     long n0, n1;
     vlm_split(c->n, 16, ith, nth, &n0, &n1);

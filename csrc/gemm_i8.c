@@ -14,7 +14,9 @@
  * bytes widened to 16 bits, vpmaddwd), generic C. Every level computes the same exact integer sums and the
  * same float32 epilogue, so the result is bitwise identical on every level, CPU and thread count (the
  * tests check it against NumPy bit for bit). k is never split (int32 sums stay exact for k <= VLM_I8_MAX_K);
- * threads split n; tiles of 4 rows of x by 6 rows of W (3 on AVX2), W panels sized for L2 when m > 4.
+ * threads split n; tiles of 4 rows of x by 6 rows of W (3 on AVX2), W panels sized for L2 when m > 4. With int8
+ * weights, more than QP_MIN_M rows and VNNI, the packed path below runs instead (prefill, vision towers): the
+ * same integer sums in another order, so the same bits.
  *
  * 4-bit blocks (VLM_I4, layout in gemm.h): a block's integer weights are (code - 8) * m_b, in [-120, 105], so they
  * are int8 values and every sum above stays exact (255 * 120 * k < 2^31 for k <= VLM_I8_MAX_K): an int4 weight
@@ -31,6 +33,7 @@
 #include <string.h>
 
 #include "cpu.h"
+#include "simd.h"
 #if VLM_X86
 #include <immintrin.h>
 #endif
@@ -610,6 +613,178 @@ static void panel_generic(const q8_ctx *c, long i0, int mr, long j0, long jl) {
 }
 
 /* ------------------------------------------------------------------------------------------------ */
+/* int8 W, m > QP_MIN_M on VNNI: packed panels and a broadcast kernel                               */
+/*
+ * gemm.c's packed bf16 path with bytes: the quantized x (xq, u8, rows zero padded to ldq) is packed once per call,
+ * on the pool, into row panels of QP_MR rows, [nq][mr] uint32 (four u8 of adjacent k; nq = ldq / 4). Each thread
+ * then takes its W columns QP_NC at a time, packs them into [nq][QP_NC] uint32 (four s8; the k tail zero), and runs
+ * a register tile of mr rows x QP_NC columns over the row panels of one row block (QP_XBLOCK_BYTES of packed x,
+ * kept in L3): per quad two W vectors and one broadcast per row, 28 vpdpbusd, no horizontal sums. k is not split:
+ * a W panel is ldq x QP_NC bytes (352 KB at k = 11008), kept in L2. The sums are exact integers, so the result is
+ * bitwise what the other kernels give, on any thread count. 4-bit weights take the same path: a thread unpacks its
+ * QP_NC rows to int8 (unpack_row_i4_avx2) and packs those. */
+#define QP_MR 14
+#define QP_NC 32
+#define QP_MIN_M 16
+#define QP_MAX_K 16384
+#define QP_XBLOCK_BYTES ((size_t)3 << 20)
+#define QP_PF_GROUPS 8   /* W packing prefetches this many 64-byte groups ahead in each of its 32 rows */
+
+typedef struct {
+    const q8_ctx *c;
+    uint32_t *ap;       /* packed x: the panel starting at row i0 is ap + i0 * nq, [nq][mr] */
+    uint32_t *bp;       /* per-thread W panel buffers, nq * QP_NC (+ alignment) each */
+    int8_t *unp;        /* 4-bit W: per-thread int8 rows, QP_NC * ldq (+ alignment) each */
+    long nq, mc, panels;
+    int packed;         /* workers done packing x (atomic) */
+} qp_ctx;
+
+static int use_qp(int kern, int64_t m, int64_t k) { return VLM_X86 && kern == 2 && m > QP_MIN_M && k <= QP_MAX_K; }
+
+static size_t qp_scratch_bytes(int64_t m, long ldq, int n_threads, int i4) {
+    return (size_t)m * (size_t)ldq + (size_t)n_threads * ((size_t)ldq * QP_NC + VLM_ALIGN) * (i4 ? 2 : 1) + VLM_ALIGN;
+}
+
+#if VLM_X86
+static VLM_TGT_AVX512VNNI void qp_pack_x(const uint8_t *xq, long ldq, long i0, int mr, long nq, uint32_t *dst) {
+    const __mmask16 keep = (__mmask16)((1u << mr) - 1);
+    for (long g = 0; g < nq / 16; g++) {
+        __m512i r[16];
+        for (int i = 0; i < 16; i++)
+            r[i] = i < mr ? _mm512_loadu_si512((const void *)(xq + (i0 + i) * ldq + 64 * g)) : _mm512_setzero_si512();
+        vlm_transpose16_epi32(r);
+        for (int p = 0; p < 16; p++) _mm512_mask_storeu_epi32(dst + (16 * g + p) * mr, keep, r[p]);
+    }
+}
+
+/* W rows j0..j0+nc (nc <= QP_NC) -> dst [nq][QP_NC] uint32 (missing columns and the k tail zero). */
+static VLM_TGT_AVX512VNNI void qp_pack_w(const int8_t *w, long k, long j0, int nc, long nq, uint32_t *dst) {
+    for (long g = 0; g < nq / 16; g++) {
+        const long t = 64 * g, rem = k - t;   /* > 0: nq / 16 = ceil(k / 64) */
+        const __mmask64 mk = rem >= 64 ? ~(__mmask64)0 : (__mmask64)((1ULL << rem) - 1);
+        for (int h = 0; h < QP_NC / 16; h++) {
+            __m512i r[16];
+            for (int i = 0; i < 16; i++) {
+                const int col = 16 * h + i;
+                if (col < nc && rem > 64 * QP_PF_GROUPS) /* the weights come from DRAM: 32 row streams, fetch ahead */
+                    _mm_prefetch((const char *)(w + (j0 + col) * k + t + 64 * QP_PF_GROUPS), _MM_HINT_T0);
+                r[i] = col < nc ? _mm512_maskz_loadu_epi8(mk, w + (j0 + col) * k + t) : _mm512_setzero_si512();
+            }
+            vlm_transpose16_epi32(r);
+            for (int p = 0; p < 16; p++) _mm512_store_si512((void *)(dst + (16 * g + p) * QP_NC + 16 * h), r[p]);
+        }
+    }
+}
+
+/* out rows i0..i0+MR, columns j0..j0+nc = A [nq][MR] . B [nq][QP_NC] with store_q8's epilogue, vectorized (the same
+ * float operations in the same order: no contraction). */
+static inline VLM_INLINE VLM_TGT_AVX512VNNI VLM_NO_CONTRACT void qp_tile(const int MR, const q8_ctx *c,
+                                                                          const uint32_t *a, const uint32_t *b,
+                                                                          long nq, long i0, long j0, int nc) {
+    __m512i acc[QP_MR][2];
+#pragma GCC unroll 14
+    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
+    for (long p = 0; p < nq; p++) {
+        const __m512i b0 = _mm512_load_si512((const void *)(b + p * QP_NC));
+        const __m512i b1 = _mm512_load_si512((const void *)(b + p * QP_NC + 16));
+#pragma GCC unroll 14
+        for (int i = 0; i < MR; i++) {
+            const __m512i av = _mm512_set1_epi32((int)a[p * MR + i]);
+            DPBUSD(acc[i][0], av, b0);
+            DPBUSD(acc[i][1], av, b1);
+        }
+    }
+    const __mmask16 mk0 = (__mmask16)(nc >= 16 ? 0xffff : (1u << nc) - 1);
+    const __mmask16 mk1 = (__mmask16)(nc >= 32 ? 0xffff : nc > 16 ? (1u << (nc - 16)) - 1 : 0);
+    /* 128 wsum[j] (wsum holds exact integers), the scales, the bias */
+    const __m512i ws0 = _mm512_slli_epi32(_mm512_cvttps_epi32(_mm512_maskz_loadu_ps(mk0, c->wsum + j0)), 7);
+    const __m512i ws1 = _mm512_slli_epi32(_mm512_cvttps_epi32(_mm512_maskz_loadu_ps(mk1, c->wsum + j0 + 16)), 7);
+    const __m512 sc0 = _mm512_maskz_loadu_ps(mk0, c->scale + j0), sc1 = _mm512_maskz_loadu_ps(mk1, c->scale + j0 + 16);
+    __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();
+    if (c->bias) {
+        bias0 = _mm512_maskz_loadu_ps(mk0, c->bias + j0);
+        bias1 = _mm512_maskz_loadu_ps(mk1, c->bias + j0 + 16);
+    }
+#pragma GCC unroll 14
+    for (int i = 0; i < MR; i++) {
+        const __m512 sx = _mm512_set1_ps(c->sx[i0 + i]);
+        float *o = c->out + (i0 + i) * c->ldo + j0;
+        __m512 v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][0], ws0)), _mm512_mul_ps(sx, sc0));
+        __m512 v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][1], ws1)), _mm512_mul_ps(sx, sc1));
+        if (c->bias) { v0 = _mm512_add_ps(v0, bias0); v1 = _mm512_add_ps(v1, bias1); }
+        if (c->accumulate) {
+            v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(mk0, o), v0);
+            v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(mk1, o + 16), v1);
+        }
+        _mm512_mask_storeu_ps(o, mk0, v0);
+        _mm512_mask_storeu_ps(o + 16, mk1, v1);
+    }
+}
+
+#define QP_CASE(R) case R: qp_tile(R, c, a, b, nq, i0, j0, nc); break;
+static VLM_TGT_AVX512VNNI void qp_panel(const q8_ctx *c, int mr, const uint32_t *a, const uint32_t *b, long nq,
+                                        long i0, long j0, int nc) {
+    switch (mr) {
+    QP_CASE(14) QP_CASE(13) QP_CASE(12) QP_CASE(11) QP_CASE(10) QP_CASE(9) QP_CASE(8)
+    QP_CASE(7) QP_CASE(6) QP_CASE(5) QP_CASE(4) QP_CASE(3) QP_CASE(2) default: qp_tile(1, c, a, b, nq, i0, j0, nc);
+    }
+}
+#undef QP_CASE
+
+static void qp_task(void *p, int ith, int nth) {
+    qp_ctx *q = (qp_ctx *)p;
+    const q8_ctx *c = q->c;
+    long r0, r1;
+    vlm_split((c->m + QP_MR - 1) / QP_MR, 1, ith, nth, &r0, &r1);
+    for (long r = r0; r < r1; r++) {
+        const long i0 = r * QP_MR;
+        qp_pack_x(c->xq, c->ldq, i0, c->m - i0 < QP_MR ? (int)(c->m - i0) : QP_MR, q->nq, q->ap + i0 * q->nq);
+    }
+    vlm_task_join(&q->packed, nth);   /* every x panel is packed before any thread reads one */
+    long q0, q1; /* this thread's column panels */
+    vlm_split(q->panels, 1, ith, nth, &q0, &q1);
+    const size_t per = (size_t)q->nq * 4 * QP_NC + VLM_ALIGN;
+    uint32_t *bbuf = (uint32_t *)vlm_align_up((size_t)(uintptr_t)((char *)q->bp + (size_t)ith * per), VLM_ALIGN);
+    int8_t *ubuf = c->i4 ? (int8_t *)vlm_align_up((size_t)(uintptr_t)(q->unp + (size_t)ith * per), VLM_ALIGN) : NULL;
+    for (long m0 = 0; m0 < c->m; m0 += q->mc) {
+        const long m1 = c->m - m0 < q->mc ? c->m : m0 + q->mc;
+        for (long qq = q0; qq < q1; qq++) {
+            const long j0 = qq * QP_NC;
+            const int nc = c->n - j0 < QP_NC ? (int)(c->n - j0) : QP_NC;
+            if (c->i4) {   /* this panel's 4-bit rows -> int8 rows, packed from there */
+                for (int r = 0; r < nc; r++)
+                    unpack_row_i4_avx2(c->w4 + (j0 + r) * c->ldw4, c->sub4 + (j0 + r) * c->ldsub, c->k, ubuf + r * c->k);
+                qp_pack_w(ubuf, c->k, 0, nc, q->nq, bbuf);
+            } else {
+                qp_pack_w(c->w, c->k, j0, nc, q->nq, bbuf);
+            }
+            for (long i0 = m0; i0 < m1; i0 += QP_MR)
+                qp_panel(c, c->m - i0 < QP_MR ? (int)(c->m - i0) : QP_MR, q->ap + i0 * q->nq, bbuf, q->nq, i0, j0, nc);
+        }
+    }
+}
+
+/* The packed path on c (x already quantized into c->xq), scratch: qp_scratch_bytes(m, ldq, pool size) bytes. */
+static void qp_run(vlm_pool *pool, const q8_ctx *c, void *scratch) {
+    qp_ctx q;
+    memset(&q, 0, sizeof q);
+    q.c = c;
+    q.nq = c->ldq / 4;
+    q.panels = (c->n + QP_NC - 1) / QP_NC;
+    {   /* row blocks of near-equal size (whole panels), each at most QP_XBLOCK_BYTES of packed x */
+        long panels = (c->m + QP_MR - 1) / QP_MR, per = (long)(QP_XBLOCK_BYTES / ((size_t)c->ldq * QP_MR));
+        if (per < 1) per = 1;
+        long blocks = (panels + per - 1) / per;
+        q.mc = (panels + blocks - 1) / blocks * QP_MR;
+    }
+    q.ap = (uint32_t *)vlm_align_up((size_t)(uintptr_t)scratch, VLM_ALIGN);
+    q.bp = (uint32_t *)vlm_align_up((size_t)(uintptr_t)(q.ap + (size_t)c->m * (size_t)q.nq), VLM_ALIGN);
+    q.unp = (int8_t *)q.bp + (size_t)vlm_pool_size(pool) * ((size_t)q.nq * 4 * QP_NC + VLM_ALIGN);
+    vlm_pool_run(pool, qp_task, &q);
+}
+#endif
+
+/* ------------------------------------------------------------------------------------------------ */
 /* Pool tasks and the entry point                                                                   */
 
 static void quant_x_task(void *p, int ith, int nth) {
@@ -683,6 +858,7 @@ static void q8_task(void *p, int ith, int nth) {
 }
 
 static long q8_ldq(int64_t k) { return (long)vlm_align_up((size_t)k, 64); }
+static int q8_kernel(int level);
 
 /* 4-bit weights on the unpacking path: rows per W panel (an int8 panel of about PANEL_BYTES) and the bytes of
  * each thread's panel buffer. */
@@ -696,6 +872,8 @@ size_t vlm_matmul_i8_scratch_size(int64_t m, const vlm_weight *w, int n_threads)
     if (m <= 0 || !w || w->k <= 0) return 0;
     size_t b = vlm_align_up((size_t)m * sizeof(float), VLM_ALIGN) + vlm_align_up((size_t)m * (size_t)q8_ldq(w->k), VLM_ALIGN) + VLM_ALIGN;
     if (w->dtype == VLM_I4) b += (size_t)(n_threads < 1 ? 1 : n_threads) * i4_unp_stride(w->k);
+    if (use_qp(q8_kernel(vlm_cpu_isa()), m, w->k))
+        b += qp_scratch_bytes(m, q8_ldq(w->k), n_threads < 1 ? 1 : n_threads, w->dtype == VLM_I4);
     return b;
 }
 
@@ -768,6 +946,13 @@ vlm_status vlm_matmul_i8(vlm_pool *pool, float *out, int64_t ldo, const float *x
     }
     if (m * c.k >= PAR_QUANT_MIN && vlm_pool_size(pool) > 1) vlm_pool_run(pool, quant_x_task, &c);
     else quant_x_task(&c, 0, 1);
+#if VLM_X86
+    if (use_qp(c.kern, m, c.k)) {   /* after sx and xq (this path does not use the 4-bit panels of q8_task) */
+        qp_run(pool, &c, base + vlm_align_up((size_t)m * sizeof(float), VLM_ALIGN) +
+                             vlm_align_up((size_t)m * (size_t)c.ldq, VLM_ALIGN));
+        return VLM_OK;
+    }
+#endif
     vlm_pool_run(pool, q8_task, &c);
     return VLM_OK;
 }

@@ -129,3 +129,14 @@ void vlm_pool_run(vlm_pool *pool, vlm_task_fn fn, void *ctx) {
         pthread_mutex_unlock(&pool->mu);
     }
 }
+
+void vlm_task_join(int *done, int nth) {
+    if (nth <= 1) return;
+    __atomic_add_fetch(done, 1, __ATOMIC_ACQ_REL);
+    for (long spins = 0; __atomic_load_n(done, __ATOMIC_ACQUIRE) < nth; spins++) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+        if (spins > 2000) sched_yield();
+    }
+}

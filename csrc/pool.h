@@ -28,6 +28,10 @@ void vlm_pool_count(vlm_pool *pool, int kind, uint64_t flops);
 void vlm_pool_counts(const vlm_pool *pool, uint64_t out[VLM_FLOPS_KINDS]);   /* zeros for NULL */
 void vlm_pool_set_counts(vlm_pool *pool, const uint64_t in[VLM_FLOPS_KINDS]);
 
+/* Inside a pool task: worker ith of nth has finished its share of a first phase; wait until all have (*done counts
+ * them, starting at 0), so that a second phase in the same pool run may read what every worker wrote. */
+void vlm_task_join(int *done, int nth);
+
 /* Split [0, n) into nth contiguous parts aligned to `align`; part ith is [*lo, *hi). */
 static inline void vlm_split(long n, long align, int ith, int nth, long *lo, long *hi) {
     long blocks = (n + align - 1) / align;

@@ -47,8 +47,10 @@ def ref_matmul(x, q, s, wsum, bias=None, acc=None):
     return out.astype(np.float32)
 
 
+# m > 16 on VNNI runs the packed path (gemm_i8.c, qp_*): row panels of 14, column panels of 32, k tails not a
+# multiple of 4 or 64 (147 = a 7x7x3 patch), several row blocks of packed x (1300 x 5120).
 SHAPES = [(1, 3, 7), (1, 3420, 65), (7, 200, 130), (33, 64, 61), (5, 129, 12), (4, 1000, 6), (64, 2048, 256),
-          (2, 11008, 19), (17, 4097, 31)]
+          (2, 11008, 19), (17, 4097, 31), (29, 3420, 33), (213, 147, 1), (43, 31, 256), (1300, 5120, 40)]
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
@@ -90,12 +92,13 @@ def test_quantize_bf16_source_and_special_rows():
     assert q.dtype == np.int8 and s.dtype == np.float32 and ws.dtype == np.float32
 
 
-def test_zero_and_nonfinite_activation_rows():
+@pytest.mark.parametrize("m", [4, 20])   # 20: the packed path
+def test_zero_and_nonfinite_activation_rows(m):
     rng = np.random.default_rng(6)
     w = rng.standard_normal((10, 40)).astype(np.float32)
     q, s, ws = core.quantize_i8(w)
     b = rng.standard_normal(10).astype(np.float32)
-    x = rng.standard_normal((4, 40)).astype(np.float32)
+    x = rng.standard_normal((m, 40)).astype(np.float32)
     x[1] = 0.0
     x[2, 3] = np.nan
     x[3, 7] = -np.inf
@@ -103,6 +106,7 @@ def test_zero_and_nonfinite_activation_rows():
     assert np.array_equal(out[1], b)              # a zero row gives the bias
     assert np.isnan(out[2]).all() and np.isnan(out[3]).all()   # NaN / inf propagate as in the float paths
     assert np.array_equal(out[0], ref_matmul(x[:1], q, s, ws, b)[0])
+    assert np.array_equal(out[4:], ref_matmul(x[4:], q, s, ws, b))
 
 
 def test_bad_input_raises():
