@@ -85,6 +85,8 @@ def worker(req: dict, n_requests: int, threads: int, dtype=None) -> dict:
     same = ctx.detect_coco(**opts)
     out["same_question_s"] = time.perf_counter() - t
     out["same_question_timings"] = same.timings
+    out["same_question_flops"] = same.flops
+    out["same_question_tokens"] = len(same.token_ids)
     t = time.perf_counter()
     second = ctx.count("person", **opts)
     out["second_task_s"] = time.perf_counter() - t
@@ -165,6 +167,15 @@ def report(res: dict, req: dict, argv) -> str:
                   C.markdown_table(C.WORK_HEAD, C.work_rows(med["timings"], med["flops"], res["families"],
                                                             res["peaks"], res["decode_bytes"], steps)),
                   "", C.peaks_line(res["peaks"], res["threads"])]
+        sf, fam = res["same_question_flops"], res["families"]["prefill"]
+        t_pf = (sf["prefill"]["gemm"] + sf["prefill"]["attention"]) / (res["peaks"][fam] * 1e9)
+        t_dec = res["decode_bytes"] * (res["same_question_tokens"] - 1) / (res["peaks"]["bandwidth"] * 1e9)
+        lines += ["", f"same question after encode at the machine's limits: its prefill "
+                  f"({(sf['prefill']['gemm'] + sf['prefill']['attention']) / 1e12:.3f} TFLOP) at the {fam} peak "
+                  f"{t_pf:.2f} s + {res['same_question_tokens'] - 1} decode steps reading "
+                  f"{res['decode_bytes'] / 1e9:.2f} GB of weights each at the probed read bandwidth {t_dec:.2f} s = "
+                  f"{t_pf + t_dec:.2f} s = {100 * (t_pf + t_dec) / full:.1f}% of the measured full request "
+                  f"(measured: {same:.2f} s)"]
     st, ss = res["same_question_timings"], res["second_task_timings"]
     lines += ["", "same question: " + ", ".join(f"{k} {v:.2f}" for k, v in st.items()),
               "second task: " + ", ".join(f"{k} {v:.2f}" for k, v in ss.items()),

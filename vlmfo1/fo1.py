@@ -357,7 +357,7 @@ class VLMFO1:
             fl["vit"], work = _work_since(work, ws.flops), ws.flops
             if len(b) == 0:
                 tm["davit"] = tm["hfre"] = 0.0
-                fl["davit"] = fl["hfre"] = _NO_WORK
+                fl.update(_no_work("davit", "hfre"))
                 return image_tokens, (gh, gw), np.zeros((0, self.decoder.config.hidden_size), np.float32), b
 
             aux_maps = self.davit(aux_px, workspace=ws)
@@ -544,7 +544,7 @@ class VLMFO1:
             timings.update(vit=0.0, davit=0.0, hfre=0.0)
             timings["preprocess"] = time.perf_counter() - clock
             if flops is not None:
-                flops.update(vit=_NO_WORK, davit=_NO_WORK, hfre=_NO_WORK)
+                flops.update(_no_work("vit", "davit", "hfre"))
             return ctx
         ctx = self._encode_new(img, source, b, sc, timings, clock, prefix=prefix or key is not None, flops=flops)
         if key is not None:
@@ -590,7 +590,7 @@ class VLMFO1:
         the tokens, with timings["decode"] and flops["prefill"] / flops["decode"] kept up to date."""
         if flops is not None:
             flops["prefill"], work = _work_since(work, s.flops), s.flops
-            flops["decode"] = _NO_WORK
+            flops.update(_no_work("decode"))
         try:
             # the penalty (if asked for) sees the prompt's real ids, as the official computation with its negative
             # placeholder ids skipped (the official run itself fails on them; vlmfo1/generation.py)
@@ -675,7 +675,7 @@ class VLMFO1:
         ids, _ = self._prompt(text, len(ctx.boxes))
         timings = dict(preprocess=time.perf_counter() - clock, vit=0.0, davit=0.0, hfre=0.0)
         return self._answer(ctx, task, ids, text, per_category, gen, timings, ctx.boxes, ctx.scores, ctx.source,
-                            ctx.image_size, progress, stream, dict(vit=_NO_WORK, davit=_NO_WORK, hfre=_NO_WORK))
+                            ctx.image_size, progress, stream, _no_work("vit", "davit", "hfre"))
 
     def _answer(self, ctx, task, ids, text, per_category, gen, timings, b, sc, source, size, progress, stream,
                 flops):
@@ -754,7 +754,7 @@ class VLMFO1:
                                  f"than its KV cache holds ({conv._session.max_context}); start a new conversation or "
                                  "ask for fewer max_new_tokens")
             timings = dict(preprocess=0.0, vit=0.0, davit=0.0, hfre=0.0)
-            flops = dict(vit=_NO_WORK, davit=_NO_WORK, hfre=_NO_WORK)
+            flops = _no_work("vit", "davit", "hfre")
             stops = set(dec.stop_ids if gen["stop_ids"] is None else gen["stop_ids"])
             toks: List[int] = []
             if conv._session is None:
@@ -938,7 +938,9 @@ FO1 = VLMFO1   # the older name
 _IDLE_SESSIONS = 4   # idle KV caches a model keeps for reuse (one per thread that ran requests at once, up to this)
 
 
-_NO_WORK = {"gemm": 0, "attention": 0}   # FO1Result.flops of a stage that did not run (read-only: never mutated)
+def _no_work(*stages: str) -> Dict[str, Dict[str, int]]:
+    """FO1Result.flops of stages that did not run (fresh dicts: a result's are its own)."""
+    return {s: {"gemm": 0, "attention": 0} for s in stages}
 
 
 def _work_since(before: Dict[str, int], now: Dict[str, int]) -> Dict[str, int]:
