@@ -15,8 +15,8 @@
  * same float32 epilogue, so the result is bitwise identical on every level, CPU and thread count (the
  * tests check it against NumPy bit for bit). k is never split (int32 sums stay exact for k <= VLM_I8_MAX_K);
  * threads split n; tiles of 4 rows of x by 6 rows of W (3 on AVX2), W panels sized for L2 when m > 4. With int8
- * weights, more than QP_MIN_M rows and VNNI, the packed path below runs instead (prefill, vision towers): the
- * same integer sums in another order, so the same bits.
+ * or 4-bit weights, more than QP_MIN_M rows, k <= QP_MAX_K and VNNI, the packed path below runs instead (prefill,
+ * vision towers): the same integer sums in another order, so the same bits.
  *
  * 4-bit blocks (VLM_I4, layout in gemm.h): a block's integer weights are (code - 8) * m_b, in [-120, 105], so they
  * are int8 values and every sum above stays exact (255 * 120 * k < 2^31 for k <= VLM_I8_MAX_K): an int4 weight
@@ -613,7 +613,7 @@ static void panel_generic(const q8_ctx *c, long i0, int mr, long j0, long jl) {
 }
 
 /* ------------------------------------------------------------------------------------------------ */
-/* int8 W, m > QP_MIN_M on VNNI: packed panels and a broadcast kernel                               */
+/* int8 / int4 W, m > QP_MIN_M on VNNI: packed panels and a broadcast kernel                        */
 /*
  * gemm.c's packed bf16 path with bytes: the quantized x (xq, u8, rows zero padded to ldq) is packed once per call,
  * on the pool, into row panels of QP_MR rows, [nq][mr] uint32 (four u8 of adjacent k; nq = ldq / 4). Each thread
