@@ -34,7 +34,7 @@
  * The environment variable VLM_GEMM_ISA=generic|avx2|avx512 caps the own kernel family (tests).
  */
 #include "gemm.h"
-#include "simd.h"
+#include "gemm_pack.h"
 
 #include <limits.h>
 #include <sched.h>
@@ -144,21 +144,16 @@ static inline __attribute__((always_inline)) void store_tile(const mm_ctx *c, lo
  * The prefill / vision shapes. x is rounded to bf16 and packed once per call, on the pool, into row panels
  * of BP_MR rows: per k block, [pairs][mr] uint32 (two bf16 of adjacent k). Each thread then takes its W columns
  * BP_NC at a time, packs them into [pairs][BP_NC] (one k block, <= 256 KB, kept in L2) and runs a register tile
- * of mr rows x BP_NC columns over the row panels of one row block (BP_XBLOCK_BYTES of packed x, kept in L3),
+ * of mr rows x BP_NC columns over the row panels of one row block (VLM_PACK_XBLOCK_BYTES of packed x, kept in L3),
  * row block after row block: per pair it loads two W vectors and broadcasts one uint32 of each x row
  * (28 vdpbf16ps per 2 loads + 14 broadcasts, no horizontal sums). k blocks have the same size
  * (a multiple of 32, at most BP_KC, a function of k alone) and are zero padded to whole 16-pair groups.
  * An element's sum runs over the k blocks in order, each block's pairs in order, whatever the thread count. */
-#define BP_MR 14
-#define BP_NC 32
+#define BP_MR VLM_PACK_MR   /* gemm_pack.h: the tile and panel geometry both packed paths share */
+#define BP_NC VLM_PACK_NC
 #define BP_KC 4096
-/* Bytes of packed x per row block: the rows every W panel of a thread meets while they stay in L3 (chosen among
- * 1.5 MB, 3 MB and no blocking on 2 Zen 4 cores with the ViT's 3888-row matmuls, which an unblocked sweep slowed). */
-#define BP_XBLOCK_BYTES ((size_t)3 << 20)
 /* Up to this m the unpacked kernels run (decode, short prompts: W streamed once). */
 #define BP_MIN_M SMALL_M_UNBLOCKED
-/* W packing prefetches this many 64-byte groups ahead in each of its rows. */
-#define BP_PF_GROUPS 8
 
 /* One weight of a packed-path call: its columns are panels [panel0, panel0 + ceil(n / BP_NC)) of the call. */
 typedef struct {
@@ -473,26 +468,6 @@ static VLM_TGT_AVX512BF16 void bp_pack_x(const float *x, long ldx, long i0, int 
     }
 }
 
-/* W rows j0..j0+nc (nc <= BP_NC), k block [k0, k0 + kl) -> dst [np][BP_NC] uint32 (missing columns zero). */
-static VLM_TGT_AVX512BF16 void bp_pack_w(const uint16_t *w, long k, long j0, int nc, long k0, long kl, long np,
-                                         uint32_t *dst) {
-    for (long g = 0; g < np / 16; g++) {
-        long t = 32 * g, rem = kl - t;
-        __mmask32 mk = (__mmask32)(rem >= 32 ? 0xffffffffu : rem > 0 ? (1u << rem) - 1 : 0);
-        for (int h = 0; h < BP_NC / 16; h++) {
-            __m512i r[16];
-            for (int i = 0; i < 16; i++) {
-                int col = 16 * h + i;
-                if (col < nc && rem > 32 * BP_PF_GROUPS) /* the weights come from DRAM: 32 row streams, fetch ahead */
-                    _mm_prefetch((const char *)(w + (j0 + col) * k + k0 + t + 32 * BP_PF_GROUPS), _MM_HINT_T0);
-                r[i] = col < nc ? _mm512_maskz_loadu_epi16(mk, w + (j0 + col) * k + k0 + t) : _mm512_setzero_si512();
-            }
-            vlm_transpose16_epi32(r);
-            for (int p = 0; p < 16; p++) _mm512_store_si512((void *)(dst + (16 * g + p) * BP_NC + 16 * h), r[p]);
-        }
-    }
-}
-
 /* out rows i0..i0+MR, columns j0..j0+nc  (+)=  A [np][MR] . B [np][BP_NC]; store as store_tile. */
 static inline VLM_INLINE VLM_TGT_AVX512BF16 void bp_tile(const int MR, const bp_weight *c, const uint32_t *a,
                                                          const uint32_t *b, long np, long i0, long j0, int nc,
@@ -576,7 +551,7 @@ static void bp_task(void *p, int ith, int nth) {
                 const bp_weight *wt = &c->wt[wi];
                 long j0 = (q - wt->panel0) * BP_NC;
                 int nc = wt->n - j0 < BP_NC ? (int)(wt->n - j0) : BP_NC;
-                bp_pack_w(wt->w, c->k, j0, nc, k0, kl, np, bbuf);
+                vlm_pack_w((const uint8_t *)wt->w, 2 * (size_t)c->k, j0, nc, 2 * (size_t)k0, 2 * kl, np / 16, bbuf);
                 for (long i0 = m0; i0 < m1; i0 += BP_MR) {
                     int mr = c->m - i0 < BP_MR ? (int)(c->m - i0) : BP_MR;
                     bp_panel(wt, mr, c->ap + (b * c->m + i0) * c->np, bbuf, np, i0, j0, nc, b == 0);
@@ -808,12 +783,7 @@ static vlm_status bp_run(vlm_pool *pool, int nw, float *const *out, const int64_
         c.panels += (w[i]->n + BP_NC - 1) / BP_NC;
     }
     c.nkb = (long)bp_blocks(c.k, &c.kc, &c.np);
-    {   /* row blocks of near-equal size (whole panels), each at most BP_XBLOCK_BYTES of packed x */
-        long panels = (m + BP_MR - 1) / BP_MR, per = (long)(BP_XBLOCK_BYTES / ((size_t)c.np * 4 * BP_MR));
-        if (per < 1) per = 1;
-        long blocks = (panels + per - 1) / per;
-        c.mc = (panels + blocks - 1) / blocks * BP_MR;
-    }
+    c.mc = vlm_pack_row_block(m, (size_t)c.np * 4 * BP_MR);
     c.ap = (uint32_t *)vlm_align_up((size_t)(uintptr_t)scratch, VLM_ALIGN);
     c.bp = c.ap + (size_t)m * (size_t)c.nkb * (size_t)c.np;
     vlm_pool_run(pool, bp_task, &c);

@@ -33,7 +33,7 @@
 #include <string.h>
 
 #include "cpu.h"
-#include "simd.h"
+#include "gemm_pack.h"
 #if VLM_X86
 #include <immintrin.h>
 #endif
@@ -618,17 +618,15 @@ static void panel_generic(const q8_ctx *c, long i0, int mr, long j0, long jl) {
  * gemm.c's packed bf16 path with bytes: the quantized x (xq, u8, rows zero padded to ldq) is packed once per call,
  * on the pool, into row panels of QP_MR rows, [nq][mr] uint32 (four u8 of adjacent k; nq = ldq / 4). Each thread
  * then takes its W columns QP_NC at a time, packs them into [nq][QP_NC] uint32 (four s8; the k tail zero), and runs
- * a register tile of mr rows x QP_NC columns over the row panels of one row block (QP_XBLOCK_BYTES of packed x,
+ * a register tile of mr rows x QP_NC columns over the row panels of one row block (VLM_PACK_XBLOCK_BYTES of packed x,
  * kept in L3): per quad two W vectors and one broadcast per row, 28 vpdpbusd, no horizontal sums. k is not split:
  * a W panel is ldq x QP_NC bytes (352 KB at k = 11008), kept in L2. The sums are exact integers, so the result is
  * bitwise what the other kernels give, on any thread count. 4-bit weights take the same path: a thread unpacks its
  * QP_NC rows to int8 (unpack_row_i4_avx2) and packs those. */
-#define QP_MR 14
-#define QP_NC 32
+#define QP_MR VLM_PACK_MR   /* gemm_pack.h: the tile and panel geometry both packed paths share */
+#define QP_NC VLM_PACK_NC
 #define QP_MIN_M 16
 #define QP_MAX_K 16384
-#define QP_XBLOCK_BYTES ((size_t)3 << 20)
-#define QP_PF_GROUPS 8   /* W packing prefetches this many 64-byte groups ahead in each of its 32 rows */
 
 typedef struct {
     const q8_ctx *c;
@@ -654,25 +652,6 @@ static VLM_TGT_AVX512VNNI void qp_pack_x(const uint8_t *xq, long ldq, long i0, i
             r[i] = i < mr ? _mm512_loadu_si512((const void *)(xq + (i0 + i) * ldq + 64 * g)) : _mm512_setzero_si512();
         vlm_transpose16_epi32(r);
         for (int p = 0; p < 16; p++) _mm512_mask_storeu_epi32(dst + (16 * g + p) * mr, keep, r[p]);
-    }
-}
-
-/* W rows j0..j0+nc (nc <= QP_NC) -> dst [nq][QP_NC] uint32 (missing columns and the k tail zero). */
-static VLM_TGT_AVX512VNNI void qp_pack_w(const int8_t *w, long k, long j0, int nc, long nq, uint32_t *dst) {
-    for (long g = 0; g < nq / 16; g++) {
-        const long t = 64 * g, rem = k - t;   /* > 0: nq / 16 = ceil(k / 64) */
-        const __mmask64 mk = rem >= 64 ? ~(__mmask64)0 : (__mmask64)((1ULL << rem) - 1);
-        for (int h = 0; h < QP_NC / 16; h++) {
-            __m512i r[16];
-            for (int i = 0; i < 16; i++) {
-                const int col = 16 * h + i;
-                if (col < nc && rem > 64 * QP_PF_GROUPS) /* the weights come from DRAM: 32 row streams, fetch ahead */
-                    _mm_prefetch((const char *)(w + (j0 + col) * k + t + 64 * QP_PF_GROUPS), _MM_HINT_T0);
-                r[i] = col < nc ? _mm512_maskz_loadu_epi8(mk, w + (j0 + col) * k + t) : _mm512_setzero_si512();
-            }
-            vlm_transpose16_epi32(r);
-            for (int p = 0; p < 16; p++) _mm512_store_si512((void *)(dst + (16 * g + p) * QP_NC + 16 * h), r[p]);
-        }
     }
 }
 
@@ -754,9 +733,9 @@ static void qp_task(void *p, int ith, int nth) {
             if (c->i4) {   /* this panel's 4-bit rows -> int8 rows, packed from there */
                 for (int r = 0; r < nc; r++)
                     unpack_row_i4_avx2(c->w4 + (j0 + r) * c->ldw4, c->sub4 + (j0 + r) * c->ldsub, c->k, ubuf + r * c->k);
-                qp_pack_w(ubuf, c->k, 0, nc, q->nq, bbuf);
+                vlm_pack_w((const uint8_t *)ubuf, (size_t)c->k, 0, nc, 0, c->k, q->nq / 16, bbuf);
             } else {
-                qp_pack_w(c->w, c->k, j0, nc, q->nq, bbuf);
+                vlm_pack_w((const uint8_t *)c->w, (size_t)c->k, j0, nc, 0, c->k, q->nq / 16, bbuf);
             }
             for (long i0 = m0; i0 < m1; i0 += QP_MR)
                 qp_panel(c, c->m - i0 < QP_MR ? (int)(c->m - i0) : QP_MR, q->ap + i0 * q->nq, bbuf, q->nq, i0, j0, nc);
@@ -771,12 +750,7 @@ static void qp_run(vlm_pool *pool, const q8_ctx *c, void *scratch) {
     q.c = c;
     q.nq = c->ldq / 4;
     q.panels = (c->n + QP_NC - 1) / QP_NC;
-    {   /* row blocks of near-equal size (whole panels), each at most QP_XBLOCK_BYTES of packed x */
-        long panels = (c->m + QP_MR - 1) / QP_MR, per = (long)(QP_XBLOCK_BYTES / ((size_t)c->ldq * QP_MR));
-        if (per < 1) per = 1;
-        long blocks = (panels + per - 1) / per;
-        q.mc = (panels + blocks - 1) / blocks * QP_MR;
-    }
+    q.mc = vlm_pack_row_block(c->m, (size_t)c->ldq * QP_MR);
     q.ap = (uint32_t *)vlm_align_up((size_t)(uintptr_t)scratch, VLM_ALIGN);
     q.bp = (uint32_t *)vlm_align_up((size_t)(uintptr_t)(q.ap + (size_t)c->m * (size_t)q.nq), VLM_ALIGN);
     q.unp = (int8_t *)q.bp + (size_t)vlm_pool_size(pool) * ((size_t)q.nq * 4 * QP_NC + VLM_ALIGN);
