@@ -157,3 +157,12 @@ def test_chat_turns_count_their_own_work(fo1_small):
     # attention pairs
     assert b.flops["decode"]["gemm"] == a.flops["decode"]["gemm"]
     assert b.flops["decode"]["attention"] > a.flops["decode"]["attention"]
+
+
+@pytest.mark.parametrize("bad", [[1], {"vit": 3}, {"vit": {"gemm": -1}}, {"vit": {"gemm": 1.5}}, {"vit": {"gemm": True}}])
+def test_from_dict_refuses_malformed_flops(bad):
+    from vlmfo1.results import FO1Result
+
+    with pytest.raises(ValueError, match="flops must map stage names"):
+        FO1Result.from_dict({"text": "x", "flops": bad})
+    assert FO1Result.from_dict({"text": "x"}).flops == {}

@@ -57,6 +57,18 @@ def coco_results(coco_gt, detections: Sequence[Mapping]):
     return res
 
 
+def _flops_from(v) -> Dict[str, Dict[str, int]]:
+    """FO1Result.flops read back from to_dict's form: {stage: {kind: non-negative int}} (absent: {})."""
+    if v is None:
+        return {}
+    ok = isinstance(v, Mapping) and all(isinstance(k, str) and isinstance(kinds, Mapping) and all(
+        isinstance(kk, str) and isinstance(n, int) and not isinstance(n, bool) and n >= 0 for kk, n in kinds.items())
+        for k, kinds in v.items())
+    if not ok:
+        raise ValueError(f"flops must map stage names to {{kind: non-negative int}}, got {v!r:.200}")
+    return {k: dict(kinds) for k, kinds in v.items()}
+
+
 @dataclass
 class Detection:
     label: str
@@ -169,7 +181,7 @@ class FO1Result:
                    proposals=np.asarray(d.get("proposals") or np.zeros((0, 4)), dtype=np.float64).reshape(-1, 4),
                    proposal_scores=None if ps is None else np.asarray(ps, dtype=np.float64),
                    timings=dict(d.get("timings", {})), image=d.get("image"),
-                   flops={k: {kk: int(vv) for kk, vv in v.items()} for k, v in (d.get("flops") or {}).items()})
+                   flops=_flops_from(d.get("flops")))
 
     def to_coco(self, image_id: int, category_map: Optional[Mapping[str, int]] = None,
                 default_score: float = 1.0) -> List[dict]:
