@@ -101,3 +101,8 @@ def test_encode_refuses_bad_arguments(fo1):
         call(state=None)
     with pytest.raises(ValueError, match="boxes must have shape"):
         fo1._fused.encode(ws, px, gh, gw, aux, ba[:-1], bq, ok["out"], 0, ok["region_rows"])
+    with pytest.raises(TypeError, match="work must be a dict"):
+        fo1._fused.encode(ws, px, gh, gw, aux, ba, bq, ok["out"], 0, ok["region_rows"], work=[])
+    work = {}
+    fo1._fused.encode(ws, px, gh, gw, aux, ba, bq, ok["out"], 0, ok["region_rows"], work=work)
+    assert set(work) == {"vit", "davit", "hfre"} and all(v["gemm"] > 0 for v in work.values())
