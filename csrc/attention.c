@@ -166,8 +166,8 @@ static int use_512(int D) {
 
 /* Workspace floats for R query rows of head size D. */
 static size_t flash_workspace_floats(int R, int D) {
-    /* s [R][KB] + qs [R][D] + o [R][D] + m [R] + l [R] */
-    return vlm_align_up((size_t)R * FA_KB + 2 * (size_t)R * D + 2 * (size_t)R + 64, 16);
+    /* s [R][KB] + qs [R][D] + o [R][D] + m [R] + l [R] (+ the bf16 path's probabilities pp [R][KB / 2]) */
+    return vlm_align_up((size_t)R * FA_KB + 2 * (size_t)R * D + 2 * (size_t)R + (size_t)R * FA_KB / 2 + 64, 16);
 }
 
 /* Keys are passed transposed: kt[d][j] with row stride ldkt >= flash_kt_stride(n) (the padding columns are
@@ -256,6 +256,189 @@ static void flash_rows(float *out, int ldo, const float *q, int ldq, int R, cons
     flash_rows_x(out, ldo, q, ldq, R, kt, ldkt, V, ldv, lim, D, scale, ws, NULL);
 }
 
+/* ---------------------------------------------------------------- bf16 operands
+ * With compute = bf16 (the engine's bf16 and int8 modes) the prefill's and the ViT's attention round q·scale, k, v
+ * and the unnormalized probabilities to bf16 (round to nearest even) and sum the products in fp32 with vdpbf16ps,
+ * as a bf16 torch run's attention multiplies bf16 tensors: twice the products per instruction of the fp32 tiles.
+ * The softmax (its running max, sum and correction) and the output accumulators stay fp32. Layouts, as 32-bit
+ * pairs of bf16: keys kt2[D / 2][ldkt] (pair p of key j: its d = 2p, 2p + 1), values vp[(n + 1) / 2][D] (pair jp at
+ * column d: keys 2jp, 2jp + 1, the key past an odd n zero), queries [R][D / 2], probabilities pp[R][FA_KB / 2].
+ * Needs AVX512-BF16 and D a multiple of 16; elsewhere the fp32 path runs. */
+
+static int use_bf16(int bf16, int D) {
+#if VLM_X86
+    return bf16 && vlm_cpu_isa() >= VLM_ISA_AVX512BF16 && D % 16 == 0;
+#else
+    (void)bf16; (void)D;
+    return 0;
+#endif
+}
+
+#if VLM_X86
+/* 32 fp32 values (n32 of them real, the rest 0) -> 16 bf16 pairs (first, second) */
+static inline VLM_INLINE VLM_TGT_AVX512BF16 __m512i bf_pairs(const float *x, int n32, __m512 mul) {
+    const __mmask16 m0 = n32 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n32) - 1);
+    const __mmask16 m1 = n32 >= 32 ? (__mmask16)0xffff : n32 > 16 ? (__mmask16)((1u << (n32 - 16)) - 1) : 0;
+    return (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_maskz_loadu_ps(m1, x + 16), mul),
+                                        _mm512_mul_ps(_mm512_maskz_loadu_ps(m0, x), mul));
+}
+
+/* kt2 from K [n][D] (row stride ldk): 16 keys x 16 pairs per in-register transpose; columns n .. ldkt zero. */
+static VLM_TGT_AVX512BF16 void bf_keys(uint32_t *kt, int ldkt, const float *K, int ldk, int n, int D) {
+    const int P = D / 2;
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int j0 = 0; j0 < ldkt; j0 += 16) {
+        const int nb = n - j0 < 0 ? 0 : n - j0 < 16 ? n - j0 : 16;
+        for (int p0 = 0; p0 < P; p0 += 16) {
+            const int np = P - p0 < 16 ? P - p0 : 16;
+            __m512i r[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = i < nb ? bf_pairs(K + (size_t)(j0 + i) * ldk + 2 * p0, 2 * np, one) : _mm512_setzero_si512();
+            vlm_transpose16_epi32(r);
+            for (int p = 0; p < np; p++) _mm512_storeu_si512((void *)(kt + (size_t)(p0 + p) * ldkt + j0), r[p]);
+        }
+    }
+}
+
+/* vp from V [n][D] (row stride ldv). */
+static VLM_TGT_AVX512BF16 void bf_values(uint32_t *vp, const float *V, int ldv, int n, int D) {
+    /* cvtne2ps_pbh(b, a) holds a0..a15 then b0..b15; interleave them into (a_d, b_d) pairs */
+    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int jp = 0; jp < (n + 1) / 2; jp++) {
+        const float *a = V + (size_t)(2 * jp) * ldv, *b = a + ldv;
+        const int has_b = 2 * jp + 1 < n;
+        for (int d = 0; d < D; d += 16) {
+            __m512 vb = has_b ? _mm512_loadu_ps(b + d) : _mm512_setzero_ps();
+            __m512i h = (__m512i)_mm512_cvtne2ps_pbh(vb, _mm512_loadu_ps(a + d));
+            _mm512_storeu_si512((void *)(vp + (size_t)jp * D + d), _mm512_permutexvar_epi16(idx, h));
+        }
+    }
+}
+
+/* s[r][0..64) = Σ_p qs[r][p] · kt[p][0..64) for nr <= 4 rows (P pairs) */
+static inline VLM_INLINE VLM_TGT_AVX512BF16 void bs_tile4(float *s, const uint32_t *qs, int nr, const uint32_t *kt,
+                                                          int ldkt, int P) {
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int p = 0; p < P; p++) {
+        const uint32_t *k = kt + (size_t)p * ldkt;
+        const __m512bh k0 = (__m512bh)_mm512_loadu_si512((const void *)k),
+                       k1 = (__m512bh)_mm512_loadu_si512((const void *)(k + 16)),
+                       k2 = (__m512bh)_mm512_loadu_si512((const void *)(k + 32)),
+                       k3 = (__m512bh)_mm512_loadu_si512((const void *)(k + 48));
+        for (int r = 0; r < nr; r++) {
+            const __m512bh a = (__m512bh)_mm512_set1_epi32((int)qs[(size_t)r * P + p]);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, k0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, k1);
+            acc[r][2] = _mm512_dpbf16_ps(acc[r][2], a, k2);
+            acc[r][3] = _mm512_dpbf16_ps(acc[r][3], a, k3);
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(s + (size_t)r * FA_KB + 16 * c, acc[r][c]);
+}
+
+static VLM_TGT_AVX512BF16 void bs_tile(float *s, const uint32_t *qs, int R, const uint32_t *kt, int ldkt, int P) {
+    int r = 0;
+    for (; r + 4 <= R; r += 4) bs_tile4(s + (size_t)r * FA_KB, qs + (size_t)r * P, 4, kt, ldkt, P);
+    switch (R - r) {
+    case 3: bs_tile4(s + (size_t)r * FA_KB, qs + (size_t)r * P, 3, kt, ldkt, P); break;
+    case 2: bs_tile4(s + (size_t)r * FA_KB, qs + (size_t)r * P, 2, kt, ldkt, P); break;
+    case 1: bs_tile4(s + (size_t)r * FA_KB, qs + (size_t)r * P, 1, kt, ldkt, P); break;
+    default: break;
+    }
+}
+
+/* o[r][c0 .. c0 + 16 nc) += Σ_jp pp[r][jp] · vp[jp][c0 ..] over npair key pairs, nr <= 4 rows */
+static inline VLM_INLINE VLM_TGT_AVX512BF16 void bpv_tile4(float *o, const uint32_t *pp, int nr, const uint32_t *vp,
+                                                           int npair, int D, int c0, int nc) {
+    __m512 acc[4][4];
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < nc; c++) acc[r][c] = _mm512_loadu_ps(o + (size_t)r * D + c0 + 16 * c);
+    for (int jp = 0; jp < npair; jp++) {
+        const uint32_t *vr = vp + (size_t)jp * D + c0;
+        __m512bh vv[4];
+        for (int c = 0; c < nc; c++) vv[c] = (__m512bh)_mm512_loadu_si512((const void *)(vr + 16 * c));
+        for (int r = 0; r < nr; r++) {
+            const __m512bh a = (__m512bh)_mm512_set1_epi32((int)pp[(size_t)r * (FA_KB / 2) + jp]);
+            for (int c = 0; c < nc; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, vv[c]);
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < nc; c++) _mm512_storeu_ps(o + (size_t)r * D + c0 + 16 * c, acc[r][c]);
+}
+
+static VLM_TGT_AVX512BF16 void bpv_tile(float *o, const uint32_t *pp, int R, const uint32_t *vp, int npair, int D) {
+    for (int c0 = 0; c0 < D; c0 += 64) {
+        const int nc = (D - c0) / 16 < 4 ? (D - c0) / 16 : 4;
+        int r = 0;
+        for (; r + 4 <= R; r += 4) {
+            float *orow = o + (size_t)r * D;
+            const uint32_t *pr = pp + (size_t)r * (FA_KB / 2);
+            switch (nc) {
+            case 4: bpv_tile4(orow, pr, 4, vp, npair, D, c0, 4); break;
+            case 3: bpv_tile4(orow, pr, 4, vp, npair, D, c0, 3); break;
+            case 2: bpv_tile4(orow, pr, 4, vp, npair, D, c0, 2); break;
+            default: bpv_tile4(orow, pr, 4, vp, npair, D, c0, 1); break;
+            }
+        }
+        for (; r < R; r++) bpv_tile4(o + (size_t)r * D, pp + (size_t)r * (FA_KB / 2), 1, vp, npair, D, c0, nc);
+    }
+}
+
+/* flash_rows on bf16 operands: kt2 / vp as bf_keys / bf_values made them (n keys, vp's rows from key 0). */
+static VLM_TGT_AVX512BF16 void flash_rows_bf16(float *out, int ldo, const float *q, int ldq, int R, const uint32_t *kt,
+                                               int ldkt, const uint32_t *vp, const int *lim, int D, float scale,
+                                               float *ws) {
+    const int P = D / 2;
+    float *s = ws, *o = s + (size_t)R * FA_KB + (size_t)R * D;
+    uint32_t *qs = (uint32_t *)(s + (size_t)R * FA_KB);
+    float *m = o + (size_t)R * D, *l = m + R;
+    uint32_t *pp = (uint32_t *)(l + R);
+    float corr[FA_QB > 256 ? FA_QB : 256];
+    const __m512 vscale = _mm512_set1_ps(scale);
+    int n = 0;
+    for (int r = 0; r < R; r++) {
+        n = lim[r] > n ? lim[r] : n;
+        m[r] = -INFINITY;
+        l[r] = 0.f;
+        for (int p0 = 0; p0 < P; p0 += 16) {
+            const int np = P - p0 < 16 ? P - p0 : 16;
+            _mm512_mask_storeu_epi32(qs + (size_t)r * P + p0, (__mmask16)((1u << np) - 1),
+                                     bf_pairs(q + (size_t)r * ldq + 2 * p0, 2 * np, vscale));
+        }
+        memset(o + (size_t)r * D, 0, (size_t)D * sizeof(float));
+    }
+    for (int j0 = 0; j0 < n; j0 += FA_KB) {
+        int kb = n - j0 < FA_KB ? n - j0 : FA_KB;
+        int r0 = 0;  /* rows that see none of this block (causal) are skipped */
+        while (r0 < R && lim[r0] <= j0) r0++;
+        if (r0 == R) continue;
+        bs_tile(s + (size_t)r0 * FA_KB, qs + (size_t)r0 * P, R - r0, kt + j0, ldkt, P);
+        for (int r = r0; r < R; r++) {
+            float *sr = s + (size_t)r * FA_KB;
+            int valid = lim[r] - j0 < kb ? lim[r] - j0 : kb;
+            float m_old = m[r], sum;
+            soft_row_512(sr, valid, kb, &m[r], &sum);   /* exp past valid (to a multiple of 16) is 0 */
+            corr[r] = m_old == -INFINITY ? 0.f : vlm_expf(m_old - m[r]);
+            l[r] = l[r] * corr[r] + sum;
+            uint32_t *pr = pp + (size_t)r * (FA_KB / 2);
+            const int npair = (kb + 1) / 2;
+            for (int t = 0; 32 * t < 2 * npair; t++)
+                _mm512_storeu_si512((void *)(pr + 16 * t), bf_pairs(sr + 32 * t, 32, _mm512_set1_ps(1.0f)));
+        }
+        scale_rows(o + (size_t)r0 * D, R - r0, D, corr + r0);
+        bpv_tile(o + (size_t)r0 * D, pp + (size_t)r0 * (FA_KB / 2), R - r0, vp + (size_t)(j0 / 2) * D, (kb + 1) / 2, D);
+    }
+    for (int r = 0; r < R; r++) {
+        float inv = l[r] > 0.f ? 1.0f / l[r] : 0.f;
+        for (int d = 0; d < D; d++) out[(size_t)r * ldo + d] = o[(size_t)r * D + d] * inv;
+    }
+}
+#endif
+
 /* ---------------------------------------------------------------- causal attention over the KV cache
  * Prefill: work item = (query head, block of FA_QB tokens), interleaved over threads (later blocks
  * see more keys). Decode (T == 1): work item = kv head, its G query heads being the rows. */
@@ -267,7 +450,7 @@ size_t vlm_attention_scratch_floats(int H, int KV, int D, int max_ctx) {
 
 typedef struct {
     float *out; int ldo; const float *q; int ldq; const float *kc, *vc;
-    int max_ctx, n_past, T, H, KV, D; float scale; float *scratch; size_t scratch_per;
+    int max_ctx, n_past, T, H, KV, D; float scale; float *scratch; size_t scratch_per; int bf16;
 } attn_ctx;
 
 /* Work items are kv-group major, so a thread transposes the keys of each group it meets once. */
@@ -294,19 +477,33 @@ static void attn_task(void *p, int ith, int nth) {
         int b = rem / G, h = g * G + rem % G;
         int t0 = b * FA_QB, R = c->T - t0 < FA_QB ? c->T - t0 : FA_QB;
         if (g != cur_g) {
-            flash_transpose(kt, ldkt, c->kc + (size_t)g * c->max_ctx * D, D, n_all, D);
+#if VLM_X86
+            if (c->bf16) {   /* kt2 [D / 2][ldkt], then vp */
+                bf_keys((uint32_t *)kt, ldkt, c->kc + (size_t)g * c->max_ctx * D, D, n_all, D);
+                bf_values((uint32_t *)kt + (size_t)(D / 2) * ldkt, c->vc + (size_t)g * c->max_ctx * D, D, n_all, D);
+            } else
+#endif
+                flash_transpose(kt, ldkt, c->kc + (size_t)g * c->max_ctx * D, D, n_all, D);
             cur_g = g;
         }
         for (int r = 0; r < R; r++) lim[r] = c->n_past + t0 + r + 1;
+#if VLM_X86
+        if (c->bf16) {
+            flash_rows_bf16(c->out + (size_t)t0 * c->ldo + (size_t)h * D, c->ldo,
+                            c->q + (size_t)t0 * c->ldq + (size_t)h * D, c->ldq, R, (const uint32_t *)kt, ldkt,
+                            (const uint32_t *)kt + (size_t)(D / 2) * ldkt, lim, D, c->scale, ws);
+            continue;
+        }
+#endif
         flash_rows(c->out + (size_t)t0 * c->ldo + (size_t)h * D, c->ldo, c->q + (size_t)t0 * c->ldq + (size_t)h * D,
                        c->ldq, R, kt, ldkt, c->vc + (size_t)g * c->max_ctx * D, D, lim, D, c->scale, ws);
     }
 }
 
 void vlm_attention(vlm_pool *pool, float *out, int ldo, const float *q, int ldq, const float *kc, const float *vc,
-                   int max_ctx, int n_past, int T, int H, int KV, int D, float scale, float *scratch) {
+                   int max_ctx, int n_past, int T, int H, int KV, int D, float scale, float *scratch, int bf16) {
     attn_ctx c = {out, ldo, q, ldq, kc, vc, max_ctx, n_past, T, H, KV, D, scale, scratch,
-                  vlm_attention_scratch_floats(H, KV, D, max_ctx)};
+                  vlm_attention_scratch_floats(H, KV, D, max_ctx), T > 1 && use_bf16(bf16, D)};
     const uint64_t pairs = (uint64_t)T * (uint64_t)n_past + (uint64_t)T * (uint64_t)(T + 1) / 2;   /* causal */
     vlm_pool_count(pool, VLM_FLOPS_ATTN, 4 * (uint64_t)H * (uint64_t)D * pairs);
     vlm_pool_run(pool, attn_task, &c);
@@ -320,6 +517,7 @@ void vlm_attention(vlm_pool *pool, float *out, int ldo, const float *q, int ldq,
 
 typedef struct {
     float *out; const float *qkv; const int *cu; int n_seg, H, D, max_seg; float scale; float *scratch; size_t per;
+    int bf16;
 } seg_ctx;
 
 static void seg_task(void *p, int ith, int nth) {
@@ -336,9 +534,22 @@ static void seg_task(void *p, int ith, int nth) {
             int have = 0;
             for (int b = 0; b < nb; b++, it++) {
                 if (it % nth != ith) continue;
-                if (!have) { flash_transpose(kt, ldkt, base + (size_t)(H + h) * D, ld, n, D); have = 1; }
                 int t0 = b * FA_QB, R = n - t0 < FA_QB ? n - t0 : FA_QB;
                 for (int r = 0; r < R; r++) lim[r] = n;
+#if VLM_X86
+                if (c->bf16) {
+                    uint32_t *kt2 = (uint32_t *)kt, *vp = kt2 + (size_t)(D / 2) * ldkt;
+                    if (!have) {
+                        bf_keys(kt2, ldkt, base + (size_t)(H + h) * D, ld, n, D);
+                        bf_values(vp, base + (size_t)(2 * H + h) * D, ld, n, D);
+                        have = 1;
+                    }
+                    flash_rows_bf16(c->out + (size_t)(s0 + t0) * H * D + (size_t)h * D, H * D,
+                                    base + (size_t)t0 * ld + (size_t)h * D, ld, R, kt2, ldkt, vp, lim, D, c->scale, ws);
+                    continue;
+                }
+#endif
+                if (!have) { flash_transpose(kt, ldkt, base + (size_t)(H + h) * D, ld, n, D); have = 1; }
                 flash_rows(c->out + (size_t)(s0 + t0) * H * D + (size_t)h * D, H * D,
                                base + (size_t)t0 * ld + (size_t)h * D, ld, R, kt, ldkt,
                                base + (size_t)(2 * H + h) * D, ld, lim, D, c->scale, ws);
@@ -352,8 +563,9 @@ size_t vlm_segment_attention_scratch_floats(int max_seg, int D) {
 }
 
 void vlm_segment_attention(vlm_pool *pool, float *out, const float *qkv, const int *cu, int n_seg, int H, int D,
-                           float scale, float *scratch, int max_seg) {
-    seg_ctx c = {out, qkv, cu, n_seg, H, D, max_seg, scale, scratch, vlm_segment_attention_scratch_floats(max_seg, D)};
+                           float scale, float *scratch, int max_seg, int bf16) {
+    seg_ctx c = {out, qkv, cu, n_seg, H, D, max_seg, scale, scratch, vlm_segment_attention_scratch_floats(max_seg, D),
+                 use_bf16(bf16, D)};
     uint64_t pairs = 0;
     for (int s = 0; s < n_seg; s++) pairs += (uint64_t)(cu[s + 1] - cu[s]) * (uint64_t)(cu[s + 1] - cu[s]);
     vlm_pool_count(pool, VLM_FLOPS_ATTN, 4 * (uint64_t)H * (uint64_t)D * pairs);

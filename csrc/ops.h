@@ -106,20 +106,22 @@ void vlm_patch_merge_gather(vlm_pool *pool, float *out, const float *x, int H, i
 
 /* ---------------------------------------------------------------- attention (attention.c) */
 
-/* Causal grouped-query attention of T new queries against a KV cache.
+/* Causal grouped-query attention of T new queries against a KV cache. bf16 != 0 (compute = bf16): with T > 1 on
+ * AVX512-BF16 CPUs (D a multiple of 16) q, k, v and the probabilities are rounded to bf16 and multiplied by
+ * vdpbf16ps, as a bf16 torch run does (attention.c); otherwise, and for one query (decode), fp32.
  * q: [T][H][D] (row stride ldq); kc, vc: [KV][max_ctx][D] caches already holding positions
  * 0 .. n_past+T-1; query t sees keys 0 .. n_past+t. out: [T][H][D] (row stride ldo). D <= VLM_MAX_HEAD.
  * scratch: n_threads · vlm_attention_scratch_floats(...) floats. */
 size_t vlm_attention_scratch_floats(int H, int KV, int D, int max_ctx);
 void vlm_attention(vlm_pool *pool, float *out, int ldo, const float *q, int ldq, const float *kc, const float *vc,
-                   int max_ctx, int n_past, int T, int H, int KV, int D, float scale, float *scratch);
+                   int max_ctx, int n_past, int T, int H, int KV, int D, float scale, float *scratch, int bf16);
 
 /* Non-causal attention inside segments [cu[s], cu[s+1]) of qkv: [N][3][H][D] (q, k, v blocks of each
  * token); out: [N][H][D]. D <= VLM_MAX_HEAD. scratch: n_threads · vlm_segment_attention_scratch_floats(max_seg, D)
- * floats, max_seg = the longest segment. */
+ * floats, max_seg = the longest segment. bf16: as for vlm_attention. */
 size_t vlm_segment_attention_scratch_floats(int max_seg, int D);
 void vlm_segment_attention(vlm_pool *pool, float *out, const float *qkv, const int *cu, int n_seg, int H, int D,
-                           float scale, float *scratch, int max_seg);
+                           float scale, float *scratch, int max_seg, int bf16);
 
 /* DaViT window attention over one band of `rows` (<= win) image rows of width W: windows of win x win
  * tokens (raster order inside), heads of D = C/heads. Keys/values outside the image are the zero-padded

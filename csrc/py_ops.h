@@ -139,7 +139,7 @@ static vlm_status op_maxpool2x2(op_call *c) {   /* P, x; H, W, C */
     vlm_maxpool2x2(c->pool, A_F(0), A_F(1), H, W, C);
     return VLM_OK;
 }
-static vlm_status op_attention(op_call *c) {   /* out, q, kc, vc; ldo, ldq, max_ctx, n_past, T, H, KV, D; scale */
+static vlm_status op_attention(op_call *c) {   /* out, q, kc, vc; ldo, ldq, max_ctx, n_past, T, H, KV, D, bf16; scale */
     const long *Z = c->iv;
     long ldo = Z[0], ldq = Z[1], mc = Z[2], np = Z[3], T = Z[4], H = Z[5], KV = Z[6], D = Z[7];
     if (T < 1 || KV < 1 || H % KV || D < 1 || D > VLM_MAX_HEAD || np + T > mc || ldo < H * D || ldq < H * D)
@@ -149,10 +149,10 @@ static vlm_status op_attention(op_call *c) {   /* out, q, kc, vc; ldo, ldq, max_
         c->scratch = (size_t)c->nth * vlm_attention_scratch_floats(H, KV, D, mc);
         return VLM_OK;
     }
-    vlm_attention(c->pool, A_F(0), ldo, A_F(1), ldq, A_F(2), A_F(3), mc, np, T, H, KV, D, c->fv[0], c->scr);
+    vlm_attention(c->pool, A_F(0), ldo, A_F(1), ldq, A_F(2), A_F(3), mc, np, T, H, KV, D, c->fv[0], c->scr, (int)Z[8]);
     return VLM_OK;
 }
-static vlm_status op_segment_attention(op_call *c) {   /* out, qkv, cu; N, n_seg, H, D, max_seg; scale */
+static vlm_status op_segment_attention(op_call *c) {   /* out, qkv, cu; N, n_seg, H, D, max_seg, bf16; scale */
     long N = c->iv[0], ns = c->iv[1], H = c->iv[2], D = c->iv[3], ms = c->iv[4];
     if (D < 1 || D > VLM_MAX_HEAD) return vlm_fail(c->err, VLM_ERR_ARG, "segment_attention: bad D");
     if (c->sizing) {
@@ -164,7 +164,7 @@ static vlm_status op_segment_attention(op_call *c) {   /* out, qkv, cu; N, n_seg
     for (long s = 0; s < ns; s++)
         if (cu[s] < 0 || cu[s + 1] <= cu[s] || cu[s + 1] > N || cu[s + 1] - cu[s] > ms)
             return vlm_fail(c->err, VLM_ERR_ARG, "segment_attention: bad segment %ld", s);
-    vlm_segment_attention(c->pool, A_F(0), A_F(1), (const int *)cu, ns, H, D, c->fv[0], c->scr, ms);
+    vlm_segment_attention(c->pool, A_F(0), A_F(1), (const int *)cu, ns, H, D, c->fv[0], c->scr, ms, (int)c->iv[5]);
     return VLM_OK;
 }
 static vlm_status op_window_attention(op_call *c) {   /* att, qkv, bias; rows, W, C, heads, win; scale */
@@ -314,8 +314,8 @@ static const op_spec op_table[] = {
     {"convt2x2_scatter", "ff", 4, 0, op_convt2x2_scatter},
     {"zero_border", "f", 3, 0, op_zero_border},
     {"maxpool2x2", "ff", 3, 0, op_maxpool2x2},
-    {"attention", "ffff", 8, 1, op_attention},
-    {"segment_attention", "ffi", 5, 1, op_segment_attention},
+    {"attention", "ffff", 9, 1, op_attention},
+    {"segment_attention", "ffi", 6, 1, op_segment_attention},
     {"window_attention", "fff", 5, 1, op_window_attention},
     {"channel_attention_scores", "ff", 3, 1, op_channel_attention_scores},
     {"channel_attention_softmax", "ff", 2, 0, op_channel_attention_softmax},

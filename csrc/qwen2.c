@@ -260,7 +260,7 @@ static vlm_status forward_chunk(const vlm_qwen2 *m, vlm_qwen2_state *s, int T, f
                 memcpy(vc + dst, s->v + src, D * sizeof(float));
             }
         vlm_attention(s->pool, s->att, Q, s->q, Q, kc, vc, s->max_ctx, s->n_past, T, c->n_heads, c->n_kv_heads, D,
-                      scale, s->attn_scratch);
+                      scale, s->attn_scratch, c->compute == VLM_COMPUTE_BF16);
         VLM_TRY(vlm_mm(&mm, s->x, H, s->att, Q, T, &L->wo, 1));      /* x += att · Woᵀ */
 
         vlm_rmsnorm(s->pool, s->xn, s->x, L->ln2, c->eps, T, H);

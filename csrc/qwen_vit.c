@@ -211,7 +211,7 @@ vlm_status vlm_vit_forward(const vlm_vit *m, vlm_pool *pool, const float *pixels
         vlm_rope_apply(pool, s.qkv, 3 * D, s.cs, s.sn, N, H, hd);          /* q */
         vlm_rope_apply(pool, s.qkv + D, 3 * D, s.cs, s.sn, N, H, hd);      /* k */
         vlm_segment_attention(pool, s.att, s.qkv, full ? L.cu_full : L.cu_win, full ? 1 : L.n_win, H, hd, scale,
-                              s.attn_scratch, full ? N : L.max_win);
+                              s.attn_scratch, full ? N : L.max_win, c->compute == VLM_COMPUTE_BF16);
         VLM_TRY(vlm_mm(&mm, s.x, D, s.att, D, N, &B->proj, 1));
         vlm_rmsnorm(pool, s.xn, s.x, B->ln2, c->eps, N, D);
         VLM_TRY(vlm_mm(&mm, s.g, I, s.xn, D, N, &B->gate, 0));

@@ -480,7 +480,7 @@ static vlm_status decoder(up_run *r, const float *prompt, float *logits, float *
         vlm_weight wqk = vlm_weight_rows(&L->in_proj, 0, 2 * d), wv = vlm_weight_rows(&L->in_proj, 2 * d, d);
         VLM_TRY(vlm_mm(&r->mm, r->S.qkv, 3 * d, q, d, Q, &wqk, 0));
         VLM_TRY(vlm_mm(&r->mm, r->S.qkv + 2 * d, 3 * d, tgt, d, Q, &wv, 0));
-        vlm_segment_attention(r->pool, r->S.att, r->S.qkv, cu, 1, c->heads, Dh, 1.0f / sqrtf((float)Dh), r->S.thr, Q);
+        vlm_segment_attention(r->pool, r->S.att, r->S.qkv, cu, 1, c->heads, Dh, 1.0f / sqrtf((float)Dh), r->S.thr, Q, 0);
         VLM_TRY(vlm_mm(&r->mm, q, d, r->S.att, d, Q, &L->out_proj, 0));
         add_norm(r, tgt, q, Q, L->ln2, L->ln2_b);
         /* cross-attention to the memory */

@@ -253,17 +253,46 @@ def ref_full_forward(model, ids) -> np.ndarray:
     return model(input_ids=ids, use_cache=False).logits[0].double().numpy()
 
 
+BF16_ATTENTION = "vlmfo1_bf16_emulation"
+
+
+def _bf16_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """The engine's bf16 attention (csrc/attention.c) in torch: q·scale, k and v rounded to bf16, scores summed in
+    fp32, softmax in fp32 with the exponentials rounded to bf16 before they meet v (the engine rounds them against
+    its running maximum, here against the row's maximum), normalized by the fp32 sum."""
+    from transformers.models.qwen2.modeling_qwen2 import repeat_kv
+
+    r = lambda t: t.to(torch.bfloat16).to(torch.float32)   # noqa: E731
+    k = repeat_kv(key, module.num_key_value_groups)
+    v = repeat_kv(value, module.num_key_value_groups)
+    s = r(query * scaling) @ r(k).transpose(2, 3)
+    if attention_mask is not None:
+        s = s + attention_mask
+    e = torch.exp(s - s.amax(-1, keepdim=True))
+    out = (r(e) @ r(v)) / e.sum(-1, keepdim=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
 def bf16_compute_emulation(model):
-    """A copy of `model` that rounds the input of every nn.Linear to bf16 (weights are already bf16
-    values for a bf16 checkpoint) and keeps fp32 accumulation elsewhere: the numerics the engine's
-    compute="bf16" promises.  Used to justify the bf16 tolerance, not in the assertions."""
+    """A copy of `model` with the engine's compute="bf16" numerics: the input of every nn.Linear rounded to bf16
+    (weights are already bf16 values for a bf16 checkpoint) and the attention of _bf16_attention, fp32 accumulation
+    elsewhere.  Used to justify the bf16 tolerance, not in the assertions."""
     import copy
 
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(BF16_ATTENTION, _bf16_attention)
+    AttentionMaskInterface.register(BF16_ATTENTION, eager_mask)   # additive float masks, as eager attention takes
     m = copy.deepcopy(model)
     for mod in m.modules():
         if isinstance(mod, torch.nn.Linear):
             mod.register_forward_pre_hook(
                 lambda _m, args: (args[0].to(torch.bfloat16).to(torch.float32),) + tuple(args[1:]))
+    m.config._attn_implementation = BF16_ATTENTION
+    for sub in m.modules():
+        if hasattr(sub, "config") and hasattr(sub.config, "_attn_implementation"):
+            sub.config._attn_implementation = BF16_ATTENTION
     return m
 
 

@@ -238,40 +238,75 @@ def softmax(s):
     return e / e.sum(-1, keepdims=True)
 
 
-@pytest.mark.parametrize("T,n_past,H,KV,D", [(1, 0, 2, 1, 16), (1, 70, 4, 2, 24), (5, 3, 3, 3, 8), (70, 9, 4, 2, 32)])
-def test_attention(T, n_past, H, KV, D):
+BF16_ATTENTION = core.gemm_info()["kernel"] == "avx512bf16"   # the bf16 operand path runs (attention.c)
+
+
+def bf16_round(x):
+    """float32 -> the nearest bfloat16 (ties to even), as float64: what vcvtne2ps2bf16 makes of finite values."""
+    b = np.ascontiguousarray(x, f32).view(np.uint32).astype(np.uint64)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    return b.astype(np.uint32).view(f32).astype(np.float64)
+
+
+def attention_ref(q, k, v, scale, bf16, causal_from=None):
+    """softmax(q kᵀ · scale) v in float64 for one head (query t sees keys < causal_from + t + 1 when given). With
+    bf16 the operands are first rounded as the bf16 path rounds them: q·scale (in fp32), k and v."""
+    if bf16:
+        q, k, v = bf16_round(q.astype(f32) * f32(scale)), bf16_round(k), bf16_round(v)
+        scale = 1.0
+    s = q.astype(np.float64) @ k.astype(np.float64).T * scale
+    if causal_from is not None:
+        s = np.where(np.arange(k.shape[0])[None, :] <= causal_from + np.arange(q.shape[0])[:, None], s, -np.inf)
+    return softmax(s) @ v.astype(np.float64)
+
+
+def check_attention(label, got, ref, v, bf16):
+    """fp32: 2e-6. bf16 (where the path runs): the operands are rounded in ref as the kernel rounds them; what ref
+    cannot follow is the rounding of each probability to bf16 (relative 2^-9, before normalization), which moves an
+    output by at most 2^-9 · max |v|; plus fp32 summation."""
+    if bf16 and BF16_ATTENTION:
+        check(label + " bf16", got, ref, 2.0 ** -9 * float(np.abs(v).max()) + 1e-5)
+    else:
+        check(label, got, ref, 2e-6)
+
+
+@pytest.mark.parametrize("bf16", [0, 1])
+@pytest.mark.parametrize("T,n_past,H,KV,D", [(1, 0, 2, 1, 16), (1, 70, 4, 2, 24), (5, 3, 3, 3, 8), (70, 9, 4, 2, 32),
+                                             (67, 64, 2, 1, 80), (130, 0, 2, 2, 128)])
+def test_attention(T, n_past, H, KV, D, bf16):
     r = rng(T * 100 + n_past)
     mc = n_past + T + 3
     q, kc, vc = randn(r, T, H * D + 5), randn(r, KV, mc, D), randn(r, KV, mc, D)
     scale = 1 / math.sqrt(D)
-    got = run("attention", [np.empty((T, H * D + 2), f32), q, kc, vc], [H * D + 2, H * D + 5, mc, n_past, T, H, KV, D],
-              [scale])[:, :H * D]
+    got = run("attention", [np.empty((T, H * D + 2), f32), q, kc, vc],
+              [H * D + 2, H * D + 5, mc, n_past, T, H, KV, D, bf16], [scale])[:, :H * D]
     ref = np.empty((T, H, D))
     G = H // KV
+    on = bf16 and T > 1 and D % 16 == 0   # decode (one query) and other head sizes stay fp32
     for h in range(H):
-        k, v = kc[h // G].astype(np.float64), vc[h // G].astype(np.float64)
-        for t in range(T):
-            n = n_past + t + 1
-            p = softmax(q[t, h * D:(h + 1) * D].astype(np.float64) @ k[:n].T * scale)
-            ref[t, h] = p @ v[:n]
-    check(f"attention T={T} past={n_past} H={H} KV={KV} D={D}", got, ref.reshape(T, H * D), 2e-6)
+        n = n_past + T
+        ref[:, h] = attention_ref(q[:, h * D:(h + 1) * D], kc[h // G][:n], vc[h // G][:n], scale, on, n_past)
+    check_attention(f"attention T={T} past={n_past} H={H} KV={KV} D={D}", got, ref.reshape(T, H * D),
+                    vc[:, :n_past + T], on)
 
 
-@pytest.mark.parametrize("segs,H,D", [([1], 1, 16), ([5, 1, 70], 2, 12), ([64, 65, 3], 3, 32)])
-def test_segment_attention(segs, H, D):
+@pytest.mark.parametrize("bf16", [0, 1])
+@pytest.mark.parametrize("segs,H,D", [([1], 1, 16), ([5, 1, 70], 2, 12), ([64, 65, 3], 3, 32), ([129, 7], 2, 80)])
+def test_segment_attention(segs, H, D, bf16):
     r = rng(sum(segs) + D)
     N = sum(segs)
     cu = np.concatenate([[0], np.cumsum(segs)]).astype(np.int32)
     qkv = randn(r, N, 3, H, D)
     scale = 1 / math.sqrt(D)
-    got = run("segment_attention", [np.empty((N, H * D), f32), qkv, cu], [N, len(segs), H, D, max(segs)], [scale])
+    got = run("segment_attention", [np.empty((N, H * D), f32), qkv, cu], [N, len(segs), H, D, max(segs), bf16],
+              [scale])
     ref = np.empty((N, H, D))
-    x = qkv.astype(np.float64)
+    on = bf16 and D % 16 == 0
     for s in range(len(segs)):
         a, b = cu[s], cu[s + 1]
         for h in range(H):
-            ref[a:b, h] = softmax(x[a:b, 0, h] @ x[a:b, 1, h].T * scale) @ x[a:b, 2, h]
-    check(f"segment_attention segs={segs} H={H} D={D}", got, ref.reshape(N, H * D), 2e-6)
+            ref[a:b, h] = attention_ref(qkv[a:b, 0, h], qkv[a:b, 1, h], qkv[a:b, 2, h], scale, on)
+    check_attention(f"segment_attention segs={segs} H={H} D={D}", got, ref.reshape(N, H * D), qkv[:, 2], on)
 
 
 @pytest.mark.parametrize("rows,W,C,heads,win", [(1, 1, 16, 1, 2), (3, 7, 24, 2, 3), (5, 12, 48, 3, 5), (4, 9, 32, 2, 4)])
@@ -495,8 +530,8 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="takes"):
         core.op("rmsnorm", [np.zeros(3, f32)], [1, 3], [1e-6])
     with pytest.raises(ValueError, match="bad segment"):
-        core.op("segment_attention", [np.zeros(16, f32), np.zeros(48, f32), np.array([0, 2], np.int32)], [1, 1, 1, 16, 2],
-                [1.0])
+        core.op("segment_attention", [np.zeros(16, f32), np.zeros(48, f32), np.array([0, 2], np.int32)],
+                [1, 1, 1, 16, 2, 0], [1.0])
 
 
 @pytest.mark.skipif(bool(os.environ.get("VLM_GEMM_ISA")), reason="already under an ISA cap")
