@@ -802,6 +802,9 @@ static vlm_status check_matmul(float *out, int64_t ldo, const float *x, int64_t 
     if (m < 0 || w->n <= 0 || w->k <= 0)
         return vlm_fail(err, VLM_ERR_ARG, "matmul: bad sizes m=%lld n=%lld k=%lld", (long long)m, (long long)w->n,
                         (long long)w->k);
+    if (w->packed && (w->packed != 1 || w->dtype != VLM_I8 || w->k % 4))
+        return vlm_fail(err, VLM_ERR_ARG, w->packed == -1 ? "matmul: a slice of a packed int8 weight must start on a "
+                        "panel (a multiple of 32 rows)" : "matmul: a packed weight must be int8 with k a multiple of 4");
     if (m == 0) return VLM_OK;
     if (!w->data || !x || !out) return vlm_fail(err, VLM_ERR_ARG, "matmul: NULL data, x or out pointer");
     if (ldx < w->k || ldo < w->n)

@@ -30,6 +30,8 @@ typedef struct {
     const float *scale;  /* VLM_I8 / VLM_I4: [n] per-output-channel scales, W[j][t] ~ scale[j] * q[j][t] */
     const float *wsum;   /* VLM_I8 / VLM_I4: [n] sum over t of q[j][t] (an exact integer held in a float) */
     const uint8_t *sub;  /* VLM_I4 only: [n][vlm_i4_sub_stride(k)] 4-bit block scales (see below) */
+    int packed;          /* VLM_I8 only: 1 = data in panels (vlm_pack_i8, below), not [n][k]; -1 = a slice of a
+                            packed weight that does not start on a panel (vlm_matmul refuses it) */
 } vlm_weight;
 
 /* VLM_I4, 4-bit blocks (k a multiple of 32): each row is k / 32 blocks of 32 weights. Block b holds 4-bit codes
@@ -58,12 +60,30 @@ vlm_status vlm_matmul(vlm_pool *pool, float *out, int64_t ldo, const float *x, i
                       void *scratch, size_t scratch_size, vlm_err *err);
 size_t vlm_matmul_scratch_size(int64_t m, const vlm_weight *w, vlm_compute cmode, int n_threads);
 
-/* Rows [r0, r0 + rows) of w as a weight of their own (data, bias, scale, wsum and sub offset alike, any dtype);
- * the caller keeps the range inside w. */
+/* Packed int8 weights (VLM_I8 with packed = 1, k a multiple of 4): panels of VLM_I8_PANEL output rows, panel p
+ * holding rows 32p .. 32p + 31 as [k / 4][32] 32-bit groups (group t of row j = its bytes 4t .. 4t + 3; rows past
+ * n zero), ceil(n / 32) * 32 * k bytes: the layout the VNNI kernel streams (gemm_i8.c), made once at load so that
+ * no matmul packs its weight again. The other kernel levels unpack a panel at a time. A numpy array of shape
+ * [ceil(n / 32)][k / 4][32][4] int8 holds it (n comes with the scale vector). */
+#define VLM_I8_PANEL 32
+static inline size_t vlm_pack_i8_bytes(int64_t n, int64_t k) {
+    return (size_t)((n + VLM_I8_PANEL - 1) / VLM_I8_PANEL) * VLM_I8_PANEL * (size_t)k;
+}
+/* q [n][k] int8 -> dst (vlm_pack_i8_bytes(n, k) bytes) on pool (may be NULL). VLM_ERR_ARG for bad sizes. */
+vlm_status vlm_pack_i8(vlm_pool *pool, const int8_t *q, int64_t n, int64_t k, int8_t *dst, vlm_err *err);
+
+/* Rows [r0, r0 + rows) of w as a weight of their own (data, bias, scale, wsum and sub offset alike, any dtype; a
+ * packed weight only from a multiple of VLM_I8_PANEL rows, else the slice is marked packed = -1); the caller keeps
+ * the range inside w. */
 static inline vlm_weight vlm_weight_rows(const vlm_weight *w, int64_t r0, int64_t rows) {
     vlm_weight v = *w;
     v.n = rows;
-    v.data = (const char *)w->data + (size_t)r0 * vlm_weight_row_bytes(w);
+    if (w->packed) {
+        if (r0 % VLM_I8_PANEL) v.packed = -1;
+        v.data = (const char *)w->data + (size_t)(r0 / VLM_I8_PANEL) * VLM_I8_PANEL * (size_t)w->k;
+    } else {
+        v.data = (const char *)w->data + (size_t)r0 * vlm_weight_row_bytes(w);
+    }
     if (w->bias) v.bias = w->bias + r0;
     if (w->scale) v.scale = w->scale + r0;
     if (w->wsum) v.wsum = w->wsum + r0;

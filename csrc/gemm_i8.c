@@ -293,6 +293,48 @@ vlm_status vlm_quantize_i4(vlm_pool *pool, const void *src, vlm_dtype dtype, int
 }
 
 /* ------------------------------------------------------------------------------------------------ */
+/* Packed weights (gemm.h): made once at load                                                       */
+
+typedef struct { const int8_t *q; long n, k; int8_t *dst; } pk_ctx;
+
+static void pk_task(void *p, int ith, int nth) {
+    const pk_ctx *c = (const pk_ctx *)p;
+    const long panels = (c->n + VLM_I8_PANEL - 1) / VLM_I8_PANEL, nq = c->k / 4;
+    long p0, p1;
+    vlm_split(panels, 1, ith, nth, &p0, &p1);
+    for (long pn = p0; pn < p1; pn++) {
+        uint32_t *d = (uint32_t *)(c->dst + (size_t)pn * VLM_I8_PANEL * (size_t)c->k);
+        for (int l = 0; l < VLM_I8_PANEL; l++) {
+            const long j = pn * VLM_I8_PANEL + l;
+            if (j >= c->n) {
+                for (long t = 0; t < nq; t++) d[t * VLM_I8_PANEL + l] = 0;
+                continue;
+            }
+            const int8_t *row = c->q + (size_t)j * (size_t)c->k;
+            for (long t = 0; t < nq; t++) memcpy(&d[t * VLM_I8_PANEL + l], row + 4 * t, 4);
+        }
+    }
+}
+
+vlm_status vlm_pack_i8(vlm_pool *pool, const int8_t *q, int64_t n, int64_t k, int8_t *dst, vlm_err *err) {
+    if (n <= 0 || k <= 0 || k % 4 || k > VLM_I8_MAX_K)
+        return vlm_fail(err, VLM_ERR_ARG, "pack_i8: bad sizes n=%lld k=%lld (k a multiple of 4, <= %d)", (long long)n,
+                        (long long)k, VLM_I8_MAX_K);
+    if (!q || !dst) return vlm_fail(err, VLM_ERR_ARG, "pack_i8: NULL pointer");
+    pk_ctx c = {q, (long)n, (long)k, dst};
+    if (pool) vlm_pool_run(pool, pk_task, &c);
+    else pk_task(&c, 0, 1);
+    return VLM_OK;
+}
+
+/* Rows [j0, j0 + nc) of a packed weight (the panel starting at row j0, a multiple of 32) -> int8 rows [nc][k]. */
+static void unpack_panel_i8(const int8_t *wp, long k, long j0, int nc, int8_t *dst) {
+    const uint32_t *pn = (const uint32_t *)(wp + (size_t)(j0 / VLM_I8_PANEL) * VLM_I8_PANEL * (size_t)k);
+    for (int l = 0; l < nc; l++)
+        for (long t = 0; t < k / 4; t++) memcpy(dst + (size_t)l * (size_t)k + 4 * t, &pn[t * VLM_I8_PANEL + l], 4);
+}
+
+/* ------------------------------------------------------------------------------------------------ */
 /* Matmul context and the epilogue                                                                  */
 
 typedef struct {
@@ -313,8 +355,9 @@ typedef struct {
     int i4, direct;         /* 4-bit weight; direct: the in-register VNNI kernel (x in its group order) */
     const uint8_t *w4, *sub4;
     long ldw4, ldsub;
-    char *unp;              /* per-thread int8 panels (the unpacking path), unp_stride bytes each */
+    char *unp;              /* per-thread int8 panels (the unpacking paths), unp_stride bytes each */
     size_t unp_stride;
+    int packed;             /* w is a packed weight (gemm.h): the qp path reads its panels, others unpack them */
 } q8_ctx;
 
 static VLM_NO_CONTRACT void store_q8(const q8_ctx *c, long i0, int mr, long j0, int nr, int32_t s[4][8]) {
@@ -625,6 +668,7 @@ static void panel_generic(const q8_ctx *c, long i0, int mr, long j0, long jl) {
  * QP_NC rows to int8 (unpack_row_i4_avx2) and packs those. */
 #define QP_MR VLM_PACK_MR   /* gemm_pack.h: the tile and panel geometry both packed paths share */
 #define QP_NC VLM_PACK_NC
+_Static_assert(QP_NC == VLM_I8_PANEL, "prepacked int8 panels are the qp path's W panels");
 #define QP_MIN_M 16
 #define QP_MAX_K 16384
 
@@ -664,8 +708,9 @@ static inline VLM_INLINE VLM_TGT_AVX512VNNI VLM_NO_CONTRACT void qp_tile(const i
 #pragma GCC unroll 14
     for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
     for (long p = 0; p < nq; p++) {
-        const __m512i b0 = _mm512_load_si512((const void *)(b + p * QP_NC));
-        const __m512i b1 = _mm512_load_si512((const void *)(b + p * QP_NC + 16));
+        /* unaligned loads: a prepacked panel lies where its numpy array (or mapped cache file) put it */
+        const __m512i b0 = _mm512_loadu_si512((const void *)(b + p * QP_NC));
+        const __m512i b1 = _mm512_loadu_si512((const void *)(b + p * QP_NC + 16));
 #pragma GCC unroll 14
         for (int i = 0; i < MR; i++) {
             const __m512i av = _mm512_set1_epi32((int)a[p * MR + i]);
@@ -730,7 +775,12 @@ static void qp_task(void *p, int ith, int nth) {
         for (long qq = q0; qq < q1; qq++) {
             const long j0 = qq * QP_NC;
             const int nc = c->n - j0 < QP_NC ? (int)(c->n - j0) : QP_NC;
-            if (c->i4) {   /* this panel's 4-bit rows -> int8 rows, packed from there */
+            const uint32_t *panel = bbuf;
+            long nqw = q->nq;   /* the panel's groups (the packed x rows have q->nq, the tail zero) */
+            if (c->packed) {    /* prepacked at load: the panel as it lies in memory */
+                panel = (const uint32_t *)((const char *)c->w + (size_t)qq * QP_NC * (size_t)c->k);
+                nqw = c->k / 4;
+            } else if (c->i4) {   /* this panel's 4-bit rows -> int8 rows, packed from there */
                 for (int r = 0; r < nc; r++)
                     unpack_row_i4_avx2(c->w4 + (j0 + r) * c->ldw4, c->sub4 + (j0 + r) * c->ldsub, c->k, ubuf + r * c->k);
                 vlm_pack_w((const uint8_t *)ubuf, (size_t)c->k, 0, nc, 0, c->k, q->nq / 16, bbuf);
@@ -738,7 +788,7 @@ static void qp_task(void *p, int ith, int nth) {
                 vlm_pack_w((const uint8_t *)c->w, (size_t)c->k, j0, nc, 0, c->k, q->nq / 16, bbuf);
             }
             for (long i0 = m0; i0 < m1; i0 += QP_MR)
-                qp_panel(c, c->m - i0 < QP_MR ? (int)(c->m - i0) : QP_MR, q->ap + i0 * q->nq, bbuf, q->nq, i0, j0, nc);
+                qp_panel(c, c->m - i0 < QP_MR ? (int)(c->m - i0) : QP_MR, q->ap + i0 * q->nq, panel, nqw, i0, j0, nc);
         }
     }
 }
@@ -801,17 +851,18 @@ static void q8_panels(const q8_ctx *c, long j0, long jl) {
 static void q8_task(void *p, int ith, int nth) {
     const q8_ctx *c = (const q8_ctx *)p;
     long n0, n1;
-    vlm_split(c->n, 16, ith, nth, &n0, &n1);
+    vlm_split(c->n, c->packed ? VLM_I8_PANEL : 16, ith, nth, &n0, &n1);
     for (long j0 = n0; j0 < n1; j0 += c->nb) {
         long jl = n1 - j0 < c->nb ? n1 - j0 : c->nb;
-        if (!c->i4 || c->direct) {
+        if ((!c->i4 || c->direct) && !c->packed) {
             q8_panels(c, j0, jl);
             continue;
         }
-        /* 4-bit W without the direct kernel: unpack the panel to int8 in this thread's scratch, then run the
-         * int8 kernels on it as rows [0, jl) of a weight of its own */
+        /* 4-bit W without the direct kernel, or a packed W off the VNNI path: unpack the panel to int8 rows in
+         * this thread's scratch, then run the int8 kernels on it as rows [0, jl) of a weight of its own */
         int8_t *buf = (int8_t *)(c->unp + (size_t)ith * c->unp_stride);
-        for (long r = 0; r < jl; r++) {
+        if (c->packed) unpack_panel_i8(c->w, c->k, j0, (int)jl, buf);
+        else for (long r = 0; r < jl; r++) {
             const uint8_t *pw = c->w4 + (j0 + r) * c->ldw4, *ps = c->sub4 + (j0 + r) * c->ldsub;
 #if VLM_X86
             if (c->level >= VLM_ISA_AVX2) {
@@ -842,12 +893,20 @@ static long i4_panel_rows(int64_t k) {
 }
 static size_t i4_unp_stride(int64_t k) { return vlm_align_up((size_t)i4_panel_rows(k) * (size_t)k, VLM_ALIGN); }
 
+/* A packed weight off the VNNI path: each thread's unpacked panel. */
+static size_t packed_unp_stride(int64_t k) { return vlm_align_up((size_t)VLM_I8_PANEL * (size_t)k, VLM_ALIGN); }
+
 size_t vlm_matmul_i8_scratch_size(int64_t m, const vlm_weight *w, int n_threads) {
     if (m <= 0 || !w || w->k <= 0) return 0;
+    const int nth = n_threads < 1 ? 1 : n_threads, kern = q8_kernel(vlm_cpu_isa());
     size_t b = vlm_align_up((size_t)m * sizeof(float), VLM_ALIGN) + vlm_align_up((size_t)m * (size_t)q8_ldq(w->k), VLM_ALIGN) + VLM_ALIGN;
-    if (w->dtype == VLM_I4) b += (size_t)(n_threads < 1 ? 1 : n_threads) * i4_unp_stride(w->k);
-    if (use_qp(q8_kernel(vlm_cpu_isa()), m, w->k))
-        b += qp_scratch_bytes(m, q8_ldq(w->k), n_threads < 1 ? 1 : n_threads, w->dtype == VLM_I4);
+    if (w->dtype == VLM_I4) b += (size_t)nth * i4_unp_stride(w->k);
+    if (w->packed) {
+        if (VLM_X86 && kern == 2) b += qp_scratch_bytes(m, q8_ldq(w->k), nth, 0);
+        else b += (size_t)nth * packed_unp_stride(w->k);
+    } else if (use_qp(kern, m, w->k)) {
+        b += qp_scratch_bytes(m, q8_ldq(w->k), nth, w->dtype == VLM_I4);
+    }
     return b;
 }
 
@@ -904,13 +963,21 @@ vlm_status vlm_matmul_i8(vlm_pool *pool, float *out, int64_t ldo, const float *x
                 vlm_align_up((size_t)m * (size_t)c.ldq, VLM_ALIGN);
         c.unp_stride = i4_unp_stride(w->k);
     }
+    if (w->packed) {   /* checked by vlm_matmul: int8, k a multiple of 4 */
+        c.packed = 1;
+        c.unp = base + vlm_align_up((size_t)m * sizeof(float), VLM_ALIGN) +
+                vlm_align_up((size_t)m * (size_t)c.ldq, VLM_ALIGN);
+        c.unp_stride = packed_unp_stride(w->k);
+    }
     c.scale = w->scale;
     c.wsum = w->wsum;
     c.bias = w->bias;
     c.out = out;
     c.ldo = ldo;
     c.accumulate = accumulate;
-    if (c.i4 && !c.direct) {
+    if (c.packed) {
+        c.nb = VLM_I8_PANEL;       /* off the VNNI path: one unpacked panel at a time */
+    } else if (c.i4 && !c.direct) {
         c.nb = i4_panel_rows(c.k); /* the unpacked panel stays in L2 while every x tile passes */
     } else if (m <= 4) {
         c.nb = c.n; /* one x tile: stream W once */
@@ -921,7 +988,8 @@ vlm_status vlm_matmul_i8(vlm_pool *pool, float *out, int64_t ldo, const float *x
     if (m * c.k >= PAR_QUANT_MIN && vlm_pool_size(pool) > 1) vlm_pool_run(pool, quant_x_task, &c);
     else quant_x_task(&c, 0, 1);
 #if VLM_X86
-    if (use_qp(c.kern, m, c.k)) {   /* after sx and xq (this path does not use the 4-bit panels of q8_task) */
+    if (use_qp(c.kern, m, c.k) || (c.packed && c.kern == 2)) {   /* after sx and xq (this path does not use the
+                                                                    4-bit panels of q8_task); packed: every m */
         qp_run(pool, &c, base + vlm_align_up((size_t)m * sizeof(float), VLM_ALIGN) +
                              vlm_align_up((size_t)m * (size_t)c.ldq, VLM_ALIGN));
         return VLM_OK;

@@ -47,6 +47,22 @@ static PyObject *raise_status(vlm_status st, const vlm_err *err) {
 static int to_weight(PyObject *obj, const char *name, vlm_weight *w) {
     if (!PyArray_Check(obj)) { PyErr_Format(PyExc_TypeError, "%s: expected a numpy array", name); return -1; }
     PyArrayObject *a = (PyArrayObject *)obj;
+    memset(w, 0, sizeof *w);
+    if (PyArray_TYPE(a) == NPY_INT8 && PyArray_NDIM(a) == 4) { /* packed int8 (pack_i8): n = P * 32 until the caller
+                                                                 reads it from the scale vector (packed_rows) */
+        if (!PyArray_IS_C_CONTIGUOUS(a) || PyArray_DIM(a, 2) != VLM_I8_PANEL || PyArray_DIM(a, 3) != 4 ||
+            PyArray_DIM(a, 0) < 1 || PyArray_DIM(a, 1) < 1) {
+            PyErr_Format(PyExc_ValueError, "%s: a packed int8 weight is a C-contiguous [panels][k / 4][%d][4] array",
+                         name, VLM_I8_PANEL);
+            return -1;
+        }
+        w->dtype = VLM_I8;
+        w->packed = 1;
+        w->n = PyArray_DIM(a, 0) * VLM_I8_PANEL;
+        w->k = 4 * PyArray_DIM(a, 1);
+        w->data = PyArray_DATA(a);
+        return 0;
+    }
     if (PyArray_NDIM(a) != 2) { PyErr_Format(PyExc_ValueError, "%s: expected a 2-D array, got %d-D", name, PyArray_NDIM(a)); return -1; }
     if (!PyArray_IS_C_CONTIGUOUS(a)) { PyErr_Format(PyExc_ValueError, "%s: array must be C-contiguous", name); return -1; }
     int t = PyArray_TYPE(a);

@@ -31,6 +31,19 @@ static PyObject *py_matmul(PyObject *mod, PyObject *args, PyObject *kw) {
     ws_lease wl;
     if (!PyArray_Check(w_o)) { PyErr_SetString(PyExc_TypeError, "w must be a numpy array"); return NULL; }
     if (to_weight(w_o, "w", &w)) return NULL;
+    if (w.packed) {   /* pack_i8 output: its rows are the scale vector's */
+        if (!PyArray_Check(sc_o) || PyArray_NDIM((PyArrayObject *)sc_o) != 1) {
+            PyErr_SetString(PyExc_TypeError, "a packed int8 w needs scale= and wsum= (1-D float32, see quantize_i8)");
+            return NULL;
+        }
+        npy_intp n = PyArray_DIM((PyArrayObject *)sc_o, 0);
+        if (n < 1 || (n + VLM_I8_PANEL - 1) / VLM_I8_PANEL != w.n / VLM_I8_PANEL) {
+            PyErr_Format(PyExc_ValueError, "w: %lld packed panels do not hold the %lld rows of scale",
+                         (long long)(w.n / VLM_I8_PANEL), (long long)n);
+            return NULL;
+        }
+        w.n = n;
+    }
     x = (PyArrayObject *)PyArray_FROM_OTF(x_o, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
     if (!x) return NULL;
     if (PyArray_NDIM(x) != 2 || PyArray_DIM(x, 1) != w.k) {
@@ -229,6 +242,42 @@ done:
     return res;
 }
 
+/* pack_i8(q, n_threads=1) -> the packed form of an int8 weight q [n][k] (k a multiple of 4): int8
+ * [ceil(n / 32)][k / 4][32][4] (gemm.h), which matmul and the networks take in place of q, with the same scale and
+ * wsum. */
+static PyObject *py_pack_i8(PyObject *mod, PyObject *args, PyObject *kw) {
+    PyObject *q_o;
+    int n_threads = 1;
+    static char *kwlist[] = {"q", "n_threads", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|i", kwlist, &q_o, &n_threads)) return NULL;
+    if (check_threads(n_threads)) return NULL;
+    if (!PyArray_Check(q_o) || PyArray_TYPE((PyArrayObject *)q_o) != NPY_INT8 ||
+        PyArray_NDIM((PyArrayObject *)q_o) != 2 || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)q_o)) {
+        PyErr_SetString(PyExc_TypeError, "q: expected a C-contiguous 2-D int8 array (quantize_i8's q)");
+        return NULL;
+    }
+    PyArrayObject *q = (PyArrayObject *)q_o;
+    const npy_intp n = PyArray_DIM(q, 0), k = PyArray_DIM(q, 1);
+    if (n < 1 || k < 1 || k % 4 || k > VLM_I8_MAX_K) {
+        PyErr_Format(PyExc_ValueError, "q: shape [%lld, %lld]: k must be a multiple of 4 in [4, %d] and n >= 1",
+                     (long long)n, (long long)k, VLM_I8_MAX_K);
+        return NULL;
+    }
+    npy_intp d[4] = {(n + VLM_I8_PANEL - 1) / VLM_I8_PANEL, k / 4, VLM_I8_PANEL, 4};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(4, d, NPY_INT8);
+    if (!out) return NULL;
+    vlm_err err = {{0}};
+    vlm_status st;
+    Py_BEGIN_ALLOW_THREADS
+    vlm_pool *pool = n_threads > 1 ? vlm_pool_create(n_threads) : NULL;
+    st = n_threads > 1 && !pool ? vlm_fail(&err, VLM_ERR_NOMEM, "pack_i8: cannot start %d threads", n_threads) : VLM_OK;
+    if (st == VLM_OK) st = vlm_pack_i8(pool, PyArray_DATA(q), n, k, PyArray_DATA(out), &err);
+    vlm_pool_free(pool);
+    Py_END_ALLOW_THREADS
+    if (st != VLM_OK) { Py_DECREF(out); return raise_status(st, &err); }
+    return (PyObject *)out;
+}
+
 /* quantize_i4(w, n_threads=1) -> (codes uint8 [n][k/2], sub uint8 [n][ceil(k/64)], scale float32 [n],
  * wsum float32 [n]) (see gemm.h). */
 static PyObject *py_quantize_i4(PyObject *mod, PyObject *args, PyObject *kw) {
@@ -313,6 +362,9 @@ static PyObject *py_gemm_info(PyObject *mod, PyObject *unused) {
     {"quantize_i4", (PyCFunction)(void (*)(void))py_quantize_i4, METH_VARARGS | METH_KEYWORDS,                         \
      "quantize_i4(w, n_threads=1) -> (codes uint8 [n][k/2], sub uint8 [n][ceil(k/64)], scale float32, wsum float32): " \
      "4-bit blocks of 32 (csrc/gemm.h)"},                                                                              \
+    {"pack_i8", (PyCFunction)(void (*)(void))py_pack_i8, METH_VARARGS | METH_KEYWORDS,                                 \
+     "pack_i8(q, n_threads=1) -> q's packed form, int8 [ceil(n/32)][k/4][32][4]: the layout the int8 VNNI kernel "   \
+     "streams, taken by matmul and the networks in place of q (same scale and wsum)"},                                 \
     {"fma_peak", py_fma_peak, METH_O, "fma_peak(n_threads) -> measured fp32 FMA peak in GFLOP/s"},                     \
     {"peak", (PyCFunction)(void (*)(void))py_peak, METH_VARARGS | METH_KEYWORDS,                                       \
      "peak(family, n_threads) -> measured peak of an instruction family on n_threads threads: 'fma32' (fp32 FMA, "     \

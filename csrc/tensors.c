@@ -49,9 +49,34 @@ vlm_status vlm_tensor_weight(const vlm_tensor_table *t, vlm_weight *w, int64_t n
     va_end(ap);
     const vlm_tensor *a;
     VLM_TRY(lookup(t, name, &a, err));
+    char aux[176];
+    if (a->dtype == VLM_I8 && a->ndim == 4) { /* packed int8 [ceil(n / 32)][k / 4][32][4] (gemm.h); n = len(scale) */
+        if (!a->contiguous || a->shape[2] != VLM_I8_PANEL || a->shape[3] != 4 || a->shape[0] < 1 || a->shape[1] < 1)
+            return vlm_fail(err, VLM_ERR_SHAPE, "%s: a packed int8 weight is a contiguous [panels][k / 4][%d][4] array",
+                            name, VLM_I8_PANEL);
+        snprintf(aux, sizeof aux, "%s_scale", name);
+        const vlm_tensor *sc;
+        VLM_TRY(lookup(t, aux, &sc, err));
+        if (sc->ndim != 1 || sc->shape[0] < 1 || (sc->shape[0] + VLM_I8_PANEL - 1) / VLM_I8_PANEL != a->shape[0])
+            return vlm_fail(err, VLM_ERR_SHAPE, "%s: %lld panels do not hold the %lld rows of %s", name,
+                            (long long)a->shape[0], (long long)(sc->ndim == 1 ? sc->shape[0] : -1), aux);
+        memset(w, 0, sizeof *w);
+        w->dtype = VLM_I8;
+        w->packed = 1;
+        w->n = sc->shape[0];
+        w->k = 4 * a->shape[1];
+        w->data = a->data;
+        if (w->k > VLM_I8_MAX_K)
+            return vlm_fail(err, VLM_ERR_SHAPE, "%s: int8 weight with k=%lld > %d", name, (long long)w->k, VLM_I8_MAX_K);
+        VLM_TRY(vec(t, &w->scale, w->n, aux, err));
+        snprintf(aux, sizeof aux, "%s_wsum", name);
+        VLM_TRY(vec(t, &w->wsum, w->n, aux, err));
+        if (n_bias < 0) return VLM_OK;
+        snprintf(bias, sizeof bias, "%s_bias", name);
+        return vec(t, &w->bias, n_bias, bias, err);
+    }
     if (a->ndim != 2) return vlm_fail(err, VLM_ERR_SHAPE, "%s: expected a 2-D array, got %d-D", name, a->ndim);
     if (!a->contiguous) return vlm_fail(err, VLM_ERR_SHAPE, "%s: array must be C-contiguous", name);
-    char aux[176];
     const vlm_tensor *sub = NULL;
     if (a->dtype == VLM_I4) { /* uint8: 4-bit codes, with their block scales as <name>_sub */
         snprintf(aux, sizeof aux, "%s_sub", name);
@@ -67,6 +92,7 @@ vlm_status vlm_tensor_weight(const vlm_tensor_table *t, vlm_weight *w, int64_t n
     w->data = a->data;
     w->bias = w->scale = w->wsum = NULL;
     w->sub = NULL;
+    w->packed = 0;
     if (w->dtype == VLM_I8 || w->dtype == VLM_I4) { /* per-channel scales and sums ride along as _scale, _wsum */
         if (w->k > VLM_I8_MAX_K)
             return vlm_fail(err, VLM_ERR_SHAPE, "%s: %s weight with k=%lld > %d", name,

@@ -50,7 +50,8 @@ def ref_matmul(x, q, s, wsum, bias=None, acc=None):
 # m > 16 on VNNI runs the packed path (gemm_i8.c, qp_*): row panels of 14, column panels of 32, k tails not a
 # multiple of 4 or 64 (147 = a 7x7x3 patch), several row blocks of packed x (1300 x 5120).
 SHAPES = [(1, 3, 7), (1, 3420, 65), (7, 200, 130), (33, 64, 61), (5, 129, 12), (4, 1000, 6), (64, 2048, 256),
-          (2, 11008, 19), (17, 4097, 31), (29, 3420, 33), (213, 147, 1), (43, 31, 256), (1300, 5120, 40)]
+          (2, 11008, 19), (17, 4097, 31), (29, 3420, 33), (213, 147, 1), (43, 31, 256), (1300, 5120, 40),
+          (16, 20000, 33), (3, 36, 100)]   # k > 16384 and m <= 16: packed weights take the packed path at any size
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
@@ -71,10 +72,51 @@ def test_matmul_matches_reference_bit_for_bit(m, k, n):
     out = acc.copy()
     core.matmul(x, q, bias=b, scale=s, wsum=ws, out=out, accumulate=True, n_threads=2)
     assert np.array_equal(out, ref_matmul(x, q, s, ws, b, acc))
+    if k % 4 == 0:   # the packed form (pack_i8; what loads use on VNNI CPUs): the same bits on every kernel level
+        p = core.pack_i8(q, n_threads=2)
+        for nt in (1, 2, 3):
+            out = core.matmul(x, p, bias=b, scale=s, wsum=ws, n_threads=nt)
+            assert np.array_equal(out, ref), f"packed {m}x{k}x{n} n_threads={nt}: max diff {np.abs(out - ref).max()}"
+        out = acc.copy()
+        core.matmul(x, p, bias=b, scale=s, wsum=ws, out=out, accumulate=True, n_threads=2)
+        assert np.array_equal(out, ref_matmul(x, q, s, ws, b, acc))
     # what int8 costs against the float product, scaled by sum |x||w| (a loose sanity bound, not the quality claim)
     err = np.abs(ref - (x.astype(np.float64) @ w.astype(np.float64).T + b)).max() / (np.abs(x) @ np.abs(w).T).max()
     print(f"int8 {m}x{k}x{n}: bit-equal to the reference; max |int8 - fp64| / sum|x||w| = {err:.2e}")
     assert err < 0.02
+
+
+def test_pack_i8_layout():
+    """pack_i8 puts row j's bytes 4t .. 4t + 3 at [j // 32][t][j % 32] (rows past n zero), unpack_i8 inverts it."""
+    from vlmfo1.quant import unpack_i8
+    rng = np.random.default_rng(5)
+    for n, k in [(1, 4), (33, 36), (64, 1280), (70, 3420)]:
+        q = rng.integers(-127, 128, (n, k)).astype(np.int8)
+        p = core.pack_i8(q, n_threads=2)
+        assert p.shape == (-(-n // 32), k // 4, 32, 4) and p.dtype == np.int8
+        want = np.zeros((p.shape[0] * 32, k), np.int8)
+        want[:n] = q
+        assert np.array_equal(p, want.reshape(p.shape[0], 32, k // 4, 4).transpose(0, 2, 1, 3))
+        assert np.array_equal(unpack_i8(p, n), q)
+
+
+def test_packed_bad_input():
+    q, s, ws = core.quantize_i8(np.ones((40, 8), np.float32))
+    p = core.pack_i8(q)
+    x = np.ones((2, 8), np.float32)
+    for bad, exc, msg in [(np.ones((4, 8), np.float32), TypeError, "int8"), (np.ones((4, 6), np.int8), ValueError,
+                          "multiple of 4"), (np.ones((0, 8), np.int8), ValueError, "n >= 1"),
+                          (np.ones((4, 8), np.int8)[:, ::2], TypeError, "contiguous")]:
+        with pytest.raises(exc, match=msg):
+            core.pack_i8(bad)
+    with pytest.raises(TypeError, match="scale"):
+        core.matmul(x, p)
+    with pytest.raises(ValueError, match="panels do not hold"):
+        core.matmul(x, p, scale=s[:20], wsum=ws[:20])
+    with pytest.raises(ValueError, match="packed int8 weight"):
+        core.matmul(x, p[:, :, :16], scale=s, wsum=ws)
+    with pytest.raises(ValueError, match=r"shape \[m, 8\]"):
+        core.matmul(np.ones((2, 6), np.float32), p, scale=s, wsum=ws)
 
 
 def test_quantize_bf16_source_and_special_rows():
@@ -146,7 +188,7 @@ def test_every_kernel_level(isa):
     """The whole file again with the kernel level capped (the cap is read once per process)."""
     env = dict(os.environ, VLM_GEMM_ISA=isa)
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__, "-k",
-                        "bit_for_bit or special_rows or nonfinite or kernel_name"], env=env, capture_output=True,
+                        "bit_for_bit or special_rows or nonfinite or kernel_name or pack"], env=env, capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
 
@@ -192,6 +234,7 @@ def test_language_model_int8(tiny_fp32, tiny_untied, LanguageModel):
 def test_language_model_int8_bf16_checkpoint(tiny_bf16_soft, LanguageModel):
     """On the bf16 checkpoint with gentle attention (measured: int8 0.99901 min cosine to fp32, bf16 compute
     0.99997)."""
+    from vlmfo1.quant import packs, unpack_i8
     ref = LanguageModel.load(tiny_bf16_soft.path, dtype="float32", n_threads=2)
     lm = LanguageModel.load(tiny_bf16_soft.path, dtype="int8", n_threads=2)
     ids = np.random.default_rng(1).integers(0, lm.vocab_size, 23)
@@ -201,7 +244,9 @@ def test_language_model_int8_bf16_checkpoint(tiny_bf16_soft, LanguageModel):
     assert cos > 0.997
     # the quantized sources were evicted, not broken: the checkpoint still reads back the same bytes
     w = lm._ckpt.get(next(k for k in lm._ckpt.keys() if k.endswith("layers.0.mlp.up_proj.weight")))
-    assert np.array_equal(core.quantize_i8(w)[0], lm._tensors["layers.0.up"])
+    got = lm._tensors["layers.0.up"]
+    assert got.ndim == (4 if packs() else 2)            # the VNNI kernel's panels where it runs (vlmfo1.quant)
+    assert np.array_equal(core.quantize_i8(w)[0], unpack_i8(got, w.shape[0]))
 
 
 def test_bad_dtype_option(tiny_fp32, LanguageModel):

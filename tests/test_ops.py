@@ -264,7 +264,7 @@ def check_attention(label, got, ref, v, bf16):
     """fp32: 2e-6. bf16 (where the path runs): the operands are rounded in ref as the kernel rounds them; what ref
     cannot follow is the rounding of each probability to bf16 (relative 2^-9, before normalization), which moves an
     output by at most 2^-9 · max |v|; plus fp32 summation."""
-    if bf16 and BF16_ATTENTION:
+    if bf16:
         check(label + " bf16", got, ref, 2.0 ** -9 * float(np.abs(v).max()) + 1e-5)
     else:
         check(label, got, ref, 2e-6)
@@ -282,7 +282,8 @@ def test_attention(T, n_past, H, KV, D, bf16):
               [H * D + 2, H * D + 5, mc, n_past, T, H, KV, D, bf16], [scale])[:, :H * D]
     ref = np.empty((T, H, D))
     G = H // KV
-    on = bf16 and T > 1 and D % 16 == 0   # decode (one query) and other head sizes stay fp32
+    on = bf16 and BF16_ATTENTION and T > 1 and D % 16 == 0   # decode (one query), other head sizes, CPUs (or caps)
+                                                              # without AVX512-BF16: fp32
     for h in range(H):
         n = n_past + T
         ref[:, h] = attention_ref(q[:, h * D:(h + 1) * D], kc[h // G][:n], vc[h // G][:n], scale, on, n_past)
@@ -301,7 +302,7 @@ def test_segment_attention(segs, H, D, bf16):
     got = run("segment_attention", [np.empty((N, H * D), f32), qkv, cu], [N, len(segs), H, D, max(segs), bf16],
               [scale])
     ref = np.empty((N, H, D))
-    on = bf16 and D % 16 == 0
+    on = bf16 and BF16_ATTENTION and D % 16 == 0
     for s in range(len(segs)):
         a, b = cu[s], cu[s + 1]
         for h in range(H):

@@ -310,8 +310,10 @@ def _wrong_shape(p):   # the right key, arrays of other shapes
     h = read_header(p)
     key = h.metadata["vlmfo1_weight_cache"]
     q = next(n for n in h.tensors if not n.endswith(("_scale", "_wsum", "_sub")) and n != "__pad__")
-    n, k = h.tensors[q].shape
-    write_streaming(p, [(q, "I8", (n, k - 1), lambda: np.zeros((n, k - 1), np.int8)),
+    shape = tuple(h.tensors[q].shape)      # [n][k], or [panels][k / 4][32][4] packed (vlmfo1.quant)
+    n = int(h.tensors[q + "_scale"].shape[0])
+    bad = shape[:-1] + (shape[-1] - 1,)
+    write_streaming(p, [(q, "I8", bad, lambda: np.zeros(bad, np.int8)),
                         (q + "_scale", "F32", (n,), lambda: np.ones(n, np.float32)),
                         (q + "_wsum", "F32", (n,), lambda: np.zeros(n, np.float32))], {"vlmfo1_weight_cache": key})
 
@@ -498,3 +500,21 @@ def test_cli_no_cache_and_cache_dir(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out == a and len(files(str(tmp_path / "env"))) == 2
     assert main(gen + ["--no-cache", "--cache-dir", "x"]) == 1
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_packed_and_row_layouts_are_separate_entries(tmp_path):
+    """int8 matrices are cached in the layout the load asked for (packed panels where the VNNI kernel runs, rows
+    elsewhere): two entries, each served back only to its own layout, holding the same codes."""
+    from vlmfo1.quant import quantize_linear, unpack_i8
+    from vlmfo1.weight_cache import Origin
+    w = np.random.default_rng(3).standard_normal((70, 40)).astype(np.float32)
+    org = Origin(str(tmp_path), {"w": {"file": "test-source", "size": 1}})
+    packed = quantize_linear({"w": w}, ["w"], 1, cache=org, pack=True)
+    rows = quantize_linear({"w": w}, ["w"], 1, cache=org, pack=False)
+    assert packed["w"].shape == (3, 10, 32, 4) and rows["w"].shape == (70, 40)
+    assert len(os.listdir(tmp_path)) == 2
+    for pack, first in ((True, packed), (False, rows)):
+        again = quantize_linear({"w": w}, ["w"], 1, cache=org, pack=pack)   # hits: mapped from the file
+        assert not again["w"].flags.writeable
+        assert all(np.array_equal(again[k], first[k]) for k in ("w", "w_scale", "w_wsum"))
+    assert np.array_equal(unpack_i8(packed["w"], 70), rows["w"])

@@ -186,38 +186,42 @@ class Origin:
     def __init__(self, directory: str, identities: Dict[str, dict]):
         self.directory, self.identities = directory, identities
 
-    def key(self, bits: int, keys: List[str], shapes: Dict[str, Tuple[int, int]]) -> Optional[str]:
-        """The canonical JSON key of one call, or None when a matrix has no file-backed source."""
+    def key(self, bits: int, keys: List[str], shapes: Dict[str, Tuple[int, int]], packed: bool = False) -> Optional[str]:
+        """The canonical JSON key of one call, or None when a matrix has no file-backed source. packed: the int8
+        matrices with k a multiple of 4 are stored in the VNNI kernel's panel layout (vlmfo1.quant.packs)."""
         if any(k not in self.identities for k in keys):
             return None
-        return json.dumps({"format": FORMAT_VERSION, "bits": bits, "keys": keys,
-                           "shapes": {k: list(shapes[k]) for k in keys},
-                           "sources": {k: self.identities[k] for k in keys}}, sort_keys=True, separators=(",", ":"))
+        d = {"format": FORMAT_VERSION, "bits": bits, "keys": keys, "shapes": {k: list(shapes[k]) for k in keys},
+             "sources": {k: self.identities[k] for k in keys}}
+        if packed:
+            d["packed"] = True
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     def path(self, bits: int, key: str) -> str:
         return os.path.join(self.directory, f"q{bits}-{hashlib.sha256(key.encode()).hexdigest()}.safetensors")
 
-    def load(self, bits: int, keys: List[str], shapes: Dict[str, Tuple[int, int]]) -> Optional[Dict[str, np.ndarray]]:
+    def load(self, bits: int, keys: List[str], shapes: Dict[str, Tuple[int, int]],
+             packed: bool = False) -> Optional[Dict[str, np.ndarray]]:
         """The cached arrays of this call (read-only views of the mapped file), or None (a miss; a bad file is a
         RuntimeWarning naming it)."""
-        key = self.key(bits, keys, shapes)
+        key = self.key(bits, keys, shapes, packed)
         if key is None:
             return None
         path = self.path(bits, key)
         if not os.path.exists(path):
             return None
         try:
-            return _read(path, key, bits, keys, shapes)
+            return _read(path, key, bits, keys, shapes, packed)
         except (OSError, ValueError) as e:
             warnings.warn(f"vlmfo1 weight cache: ignoring {path}: {e}; quantizing again and rewriting it",
                           RuntimeWarning, stacklevel=3)
             return None
 
     def store(self, bits: int, keys: List[str], shapes: Dict[str, Tuple[int, int]],
-              arrays: Dict[str, np.ndarray]) -> Optional[Dict[str, np.ndarray]]:
+              arrays: Dict[str, np.ndarray], packed: bool = False) -> Optional[Dict[str, np.ndarray]]:
         """Write this call's arrays (atomically); returns them read back as views of the written file (shared and
         reclaimable pages instead of private memory), or None when nothing was written (warned once per folder)."""
-        key = self.key(bits, keys, shapes)
+        key = self.key(bits, keys, shapes, packed)
         if key is None or self.directory in _unwritable:
             return None
         path = self.path(bits, key)
@@ -225,7 +229,7 @@ class Origin:
                                            f"{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
             os.makedirs(self.directory, exist_ok=True)
-            write_streaming(tmp, _entries(bits, keys, arrays), {_META: key}, align=_ALIGN, fsync=True)
+            write_streaming(tmp, _entries(bits, keys, arrays, shapes, packed), {_META: key}, align=_ALIGN, fsync=True)
             os.replace(tmp, path)
         except BaseException as e:
             try:
@@ -240,7 +244,7 @@ class Origin:
                           f"cache_dir=False / --no-cache turn the cache off)", RuntimeWarning, stacklevel=3)
             return None
         try:
-            return _read(path, key, bits, keys, shapes)
+            return _read(path, key, bits, keys, shapes, packed)
         except (OSError, ValueError):   # replaced meanwhile by a bad file: keep the arrays in memory
             return None
 
@@ -262,12 +266,16 @@ def origin(cache_dir, identify: Callable[[str], Optional[dict]], names: Dict[str
 
 # ---------------------------------------------------------------------------------------------- the file
 
-def _expected(bits: int, keys: List[str], shapes: Dict[str, Tuple[int, int]]) -> Dict[str, Tuple[str, tuple]]:
-    """name -> (safetensors dtype, shape) of every array a quantization of these matrices gives."""
+def _expected(bits: int, keys: List[str], shapes: Dict[str, Tuple[int, int]],
+              packed: bool = False) -> Dict[str, Tuple[str, tuple]]:
+    """name -> (safetensors dtype, shape) of every array a quantization of these matrices gives (packed: int8
+    matrices with k a multiple of 4 in panels, csrc/gemm.h)."""
     out = {}
     for k in keys:
         n, kk = shapes[k]
-        if bits == 8:
+        if bits == 8 and packed and kk % 4 == 0:
+            out[k] = ("I8", (-(-n // 32), kk // 4, 32, 4))
+        elif bits == 8:
             out[k] = ("I8", (n, kk))
         else:
             out[k] = ("U8", (n, kk // 2))
@@ -277,11 +285,11 @@ def _expected(bits: int, keys: List[str], shapes: Dict[str, Tuple[int, int]]) ->
     return out
 
 
-def _entries(bits: int, keys: List[str], arrays: Dict[str, np.ndarray]):
+def _entries(bits: int, keys: List[str], arrays: Dict[str, np.ndarray], shapes: Dict[str, Tuple[int, int]],
+             packed: bool):
     """(name, dtype, shape, make) in file order: the codes, the block scales, a pad, the float32 arrays (the data
     section starts 64-byte aligned, and so do the float32 arrays)."""
-    want = _expected(bits, keys, {k: (arrays[k].shape[0], arrays[k].shape[1] * (2 if bits == 4 else 1))
-                                  for k in keys})
+    want = _expected(bits, keys, shapes, packed)
     # the codes first (each starts 64-byte aligned when the ones before fill whole cache lines, as real shapes do)
     small = keys + [k + "_sub" for k in keys if bits == 4]
     floats = [n for n, (dt, _) in want.items() if dt == "F32"]
@@ -291,13 +299,13 @@ def _entries(bits: int, keys: List[str], arrays: Dict[str, np.ndarray]):
     return out + [(n, "F32", want[n][1], (lambda a=arrays[n]: a)) for n in floats]
 
 
-def _read(path: str, key: str, bits: int, keys: List[str], shapes) -> Dict[str, np.ndarray]:
+def _read(path: str, key: str, bits: int, keys: List[str], shapes, packed: bool = False) -> Dict[str, np.ndarray]:
     """Map a cache file and check it against the key and what quantization gives; ValueError / OSError if not."""
     sf = SafetensorsFile(path)
     try:
         if sf.metadata.get(_META) != key:
             raise ValueError("it was written for other source weights or another vlmfo1 version (key mismatch)")
-        want = _expected(bits, keys, shapes)
+        want = _expected(bits, keys, shapes, packed)
         extra = sorted(set(sf.tensors) - set(want) - {_PAD})
         if extra:
             raise ValueError(f"unexpected arrays {', '.join(extra[:4])}")
