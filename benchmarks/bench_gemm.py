@@ -6,7 +6,7 @@ AVX512-VNNI vpdpbusd, DRAM read bandwidth; 1 and --threads threads); OpenBLAS sg
 prefill shapes; the own bf16-weight kernels (compute bf16 = vdpbf16ps, compute f32 = widened weights +
 FMA) on the same shapes, each as % of the --threads peak of the family that path runs on (sgemm and
 compute f32: fma32; compute bf16: bf16dp with AVX512-BF16, else fma32); int8 weights (W8A8, csrc/gemm_i8.c,
-quantized here from the same fp32 weights) and int4 weights (4-bit blocks of 32, W4A8, same file) as % of the
+quantized here from the same fp32 weights, packed where a load packs them: vlmfo1.quant) and int4 weights (4-bit blocks of 32, W4A8, same file) as % of the
 vnni peak; decode (m=1) GB/s of weight
 bytes streamed from DRAM (the weights rotate over > 1 GB of copies so no call finds them in cache), as
 % of the measured read bandwidth; and torch fp32 / bf16 on the same shapes with the ratio torch time /
@@ -28,6 +28,9 @@ import numpy as np
 
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # in-tree vlmfo1 as fallback
 from vlmfo1 import _core  # noqa: E402
+from vlmfo1.quant import packs  # noqa: E402
+
+PACK_I8 = packs()   # int8 weights in the VNNI kernel's panels where it runs, as loads store them
 
 PREFILL = [(1024, 2048, 2048), (1024, 2048, 11008), (1024, 11008, 2048), (1024, 2048, 256)]  # m, k, n
 DECODE = [(1, 2048, 11008), (1, 11008, 2048), (1, 2048, 151936)]
@@ -180,6 +183,7 @@ def main():
         t_bb = median_time(lambda r: _core.matmul(x, wh, compute="bf16", n_threads=nt, out=out, workspace=ws), reps)
         t_bf = median_time(lambda r: _core.matmul(x, wh, compute="f32", n_threads=nt, out=out, workspace=ws), reps)
         q, qs, qw = _core.quantize_i8(w, n_threads=nt)
+        q = _core.pack_i8(q, n_threads=nt) if PACK_I8 else q   # the form a load gives (vlmfo1.quant)
         t_i8 = median_time(lambda r: _core.matmul(x, q, scale=qs, wsum=qw, n_threads=nt, out=out, workspace=ws), reps)
         c4, s4, q4s, q4w = _core.quantize_i4(w, n_threads=nt)
         t_i4 = median_time(lambda r: _core.matmul(x, c4, scale=q4s, wsum=q4w, sub=s4, n_threads=nt, out=out, workspace=ws), reps)
@@ -240,7 +244,8 @@ def main():
             ncop = max(2, int(np.ceil(ROTATE_BYTES / per)))
             if dt == "int8":   # copies of one quantized weight (the scales are n floats, in cache)
                 q, qs, qw = _core.quantize_i8(w, n_threads=nt)
-                buf = np.empty((ncop, n, k), np.int8)
+                q = _core.pack_i8(q, n_threads=nt) if PACK_I8 else q   # the form a load gives (vlmfo1.quant)
+                buf = np.empty((ncop,) + q.shape, np.int8)
                 buf[:] = q
                 t = median_time(lambda r: _core.matmul(x, buf[r % ncop], scale=qs, wsum=qw, n_threads=nt, out=out, workspace=ws),
                                 dreps, warmup=ncop)

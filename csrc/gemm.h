@@ -3,7 +3,8 @@
  * Every linear layer of every network goes through vlm_matmul with a vlm_weight: a weight matrix in
  * the PyTorch Linear layout W[n][k] (row-major, k contiguous), stored as fp32 or bf16 exactly as it
  * lies in the (memory-mapped) checkpoint, or as int8 with one scale per output channel (quantized at load by
- * vlm_quantize_i8; the arithmetic is in gemm_i8.c), or as 4-bit blocks (vlm_quantize_i4, same file), plus an
+ * vlm_quantize_i8, and on VNNI CPUs packed by vlm_pack_i8 into the kernel's panels; the arithmetic is in
+ * gemm_i8.c), or as 4-bit blocks (vlm_quantize_i4, same file), plus an
  * optional fp32 bias. New storage formats (AMX tile layouts) plug in here as new vlm_dtype values without touching
  * the models. */
 #ifndef VLM_GEMM_H

@@ -71,3 +71,21 @@ def test_rebound_networks_compute_the_same(fo1):
     img = (np.random.default_rng(0).random((60, 80, 3)) * 255).astype(np.uint8)
     px, grid, *_ = fo1.preprocess(img, [])
     assert np.array_equal(vt(px, grid), fo1.vision(px, grid))
+
+
+def test_bad_packed_int8_weight_is_named(fo1_tiny_ckpt):
+    """A packed int8 weight (vlmfo1.quant packs them on VNNI CPUs) whose panels do not hold its rows, or whose array
+    is not [panels][k / 4][32][4], is refused with a ValueError naming it."""
+    from vlmfo1 import VLMFO1
+    from vlmfo1.decoder import LanguageModel
+    from vlmfo1._native import core
+    lm = VLMFO1.from_pretrained(fo1_tiny_ckpt, threads=1, dtype="int8", cache_dir=False).decoder
+    t = dict(lm._tensors)
+    name = "layers.1.down"
+    build = lambda d: LanguageModel(lm.config, d, lm.mode, lm.compute, 1, lm.max_context)   # noqa: E731
+    p = t[name] if t[name].ndim == 4 else core.pack_i8(np.ascontiguousarray(t[name]))
+    build({**t, name: p})   # binds, packed or not
+    with pytest.raises(ValueError, match=name.replace(".", r"\.") + ".*panels do not hold"):
+        build({**t, name: np.concatenate([p, p[:1]])})
+    with pytest.raises(ValueError, match=name.replace(".", r"\.") + r".*\[panels\]\[k / 4\]\[32\]\[4\]"):
+        build({**t, name: np.ascontiguousarray(p[:, :, :16])})

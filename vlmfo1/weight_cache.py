@@ -20,7 +20,9 @@ in that file. A checkpoint that changes (rewritten, touched, replaced, moved) ge
 `vlmfo1 cache clear` (`--stale`: only those whose source changed or is gone). (As with any cache keyed by file
 metadata, a file rewritten in place to the same size within one tick of the file system's clock, keeping its inode,
 would not be noticed; writing a checkpoint takes far longer than a tick.) Sources that are not files (arrays in
-memory) are never cached. FORMAT_VERSION must be bumped whenever quantize_i8 / quantize_i4 output changes or a loader
+memory) are never cached. int8 matrices packed at load (vlmfo1.quant.packs(): the VNNI kernel's panel layout) are
+stored packed, under a key that says so: a cache holds one entry per layout a load asked for, and serves each only
+to its own. FORMAT_VERSION must be bumped whenever quantize_i8 / quantize_i4 output changes or a loader
 lays out a quantized matrix differently (e.g. another transpose of a convolution).
 
 Loading a cached file reads nothing of the checkpoint's quantized weights (their pages are never touched; a source
