@@ -192,6 +192,36 @@ static void scale_rows(float *o, int R, int D, const float *corr) {
             for (int d = 0; d < D; d++) o[(size_t)r * D + d] *= corr[r];
 }
 
+/* The first of R rows (lim non-decreasing) that sees any key of the block starting at j0 (R: none; causal rows that
+ * see none of it are skipped). */
+static int first_row_seeing(const int *lim, int R, int j0) {
+    int r0 = 0;
+    while (r0 < R && lim[r0] <= j0) r0++;
+    return r0;
+}
+
+typedef void (*soft_row_fn)(float *, int, int, float *, float *);
+
+/* One score row of a block through the online softmax: exp(s - max) in place (soft_row), the running max *m and
+ * sum *l updated; returns the factor the row's output accumulated so far must be scaled by. */
+static inline VLM_INLINE float online_softmax_row(soft_row_fn soft_row, float *sr, int valid, int kb, float *m,
+                                                  float *l) {
+    float m_old = *m, sum;
+    soft_row(sr, valid, kb, m, &sum);
+    /* m_old = -inf on the first block: corr = 0 (o and l are still 0) */
+    const float corr = m_old == -INFINITY ? 0.f : vlm_expf(m_old - *m);
+    *l = *l * corr + sum;
+    return corr;
+}
+
+/* out[r] (row stride ldo) = o[r] / l[r] (0 where no key was seen). */
+static void finish_rows(float *out, int ldo, const float *o, const float *l, int R, int D) {
+    for (int r = 0; r < R; r++) {
+        float inv = l[r] > 0.f ? 1.0f / l[r] : 0.f;
+        for (int d = 0; d < D; d++) out[(size_t)r * ldo + d] = o[(size_t)r * D + d] * inv;
+    }
+}
+
 /* Optional additive terms of the scores (Swin): s[r][j] += bias[r·ldb + j], then += mask where lab_q[r] != lab_k[j]
  * (bias NULL: none; lab_q NULL: no mask). */
 typedef struct { const float *bias; int ldb; const int32_t *lab_q, *lab_k; float mask; } flash_extra;
@@ -202,7 +232,7 @@ static void flash_rows_x(float *out, int ldo, const float *q, int ldq, int R, co
                          const float *V, int ldv, const int *lim, int D, float scale, float *ws, const flash_extra *x) {
     s_tile_fn s_tile = s_tile_generic;
     pv_tile_fn pv_tile = pv_tile_generic;
-    void (*soft_row)(float *, int, int, float *, float *) = soft_row_generic;
+    soft_row_fn soft_row = soft_row_generic;
 #if VLM_X86
     if (use_512(D)) { s_tile = s_tile_512; pv_tile = pv_tile_512; soft_row = soft_row_512; }
 #endif
@@ -221,8 +251,7 @@ static void flash_rows_x(float *out, int ldo, const float *q, int ldq, int R, co
     }
     for (int j0 = 0; j0 < n; j0 += FA_KB) {
         int kb = n - j0 < FA_KB ? n - j0 : FA_KB;
-        int r0 = 0;  /* rows that see none of this block (causal) are skipped */
-        while (r0 < R && lim[r0] <= j0) r0++;
+        int r0 = first_row_seeing(lim, R, j0);
         if (r0 == R) continue;
         s_tile(s + (size_t)r0 * FA_KB, qs + (size_t)r0 * D, R - r0, kt + j0, ldkt, kb, D);
         for (int r = r0; r < R; r++) {
@@ -236,19 +265,12 @@ static void flash_rows_x(float *out, int ldo, const float *q, int ldq, int R, co
                 for (int j = 0; j < kb; j++) sr[j] += lk[j] != lq ? x->mask : 0.f;
             }
             int valid = lim[r] - j0 < kb ? lim[r] - j0 : kb;
-            float m_old = m[r], sum;
-            soft_row(sr, valid, kb, &m[r], &sum);
-            /* m_old = -inf on the first block: corr = 0 (o and l are still 0) */
-            corr[r] = m_old == -INFINITY ? 0.f : vlm_expf(m_old - m[r]);
-            l[r] = l[r] * corr[r] + sum;
+            corr[r] = online_softmax_row(soft_row, sr, valid, kb, &m[r], &l[r]);
         }
         scale_rows(o + (size_t)r0 * D, R - r0, D, corr + r0);
         pv_tile(o + (size_t)r0 * D, s + (size_t)r0 * FA_KB, R - r0, V + (size_t)j0 * ldv, ldv, kb, D);
     }
-    for (int r = 0; r < R; r++) {
-        float inv = l[r] > 0.f ? 1.0f / l[r] : 0.f;
-        for (int d = 0; d < D; d++) out[(size_t)r * ldo + d] = o[(size_t)r * D + d] * inv;
-    }
+    finish_rows(out, ldo, o, l, R, D);
 }
 
 static void flash_rows(float *out, int ldo, const float *q, int ldq, int R, const float *kt, int ldkt, const float *V,
@@ -413,17 +435,14 @@ static VLM_TGT_AVX512BF16 void flash_rows_bf16(float *out, int ldo, const float 
     }
     for (int j0 = 0; j0 < n; j0 += FA_KB) {
         int kb = n - j0 < FA_KB ? n - j0 : FA_KB;
-        int r0 = 0;  /* rows that see none of this block (causal) are skipped */
-        while (r0 < R && lim[r0] <= j0) r0++;
+        int r0 = first_row_seeing(lim, R, j0);
         if (r0 == R) continue;
         bs_tile(s + (size_t)r0 * FA_KB, qs + (size_t)r0 * P, R - r0, kt + j0, ldkt, P);
         for (int r = r0; r < R; r++) {
             float *sr = s + (size_t)r * FA_KB;
             int valid = lim[r] - j0 < kb ? lim[r] - j0 : kb;
-            float m_old = m[r], sum;
-            soft_row_512(sr, valid, kb, &m[r], &sum);   /* exp past valid (to a multiple of 16) is 0 */
-            corr[r] = m_old == -INFINITY ? 0.f : vlm_expf(m_old - m[r]);
-            l[r] = l[r] * corr[r] + sum;
+            /* exp past valid (to a multiple of 16) is 0 */
+            corr[r] = online_softmax_row(soft_row_512, sr, valid, kb, &m[r], &l[r]);
             uint32_t *pr = pp + (size_t)r * (FA_KB / 2);
             const int npair = (kb + 1) / 2;
             for (int t = 0; 32 * t < 2 * npair; t++)
@@ -432,10 +451,7 @@ static VLM_TGT_AVX512BF16 void flash_rows_bf16(float *out, int ldo, const float 
         scale_rows(o + (size_t)r0 * D, R - r0, D, corr + r0);
         bpv_tile(o + (size_t)r0 * D, pp + (size_t)r0 * (FA_KB / 2), R - r0, vp + (size_t)(j0 / 2) * D, (kb + 1) / 2, D);
     }
-    for (int r = 0; r < R; r++) {
-        float inv = l[r] > 0.f ? 1.0f / l[r] : 0.f;
-        for (int d = 0; d < D; d++) out[(size_t)r * ldo + d] = o[(size_t)r * D + d] * inv;
-    }
+    finish_rows(out, ldo, o, l, R, D);
 }
 #endif
 

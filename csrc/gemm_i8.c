@@ -16,7 +16,8 @@
  * tests check it against NumPy bit for bit). k is never split (int32 sums stay exact for k <= VLM_I8_MAX_K);
  * threads split n; tiles of 4 rows of x by 6 rows of W (3 on AVX2), W panels sized for L2 when m > 4. With int8
  * or 4-bit weights, more than QP_MIN_M rows, k <= QP_MAX_K and VNNI, the packed path below runs instead (prefill,
- * vision towers): the same integer sums in another order, so the same bits.
+ * vision towers), and with int8 weights packed at load (vlm_pack_i8) it runs for every m: the same integer sums in
+ * another order, so the same bits.
  *
  * 4-bit blocks (VLM_I4, layout in gemm.h): a block's integer weights are (code - 8) * m_b, in [-120, 105], so they
  * are int8 values and every sum above stays exact (255 * 120 * k < 2^31 for k <= VLM_I8_MAX_K): an int4 weight
@@ -665,7 +666,8 @@ static void panel_generic(const q8_ctx *c, long i0, int mr, long j0, long jl) {
  * kept in L3): per quad two W vectors and one broadcast per row, 28 vpdpbusd, no horizontal sums. k is not split:
  * a W panel is ldq x QP_NC bytes (352 KB at k = 11008), kept in L2. The sums are exact integers, so the result is
  * bitwise what the other kernels give, on any thread count. 4-bit weights take the same path: a thread unpacks its
- * QP_NC rows to int8 (unpack_row_i4_avx2) and packs those. */
+ * QP_NC rows to int8 (unpack_row_i4_avx2) and packs those. A weight packed at load already lies in these panels
+ * ([k / 4][QP_NC] each): the threads read them in place and pack nothing. */
 #define QP_MR VLM_PACK_MR   /* gemm_pack.h: the tile and panel geometry both packed paths share */
 #define QP_NC VLM_PACK_NC
 _Static_assert(QP_NC == VLM_I8_PANEL, "prepacked int8 panels are the qp path's W panels");
