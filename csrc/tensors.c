@@ -50,6 +50,8 @@ vlm_status vlm_tensor_weight(const vlm_tensor_table *t, vlm_weight *w, int64_t n
     const vlm_tensor *a;
     VLM_TRY(lookup(t, name, &a, err));
     char aux[176];
+    const vlm_tensor *sub = NULL;
+    memset(w, 0, sizeof *w);
     if (a->dtype == VLM_I8 && a->ndim == 4) { /* packed int8 [ceil(n / 32)][k / 4][32][4] (gemm.h); n = len(scale) */
         if (!a->contiguous || a->shape[2] != VLM_I8_PANEL || a->shape[3] != 4 || a->shape[0] < 1 || a->shape[1] < 1)
             return vlm_fail(err, VLM_ERR_SHAPE, "%s: a packed int8 weight is a contiguous [panels][k / 4][%d][4] array",
@@ -60,39 +62,25 @@ vlm_status vlm_tensor_weight(const vlm_tensor_table *t, vlm_weight *w, int64_t n
         if (sc->ndim != 1 || sc->shape[0] < 1 || (sc->shape[0] + VLM_I8_PANEL - 1) / VLM_I8_PANEL != a->shape[0])
             return vlm_fail(err, VLM_ERR_SHAPE, "%s: %lld panels do not hold the %lld rows of %s", name,
                             (long long)a->shape[0], (long long)(sc->ndim == 1 ? sc->shape[0] : -1), aux);
-        memset(w, 0, sizeof *w);
-        w->dtype = VLM_I8;
         w->packed = 1;
         w->n = sc->shape[0];
         w->k = 4 * a->shape[1];
-        w->data = a->data;
-        if (w->k > VLM_I8_MAX_K)
-            return vlm_fail(err, VLM_ERR_SHAPE, "%s: int8 weight with k=%lld > %d", name, (long long)w->k, VLM_I8_MAX_K);
-        VLM_TRY(vec(t, &w->scale, w->n, aux, err));
-        snprintf(aux, sizeof aux, "%s_wsum", name);
-        VLM_TRY(vec(t, &w->wsum, w->n, aux, err));
-        if (n_bias < 0) return VLM_OK;
-        snprintf(bias, sizeof bias, "%s_bias", name);
-        return vec(t, &w->bias, n_bias, bias, err);
+    } else {
+        if (a->ndim != 2) return vlm_fail(err, VLM_ERR_SHAPE, "%s: expected a 2-D array, got %d-D", name, a->ndim);
+        if (!a->contiguous) return vlm_fail(err, VLM_ERR_SHAPE, "%s: array must be C-contiguous", name);
+        if (a->dtype == VLM_I4) { /* uint8: 4-bit codes, with their block scales as <name>_sub */
+            snprintf(aux, sizeof aux, "%s_sub", name);
+            sub = vlm_tensor_find(t, aux);
+        }
+        if (a->dtype != VLM_F32 && a->dtype != VLM_BF16 && a->dtype != VLM_I8 && !sub)
+            return vlm_fail(err, VLM_ERR_TYPE,
+                            "%s: dtype must be float32, uint16 (bf16 bits), int8, or uint8 (int4 codes with %s_sub)",
+                            name, name);
+        w->n = a->shape[0];
+        w->k = a->dtype == VLM_I4 ? 2 * a->shape[1] : a->shape[1];
     }
-    if (a->ndim != 2) return vlm_fail(err, VLM_ERR_SHAPE, "%s: expected a 2-D array, got %d-D", name, a->ndim);
-    if (!a->contiguous) return vlm_fail(err, VLM_ERR_SHAPE, "%s: array must be C-contiguous", name);
-    const vlm_tensor *sub = NULL;
-    if (a->dtype == VLM_I4) { /* uint8: 4-bit codes, with their block scales as <name>_sub */
-        snprintf(aux, sizeof aux, "%s_sub", name);
-        sub = vlm_tensor_find(t, aux);
-    }
-    if (a->dtype != VLM_F32 && a->dtype != VLM_BF16 && a->dtype != VLM_I8 && !sub)
-        return vlm_fail(err, VLM_ERR_TYPE,
-                        "%s: dtype must be float32, uint16 (bf16 bits), int8, or uint8 (int4 codes with %s_sub)", name,
-                        name);
     w->dtype = (vlm_dtype)a->dtype;
-    w->n = a->shape[0];
-    w->k = a->dtype == VLM_I4 ? 2 * a->shape[1] : a->shape[1];
     w->data = a->data;
-    w->bias = w->scale = w->wsum = NULL;
-    w->sub = NULL;
-    w->packed = 0;
     if (w->dtype == VLM_I8 || w->dtype == VLM_I4) { /* per-channel scales and sums ride along as _scale, _wsum */
         if (w->k > VLM_I8_MAX_K)
             return vlm_fail(err, VLM_ERR_SHAPE, "%s: %s weight with k=%lld > %d", name,
